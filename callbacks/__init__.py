@@ -1,0 +1,1 @@
+"""Lightning callbacks shipped as ``freemerge_pl.callbacks``."""

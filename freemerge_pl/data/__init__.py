@@ -1,0 +1,1 @@
+"""freemerge_pl.data."""

@@ -1,0 +1,76 @@
+"""Result types shared by every merge method: the backbone delta and optional per-task modules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+StateDict = dict[str, Tensor]
+
+
+def resolve_tensor(target: nn.Module | StateDict, key: str) -> Tensor:
+    """The parameter or buffer ``key`` of a module (or the entry of a state dict), as a tensor."""
+    if isinstance(target, dict):
+        if key not in target:
+            raise KeyError(f"key {key!r} is not in the target state dict")
+        return target[key]
+    try:
+        return target.get_parameter(key).data
+    except AttributeError:
+        try:
+            return target.get_buffer(key)
+        except AttributeError as err:
+            raise KeyError(f"module {type(target).__name__} has no parameter or buffer {key!r}") from err
+
+
+class TaskModule(nn.Module):
+    """A task-specific module applied in place on top of the merged backbone at inference.
+
+    Subclasses hold their data as buffers (they follow ``.to(device)`` and are saved in checkpoints)
+    and implement ``apply_`` / ``restore_``; restoring returns the target bit-identical.
+    Several modules may be applied in a row; restore them in the reverse order.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._saved: list[tuple[Tensor, Any]] = []
+
+    def apply_(self, target: nn.Module | StateDict, weight: float = 1.0) -> None:
+        raise NotImplementedError
+
+    def restore_(self, target: nn.Module | StateDict) -> None:
+        raise NotImplementedError
+
+    @property
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of storage the module adds (buffers only)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def dense_delta(self, backbone: StateDict) -> StateDict:
+        """The change ``apply_(weight=1)`` makes to ``backbone`` (a reference path, for tests and export)."""
+        work = {k: backbone[k].clone() for k in self.keys}
+        self.apply_(work, 1.0)
+        return {k: work[k].float() - backbone[k].float() for k in self.keys}
+
+
+@dataclass
+class MergeResult:
+    """What a merge method returns: the backbone is ``θ_pre + delta``; ``task_modules`` (one per task,
+    or None) are applied on top of it per routed input; ``info`` records derived quantities (λ, μ...)."""
+
+    delta: StateDict
+    task_modules: list[TaskModule] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    shared_modules: dict[str, nn.Module] = field(default_factory=dict)
+
+
+def stack(task_vectors: list[StateDict], key: str) -> Tensor:
+    """The K task vectors of one key stacked on a new leading dimension (fp32)."""
+    return torch.stack([tv[key].float() for tv in task_vectors])

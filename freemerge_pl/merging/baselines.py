@@ -1,0 +1,1 @@
+"""Cost-free baselines (filled in below)."""

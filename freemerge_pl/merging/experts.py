@@ -1,0 +1,209 @@
+"""Lightweight experts (paper Eq. 4): top-d entries of each task vector, rescaled, stored sparse.
+
+Symbols: ``expert_density`` d, the paper's M(v, d) keeps the top ⌈d·numel⌉ entries of v by |value|
+(per tensor; ``expert_scope="model"`` uses one global threshold instead), and
+``μ_k = −E(M(v_k, d)) · ln(d) / (λ_k · E(v_k))`` with ``E(x) = mean|x|`` over all entries (zeros of the
+sparsified tensor included), computed at the scope of λ (DESIGN §8).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from freemerge_pl.errors import HyperparameterError, check_range
+from freemerge_pl.merging.base import StateDict, TaskModule, resolve_tensor
+
+EXPERT_SCOPES = ("tensor", "model")
+
+
+def check_density(expert_density: float) -> None:
+    check_range("expert_density", expert_density, 0.0, 1.0, low_open=True)
+
+
+def topk_count(numel: int, density: float) -> int:
+    """Number of entries an expert keeps in a tensor: ⌈d·numel⌉ (at least 1 for a non-empty tensor)."""
+    return min(numel, math.ceil(density * numel - 1e-9)) if numel else 0
+
+
+def topk_flat_indices(v: Tensor, density: float) -> Tensor:
+    """Sorted flat indices of the ⌈d·numel⌉ largest |v| entries."""
+    flat = v.reshape(-1)
+    k = topk_count(flat.numel(), density)
+    if k == 0:
+        return torch.zeros(0, dtype=torch.long, device=v.device)
+    return torch.topk(flat.abs(), k, sorted=False).indices.sort().values
+
+
+def global_threshold(task_vector: StateDict, keys: Sequence[str], density: float) -> float:
+    """|v| threshold keeping the top ⌈d·N⌉ entries over all ``keys`` (``expert_scope="model"``)."""
+    mags = torch.cat([task_vector[k].reshape(-1).abs().float() for k in keys])
+    k = topk_count(mags.numel(), density)
+    return float(torch.topk(mags, k, sorted=True).values[-1]) if k else math.inf
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+class SparseExpert(TaskModule):
+    """A sparse additive task module: flat indices + values per tensor key, as buffers.
+
+    ``apply_(target, w)`` sets ``t[idx] = t[idx] + w·values`` (computed in fp32, one rounding) after
+    saving ``t[idx]``; ``restore_`` writes the saved values back with ``index_copy_`` (bit-exact).
+    """
+
+    def __init__(
+        self,
+        entries: dict[str, tuple[Tensor, Tensor]] | None = None,
+        shapes: dict[str, Sequence[int]] | None = None,
+    ) -> None:
+        super().__init__()
+        self._keys: list[str] = []
+        self._shapes: dict[str, list[int]] = {}
+        for key, (indices, values) in (entries or {}).items():
+            if indices.shape != values.shape or indices.dim() != 1:
+                raise ValueError(f"expert key {key!r}: indices {tuple(indices.shape)} and values "
+                                 f"{tuple(values.shape)} must be equal-length vectors")
+            j = len(self._keys)
+            self._keys.append(key)
+            self._shapes[key] = list(shapes[key]) if shapes and key in shapes else [-1]
+            self.register_buffer(f"indices_{j}", indices)
+            self.register_buffer(f"values_{j}", values)
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def entries(self, key: str) -> tuple[Tensor, Tensor]:
+        j = self._keys.index(key)
+        return getattr(self, f"indices_{j}"), getattr(self, f"values_{j}")
+
+    @property
+    def nnz(self) -> int:
+        return sum(self.entries(k)[0].numel() for k in self._keys)
+
+    def get_extra_state(self):
+        return {"keys": self._keys, "shapes": self._shapes}
+
+    def set_extra_state(self, state) -> None:
+        if list(state["keys"]) != self._keys:
+            raise ValueError(f"expert checkpoint keys {state['keys'][:3]}... differ from this expert's "
+                             f"{self._keys[:3]}...")
+
+    def apply_(self, target: nn.Module | StateDict, weight: float = 1.0) -> None:
+        saved = []
+        for key in self._keys:
+            indices, values = self.entries(key)
+            flat = resolve_tensor(target, key).view(-1)
+            idx = indices.to(device=flat.device, dtype=torch.long)
+            old = flat.index_select(0, idx)
+            new = old.float() + weight * values.to(device=flat.device, dtype=torch.float32)
+            flat.index_copy_(0, idx, new.to(flat.dtype))
+            saved.append((flat, idx, old))
+        self._saved.append(saved)
+
+    def restore_(self, target: nn.Module | StateDict) -> None:
+        if not self._saved:
+            raise RuntimeError("restore_ called without a matching apply_")
+        for flat, idx, old in reversed(self._saved.pop()):
+            flat.index_copy_(0, idx, old)
+
+    def to_state_dict(self) -> StateDict:
+        """Flat ``{key}::indices`` / ``{key}::values`` tensors, for safetensors."""
+        out = {}
+        for key in self._keys:
+            i, v = self.entries(key)
+            out[f"{key}::indices"] = i.contiguous()
+            out[f"{key}::values"] = v.contiguous()
+        return out
+
+    @classmethod
+    def from_state_dict(cls, sd: StateDict) -> SparseExpert:
+        keys = [k[: -len("::indices")] for k in sd if k.endswith("::indices")]
+        return cls({k: (sd[f"{k}::indices"], sd[f"{k}::values"]) for k in keys})
+
+    def save(self, path, metadata: dict[str, str] | None = None) -> None:
+        """Write the expert as safetensors, atomically."""
+        from freemerge_pl.io import save_safetensors_atomic
+
+        save_safetensors_atomic(self.to_state_dict(), path, metadata=metadata)
+
+    @classmethod
+    def load(cls, path) -> SparseExpert:
+        return cls.from_state_dict(load_file(str(path)))
+
+
+def expert_rescalers(
+    task_vectors: Sequence[StateDict],
+    keys: Sequence[str],
+    selected: Sequence[dict[str, Tensor]],
+    lambdas: Tensor | dict[str, Tensor],
+    density: float,
+) -> Tensor | dict[str, Tensor]:
+    """μ of Eq. 4: one per task (λ given as a [K] tensor) or per key and task (λ as key → [K]).
+
+    ``μ = −ln(d) · Σ|v[selected]| / (λ · Σ|v|)``: the E(·) means share their denominator (numel).
+    """
+    log_d = math.log(density)
+    K = len(task_vectors)
+    top = torch.zeros(K, dtype=torch.float64)
+    total = torch.zeros(K, dtype=torch.float64)
+    per_key: dict[str, Tensor] = {}
+    for key in keys:
+        t_top = torch.tensor([float(tv[key].reshape(-1)[sel[key]].abs().sum())
+                              for tv, sel in zip(task_vectors, selected)], dtype=torch.float64)
+        t_all = torch.tensor([float(tv[key].abs().sum()) for tv in task_vectors], dtype=torch.float64)
+        if isinstance(lambdas, dict):
+            denom = lambdas[key].double() * t_all
+            per_key[key] = torch.where(denom > 0, -log_d * t_top / denom.clamp_min(1e-300), 0.0)
+        top += t_top
+        total += t_all
+    if isinstance(lambdas, dict):
+        return per_key
+    denom = lambdas.double() * total
+    return torch.where(denom > 0, -log_d * top / denom.clamp_min(1e-300), 0.0)
+
+
+def select_entries(
+    task_vector: StateDict, keys: Sequence[str], density: float, scope: str = "tensor"
+) -> dict[str, Tensor]:
+    """Flat indices of M(v, d) per key (``scope`` "tensor": top ⌈d·numel⌉ per tensor; "model": global)."""
+    check_density(density)
+    if scope == "tensor":
+        return {k: topk_flat_indices(task_vector[k], density) for k in keys}
+    if scope == "model":
+        thr = global_threshold(task_vector, keys, density)
+        return {k: torch.nonzero(task_vector[k].reshape(-1).abs() >= thr).flatten() for k in keys}
+    raise HyperparameterError(f"expert_scope={scope!r}; accepted: {list(EXPERT_SCOPES)}")
+
+
+def extract_experts(
+    task_vectors: Sequence[StateDict],
+    lambdas: Tensor | dict[str, Tensor],
+    *,
+    expert_density: float = 0.01,
+    expert_scope: str = "tensor",
+    expert_scale: float = 1.0,
+    value_dtype: torch.dtype = torch.float32,
+    keys: Sequence[str] | None = None,
+) -> tuple[list[SparseExpert], Tensor | dict[str, Tensor]]:
+    """Experts ``e_k = expert_scale · μ_k · M(v_k, d)`` for every task, and the μ's used."""
+    check_density(expert_density)
+    keys = list(keys) if keys is not None else list(task_vectors[0])
+    selected = [select_entries(tv, keys, expert_density, expert_scope) for tv in task_vectors]
+    mu = expert_rescalers(task_vectors, keys, selected, lambdas, expert_density)
+    experts = []
+    for k, (tv, sel) in enumerate(zip(task_vectors, selected)):
+        entries = {}
+        for key in keys:
+            scale = expert_scale * float(mu[key][k] if isinstance(mu, dict) else mu[k])
+            idx = sel[key]
+            vals = (tv[key].reshape(-1)[idx].double() * scale).to(value_dtype)
+            entries[key] = (idx.to(index_dtype(tv[key].numel())), vals)
+        experts.append(SparseExpert(entries, {key: list(tv[key].shape) for key in keys}))
+    return experts, mu

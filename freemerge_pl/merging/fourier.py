@@ -1,0 +1,113 @@
+"""The FR-Merging high-pass filter G (paper Eq. 1-2) as small tensor functions.
+
+Symbols: the paper's cutoff ``D0`` is set by ``filter_ratio`` r (FILTER-DEF, DESIGN §8):
+
+* ``cutoff_mode="fraction"`` (default): D0 is the k-th smallest centred distance of the spectrum's
+  N coefficients, k = ⌈r·N⌉; coefficients with distance < D0 are zeroed (ties at D0 kept), so r is
+  the share of the spectrum removed, lowest radial frequency first; r = 0 removes nothing.
+* ``cutoff_mode="radius"``: D0 = r × the largest centred distance of that shape.
+
+Distances are in frequency-index units: the centred (fftshifted) index (i − H//2) of row i is the
+signed frequency ``fftfreq(H)·H`` of the unshifted index, so ``sqrt(η² + γ²)`` is computed from
+``fftfreq`` directly, and the mask is conjugate-symmetric (|−f| = |f|, the Nyquist index maps to
+itself), hence ``irfft2`` of the masked ``rfft2`` is exactly the real inverse of the masked ``fft2``.
+Tensors of ≥ 2 dims are viewed as ``(shape[0], numel/shape[0])``; 1-D tensors are filtered only when
+asked (``filter_1d``) with the 1-D analogue.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from freemerge_pl.errors import HyperparameterError, check_range
+
+CUTOFF_MODES = ("fraction", "radius")
+
+
+def matrix_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
+    """The 2-D view ``(shape[0], numel/shape[0])`` of a ≥2-D shape; 1-D (and 0-D) shapes as ``(numel,)``."""
+    if len(shape) >= 2:
+        return (int(shape[0]), int(math.prod(shape[1:])))
+    return (int(math.prod(shape)),)
+
+
+def _full_distances(mshape: tuple[int, ...]) -> Tensor:
+    """Centred distance of every coefficient of the full (not half) spectrum of ``mshape``."""
+    freqs = [torch.fft.fftfreq(n, d=1.0 / n, dtype=torch.float64).abs() for n in mshape]
+    if len(freqs) == 1:
+        return freqs[0]
+    return torch.sqrt(freqs[0][:, None] ** 2 + freqs[1][None, :] ** 2)
+
+
+def _half_distances(mshape: tuple[int, ...]) -> Tensor:
+    """Centred distance of the coefficients that ``rfftn`` returns (last axis non-negative)."""
+    last = torch.fft.rfftfreq(mshape[-1], d=1.0 / mshape[-1], dtype=torch.float64)
+    if len(mshape) == 1:
+        return last
+    first = torch.fft.fftfreq(mshape[0], d=1.0 / mshape[0], dtype=torch.float64).abs()
+    return torch.sqrt(first[:, None] ** 2 + last[None, :] ** 2)
+
+
+def cutoff_radius(mshape: tuple[int, ...], filter_ratio: float, cutoff_mode: str = "fraction") -> float:
+    """The cutoff D0 for a (1-D or 2-D) spectrum shape; coefficients with distance < D0 are removed."""
+    check_filter_ratio(filter_ratio)
+    if cutoff_mode not in CUTOFF_MODES:
+        raise HyperparameterError(f"cutoff_mode={cutoff_mode!r}; accepted: {list(CUTOFF_MODES)}")
+    if filter_ratio == 0:
+        return 0.0
+    dist = _full_distances(mshape).flatten()
+    if cutoff_mode == "radius":
+        return float(filter_ratio * dist.max())
+    k = math.ceil(filter_ratio * dist.numel())
+    return float(torch.kthvalue(dist, k).values)
+
+
+@lru_cache(maxsize=256)
+def _cached_mask(mshape: tuple[int, ...], filter_ratio: float, cutoff_mode: str) -> Tensor:
+    d0 = cutoff_radius(mshape, filter_ratio, cutoff_mode)
+    return _half_distances(mshape) >= d0
+
+
+def highpass_mask(
+    mshape: tuple[int, ...], filter_ratio: float, cutoff_mode: str = "fraction", device=None
+) -> Tensor:
+    """Boolean keep-mask H(η, γ) over the ``rfftn`` half spectrum of a 1-D/2-D shape (cached per shape)."""
+    mask = _cached_mask(tuple(int(n) for n in mshape), float(filter_ratio), cutoff_mode)
+    return mask if device is None else mask.to(device)
+
+
+def full_highpass_mask(mshape: tuple[int, ...], filter_ratio: float, cutoff_mode: str = "fraction") -> Tensor:
+    """The keep-mask over the full unshifted spectrum (for analysis and reference implementations)."""
+    return _full_distances(mshape) >= cutoff_radius(mshape, filter_ratio, cutoff_mode)
+
+
+def check_filter_ratio(filter_ratio: float) -> None:
+    check_range("filter_ratio", filter_ratio, 0.0, 1.0, high_open=True)
+
+
+def highpass(
+    v: Tensor, filter_ratio: float, *, cutoff_mode: str = "fraction", filter_1d: bool = False
+) -> Tensor:
+    """G(v): zero the low-frequency part of ``v``'s centred spectrum, invert, keep the real part.
+
+    Computed in float32 (float64 stays float64) with one ``rfft2`` + ``irfft2``; the output has ``v``'s
+    shape. 1-D tensors are returned unchanged unless ``filter_1d``; r = 0 returns ``v`` unchanged.
+    """
+    check_filter_ratio(filter_ratio)
+    if filter_ratio == 0 or v.numel() == 0:
+        return v
+    if v.dim() < 2 and not filter_1d:
+        return v
+    work = v if v.dtype == torch.float64 else v.float()
+    mshape = matrix_shape(v.shape)
+    x = work.reshape(mshape)
+    mask = highpass_mask(mshape, filter_ratio, cutoff_mode, device=v.device)
+    if len(mshape) == 1:
+        out = torch.fft.irfft(torch.fft.rfft(x) * mask, n=mshape[0])
+    else:
+        out = torch.fft.irfft2(torch.fft.rfft2(x) * mask, s=mshape)
+    return out.reshape(v.shape)

@@ -1,0 +1,133 @@
+"""FR-Merging (Eq. 1-3) and FREE-Merging (FR backbone + Eq. 4 experts), paper semantics (DESIGN §3/§4/§8).
+
+Symbols: λ_k (``lambdas``) = E(v_k) / Σ_j E(v_j) with E = mean|·| (LAMBDA-DEF); ``scaling`` s;
+``filter_ratio`` r; ``expert_density`` d. The backbone is ``θ_pre + s·Σ_k λ_k G(v_k)``, computed as
+``s·G(Σ_k λ_k v_k)`` (G is linear and its mask is shared per tensor): one rfft2/irfft2 per tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from freemerge_pl.errors import HyperparameterError
+from freemerge_pl.merging.base import MergeResult, StateDict
+from freemerge_pl.merging.experts import EXPERT_SCOPES, extract_experts
+from freemerge_pl.merging.fourier import check_filter_ratio, highpass
+from freemerge_pl.merging.registry import register
+
+LAMBDA_SCOPES = ("model", "tensor")
+PAPER_REFERENCE = "Zheng & Wang 2025, FREE-Merging (arXiv:2411.16815)"
+
+
+def abs_sums(task_vectors: Sequence[StateDict], keys: Sequence[str]) -> dict[str, Tensor]:
+    """Statistics pass: Σ|v_k| per key, as a float64 [K] tensor per key."""
+    return {key: torch.tensor([float(tv[key].abs().sum()) for tv in task_vectors], dtype=torch.float64)
+            for key in keys}
+
+
+def energy_lambdas(
+    task_vectors: Sequence[StateDict], keys: Sequence[str] | None = None, scope: str = "model"
+) -> Tensor | dict[str, Tensor]:
+    """Eq. 3 coefficients λ_k = E(v_k)/Σ_j E(v_j), E = mean|·|; a [K] tensor ("model") or key → [K] ("tensor").
+
+    A key (or model) where every task vector is zero gets equal λ's (1/K).
+    """
+    if scope not in LAMBDA_SCOPES:
+        raise HyperparameterError(f"lambda_scope={scope!r}; accepted: {list(LAMBDA_SCOPES)}")
+    keys = list(keys) if keys is not None else list(task_vectors[0])
+    sums = abs_sums(task_vectors, keys)
+    K = len(task_vectors)
+
+    def normalise(s: Tensor) -> Tensor:
+        total = s.sum()
+        return s / total if total > 0 else torch.full((K,), 1.0 / K, dtype=torch.float64)
+
+    if scope == "tensor":
+        return {key: normalise(s) for key, s in sums.items()}
+    return normalise(torch.stack(list(sums.values())).sum(0) if sums else torch.zeros(K, dtype=torch.float64))
+
+
+def fr_merge_tensor(
+    vectors: Sequence[Tensor] | Tensor,
+    lambdas: Tensor,
+    *,
+    filter_ratio: float = 0.3,
+    cutoff_mode: str = "fraction",
+    filter_1d: bool = False,
+    scaling: float = 1.0,
+) -> Tensor:
+    """Per-tensor core of FR-Merging: ``s·G(Σ_k λ_k v_k)`` (equal to ``s·Σ_k λ_k G(v_k)``)."""
+    stacked = vectors if isinstance(vectors, Tensor) else torch.stack([v.float() for v in vectors])
+    lam = lambdas.to(device=stacked.device, dtype=torch.float32).reshape(-1, *([1] * (stacked.dim() - 1)))
+    combined = (lam * stacked.float()).sum(0)
+    return scaling * highpass(combined, filter_ratio, cutoff_mode=cutoff_mode, filter_1d=filter_1d)
+
+
+def _fr_delta(task_vectors, keys, lambdas, filter_ratio, cutoff_mode, filter_1d, scaling) -> StateDict:
+    delta = {}
+    for key in keys:
+        lam = lambdas[key] if isinstance(lambdas, dict) else lambdas
+        delta[key] = fr_merge_tensor(
+            [tv[key] for tv in task_vectors], lam, filter_ratio=filter_ratio,
+            cutoff_mode=cutoff_mode, filter_1d=filter_1d, scaling=scaling,
+        )
+    return delta
+
+
+def _lambda_info(lambdas) -> list | dict:
+    if isinstance(lambdas, dict):
+        return {k: v.tolist() for k, v in lambdas.items()}
+    return lambdas.tolist()
+
+
+@register("fr_merging", reference=PAPER_REFERENCE + ", Eq. 1-3")
+def fr_merging(
+    task_vectors: list[StateDict],
+    *,
+    filter_ratio: float = 0.3,
+    cutoff_mode: str = "fraction",
+    lambda_scope: str = "model",
+    filter_1d: bool = False,
+    scaling: float = 1.0,
+) -> MergeResult:
+    """FR-Merging: high-pass filter every task vector in 2-D Fourier space and add them with Eq. 3's λ."""
+    check_filter_ratio(filter_ratio)
+    keys = list(task_vectors[0])
+    lambdas = energy_lambdas(task_vectors, keys, lambda_scope)
+    delta = _fr_delta(task_vectors, keys, lambdas, filter_ratio, cutoff_mode, filter_1d, scaling)
+    return MergeResult(delta, info={"lambdas": _lambda_info(lambdas)})
+
+
+@register("free_merging", reference=PAPER_REFERENCE + ", Eq. 1-4, Alg. 1", produces_task_modules=True)
+def free_merging(
+    task_vectors: list[StateDict],
+    *,
+    filter_ratio: float = 0.3,
+    cutoff_mode: str = "fraction",
+    lambda_scope: str = "model",
+    filter_1d: bool = False,
+    scaling: float = 1.0,
+    expert_density: float = 0.01,
+    expert_scope: str = "tensor",
+    expert_scale: float = 1.0,
+    expert_dtype: str | None = None,
+) -> MergeResult:
+    """FREE-Merging: the FR-Merging backbone plus one sparse expert per task (Eq. 4).
+
+    ``expert_dtype`` None stores expert values in float32 here; the ``merge`` driver then casts them
+    to each tensor's dtype in the pre-trained checkpoint (the model dtype).
+    """
+    if expert_scope not in EXPERT_SCOPES:
+        raise HyperparameterError(f"expert_scope={expert_scope!r}; accepted: {list(EXPERT_SCOPES)}")
+    check_filter_ratio(filter_ratio)
+    keys = list(task_vectors[0])
+    lambdas = energy_lambdas(task_vectors, keys, lambda_scope)
+    delta = _fr_delta(task_vectors, keys, lambdas, filter_ratio, cutoff_mode, filter_1d, scaling)
+    experts, mu = extract_experts(
+        task_vectors, lambdas, expert_density=expert_density, expert_scope=expert_scope,
+        expert_scale=expert_scale, value_dtype=getattr(torch, expert_dtype or "float32"), keys=keys,
+    )
+    return MergeResult(delta, experts, info={"lambdas": _lambda_info(lambdas), "mu": _lambda_info(mu)})

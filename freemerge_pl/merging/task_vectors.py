@@ -1,0 +1,111 @@
+"""Task vectors over state dicts: validation, v_k = θ_k − θ_pre in fp32, and applying a merged delta."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from freemerge_pl.errors import CheckpointMismatchError, FreeMergeError, NonFiniteError
+
+StateDict = dict[str, Tensor]
+
+
+def _compile(patterns: str | Sequence[str] | None) -> re.Pattern | None:
+    if not patterns:
+        return None
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    return re.compile("|".join(f"(?:{p})" for p in patterns))
+
+
+def is_mergeable(tensor: Tensor) -> bool:
+    """Floating-point tensors are merged; integer/bool buffers are copied from θ_pre."""
+    return tensor.is_floating_point()
+
+
+def mergeable_keys(pretrained: StateDict, exclude_keys: str | Sequence[str] | None = None) -> list[str]:
+    """Keys of ``pretrained`` that are floating point and not matched by ``exclude_keys`` (regexes)."""
+    pattern = _compile(exclude_keys)
+    return [
+        k for k, t in pretrained.items() if is_mergeable(t) and not (pattern is not None and pattern.search(k))
+    ]
+
+
+def validate_checkpoints(
+    pretrained: StateDict,
+    finetuned: Sequence[StateDict],
+    names: Sequence[str] | None = None,
+    exclude_keys: str | Sequence[str] | None = None,
+    check_finite: bool = True,
+) -> list[str]:
+    """Check keys, shapes, dtypes and finiteness; return the keys to merge.
+
+    Keys matched by ``exclude_keys`` (e.g. task-specific heads) are neither compared nor merged.
+    """
+    if len(finetuned) == 0:
+        raise FreeMergeError("no fine-tuned models were given: merging needs at least one")
+    names = list(names) if names is not None else [f"finetuned[{i}]" for i in range(len(finetuned))]
+    if len(names) != len(finetuned):
+        raise FreeMergeError(f"{len(names)} names for {len(finetuned)} fine-tuned models")
+    pattern = _compile(exclude_keys)
+
+    def kept(sd: StateDict) -> set[str]:
+        return {k for k in sd if not (pattern is not None and pattern.search(k))}
+
+    ref_keys = kept(pretrained)
+    for name, sd in zip(names, finetuned):
+        keys = kept(sd)
+        missing, extra = sorted(ref_keys - keys), sorted(keys - ref_keys)
+        if missing or extra:
+            raise CheckpointMismatchError(
+                f"checkpoint {name!r} does not match the pre-trained keys: "
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}"
+            )
+        for k in sorted(ref_keys):
+            a, b = pretrained[k], sd[k]
+            if a.shape != b.shape:
+                raise CheckpointMismatchError(
+                    f"checkpoint {name!r} key {k!r} has shape {tuple(b.shape)}, "
+                    f"the pre-trained model has {tuple(a.shape)}"
+                )
+            if a.is_floating_point() != b.is_floating_point():
+                raise CheckpointMismatchError(
+                    f"checkpoint {name!r} key {k!r} has dtype {b.dtype}, incompatible with the "
+                    f"pre-trained {a.dtype} (floating point and integer tensors cannot be merged)"
+                )
+    if check_finite:
+        for name, sd in [("pretrained", pretrained), *zip(names, finetuned)]:
+            for k in sorted(ref_keys):
+                t = sd[k]
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    n_bad = int((~torch.isfinite(t)).sum())
+                    raise NonFiniteError(
+                        f"checkpoint {name!r} key {k!r} (shape {tuple(t.shape)}) holds {n_bad} NaN/Inf value(s)"
+                    )
+    return [k for k in pretrained if k in ref_keys and is_mergeable(pretrained[k])]
+
+
+def task_vectors(
+    pretrained: StateDict,
+    finetuned: Sequence[StateDict],
+    names: Sequence[str] | None = None,
+    exclude_keys: str | Sequence[str] | None = None,
+) -> list[StateDict]:
+    """Validate and return ``v_k = θ_k − θ_pre`` in float32 for every mergeable key."""
+    keys = validate_checkpoints(pretrained, finetuned, names, exclude_keys)
+    return [{k: sd[k].float() - pretrained[k].float() for k in keys} for sd in finetuned]
+
+
+def apply_delta(pretrained: StateDict, delta: StateDict, scale: float = 1.0) -> StateDict:
+    """Return ``θ_pre + scale·delta`` computed in fp32 and cast to θ_pre's dtypes; other keys copied."""
+    out: StateDict = {}
+    for k, t in pretrained.items():
+        if k in delta:
+            out[k] = (t.float() + scale * delta[k].to(device=t.device, dtype=torch.float32)).to(t.dtype)
+        else:
+            out[k] = t.clone()
+    return out
