@@ -1,1 +1,7 @@
 """Lightning callbacks shipped as ``freemerge_pl.callbacks``."""
+
+from freemerge_pl.callbacks.export import ExportMerged
+from freemerge_pl.callbacks.results import ResultsTable, results_markdown
+from freemerge_pl.callbacks.routing import RoutingStats
+
+__all__ = ["ExportMerged", "ResultsTable", "RoutingStats", "results_markdown"]

@@ -1,0 +1,144 @@
+"""MultiTaskDataModule: per-task datasets from YAML, a seeded router split, exact distributed evaluation."""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
+
+from freemerge_pl.errors import ConfigError
+
+
+@dataclass
+class TaskConfig:
+    """One task: a dataset class path with shared ``dataset_args`` plus per-split args, and its metrics.
+
+    ``metrics`` names torchmetrics entries (see ``freemerge_pl.metrics``); ``num_classes`` defaults to the
+    dataset's ``num_classes`` attribute when it has one.
+    """
+
+    name: str
+    dataset: str
+    dataset_args: dict[str, Any] = field(default_factory=dict)
+    train_args: dict[str, Any] = field(default_factory=lambda: {"split": "train"})
+    test_args: dict[str, Any] = field(default_factory=lambda: {"split": "test"})
+    metrics: list[str] = field(default_factory=lambda: ["accuracy"])
+    num_classes: int | None = None
+
+
+def import_class(path: str):
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"cannot import dataset class {path!r}: {err}") from err
+
+
+class TaskIdDataset(Dataset):
+    """Wraps a dataset so each item is ``(x, y, task_id)``."""
+
+    def __init__(self, dataset: Dataset, task_id: int) -> None:
+        self.dataset, self.task_id = dataset, task_id
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y = self.dataset[i][:2]
+        return x, y, self.task_id
+
+
+def router_split(n: int, fraction: float, seed: int, task_index: int, min_samples: int = 1) -> list[int]:
+    """Seeded indices of the router split of a training set of size ``n`` (⌈fraction·n⌉, ≥ min_samples)."""
+    k = min(n, max(min_samples, math.ceil(fraction * n)))
+    g = torch.Generator().manual_seed(seed * 1000003 + task_index)
+    return sorted(torch.randperm(n, generator=g)[:k].tolist())
+
+
+class MultiTaskDataModule(LightningDataModule):
+    """Train loader: the router split of every task, mixed, with task ids. Test: one loader per task."""
+
+    def __init__(
+        self,
+        tasks: list[TaskConfig],
+        router_fraction: float = 0.01,
+        min_router_samples: int = 16,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not tasks:
+            raise ConfigError("MultiTaskDataModule needs at least one task")
+        if not 0 < router_fraction <= 1:
+            raise ConfigError(f"router_fraction={router_fraction} is outside (0, 1]")
+        self.tasks = [t if isinstance(t, TaskConfig) else TaskConfig(**t) for t in tasks]
+        self.router_fraction = router_fraction
+        self.min_router_samples = min_router_samples
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self._train: dict[str, Dataset] = {}
+        self._test: dict[str, Dataset] = {}
+        self.router_indices: dict[str, list[int]] = {}
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def _make(self, task: TaskConfig, split_args: dict[str, Any]) -> Dataset:
+        cls = import_class(task.dataset)
+        return cls(**{**task.dataset_args, **split_args})
+
+    def prepare_data(self) -> None:
+        for task in self.tasks:
+            prepare = getattr(import_class(task.dataset), "prepare", None)
+            if callable(prepare):
+                prepare(**task.dataset_args)
+
+    def setup(self, stage: str | None = None) -> None:
+        for i, task in enumerate(self.tasks):
+            if task.name not in self._train:
+                ds = self._make(task, task.train_args)
+                self._train[task.name] = ds
+                self.router_indices[task.name] = router_split(
+                    len(ds), self.router_fraction, self.seed, i, self.min_router_samples)
+            if task.name not in self._test:
+                self._test[task.name] = self._make(task, task.test_args)
+
+    def num_classes(self, task: str) -> int | None:
+        cfg = self.tasks[self.task_names.index(task)]
+        if cfg.num_classes is not None:
+            return cfg.num_classes
+        self.setup()
+        return getattr(self._test[task], "num_classes", None)
+
+    def router_dataset(self) -> Dataset:
+        self.setup()
+        return ConcatDataset([
+            TaskIdDataset(Subset(self._train[t.name], self.router_indices[t.name]), i)
+            for i, t in enumerate(self.tasks)
+        ])
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.router_dataset(), batch_size=self.batch_size, shuffle=True, generator=g,
+                          num_workers=self.num_workers)
+
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        sampler = None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Each sample once across ranks: no padding duplicates (Lightning keeps DistributedSamplers).
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, sampler=sampler,
+                          num_workers=self.num_workers)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        self.setup()
+        return [self._eval_loader(TaskIdDataset(self._test[t.name], i)) for i, t in enumerate(self.tasks)]

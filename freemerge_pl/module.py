@@ -1,0 +1,386 @@
+"""MergedModule: the merged backbone (frozen), task modules as buffers, heads, and the trainable router."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from freemerge_pl.errors import ConfigError
+from freemerge_pl.merging import get_method, merge
+from freemerge_pl.merging.experts import SparseExpert
+from freemerge_pl.metrics import REGRESSION_METRICS, task_metrics
+from freemerge_pl.models.base import ModelAdapter
+from freemerge_pl.router import FEATURE_SOURCES, Router, RouterConfig
+
+ROUTINGS = ("router", "oracle")
+HEAD_SELECTIONS = ("dataset", "routed")
+
+
+def _slot(name: str) -> str:
+    """A ModuleDict-safe version of a task name."""
+    return name.replace(".", "_")
+
+
+def state_digest(module: nn.Module) -> str:
+    """sha256 over the names and bytes of a module's state dict (used to prove ranks agree)."""
+    h = hashlib.sha256()
+    for k, t in module.state_dict().items():
+        h.update(k.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class MergedModule(LightningModule):
+    """Builds the merged model in ``setup`` and trains only the router.
+
+    Args:
+        adapter: reads θ_pre, θ_1..θ_K and the heads; builds the backbone module.
+        method: a registry name (``freemerge_pl.merging.list_methods()``); ``method_args`` its hyperparameters.
+        fr_filter_ratio: FR high-pass applied to every task vector before ``method`` (0 = off).
+        routing: ``router`` (learned, Alg. 1) or ``oracle`` (the true task picks the task module).
+        head_selection: ``dataset`` (the evaluated dataset's head, the benchmark protocol) or ``routed``
+            (the routed task's head, task-agnostic deployment; a sample routed to another task's head
+            is counted as a wrong prediction).
+        top_k: experts per sample (1 = Alg. 1; >1 combines the top-k with renormalised softmax weights,
+            one backbone pass per distinct combination, so it is slower).
+        auto_fit_router: when testing with an untrained router, train it first on the router split.
+        metric_suffix: appended to metric names (``test/<task>/<metric><suffix>``); None → the protocol,
+            e.g. ``[router,dataset]`` unless it is the default pair.
+    """
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        method: str = "free_merging",
+        method_args: dict[str, Any] | None = None,
+        fr_filter_ratio: float = 0.0,
+        merge_seed: int = 0,
+        routing: str = "router",
+        head_selection: str = "dataset",
+        top_k: int = 1,
+        router: RouterConfig | None = None,
+        auto_fit_router: bool = True,
+        metric_suffix: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["adapter"])
+        spec = get_method(method)
+        spec.validate(method_args or {})
+        if routing not in ROUTINGS:
+            raise ConfigError(f"routing={routing!r}; accepted: {list(ROUTINGS)}")
+        if head_selection not in HEAD_SELECTIONS:
+            raise ConfigError(f"head_selection={head_selection!r}; accepted: {list(HEAD_SELECTIONS)}")
+        self.router_config = router or RouterConfig()
+        if self.router_config.feature_source not in FEATURE_SOURCES:
+            raise ConfigError(f"router.feature_source={self.router_config.feature_source!r}; "
+                              f"accepted: {list(FEATURE_SOURCES)}")
+        if top_k < 1:
+            raise ConfigError(f"top_k={top_k} must be ≥ 1")
+        self.adapter = adapter
+        self.method = method
+        self.method_args = dict(method_args or {})
+        self.fr_filter_ratio = fr_filter_ratio
+        self.merge_seed = merge_seed
+        self.routing = routing
+        self.head_selection = head_selection
+        self.top_k = top_k
+        self.auto_fit_router = auto_fit_router
+        default_protocol = (routing, head_selection) == ("router", "dataset")
+        self.metric_suffix = metric_suffix if metric_suffix is not None else (
+            "" if default_protocol else f"[{routing},{head_selection}]")
+        self.task_names: list[str] = []
+        self.backbone: nn.Module | None = None
+        self.router: Router | None = None
+        self.merge_record: dict[str, Any] = {}
+        self.test_results: dict[str, Any] = {}
+        self.backbone_digest = ""
+
+    # ------------------------------------------------------------------ building
+    def prepare_data(self) -> None:
+        self.adapter.prepare()
+
+    def _check_data(self, datamodule) -> None:
+        names = list(self.adapter.task_names)
+        data_names = list(getattr(datamodule, "task_names", names))
+        if names != data_names:
+            raise ConfigError(f"the model adapter has {len(names)} task(s) {names} but the data module has "
+                              f"{len(data_names)} {data_names}; they must match in number and order")
+        for task in names:
+            expected = datamodule.num_classes(task) if hasattr(datamodule, "num_classes") else None
+            have = self.adapter.num_classes(task)
+            if expected is not None and expected != have:
+                raise ConfigError(f"task {task!r}: the head has {have} classes but the dataset has {expected}")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.backbone is not None:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None:
+            self._check_data(datamodule)
+        example = None
+        if datamodule is not None and hasattr(datamodule, "router_dataset"):
+            example = datamodule.router_dataset()[0][0].unsqueeze(0)
+        self.build(example)
+
+    def build(self, example_input: Tensor | None = None) -> None:
+        """Merge the checkpoints and build backbone, task modules, heads and router (deterministic)."""
+        self.task_names = list(self.adapter.task_names)
+        start = time.perf_counter()
+        pretrained = self.adapter.pretrained_state_dict()
+        finetuned = [self.adapter.finetuned_state_dict(t) for t in self.task_names]
+        out = merge(pretrained, finetuned, self.method, names=self.task_names,
+                    exclude_keys=list(self.adapter.exclude_keys), fr_filter_ratio=self.fr_filter_ratio,
+                    seed=self.merge_seed, **self.method_args)
+        del finetuned
+        backbone = self.adapter.build_backbone()
+        backbone.load_state_dict(out.state_dict, strict=True)
+        backbone.requires_grad_(False).eval()
+        self.backbone = backbone
+        self.task_modules = nn.ModuleList(out.task_modules or [])
+        self.shared_modules = nn.ModuleDict(out.result.shared_modules)
+        self.heads = nn.ModuleDict({_slot(t): self.adapter.build_head(t) for t in self.task_names})
+        self.heads.requires_grad_(False).eval()
+        self.merge_record = {**out.record, "build_seconds": time.perf_counter() - start}
+        self.backbone_digest = state_digest(self.backbone)
+        in_features = self._router_in_features(example_input)
+        self.router = Router(len(self.task_names), self.router_config, in_features)
+        self.register_buffer("router_trained", torch.zeros((), dtype=torch.bool))
+        self._build_metrics()
+        rank_zero_info(f"merged {len(self.task_names)} tasks with {self.method} in "
+                       f"{self.merge_record['build_seconds']:.1f}s; task modules: {len(self.task_modules)}, "
+                       f"{self.task_module_bytes()} bytes")
+
+    def _router_in_features(self, example: Tensor | None) -> int:
+        if example is None:
+            raise ConfigError("the router needs an example input to size its first layer: call "
+                              "build(example_input) or attach a data module with router_dataset()")
+        with torch.no_grad():
+            return int(self._router_features_raw(example).shape[-1])
+
+    def _build_metrics(self) -> None:
+        extra = 1 if self.head_selection == "routed" else 0  # a "foreign head" class
+        self.task_metric_sets = nn.ModuleDict({
+            _slot(t): task_metrics(self._metric_names(t), self.adapter.num_classes(t) + extra)
+            for t in self.task_names
+        })
+        K = len(self.task_names)
+        self.routing_accuracy = nn.ModuleDict({_slot(t): MulticlassAccuracy(num_classes=K, average="micro")
+                                               for t in self.task_names})
+        self.routing_confusion = MulticlassConfusionMatrix(num_classes=K)
+
+    def _metric_names(self, task: str) -> list[str]:
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "tasks"):
+            for cfg in dm.tasks:
+                if cfg.name == task:
+                    return list(cfg.metrics)
+        return ["accuracy"]
+
+    def task_module_bytes(self) -> int:
+        return sum(m.nbytes for m in self.task_modules)
+
+    # ------------------------------------------------------------------ routing and forward
+    def _router_features_raw(self, x: Tensor) -> Tensor:
+        if self.router_config.feature_source == "backbone":
+            with torch.no_grad():
+                return self.backbone(x).float()
+        from freemerge_pl.router import InputPool
+
+        return InputPool(self.router_config.pool_size)(x)
+
+    def router_logits(self, x: Tensor) -> Tensor:
+        return self.router(self._router_features_raw(x))
+
+    def route(self, x: Tensor, task: int | Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Task ids ``[B, k]`` and weights ``[B, k]``: from ``task`` (oracle) when given, else the router."""
+        if task is not None:
+            ids = torch.as_tensor(task, device=x.device).long().reshape(-1)
+            ids = ids.expand(x.shape[0]) if ids.numel() == 1 else ids
+            return ids[:, None], torch.ones(x.shape[0], 1, device=x.device)
+        return self.router.route(self.router_logits(x), self.top_k)
+
+    @torch.no_grad()
+    def features(self, x: Tensor, ids: Tensor | None = None, weights: Tensor | None = None) -> Tensor:
+        """Backbone features with each sample's task modules applied (grouped, applied in place, restored)."""
+        if ids is None or len(self.task_modules) == 0:
+            return self.backbone(x)
+        if weights is None:
+            weights = torch.ones_like(ids, dtype=torch.float32)
+        if ids.shape[1] == 1:
+            groups = [((g,), (1.0,), (ids[:, 0] == g).nonzero().flatten()) for g in ids[:, 0].unique().tolist()]
+        else:
+            combos: dict[tuple, list[int]] = {}
+            for i, (row, w) in enumerate(zip(ids.tolist(), weights.tolist())):
+                combos.setdefault((tuple(row), tuple(w)), []).append(i)
+            groups = [(r, w, torch.tensor(s, device=x.device)) for (r, w), s in combos.items()]
+        out = None
+        for task_ids, task_weights, sel in groups:
+            applied = []
+            try:
+                for g, w in zip(task_ids, task_weights):
+                    self.task_modules[g].apply_(self.backbone, float(w))
+                    applied.append(g)
+                f = self.backbone(x[sel])
+            finally:
+                for g in reversed(applied):
+                    self.task_modules[g].restore_(self.backbone)
+            if out is None:
+                out = f.new_empty(x.shape[0], *f.shape[1:])
+            out[sel] = f
+        return out
+
+    def forward(self, x: Tensor, task: int | Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Route, run the backbone with the routed task modules; returns ``(features, routed task ids [B])``."""
+        ids, weights = self.route(x, task)
+        return self.features(x, ids, weights), ids[:, 0]
+
+    def head_outputs(self, features: Tensor, task: int) -> Tensor:
+        out = self.heads[_slot(self.task_names[task])](features)
+        return out.squeeze(-1) if out.shape[-1] == 1 else out
+
+    # ------------------------------------------------------------------ training the router
+    def router_loss(self, x: Tensor, task_ids: Tensor) -> Tensor:
+        return F.cross_entropy(self.router_logits(x), task_ids.long())
+
+    def training_step(self, batch, batch_idx):
+        x, _, t = batch
+        loss = self.router_loss(x, t)
+        self.log("train/router_loss", loss, prog_bar=True, batch_size=x.shape[0])
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.router_trained.fill_(True)
+
+    def configure_optimizers(self):
+        cfg = self.router_config
+        return torch.optim.AdamW(self.router.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def fit_router(self, dataset) -> None:
+        """Train the router on ``dataset`` of ``(x, y, task_id)`` with a plain, seeded loop (every rank
+        trains the same router; under DDP rank 0's weights are broadcast to be safe)."""
+        cfg = self.router_config
+        g = torch.Generator().manual_seed(cfg.seed)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=g)
+        opt = torch.optim.AdamW(self.router.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        with torch.inference_mode(False), torch.enable_grad():
+            self.router.train()
+            for _ in range(cfg.epochs):
+                for x, _, t in loader:
+                    x, t = x.to(self.device).clone(), t.to(self.device).clone()
+                    opt.zero_grad()
+                    self.router_loss(x, t).backward()
+                    opt.step()
+            self.router.eval()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for p in self.router.parameters():
+                torch.distributed.broadcast(p.data, src=0)
+        self.router_trained.fill_(True)
+
+    # ------------------------------------------------------------------ evaluation
+    def on_test_start(self) -> None:
+        if self.routing == "router" and not bool(self.router_trained):
+            if not self.auto_fit_router:
+                rank_zero_info("warning: testing with an untrained router (auto_fit_router is off)")
+            else:
+                start = time.perf_counter()
+                self.fit_router(self.trainer.datamodule.router_dataset())
+                self.merge_record["router_fit_seconds"] = time.perf_counter() - start
+                rank_zero_info(f"router trained on the router split in "
+                               f"{self.merge_record['router_fit_seconds']:.1f}s")
+        self._check_rank_agreement()
+
+    def _check_rank_agreement(self) -> None:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        mine = torch.tensor([int(self.backbone_digest[:15], 16)], dtype=torch.int64, device=self.device)
+        everyone = self.all_gather(mine).flatten()
+        if not bool((everyone == mine).all()):
+            raise RuntimeError(f"the merged backbone differs across ranks: digests {everyone.tolist()}")
+
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        x, y, t = batch
+        task = dataloader_idx
+        oracle = t if self.routing == "oracle" else None
+        ids, weights = self.route(x, oracle)
+        routed = ids[:, 0]
+        feats = self.features(x, ids, weights)
+        name = self.task_names[task]
+        metrics = self.task_metric_sets[_slot(name)]
+        regression = any(m in REGRESSION_METRICS for m in metrics.keys())
+        if self.head_selection == "dataset":
+            out = self.head_outputs(feats, task)
+            preds = out if regression else out.argmax(-1)
+        else:
+            foreign = self.adapter.num_classes(name)
+            preds = torch.full_like(y, foreign, dtype=torch.float32 if regression else torch.long)
+            for g in routed.unique().tolist():
+                sel = routed == g
+                out = self.head_outputs(feats[sel], g)
+                if g == task:
+                    preds[sel] = out if regression else out.argmax(-1)
+        metrics.update(preds, y)
+        self.routing_accuracy[_slot(name)].update(routed, t)
+        self.routing_confusion.update(routed, t)
+
+    def on_test_epoch_end(self) -> None:
+        results: dict[str, Any] = {"tasks": {}, "avg": {}}
+        sums: dict[str, list[float]] = {}
+        for name in self.task_names:
+            values = {k: float(v) for k, v in self.task_metric_sets[_slot(name)].compute().items()}
+            values["routing_accuracy"] = float(self.routing_accuracy[_slot(name)].compute())
+            results["tasks"][name] = values
+            for k, v in values.items():
+                sums.setdefault(k, []).append(v)
+        results["avg"] = {k: sum(v) / len(v) for k, v in sums.items()}
+        results["routing_confusion"] = self.routing_confusion.compute().tolist()
+        suffix = self.metric_suffix
+        for name, values in results["tasks"].items():
+            for k, v in values.items():
+                self.log(f"test/{name}/{k}{suffix}", v, add_dataloader_idx=False)
+        for k, v in results["avg"].items():
+            self.log(f"test/avg/{k}{suffix}", v, add_dataloader_idx=False)
+        results["protocol"] = {"routing": self.routing, "head_selection": self.head_selection,
+                               "top_k": self.top_k}
+        results["method"] = self.method
+        results["method_args"] = self.method_args
+        results["task_module_bytes"] = self.task_module_bytes()
+        results["backbone_bytes"] = sum(p.numel() * p.element_size() for p in self.backbone.parameters())
+        results["merge_seconds"] = self.merge_record.get("seconds")
+        self.test_results = results
+        for m in [*self.task_metric_sets.values(), *self.routing_accuracy.values(), self.routing_confusion]:
+            m.reset()
+
+    # ------------------------------------------------------------------ export
+    def export(self, directory: str | Path) -> list[Path]:
+        """Write backbone, task modules, heads and router as safetensors plus ``merge_info.json``."""
+        from freemerge_pl.io import save_safetensors_atomic, save_state_dict
+
+        directory = Path(directory)
+        written = []
+        for k, module in enumerate(self.task_modules):
+            tensors = module.to_state_dict() if isinstance(module, SparseExpert) else {
+                n: t for n, t in module.state_dict().items() if isinstance(t, Tensor)}
+            written.append(save_safetensors_atomic(
+                tensors, directory / f"task_module_{k:02d}.safetensors",
+                metadata={"task": self.task_names[k], "type": type(module).__name__}))
+        for name, module in self.shared_modules.items():
+            written.append(save_safetensors_atomic(module.state_dict(), directory / f"shared_{name}.safetensors"))
+        written.append(save_safetensors_atomic(
+            {f"{t}.{n}": p for t in self.task_names for n, p in self.heads[_slot(t)].state_dict().items()},
+            directory / "heads.safetensors"))
+        written.append(save_safetensors_atomic(self.router.state_dict(), directory / "router.safetensors"))
+        record = {**self.merge_record, "task_names": self.task_names, "backbone_digest": self.backbone_digest,
+                  "router_trained": bool(self.router_trained),
+                  "inputs": self.adapter.checkpoint_paths()}
+        written += save_state_dict(self.backbone.state_dict(), directory, metadata=record)
+        return written
