@@ -103,6 +103,7 @@ class MergedModule(LightningModule):
         self.router: Router | None = None
         self.merge_record: dict[str, Any] = {}
         self.test_results: dict[str, Any] = {}
+        self.val_results: dict[str, Any] = {}
         self.backbone_digest = ""
 
     # ------------------------------------------------------------------ building
@@ -307,7 +308,7 @@ class MergedModule(LightningModule):
         if not bool((everyone == mine).all()):
             raise RuntimeError(f"the merged backbone differs across ranks: digests {everyone.tolist()}")
 
-    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
+    def _eval_step(self, batch, dataloader_idx: int) -> None:
         x, y, t = batch
         task = dataloader_idx
         oracle = t if self.routing == "oracle" else None
@@ -332,7 +333,17 @@ class MergedModule(LightningModule):
         self.routing_accuracy[_slot(name)].update(routed, t)
         self.routing_confusion.update(routed, t)
 
-    def on_test_epoch_end(self) -> None:
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        self._eval_step(batch, dataloader_idx)
+
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        self._eval_step(batch, dataloader_idx)
+
+    def on_validation_start(self) -> None:
+        self._check_rank_agreement()
+
+    def _collect(self, stage: str) -> dict[str, Any]:
+        """Compute (synchronised) and reset every metric; log ``<stage>/<task>/<metric><suffix>``."""
         results: dict[str, Any] = {"tasks": {}, "avg": {}}
         sums: dict[str, list[float]] = {}
         for name in self.task_names:
@@ -346,19 +357,30 @@ class MergedModule(LightningModule):
         suffix = self.metric_suffix
         for name, values in results["tasks"].items():
             for k, v in values.items():
-                self.log(f"test/{name}/{k}{suffix}", v, add_dataloader_idx=False)
+                self.log(f"{stage}/{name}/{k}{suffix}", v, add_dataloader_idx=False)
         for k, v in results["avg"].items():
-            self.log(f"test/avg/{k}{suffix}", v, add_dataloader_idx=False)
+            self.log(f"{stage}/avg/{k}{suffix}", v, add_dataloader_idx=False)
         results["protocol"] = {"routing": self.routing, "head_selection": self.head_selection,
                                "top_k": self.top_k}
         results["method"] = self.method
         results["method_args"] = self.method_args
+        results["fr_filter_ratio"] = self.fr_filter_ratio
         results["task_module_bytes"] = self.task_module_bytes()
         results["backbone_bytes"] = sum(p.numel() * p.element_size() for p in self.backbone.parameters())
         results["merge_seconds"] = self.merge_record.get("seconds")
-        self.test_results = results
         for m in [*self.task_metric_sets.values(), *self.routing_accuracy.values(), self.routing_confusion]:
             m.reset()
+        return results
+
+    def on_test_epoch_end(self) -> None:
+        self.test_results = self._collect("test")
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            for m in [*self.task_metric_sets.values(), *self.routing_accuracy.values(), self.routing_confusion]:
+                m.reset()
+            return
+        self.val_results = self._collect("val")
 
     # ------------------------------------------------------------------ export
     def export(self, directory: str | Path) -> list[Path]:

@@ -61,8 +61,23 @@ def router_split(n: int, fraction: float, seed: int, task_index: int, min_sample
     return sorted(torch.randperm(n, generator=g)[:k].tolist())
 
 
+def split_off(indices: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split ``indices`` into (rest, held-out ⌈fraction·n⌉) with a seeded permutation; fraction 0 → no hold-out."""
+    if fraction == 0 or not indices:
+        return list(indices), []
+    k = min(len(indices) - 1, max(1, math.ceil(fraction * len(indices))))
+    perm = torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = sorted(indices[j] for j in perm[:k])
+    rest = sorted(indices[j] for j in perm[k:])
+    return rest, held
+
+
 class MultiTaskDataModule(LightningDataModule):
-    """Train loader: the router split of every task, mixed, with task ids. Test: one loader per task."""
+    """Train loader: the router split of every task, mixed, with task ids. Test: one loader per task.
+
+    The router split is ⌈router_fraction·n⌉ seeded training indices per task; with ``tune_fraction`` > 0 a
+    seeded share of it is held out as tune-val (``val_dataloader``) and the router trains on the rest.
+    """
 
     def __init__(
         self,
@@ -72,6 +87,7 @@ class MultiTaskDataModule(LightningDataModule):
         batch_size: int = 128,
         num_workers: int = 0,
         seed: int = 0,
+        tune_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         if not tasks:
@@ -84,6 +100,10 @@ class MultiTaskDataModule(LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
+        if not 0 <= tune_fraction < 1:
+            raise ConfigError(f"tune_fraction={tune_fraction} is outside [0, 1)")
+        self.tune_fraction = tune_fraction
+        self.tune_indices: dict[str, list[int]] = {}
         self._train: dict[str, Dataset] = {}
         self._test: dict[str, Dataset] = {}
         self.router_indices: dict[str, list[int]] = {}
@@ -107,8 +127,9 @@ class MultiTaskDataModule(LightningDataModule):
             if task.name not in self._train:
                 ds = self._make(task, task.train_args)
                 self._train[task.name] = ds
-                self.router_indices[task.name] = router_split(
-                    len(ds), self.router_fraction, self.seed, i, self.min_router_samples)
+                split = router_split(len(ds), self.router_fraction, self.seed, i, self.min_router_samples)
+                self.router_indices[task.name], self.tune_indices[task.name] = split_off(
+                    split, self.tune_fraction, self.seed + 7919 * (i + 1))
             if task.name not in self._test:
                 self._test[task.name] = self._make(task, task.test_args)
 
@@ -118,6 +139,18 @@ class MultiTaskDataModule(LightningDataModule):
             return cfg.num_classes
         self.setup()
         return getattr(self._test[task], "num_classes", None)
+
+    def tune_dataset(self, task: str) -> Dataset:
+        """The held-out part of ``task``'s router split (``tune_fraction`` > 0), for choosing hyperparameters."""
+        self.setup()
+        i = self.task_names.index(task)
+        return TaskIdDataset(Subset(self._train[task], self.tune_indices[task]), i)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """One loader per task over the tune-val split (never the test split); empty without ``tune_fraction``."""
+        if self.tune_fraction == 0:
+            return []
+        return [self._eval_loader(self.tune_dataset(t)) for t in self.task_names]
 
     def router_dataset(self) -> Dataset:
         self.setup()
