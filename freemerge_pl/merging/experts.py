@@ -27,7 +27,7 @@ def check_density(expert_density: float) -> None:
 
 def topk_count(numel: int, density: float) -> int:
     """Number of entries an expert keeps in a tensor: ⌈d·numel⌉ (at least 1 for a non-empty tensor)."""
-    return min(numel, math.ceil(density * numel - 1e-9)) if numel else 0
+    return max(1, min(numel, math.ceil(density * numel - 1e-9))) if numel else 0
 
 
 def topk_flat_indices(v: Tensor, density: float) -> Tensor:
@@ -97,9 +97,9 @@ class SparseExpert(TaskModule):
 
     def apply_(self, target: nn.Module | StateDict, weight: float = 1.0) -> None:
         saved = []
-        for key in self._keys:
+        flats = [resolve_tensor(target, key).view(-1) for key in self._keys]  # fail before any write
+        for key, flat in zip(self._keys, flats):
             indices, values = self.entries(key)
-            flat = resolve_tensor(target, key).view(-1)
             idx = indices.to(device=flat.device, dtype=torch.long)
             old = flat.index_select(0, idx)
             new = old.float() + weight * values.to(device=flat.device, dtype=torch.float32)
@@ -112,6 +112,13 @@ class SparseExpert(TaskModule):
             raise RuntimeError("restore_ called without a matching apply_")
         for flat, idx, old in reversed(self._saved.pop()):
             flat.index_copy_(0, idx, old)
+
+    def cast_values_(self, dtype: torch.dtype | dict[str, torch.dtype]) -> SparseExpert:
+        """Store the values in ``dtype`` (one for all keys, or key → dtype)."""
+        for j, key in enumerate(self._keys):
+            target = dtype[key] if isinstance(dtype, dict) else dtype
+            setattr(self, f"values_{j}", getattr(self, f"values_{j}").to(target))
+        return self
 
     def to_state_dict(self) -> StateDict:
         """Flat ``{key}::indices`` / ``{key}::values`` tensors, for safetensors."""

@@ -8,6 +8,7 @@ Symbols: λ_k (``lambdas``) = E(v_k) / Σ_j E(v_j) with E = mean|·| (LAMBDA-DEF
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -83,17 +84,46 @@ def _lambda_info(lambdas) -> list | dict:
     return lambdas.tolist()
 
 
+SEMANTICS = ("paper", "released_code")
+
+
+def _released(semantics: str, released_options: dict[str, Any] | None, **given: Any) -> dict[str, Any] | None:
+    """Keyword arguments for the released-code functions, or None under the paper semantics."""
+    if semantics not in SEMANTICS:
+        raise HyperparameterError(f"semantics={semantics!r}; accepted: {list(SEMANTICS)}")
+    if semantics == "paper":
+        if released_options:
+            raise HyperparameterError("released_options are only read under semantics='released_code'")
+        return None
+    return {**{k: v for k, v in given.items() if v is not None}, **(released_options or {})}
+
+
 @register("fr_merging", reference=PAPER_REFERENCE + ", Eq. 1-3")
 def fr_merging(
     task_vectors: list[StateDict],
     *,
-    filter_ratio: float = 0.3,
+    semantics: str = "paper",
+    filter_ratio: float | None = None,
     cutoff_mode: str = "fraction",
     lambda_scope: str = "model",
     filter_1d: bool = False,
-    scaling: float = 1.0,
+    scaling: float | None = None,
+    released_options: dict[str, Any] | None = None,
 ) -> MergeResult:
-    """FR-Merging: high-pass filter every task vector in 2-D Fourier space and add them with Eq. 3's λ."""
+    """FR-Merging: high-pass filter every task vector in 2-D Fourier space and add them with Eq. 3's λ.
+
+    ``semantics="paper"`` (default): DESIGN §3/§8, ``filter_ratio`` None → 0.3 (share removed),
+    ``scaling`` None → 1.0. ``semantics="released_code"``: the authors' code (``released.released_fr_merge``;
+    ``filter_ratio`` is then its ρ, None → 0.7; ``scaling`` None → the profile's value;
+    ``released_options`` passes ``profile``, ``align``, ``key_pattern``, ``keep_first_task_bias_quirk``).
+    """
+    options = _released(semantics, released_options, filter_ratio=filter_ratio, scaling=scaling)
+    if options is not None:
+        from freemerge_pl.merging.released import released_fr_merge
+
+        return released_fr_merge(task_vectors, **options)
+    filter_ratio = 0.3 if filter_ratio is None else filter_ratio
+    scaling = 1.0 if scaling is None else scaling
     check_filter_ratio(filter_ratio)
     keys = list(task_vectors[0])
     lambdas = energy_lambdas(task_vectors, keys, lambda_scope)
@@ -105,21 +135,40 @@ def fr_merging(
 def free_merging(
     task_vectors: list[StateDict],
     *,
-    filter_ratio: float = 0.3,
+    semantics: str = "paper",
+    filter_ratio: float | None = None,
     cutoff_mode: str = "fraction",
     lambda_scope: str = "model",
     filter_1d: bool = False,
-    scaling: float = 1.0,
+    scaling: float | None = None,
     expert_density: float = 0.01,
     expert_scope: str = "tensor",
     expert_scale: float = 1.0,
     expert_dtype: str | None = None,
+    released_options: dict[str, Any] | None = None,
 ) -> MergeResult:
     """FREE-Merging: the FR-Merging backbone plus one sparse expert per task (Eq. 4).
 
-    ``expert_dtype`` None stores expert values in float32 here; the ``merge`` driver then casts them
-    to each tensor's dtype in the pre-trained checkpoint (the model dtype).
+    Defaults as ``fr_merging``. ``expert_dtype`` None stores expert values in float32 here; the ``merge``
+    driver then casts them to each tensor's dtype in the pre-trained checkpoint (the model dtype).
+    Under ``semantics="released_code"`` the experts' values are relative to the released backbone
+    (``released.released_free_merge``: replace-not-add, s² on the shared part), so inference is the same
+    sparse ``apply_``/``restore_`` path; ``expert_scale`` must stay 1 there.
     """
+    options = _released(semantics, released_options, filter_ratio=filter_ratio, scaling=scaling,
+                        expert_density=expert_density)
+    if options is not None:
+        if expert_scale != 1.0:
+            raise HyperparameterError("expert_scale is a paper-semantics option; the released code has none")
+        from freemerge_pl.merging.released import released_free_merge
+
+        result = released_free_merge(task_vectors, **options)
+        if expert_dtype is not None:
+            for m in result.task_modules:
+                m.cast_values_(getattr(torch, expert_dtype))
+        return result
+    filter_ratio = 0.3 if filter_ratio is None else filter_ratio
+    scaling = 1.0 if scaling is None else scaling
     if expert_scope not in EXPERT_SCOPES:
         raise HyperparameterError(f"expert_scope={expert_scope!r}; accepted: {list(EXPERT_SCOPES)}")
     check_filter_ratio(filter_ratio)

@@ -15,7 +15,8 @@ from freemerge_pl.merging.base import MergeResult, StateDict
 from freemerge_pl.merging.experts import SparseExpert
 from freemerge_pl.merging.fourier import check_filter_ratio, highpass
 from freemerge_pl.merging.registry import get_method
-from freemerge_pl.merging.task_vectors import apply_delta, task_vectors as make_task_vectors
+from freemerge_pl.merging.task_vectors import apply_delta
+from freemerge_pl.merging.task_vectors import task_vectors as make_task_vectors
 
 
 @dataclass
@@ -77,7 +78,8 @@ def merge(
     result = spec.fn(tvs, **context, **hyperparameters)
     if not isinstance(result, MergeResult):
         result = MergeResult(result)
-    if hyperparameters.get("expert_dtype", "unset") is None and result.task_modules:
+    effective = {**spec.hyperparameters, **hyperparameters}
+    if "expert_dtype" in effective and effective["expert_dtype"] is None and result.task_modules:
         _cast_expert_values(result.task_modules, pretrained)
     state_dict = apply_delta(pretrained, result.delta)
     seconds = time.perf_counter() - start
@@ -105,9 +107,7 @@ def _params(fn) -> set[str]:
 def _cast_expert_values(modules, pretrained: StateDict) -> None:
     for m in modules:
         if isinstance(m, SparseExpert):
-            for j, key in enumerate(m.keys):
-                buf = getattr(m, f"values_{j}")
-                setattr(m, f"values_{j}", buf.to(pretrained[key].dtype))
+            m.cast_values_({key: pretrained[key].dtype for key in m.keys})
 
 
 def save_merge(output: MergeOutput, directory, *, inputs: Sequence[str | Path] = (),
