@@ -153,13 +153,20 @@ class MergedModule(LightningModule):
         self.heads.requires_grad_(False).eval()
         self.merge_record = {**out.record, "build_seconds": time.perf_counter() - start}
         self.backbone_digest = state_digest(self.backbone)
-        in_features = self._router_in_features(example_input)
-        self.router = Router(len(self.task_names), self.router_config, in_features)
+        self._router_in = self._router_in_features(example_input)
         self.register_buffer("router_trained", torch.zeros((), dtype=torch.bool))
+        self.reset_router()
         self._build_metrics()
         rank_zero_info(f"merged {len(self.task_names)} tasks with {self.method} in "
                        f"{self.merge_record['build_seconds']:.1f}s; task modules: {len(self.task_modules)}, "
                        f"{self.task_module_bytes()} bytes")
+
+    def reset_router(self) -> None:
+        """A fresh, untrained router; its initial weights depend on ``router.seed`` only."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.router_config.seed)
+            self.router = Router(len(self.task_names), self.router_config, self._router_in).to(self.device)
+        self.router_trained.fill_(False)
 
     def _router_in_features(self, example: Tensor | None) -> int:
         if example is None:
@@ -287,8 +294,16 @@ class MergedModule(LightningModule):
                 torch.distributed.broadcast(p.data, src=0)
         self.router_trained.fill_(True)
 
+    def load_merge(self, state_dict: dict[str, Tensor], task_modules=None, shared_modules=None) -> None:
+        """Swap in another merge result (same adapter) without rebuilding: backbone weights are copied in
+        place, task modules replaced (used by hyperparameter tuning)."""
+        self.backbone.load_state_dict(state_dict, strict=True)
+        self.task_modules = nn.ModuleList(task_modules or []).to(self.device)
+        self.shared_modules = nn.ModuleDict(shared_modules or {}).to(self.device)
+        self.backbone_digest = state_digest(self.backbone)
+
     # ------------------------------------------------------------------ evaluation
-    def on_test_start(self) -> None:
+    def _ensure_router(self) -> None:
         if self.routing == "router" and not bool(self.router_trained):
             if not self.auto_fit_router:
                 rank_zero_info("warning: testing with an untrained router (auto_fit_router is off)")
@@ -298,6 +313,9 @@ class MergedModule(LightningModule):
                 self.merge_record["router_fit_seconds"] = time.perf_counter() - start
                 rank_zero_info(f"router trained on the router split in "
                                f"{self.merge_record['router_fit_seconds']:.1f}s")
+
+    def on_test_start(self) -> None:
+        self._ensure_router()
         self._check_rank_agreement()
 
     def _check_rank_agreement(self) -> None:
@@ -340,6 +358,8 @@ class MergedModule(LightningModule):
         self._eval_step(batch, dataloader_idx)
 
     def on_validation_start(self) -> None:
+        if not self.trainer.sanity_checking and self.trainer.state.fn == "validate":
+            self._ensure_router()
         self._check_rank_agreement()
 
     def _collect(self, stage: str) -> dict[str, Any]:

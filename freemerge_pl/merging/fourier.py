@@ -62,7 +62,7 @@ def cutoff_radius(mshape: tuple[int, ...], filter_ratio: float, cutoff_mode: str
     dist = _full_distances(mshape).flatten()
     if cutoff_mode == "radius":
         return float(filter_ratio * dist.max())
-    k = math.ceil(filter_ratio * dist.numel())
+    k = max(1, math.ceil(filter_ratio * dist.numel() - 1e-9))  # 0.55·100 is 55.00000000000001 in floats
     return float(torch.kthvalue(dist, k).values)
 
 
@@ -89,6 +89,40 @@ def check_filter_ratio(filter_ratio: float) -> None:
     check_range("filter_ratio", filter_ratio, 0.0, 1.0, high_open=True)
 
 
+class Spectrum:
+    """One forward real FFT of ``v``; ``highpass(r)`` for any filter ratio reuses it (one inverse each).
+
+    ``Spectrum(v).highpass(r)`` performs exactly the operations of ``highpass(v, r)`` (bit-identical), so
+    a hyperparameter search over ``filter_ratio`` costs one forward FFT per tensor and one inverse per ratio.
+    """
+
+    def __init__(self, v: Tensor, *, cutoff_mode: str = "fraction", filter_1d: bool = False) -> None:
+        self.v = v
+        self.cutoff_mode = cutoff_mode
+        self.passthrough = v.numel() == 0 or (v.dim() < 2 and not filter_1d)
+        self._coefficients: Tensor | None = None
+        self.mshape = matrix_shape(v.shape)
+
+    @property
+    def coefficients(self) -> Tensor:
+        if self._coefficients is None:
+            work = self.v if self.v.dtype == torch.float64 else self.v.float()
+            x = work.reshape(self.mshape)
+            self._coefficients = torch.fft.rfft(x) if len(self.mshape) == 1 else torch.fft.rfft2(x)
+        return self._coefficients
+
+    def highpass(self, filter_ratio: float) -> Tensor:
+        check_filter_ratio(filter_ratio)
+        if filter_ratio == 0 or self.passthrough:
+            return self.v
+        mask = highpass_mask(self.mshape, filter_ratio, self.cutoff_mode, device=self.v.device)
+        if len(self.mshape) == 1:
+            out = torch.fft.irfft(self.coefficients * mask, n=self.mshape[0])
+        else:
+            out = torch.fft.irfft2(self.coefficients * mask, s=self.mshape)
+        return out.reshape(self.v.shape)
+
+
 def highpass(
     v: Tensor, filter_ratio: float, *, cutoff_mode: str = "fraction", filter_1d: bool = False
 ) -> Tensor:
@@ -97,17 +131,4 @@ def highpass(
     Computed in float32 (float64 stays float64) with one ``rfft2`` + ``irfft2``; the output has ``v``'s
     shape. 1-D tensors are returned unchanged unless ``filter_1d``; r = 0 returns ``v`` unchanged.
     """
-    check_filter_ratio(filter_ratio)
-    if filter_ratio == 0 or v.numel() == 0:
-        return v
-    if v.dim() < 2 and not filter_1d:
-        return v
-    work = v if v.dtype == torch.float64 else v.float()
-    mshape = matrix_shape(v.shape)
-    x = work.reshape(mshape)
-    mask = highpass_mask(mshape, filter_ratio, cutoff_mode, device=v.device)
-    if len(mshape) == 1:
-        out = torch.fft.irfft(torch.fft.rfft(x) * mask, n=mshape[0])
-    else:
-        out = torch.fft.irfft2(torch.fft.rfft2(x) * mask, s=mshape)
-    return out.reshape(v.shape)
+    return Spectrum(v, cutoff_mode=cutoff_mode, filter_1d=filter_1d).highpass(filter_ratio)

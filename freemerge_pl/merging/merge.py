@@ -70,17 +70,7 @@ def merge(
     if device is not None:
         tvs = [{k: v.to(device) for k, v in tv.items()} for tv in tvs]
     tvs = prefilter(tvs, fr_filter_ratio)
-    context: dict[str, Any] = {}
-    if "generator" in _params(spec.fn):
-        context["generator"] = torch.Generator(device=device or "cpu").manual_seed(seed)
-    if "pretrained" in _params(spec.fn):
-        context["pretrained"] = pretrained
-    result = spec.fn(tvs, **context, **hyperparameters)
-    if not isinstance(result, MergeResult):
-        result = MergeResult(result)
-    effective = {**spec.hyperparameters, **hyperparameters}
-    if "expert_dtype" in effective and effective["expert_dtype"] is None and result.task_modules:
-        _cast_expert_values(result.task_modules, pretrained)
+    result = run_method(method, tvs, pretrained, seed=seed, device=device, **hyperparameters)
     state_dict = apply_delta(pretrained, result.delta)
     seconds = time.perf_counter() - start
     record = {
@@ -96,6 +86,33 @@ def merge(
         "seconds": seconds,
     }
     return MergeOutput(state_dict, result, method, dict(hyperparameters), seconds, record)
+
+
+def run_method(
+    method: str,
+    task_vectors: list[StateDict],
+    pretrained: StateDict,
+    *,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    **hyperparameters: Any,
+) -> MergeResult:
+    """Run a registered method on prepared task vectors: supplies its context (seeded generator, θ_pre)
+    and, for ``expert_dtype=None``, casts expert values to θ_pre's dtypes."""
+    spec = get_method(method)
+    spec.validate(hyperparameters)
+    context: dict[str, Any] = {}
+    if "generator" in _params(spec.fn):
+        context["generator"] = torch.Generator(device=device or "cpu").manual_seed(seed)
+    if "pretrained" in _params(spec.fn):
+        context["pretrained"] = pretrained
+    result = spec.fn(task_vectors, **context, **hyperparameters)
+    if not isinstance(result, MergeResult):
+        result = MergeResult(result)
+    effective = {**spec.hyperparameters, **hyperparameters}
+    if "expert_dtype" in effective and effective["expert_dtype"] is None and result.task_modules:
+        _cast_expert_values(result.task_modules, pretrained)
+    return result
 
 
 def _params(fn) -> set[str]:

@@ -1,0 +1,126 @@
+"""Hyperparameter choice on tune-val: analytic optimum, test split untouched, reuse of FFTs, YAML round trip."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from freemerge_pl.cli import main
+from freemerge_pl.merging import merge
+from freemerge_pl.models.toy import make_toy_models
+from freemerge_pl.tuning import CandidateMerger, grid_candidates, tune
+from tests.test_module import config, write_config
+
+
+def test_grid_candidates_is_the_product():
+    cands = grid_candidates({"a": [1, 2], "b": [0.1, 0.2, 0.3]})
+    assert len(cands) == 6 and cands[0] == {"a": 1, "b": 0.1} and cands[-1] == {"a": 2, "b": 0.3}
+
+
+def test_tune_finds_the_analytic_task_arithmetic_optimum():
+    """Two linear regression tasks y = W_k x, x ~ N(0, Σ_k): the expected loss of W = W_pre + λ(v1 + v2) is
+    Σ_k tr((W − W_k) Σ_k (W − W_k)ᵀ), minimised at λ* = Σ_k tr(V Σ_k v_kᵀ) / Σ_k tr(V Σ_k Vᵀ), V = v1 + v2."""
+    g = torch.Generator().manual_seed(3)
+    d = 6
+    w_pre = torch.randn(d, d, generator=g, dtype=torch.float64)
+    vs = [torch.randn(d, d, generator=g, dtype=torch.float64) * s for s in (1.0, 0.4)]
+    covs = []
+    for k in range(2):
+        a = torch.randn(d, d, generator=g, dtype=torch.float64)
+        covs.append(a @ a.T + (0.5 + 3 * k) * torch.eye(d, dtype=torch.float64))
+    V = vs[0] + vs[1]
+    lam_star = float(sum(torch.trace(V @ c @ v.T) for v, c in zip(vs, covs))
+                     / sum(torch.trace(V @ c @ V.T) for c in covs))
+    pre = {"w": w_pre.float()}
+    fts = [{"w": (w_pre + v).float()} for v in vs]
+
+    def evaluate(state_dict, result):
+        W = state_dict["w"].double()
+        loss = sum(torch.trace((W - (w_pre + v)) @ c @ (W - (w_pre + v)).T) for v, c in zip(vs, covs))
+        return {"tasks": {"loss": {"neg_loss": -float(loss)}}}
+
+    step = 0.05
+    grid = [round(i * step, 4) for i in range(0, 41)]
+    merger = CandidateMerger(pre, fts, "task_arithmetic")
+    report = tune(grid_candidates({"scaling": grid}), merger, evaluate,
+                  lambda s: s["tasks"]["loss"]["neg_loss"], progress=False)
+    assert 0 < lam_star < 2
+    assert abs(report["best"]["params"]["scaling"] - lam_star) <= step / 2 + 1e-9
+
+
+def test_fr_grid_reuses_one_forward_fft_per_tensor(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    pre = {"a": torch.randn(8, 12, generator=g), "b": torch.randn(6, 2, 3, generator=g), "c": torch.randn(5, generator=g)}
+    fts = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in pre.items()} for _ in range(3)]
+    merger = CandidateMerger(pre, fts, "free_merging")
+    candidates = grid_candidates({"scaling": [0.5, 1.0, 1.5, 2.0, 3.0], "filter_ratio": [0.1, 0.3, 0.5, 0.6]})
+    counts = {"forward": 0, "inverse": 0}
+    rfft2, irfft2 = torch.fft.rfft2, torch.fft.irfft2
+
+    def counting_rfft2(*a, **k):
+        counts["forward"] += 1
+        return rfft2(*a, **k)
+
+    def counting_irfft2(*a, **k):
+        counts["inverse"] += 1
+        return irfft2(*a, **k)
+
+    monkeypatch.setattr(torch.fft, "rfft2", counting_rfft2)
+    monkeypatch.setattr(torch.fft, "irfft2", counting_irfft2)
+    results = [merger.merge(c) for c in candidates]
+    monkeypatch.undo()
+    n_2d = 2  # "a" and "b" (viewed as 6×6); the 1-D "c" is not filtered
+    assert counts["forward"] == n_2d
+    assert counts["inverse"] <= 4 * n_2d
+    # The reuse changes nothing: every candidate equals a full merge, bit for bit.
+    for cand, (sd, res) in zip(candidates, results):
+        ref = merge(pre, fts, "free_merging", **cand)
+        for k in pre:
+            assert torch.equal(sd[k], ref.state_dict[k]), (cand, k)
+        for mine, theirs in zip(res.task_modules, ref.task_modules):
+            for key in theirs.keys:
+                assert torch.equal(mine.entries(key)[1], theirs.entries(key)[1])
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory):
+    return make_toy_models(tmp_path_factory.mktemp("toy_tune"))
+
+
+def test_tune_never_touches_the_test_split_and_yaml_reproduces(toy_root, tmp_path, monkeypatch):
+    from freemerge_pl.data import MultiTaskDataModule
+
+    def forbidden(self):
+        raise AssertionError("the test split was read during tune")
+
+    monkeypatch.setattr(MultiTaskDataModule, "test_dataloader", forbidden)
+    cfg = config(toy_root, tmp_path / "run", method="task_arithmetic")
+    cfg["data"]["tune_fraction"] = 0.5
+    cfg_path = write_config(tmp_path / "cfg.yaml", cfg)
+    out = tmp_path / "tuned"
+    cli = main(["tune", "--config", str(cfg_path), "--output_dir", str(out),
+                "--space", json.dumps({"scaling": [0.1, 0.3, 0.6, 1.0]})])
+    report = json.loads((out / "tune_report.json").read_text())
+    assert len(report["candidates"]) == 4
+    dm = cli.datamodule
+    for t in dm.task_names:
+        tune_idx, router_idx = set(dm.tune_indices[t]), set(dm.router_indices[t])
+        assert tune_idx and router_idx and not tune_idx & router_idx
+        tune_x = {tuple(dm._train[t][i][0].tolist()) for i in tune_idx}
+        test_ds = dm._make(dm.tasks[dm.task_names.index(t)], dm.tasks[0].test_args)
+        assert not tune_x & {tuple(test_ds[i][0].tolist()) for i in range(len(test_ds))}
+    monkeypatch.undo()
+    tuned = yaml.safe_load((out / "tuned.yaml").read_text())
+    assert tuned["model"]["method_args"]["scaling"] == report["best"]["params"]["scaling"]
+    cli = main(["validate", "--config", str(out / "tuned.yaml")])
+    assert cli.model.val_results["avg"]["accuracy"] == pytest.approx(report["best"]["score"], abs=1e-12)
+    main(["test", "--config", str(out / "tuned.yaml")])
+
+
+def test_tune_without_tune_split_is_a_clear_error(toy_root, tmp_path):
+    from freemerge_pl.errors import ConfigError
+
+    cfg_path = write_config(tmp_path / "cfg.yaml", config(toy_root, tmp_path / "run"))
+    with pytest.raises(ConfigError, match="tune_fraction"):
+        main(["tune", "--config", str(cfg_path)])
