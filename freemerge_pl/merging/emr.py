@@ -1,0 +1,171 @@
+"""EMR-Merging (Huang et al. 2024): a unified task vector plus, per task, a bit-packed mask and a rescaler.
+
+Symbols (DESIGN §6; the paper's Elect, Mask and Rescale steps): ε = sgn(Σ_k v_k) (``flag``; a zero sum
+gives 0, so that entry stays θ_pre; the authors' code maps it to −1, which differs only where the sum is
+exactly 0); M_k = (v_k ⊙ ε > 0) (``mask_k``); τ_uni = ε ⊙ max_k |v_k ⊙ M_k|;
+λ_k = Σ_tensors mean|v_k| / Σ_tensors mean|τ_uni ⊙ M_k| (``rescaler_k``, sums of per-tensor means as in the
+authors' code; 0 when the denominator is 0); task model k = θ_pre + λ_k · M_k ⊙ τ_uni.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from freemerge_pl.merging.base import MergeResult, StateDict, TaskModule, resolve_tensor, stack
+from freemerge_pl.merging.ops import method_keys, packbits, unpackbits
+from freemerge_pl.merging.registry import register
+
+REFERENCE = "Huang et al. 2024, EMR-Merging: Tuning-Free High-Performance Model Merging (NeurIPS)"
+
+
+class EMRUnified(nn.Module):
+    """The unified task vector τ_uni shared by every task's ``EMRTaskModule`` (one buffer per key)."""
+
+    def __init__(self, tau: dict[str, Tensor] | None = None) -> None:
+        super().__init__()
+        self._keys: list[str] = []
+        for key, t in (tau or {}).items():
+            self.register_buffer(f"tau_{len(self._keys)}", t)
+            self._keys.append(key)
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def tensor(self, key: str) -> Tensor:
+        return getattr(self, f"tau_{self._keys.index(key)}")
+
+    def get_extra_state(self):
+        return {"keys": self._keys}
+
+    def set_extra_state(self, state) -> None:
+        if list(state["keys"]) != self._keys:
+            raise ValueError(f"EMR unified-vector checkpoint keys {state['keys'][:3]}... differ from "
+                             f"this module's {self._keys[:3]}...")
+
+
+class EMRTaskModule(TaskModule):
+    """Task k of EMR-Merging: bit-packed masks M_k (uint8 buffers) and the rescaler λ_k (a buffer).
+
+    It refers to the shared ``EMRUnified`` without registering it (the owner registers that once), so
+    ``nbytes`` and the state dict hold only the packed masks and the rescaler. Applied to a backbone
+    holding θ_pre + τ_uni, ``apply_(target, w)`` adds ``w·(λ_k M_k − 1) ⊙ τ_uni`` (fp32, one rounding),
+    giving θ_pre + λ_k M_k ⊙ τ_uni at w = 1; ``restore_`` writes the saved tensors back bit-exactly.
+    """
+
+    def __init__(
+        self,
+        masks: dict[str, Tensor] | None = None,
+        rescaler: float = 1.0,
+        unified: EMRUnified | None = None,
+    ) -> None:
+        super().__init__()
+        self._keys: list[str] = []
+        self._shapes: dict[str, list[int]] = {}
+        for key, mask in (masks or {}).items():
+            self.register_buffer(f"mask_{len(self._keys)}", packbits(mask.bool()))
+            self._shapes[key] = list(mask.shape)
+            self._keys.append(key)
+        device = next(iter(masks.values())).device if masks else None
+        self.register_buffer("rescaler", torch.tensor(float(rescaler), dtype=torch.float32, device=device))
+        self.bind(unified)
+
+    def bind(self, unified: EMRUnified | None) -> EMRTaskModule:
+        """Point this module at the shared unified vector (kept out of the module tree on purpose)."""
+        self.__dict__["_unified"] = unified
+        return self
+
+    @property
+    def unified(self) -> EMRUnified:
+        unified = self.__dict__.get("_unified")
+        if unified is None:
+            raise RuntimeError("EMRTaskModule has no unified vector: "
+                               "call bind(shared_modules['emr_unified'])")
+        return unified
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def mask(self, key: str) -> Tensor:
+        """The boolean mask M_k of ``key``, unpacked, in its tensor shape."""
+        packed = getattr(self, f"mask_{self._keys.index(key)}")
+        shape = self._shapes[key]
+        numel = 1
+        for n in shape:
+            numel *= n
+        return unpackbits(packed, numel).reshape(shape)
+
+    def get_extra_state(self):
+        return {"keys": self._keys, "shapes": self._shapes}
+
+    def set_extra_state(self, state) -> None:
+        if list(state["keys"]) != self._keys:
+            raise ValueError(f"EMR task-module checkpoint keys {state['keys'][:3]}... differ from this "
+                             f"module's {self._keys[:3]}...")
+
+    def apply_(self, target: nn.Module | StateDict, weight: float = 1.0) -> None:
+        unified = self.unified
+        tensors = [resolve_tensor(target, key) for key in self._keys]  # fail before any write
+        rescaler = float(self.rescaler)
+        saved = []
+        for key, t in zip(self._keys, tensors):
+            tau = unified.tensor(key).to(device=t.device, dtype=torch.float32)
+            mask = self.mask(key).to(t.device)
+            old = t.clone()
+            change = (rescaler * mask.to(torch.float32) - 1.0) * tau
+            t.copy_((t.float() + weight * change).to(t.dtype))
+            saved.append((t, old))
+        self._saved.append(saved)
+
+    def restore_(self, target: nn.Module | StateDict) -> None:
+        if not self._saved:
+            raise RuntimeError("restore_ called without a matching apply_")
+        for t, old in reversed(self._saved.pop()):
+            t.copy_(old)
+
+
+def emr_unify(stacked: Tensor) -> tuple[Tensor, Tensor]:
+    """Per tensor ``[K, *shape]``: (τ_uni, masks M_k as bool ``[K, *shape]``)."""
+    flag = torch.sign(stacked.sum(0))
+    masks = (stacked * flag) > 0
+    tau = flag * torch.where(masks, stacked.abs(), torch.zeros_like(stacked)).amax(0)
+    return tau, masks
+
+
+def emr_rescalers(task_vectors: Sequence[StateDict], keys: Sequence[str], tau: StateDict,
+                  masks: dict[str, Tensor]) -> Tensor:
+    """λ_k = Σ_keys mean|v_k| / Σ_keys mean|τ_uni ⊙ M_k| (float64 [K]; 0 where the denominator is 0)."""
+    K = len(task_vectors)
+    num = torch.zeros(K, dtype=torch.float64)
+    den = torch.zeros(K, dtype=torch.float64)
+    for key in keys:
+        if tau[key].numel() == 0:
+            continue
+        for k, tv in enumerate(task_vectors):
+            num[k] += float(tv[key].abs().double().mean())
+            den[k] += float(torch.where(masks[key][k], tau[key], 0.0).abs().double().mean())
+    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num))
+
+
+@register("emr", reference=REFERENCE, produces_task_modules=True)
+def emr(task_vectors: list[StateDict]) -> MergeResult:
+    """EMR-Merging: backbone θ_pre + τ_uni, plus per task a bit-packed mask and a rescaler (tuning-free).
+
+    See the module docstring for the symbols. ``delta`` = τ_uni; ``task_modules[k]`` turns the backbone
+    into θ_pre + λ_k M_k ⊙ τ_uni; the shared τ_uni is ``shared_modules["emr_unified"]``.
+    """
+    keys = method_keys(task_vectors)
+    tau: StateDict = {}
+    masks: dict[str, Tensor] = {}
+    for key in keys:
+        tau[key], masks[key] = emr_unify(stack(task_vectors, key))
+    rescalers = emr_rescalers(task_vectors, keys, tau, masks)
+    unified = EMRUnified({key: tau[key].clone() for key in keys})
+    modules = [EMRTaskModule({key: masks[key][k] for key in keys}, float(rescalers[k]), unified)
+               for k in range(len(task_vectors))]
+    return MergeResult(tau, modules, info={"rescalers": rescalers.tolist()},
+                       shared_modules={"emr_unified": unified})
