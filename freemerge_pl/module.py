@@ -17,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from freemerge_pl.errors import ConfigError
 from freemerge_pl.merging import get_method, merge
-from freemerge_pl.merging.experts import SparseExpert
+from freemerge_pl.merging.merge import save_task_modules
 from freemerge_pl.metrics import REGRESSION_METRICS, task_metrics
 from freemerge_pl.models.base import ModelAdapter
 from freemerge_pl.router import FEATURE_SOURCES, Router, RouterConfig
@@ -408,15 +408,8 @@ class MergedModule(LightningModule):
         from freemerge_pl.io import save_safetensors_atomic, save_state_dict
 
         directory = Path(directory)
-        written = []
-        for k, module in enumerate(self.task_modules):
-            tensors = module.to_state_dict() if isinstance(module, SparseExpert) else {
-                n: t for n, t in module.state_dict().items() if isinstance(t, Tensor)}
-            written.append(save_safetensors_atomic(
-                tensors, directory / f"task_module_{k:02d}.safetensors",
-                metadata={"task": self.task_names[k], "type": type(module).__name__}))
-        for name, module in self.shared_modules.items():
-            written.append(save_safetensors_atomic(module.state_dict(), directory / f"shared_{name}.safetensors"))
+        written = save_task_modules(list(self.task_modules), dict(self.shared_modules), directory,
+                                    names=self.task_names, method=self.method)
         written.append(save_safetensors_atomic(
             {f"{t}.{n}": p for t in self.task_names for n, p in self.heads[_slot(t)].state_dict().items()},
             directory / "heads.safetensors"))

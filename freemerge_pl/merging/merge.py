@@ -136,13 +136,35 @@ def save_merge(output: MergeOutput, directory, *, inputs: Sequence[str | Path] =
     record = dict(output.record)
     record["inputs"] = [{"path": str(p), "sha256": sha256_file(p) if Path(p).is_file() else None}
                         for p in inputs]
-    written = []
-    for k, module in enumerate(output.task_modules or []):
-        if isinstance(module, SparseExpert):
-            path = directory / f"expert_{k:02d}.safetensors"
-            module.save(path, metadata={"task_index": str(k), "method": output.method})
-            written.append(path)
+    written = save_task_modules(output.task_modules or [], output.result.shared_modules, directory,
+                                names=record.get("names"), method=output.method)
     record["task_module_files"] = [p.name for p in written]
     written += save_state_dict(output.state_dict, directory, metadata=record,
                                max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES)
+    return written
+
+
+def task_module_tensors(module) -> dict[str, torch.Tensor]:
+    """The tensors that define a task module (a SparseExpert's ``key::indices``/``key::values``; else its
+    state dict's tensors)."""
+    if isinstance(module, SparseExpert):
+        return module.to_state_dict()
+    return {n: t for n, t in module.state_dict().items() if isinstance(t, torch.Tensor)}
+
+
+def save_task_modules(task_modules, shared_modules, directory, *, names=None, method: str = "") -> list[Path]:
+    """Write ``task_module_<k>.safetensors`` per task and ``shared_<name>.safetensors`` (atomic writes)."""
+    from freemerge_pl.io import save_safetensors_atomic
+
+    directory = Path(directory)
+    written = []
+    for k, module in enumerate(task_modules):
+        meta = {"task_index": str(k), "type": type(module).__name__, "method": method}
+        if names:
+            meta["task"] = str(names[k])
+        written.append(save_safetensors_atomic(task_module_tensors(module),
+                                               directory / f"task_module_{k:02d}.safetensors", metadata=meta))
+    for name, module in (shared_modules or {}).items():
+        written.append(save_safetensors_atomic(task_module_tensors(module),
+                                               directory / f"shared_{name}.safetensors"))
     return written

@@ -1,0 +1,169 @@
+"""Checkpoint I/O: atomic safetensors writes, sharding with an index, load paths, the merge sidecar."""
+
+import hashlib
+import json
+import os
+import stat
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import freemerge_pl
+import freemerge_pl.io as fio
+from freemerge_pl.errors import FreeMergeError
+from freemerge_pl.io import (
+    INDEX_NAME,
+    load_state_dict,
+    save_safetensors_atomic,
+    save_state_dict,
+    sha256_file,
+    write_json_atomic,
+)
+from freemerge_pl.merging import SparseExpert, merge, save_merge
+
+
+def small_state_dict():
+    return {
+        "embed.weight": torch.randn(10, 8),
+        "blocks.0.weight": torch.randn(8, 8).to(torch.bfloat16),
+        "blocks.0.bias": torch.randn(8).half(),
+        "pos_ids": torch.arange(10),
+        "head.weight": torch.randn(3, 8),
+    }
+
+
+def assert_same(a, b):
+    assert list(a) == list(b) or sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def test_atomic_save_round_trip_and_permissions(tmp_path):
+    sd = small_state_dict()
+    tied = {"a": sd["embed.weight"], "b": sd["embed.weight"]}  # shared storage is fine
+    path = save_safetensors_atomic({**sd, **tied}, tmp_path / "sub" / "m.safetensors", metadata={"k": "v"})
+    assert_same(load_file(str(path)), {**sd, **tied})
+    assert sorted(os.listdir(path.parent)) == ["m.safetensors"]
+    mode = stat.S_IMODE(path.stat().st_mode)
+    assert mode & stat.S_IRUSR and mode & stat.S_IRGRP  # not mkstemp's private 0600
+
+
+def _crashing_save_file(tensors, filename, metadata=None):
+    with open(filename, "wb") as f:
+        f.write(b"partial safetensors header")
+    raise OSError("disk full (simulated)")
+
+
+def test_crash_while_saving_leaves_no_partial_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(fio, "save_file", _crashing_save_file)
+    dest = tmp_path / "model.safetensors"
+    with pytest.raises(OSError, match="disk full"):
+        save_safetensors_atomic(small_state_dict(), dest)
+    assert os.listdir(tmp_path) == []
+
+
+def test_crash_while_saving_keeps_existing_destination(tmp_path, monkeypatch):
+    dest = tmp_path / "model.safetensors"
+    save_safetensors_atomic(small_state_dict(), dest)
+    before = dest.read_bytes()
+    monkeypatch.setattr(fio, "save_file", _crashing_save_file)
+    with pytest.raises(OSError):
+        save_safetensors_atomic({"x": torch.zeros(3)}, dest)
+    assert dest.read_bytes() == before
+    assert os.listdir(tmp_path) == ["model.safetensors"]
+    # the same holds for experts and for whole merges (each file goes through the atomic writer)
+    expert = SparseExpert({"w": (torch.tensor([1], dtype=torch.int32), torch.tensor([0.5]))})
+    with pytest.raises(OSError):
+        expert.save(tmp_path / "expert_00.safetensors")
+    assert os.listdir(tmp_path) == ["model.safetensors"]
+
+
+def test_crash_while_writing_json_keeps_existing_file(tmp_path, monkeypatch):
+    dest = write_json_atomic({"a": 1}, tmp_path / "info.json")
+
+    def crash(obj, f, **kwargs):
+        f.write('{"a": ')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fio.json, "dump", crash)
+    with pytest.raises(KeyboardInterrupt):
+        write_json_atomic({"a": 2}, dest)
+    monkeypatch.undo()
+    assert json.loads(dest.read_text()) == {"a": 1}
+    assert os.listdir(tmp_path) == ["info.json"]
+
+
+def test_sharded_save_round_trips_and_writes_the_index(tmp_path):
+    sd = small_state_dict()
+    max_bytes = 300
+    written = save_state_dict(sd, tmp_path, max_shard_bytes=max_bytes)
+    index = json.loads((tmp_path / INDEX_NAME).read_text())
+    shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 1 and not (tmp_path / "model.safetensors").exists()
+    assert all(name.endswith(f"-of-{len(shards):05d}.safetensors") for name in shards)
+    assert set(index["weight_map"]) == set(sd) and set(index["weight_map"].values()) == set(shards)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in sd.values())
+    for name in shards:
+        part = load_file(str(tmp_path / name))
+        size = sum(t.numel() * t.element_size() for t in part.values())
+        assert size <= max_bytes or len(part) == 1  # a single tensor larger than a shard gets its own
+        assert all(index["weight_map"][k] == name for k in part)
+    assert {p.name for p in written} == set(shards) | {INDEX_NAME}
+    assert_same(load_state_dict(tmp_path), sd)
+
+
+def test_unsharded_save_after_sharded_save_is_what_loads(tmp_path):
+    save_state_dict(small_state_dict(), tmp_path, max_shard_bytes=300)
+    fresh = small_state_dict()
+    save_state_dict(fresh, tmp_path)
+    assert not (tmp_path / INDEX_NAME).exists()
+    assert_same(load_state_dict(tmp_path), fresh)
+    assert_same(load_state_dict(tmp_path / "model.safetensors"), fresh)
+
+
+def test_load_paths(tmp_path):
+    sd = small_state_dict()
+    torch.save({"state_dict": sd, "epoch": 3}, tmp_path / "ckpt.pt")
+    assert_same(load_state_dict(tmp_path / "ckpt.pt"), sd)
+    torch.save(sd, tmp_path / "plain.bin")
+    assert_same(load_state_dict(tmp_path / "plain.bin"), sd)
+    with pytest.raises(FreeMergeError, match="does not exist"):
+        load_state_dict(tmp_path / "missing.safetensors")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FreeMergeError, match="neither model.safetensors nor"):
+        load_state_dict(tmp_path / "empty")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(FreeMergeError, match="does not hold a state dict"):
+        load_state_dict(tmp_path / "list.pt")
+
+
+def test_save_merge_writes_backbone_experts_and_sidecar(tmp_path):
+    pre = {"w": torch.randn(8, 6), "b": torch.randn(6), "pos_ids": torch.arange(4)}
+    fts = [{k: (v + 0.1 * torch.randn(v.shape) if v.is_floating_point() else v) for k, v in pre.items()}
+           for _ in range(2)]
+    inputs = []
+    for name, sd in [("pre", pre), ("cars", fts[0]), ("dtd", fts[1])]:
+        inputs.append(save_safetensors_atomic(sd, tmp_path / "inputs" / f"{name}.safetensors"))
+    loaded = [load_state_dict(p) for p in inputs]
+    out = merge(loaded[0], loaded[1:], "free_merging", names=["cars", "dtd"], filter_ratio=0.2,
+                expert_density=0.1)
+    dest = tmp_path / "merged"
+    written = save_merge(out, dest, inputs=inputs, max_shard_bytes=150)
+    info = json.loads((dest / "merge_info.json").read_text())
+    assert info["method"] == "free_merging"
+    assert info["hyperparameters"]["filter_ratio"] == 0.2 and info["hyperparameters"]["expert_density"] == 0.1
+    assert info["package_version"] == freemerge_pl.__version__
+    assert info["names"] == ["cars", "dtd"]
+    for rec, path in zip(info["inputs"], inputs):
+        assert rec["path"] == str(path)
+        assert rec["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() == sha256_file(path)
+    assert info["task_module_files"] == ["task_module_00.safetensors", "task_module_01.safetensors"]
+    assert_same(load_state_dict(dest), out.state_dict)
+    assert (dest / INDEX_NAME).exists()  # 150-byte shards: the backbone is sharded
+    for k, name in enumerate(info["task_module_files"]):
+        expert = SparseExpert.load(dest / name)
+        for key in expert.keys:
+            assert torch.equal(expert.entries(key)[1], out.task_modules[k].entries(key)[1])
+    assert all(p.exists() for p in written)
+    assert not [p for p in dest.iterdir() if p.name.endswith(".tmp")]
