@@ -18,6 +18,8 @@ from freemerge_pl.errors import FreeMergeError
 
 DEFAULT_SHARD_BYTES = 4 * 1024**3
 INDEX_NAME = "model.safetensors.index.json"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -27,6 +29,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -51,6 +54,12 @@ def write_json_atomic(obj: Any, path) -> Path:
             f.write("\n")
 
     _atomic_write(path, write)
+    return path
+
+
+def write_text_atomic(text: str, path) -> Path:
+    path = Path(path)
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return path
 
 
@@ -95,6 +104,7 @@ def save_state_dict(
     written = []
     if len(plan) == 1:
         written.append(save_safetensors_atomic(tensors, directory / "model.safetensors"))
+        (directory / INDEX_NAME).unlink(missing_ok=True)  # a stale index would shadow the new file
     else:
         weight_map = {}
         for i, keys in enumerate(plan):

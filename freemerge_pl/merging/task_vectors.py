@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from freemerge_pl.errors import CheckpointMismatchError, FreeMergeError, NonFiniteError
+from freemerge_pl.errors import CheckpointMismatchError, ConfigError, NonFiniteError
 
 StateDict = dict[str, Tensor]
 
@@ -46,10 +46,10 @@ def validate_checkpoints(
     Keys matched by ``exclude_keys`` (e.g. task-specific heads) are neither compared nor merged.
     """
     if len(finetuned) == 0:
-        raise FreeMergeError("no fine-tuned models were given: merging needs at least one")
+        raise ConfigError("no fine-tuned models were given: merging needs at least one")
     names = list(names) if names is not None else [f"finetuned[{i}]" for i in range(len(finetuned))]
     if len(names) != len(finetuned):
-        raise FreeMergeError(f"{len(names)} names for {len(finetuned)} fine-tuned models")
+        raise ConfigError(f"{len(names)} names for {len(finetuned)} fine-tuned models")
     pattern = _compile(exclude_keys)
 
     def kept(sd: StateDict) -> set[str]:

@@ -1,0 +1,254 @@
+"""Merge speed on an open_clip ViT-B-32 visual tower: FR-Merging vs task arithmetic vs a naive per-task FFT.
+
+Random init, no download; 8 seeded synthetic task vectors (Gaussian, std 1e-3). Every timing starts from
+the same list of fp32 task vectors and ends with the merged state dict θ_m = θ_pre + delta (task-vector
+construction and checkpoint validation are excluded from all of them). Task arithmetic is timed twice:
+the registered method and a plain in-place loop. Each method runs ``--repeats`` times (the slow naive FR
+``--naive-repeats`` times), interleaved, after one untimed warm-up (which also fills FR's per-shape mask
+cache); medians of wall-clock and of process CPU time are reported, the latter being steadier on a shared
+machine. Results go to benchmarks/results/merge_speed.{json,md}.
+
+    python benchmarks/merge_speed.py [--tasks 8] [--repeats 3] [--naive-repeats 1] [--filter-ratio 0.3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import open_clip
+import torch
+
+import freemerge_pl
+from freemerge_pl.io import write_json_atomic, write_text_atomic
+from freemerge_pl.merging import apply_delta, energy_lambdas, extract_experts, list_methods
+from freemerge_pl.merging.fourier import full_highpass_mask, matrix_shape
+from freemerge_pl.merging.fr import fr_merging
+from freemerge_pl.merging.registry import get_method
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def vit_b32_visual() -> dict[str, torch.Tensor]:
+    """The ViT-B-32 visual tower's state dict, randomly initialised (seeded), fp32."""
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32", pretrained=None)
+    return {k: v.detach().clone() for k, v in model.visual.state_dict().items()}
+
+
+def synthetic_task_vectors(pretrained, n_tasks: int, std: float = 1e-3) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1234)
+    return [{k: std * torch.randn(v.shape, generator=g) for k, v in pretrained.items() if v.is_floating_point()}
+            for _ in range(n_tasks)]
+
+
+def task_arithmetic_registry(pretrained, tvs, scaling: float = 0.3):
+    """θ_pre + λ Σ_k v_k through the registered ``task_arithmetic`` method (the plain loop when absent)."""
+    if "task_arithmetic" not in list_methods():
+        return task_arithmetic_loop(pretrained, tvs, scaling)
+    return apply_delta(pretrained, get_method("task_arithmetic").fn(tvs, scaling=scaling).delta)
+
+
+def task_arithmetic_loop(pretrained, tvs, scaling: float = 0.3):
+    """θ_pre + λ Σ_k v_k as the simplest in-place accumulation loop."""
+    delta = {}
+    for key in tvs[0]:
+        acc = tvs[0][key].clone()
+        for tv in tvs[1:]:
+            acc += tv[key]
+        delta[key] = acc.mul_(scaling)
+    return apply_delta(pretrained, delta)
+
+
+def fr(pretrained, tvs, filter_ratio: float):
+    return apply_delta(pretrained, fr_merging(tvs, filter_ratio=filter_ratio).delta)
+
+
+def naive_fr(pretrained, tvs, filter_ratio: float, masks: dict):
+    return apply_delta(pretrained, naive_fr_delta(tvs, filter_ratio, masks))
+
+
+def naive_fr_delta(tvs, filter_ratio: float, masks: dict):
+    """Σ_k λ_k G(v_k) with one full complex fft2 → fftshift → mask → ifftshift → ifft2 per task and tensor."""
+    lambdas = energy_lambdas(tvs).float()
+    delta = {}
+    for key in tvs[0]:
+        v0 = tvs[0][key]
+        if v0.dim() < 2:
+            delta[key] = sum(float(lam) * tv[key] for lam, tv in zip(lambdas, tvs))
+            continue
+        mshape = matrix_shape(v0.shape)
+        if mshape not in masks:
+            masks[mshape] = torch.fft.fftshift(full_highpass_mask(mshape, filter_ratio)).to(torch.complex64)
+        acc = torch.zeros(mshape)
+        for lam, tv in zip(lambdas, tvs):
+            spec = torch.fft.fftshift(torch.fft.fft2(tv[key].reshape(mshape))) * masks[mshape]
+            acc += float(lam) * torch.fft.ifft2(torch.fft.ifftshift(spec)).real
+        delta[key] = acc.reshape(v0.shape)
+    return delta
+
+
+def timed(fn) -> tuple[float, float, object]:
+    """Wall-clock and process CPU seconds (all threads) of one call, and its result."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return time.perf_counter() - wall, time.process_time() - cpu, out
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's high-water mark (VmHWM) so a later ``hwm_mib`` measures one step; Linux only."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def hwm_mib() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--naive-repeats", type=int, default=1, help="timed runs of the (slow) naive FR")
+    parser.add_argument("--filter-ratio", type=float, default=0.3)
+    parser.add_argument("--expert-density", type=float, default=0.01)
+    args = parser.parse_args()
+
+    pretrained = vit_b32_visual()
+    tvs = synthetic_task_vectors(pretrained, args.tasks)
+    n_params = sum(v.numel() for v in tvs[0].values())
+    masks: dict = {}
+    runs = {
+        "task_arithmetic": lambda: task_arithmetic_registry(pretrained, tvs),
+        "task_arithmetic_loop": lambda: task_arithmetic_loop(pretrained, tvs),
+        "fr_merging": lambda: fr(pretrained, tvs, args.filter_ratio),
+        "naive_fr": lambda: naive_fr(pretrained, tvs, args.filter_ratio, masks),
+    }
+    cold, step_peak = {}, {}
+    resident = hwm_mib()
+    for name, fn in runs.items():  # warm-up; the first FR call also builds the masks
+        before = hwm_mib() if reset_peak_rss() else None  # right after a reset, VmHWM = current RSS
+        cold[name], _, out = timed(fn)
+        step_peak[name] = hwm_mib() - before if before is not None else None
+        del out
+    # the two FR deltas agree (relative to each tensor's largest entry)
+    fast = fr_merging(tvs, filter_ratio=args.filter_ratio).delta
+    slow = naive_fr_delta(tvs, args.filter_ratio, masks)
+    agreement = max(float((fast[k] - slow[k]).abs().max() / slow[k].abs().max().clamp_min(1e-30)) for k in slow)
+    del fast, slow
+    wall: dict[str, list[float]] = {name: [] for name in runs}
+    cpu: dict[str, list[float]] = {name: [] for name in runs}
+    for repeat in range(args.repeats):
+        for name, fn in runs.items():
+            if name == "naive_fr" and repeat >= args.naive_repeats:
+                continue
+            w, c, out = timed(fn)
+            del out
+            wall[name].append(w)
+            cpu[name].append(c)
+    median = {name: statistics.median(ts) for name, ts in wall.items()}
+    median_cpu = {name: statistics.median(ts) for name, ts in cpu.items()}
+
+    def ratios(m):
+        return {
+            "fr_over_task_arithmetic": m["fr_merging"] / m["task_arithmetic"],
+            "fr_over_task_arithmetic_loop": m["fr_merging"] / m["task_arithmetic_loop"],
+            "naive_fr_over_fr": m["naive_fr"] / m["fr_merging"],
+            "naive_fr_over_task_arithmetic": m["naive_fr"] / m["task_arithmetic"],
+        }
+
+    lambdas = energy_lambdas(tvs)
+    expert_seconds, _, (experts, _) = timed(
+        lambda: extract_experts(tvs, lambdas, expert_density=args.expert_density))
+    expert_mib = sum(e.nbytes for e in experts) / len(experts) / 2**20
+
+    result = {
+        "model": "open_clip ViT-B-32 visual (random init)",
+        "parameters": n_params,
+        "tensors": len(tvs[0]),
+        "tasks": args.tasks,
+        "filter_ratio": args.filter_ratio,
+        "expert_density": args.expert_density,
+        "timing": "median of interleaved repeats after one warm-up; from task vectors to θ_m, "
+                  "task-vector construction excluded for every method",
+        "repeats": args.repeats,
+        "naive_repeats": min(args.naive_repeats, args.repeats),
+        "task_arithmetic_impl": "registry" if "task_arithmetic" in list_methods() else "local loop",
+        "seconds": median,
+        "cpu_seconds": median_cpu,
+        "seconds_all": wall,
+        "cpu_seconds_all": cpu,
+        "seconds_cold": cold,
+        **ratios(median),
+        "cpu_ratios": ratios(median_cpu),
+        "fr_vs_naive_max_rel_diff": agreement,
+        "expert_extraction_seconds_per_task": expert_seconds / args.tasks,
+        "expert_mib_per_task": expert_mib,
+        "peak_rss_mib": peak_rss_mib(),
+        "rss_before_merges_mib": resident,
+        "extra_peak_rss_per_method_mib": step_peak,
+        "load_average_1min": os.getloadavg()[0],
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "package_version": freemerge_pl.__version__,
+    }
+    r, rc = ratios(median), result["cpu_ratios"]
+
+    def sec(name):
+        return f"{median[name]:.3f} s", f"{median_cpu[name]:.3f} s"
+
+    def ratio(name):
+        return f"{r[name]:.2f}", f"{rc[name]:.2f}"
+
+    rows = [
+        (f"task arithmetic ({result['task_arithmetic_impl']})", *sec("task_arithmetic")),
+        ("task arithmetic (in-place loop)", *sec("task_arithmetic_loop")),
+        ("FR-Merging (one real FFT per tensor)", *sec("fr_merging")),
+        ("naive FR (fft2 per task and tensor)", *sec("naive_fr")),
+        ("**FR / task arithmetic** (goal ≤ 2.0)", *(f"**{x}**" for x in ratio("fr_over_task_arithmetic"))),
+        ("FR / task arithmetic (in-place loop)", *ratio("fr_over_task_arithmetic_loop")),
+        ("naive FR / FR", *ratio("naive_fr_over_fr")),
+        ("naive FR / task arithmetic", *ratio("naive_fr_over_task_arithmetic")),
+        ("FR vs naive FR deltas, max difference / max entry", f"{agreement:.1e}", ""),
+        (f"expert extraction per task (d = {args.expert_density})",
+         f"{result['expert_extraction_seconds_per_task']:.3f} s", ""),
+        ("expert storage per task", f"{expert_mib:.2f} MiB", ""),
+        ("peak RSS of the whole run", f"{result['peak_rss_mib']:.0f} MiB", ""),
+        ("resident before merging (θ_pre + task vectors)", f"{resident:.0f} MiB" if resident else "n/a", ""),
+        *((f"extra peak RSS during {name}", f"{mib:.0f} MiB", "")
+          for name, mib in step_peak.items() if mib is not None),
+    ]
+    setup = (f"{n_params / 1e6:.1f} M parameters in {len(tvs[0])} tensors, {args.tasks} synthetic task vectors, "
+             f"filter_ratio {args.filter_ratio}, expert_density {args.expert_density}; CPU ({os.cpu_count()} "
+             f"cores, {torch.get_num_threads()} torch threads, load average {result['load_average_1min']:.1f}), "
+             f"torch {torch.__version__}. {result['timing']}. CPU time = process time summed over threads.")
+    lines = ["# Merge speed: open_clip ViT-B-32 visual tower", "", setup, "",
+             "| measure | wall | CPU time |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in rows), ""]
+    markdown = "\n".join(lines)
+    print(markdown)
+    write_json_atomic(result, RESULTS / "merge_speed.json")
+    write_text_atomic(markdown, RESULTS / "merge_speed.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""Lightweight experts (Eq. 4): selection counts, μ on a hand-worked example, exact apply/restore, storage."""
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+from torch import nn
+
+from freemerge_pl.errors import HyperparameterError
+from freemerge_pl.merging import merge
+from freemerge_pl.merging.experts import (
+    SparseExpert,
+    extract_experts,
+    index_dtype,
+    select_entries,
+    topk_count,
+)
+from freemerge_pl.merging.fr import energy_lambdas
+
+LN2 = math.log(2.0)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a float tensor (compares -0.0 / NaN payloads too)."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]).clone()
+
+
+def expected_count(numel: int, density: float) -> int:
+    return max(1, math.ceil(Fraction(str(density)) * numel))
+
+
+@pytest.mark.parametrize(
+    "numel,density",
+    [(1, 0.01), (2, 0.5), (3, 0.5), (5, 0.01), (7, 1.0), (10, 0.07), (100, 0.07), (100, 0.01), (100, 0.55),
+     (37, 0.3), (1000, 0.001), (4096, 0.01), (5, 1e-12)],
+)
+def test_topk_count_per_tensor(numel, density):
+    v = torch.randn(numel)
+    assert topk_count(numel, density) == expected_count(numel, density)
+    sel = select_entries({"w": v}, ["w"], density)["w"]
+    assert sel.numel() == expected_count(numel, density)
+    assert len(set(sel.tolist())) == sel.numel()
+    experts, _ = extract_experts([{"w": v}, {"w": -v}], torch.tensor([0.5, 0.5]), expert_density=density)
+    for e in experts:
+        idx, vals = e.entries("w")
+        assert idx.numel() == expected_count(numel, density)
+        assert int((vals != 0).sum()) == expected_count(numel, density) or density == 1.0  # μ = 0 when d = 1
+
+
+def test_selected_entries_are_the_largest_magnitudes():
+    v = torch.randn(13, 11)
+    sel = select_entries({"w": v}, ["w"], 0.2)["w"]
+    mags = v.reshape(-1).abs()
+    chosen = torch.zeros_like(mags, dtype=torch.bool)
+    chosen[sel] = True
+    assert mags[chosen].min() > mags[~chosen].max()
+    assert torch.equal(sel, torch.sort(sel).values)
+
+
+def test_model_scope_uses_one_global_threshold():
+    tv = {"a": torch.randn(6, 7) * 3.0, "b": torch.randn(20) * 0.2, "c": torch.randn(3, 2, 4)}
+    keys = list(tv)
+    density = 0.1
+    # brute force: sort every |v| of the model, the ⌈d·N⌉-th largest is the threshold
+    everything = sorted((abs(float(x)) for k in keys for x in tv[k].reshape(-1)), reverse=True)
+    k_total = math.ceil(Fraction(str(density)) * len(everything))
+    threshold = everything[k_total - 1]
+    sel = select_entries(tv, keys, density, scope="model")
+    for key in keys:
+        expected = [i for i, x in enumerate(tv[key].reshape(-1).tolist()) if abs(x) >= threshold]
+        assert sel[key].tolist() == expected
+    assert sum(s.numel() for s in sel.values()) == k_total
+    # the large-magnitude tensor takes more than its per-tensor share, the small one less
+    assert sel["a"].numel() > math.ceil(density * 42) and sel["b"].numel() < math.ceil(density * 20)
+
+
+def worked_example():
+    """Two tasks, two tensors (a: 2×2, b: 2), N = 6 entries in the model.
+
+    task 1: a = [[4, -1], [0, 2]], b = [1, -3]   Σ|v1| = 7 + 4 = 11, E(v1) = 11/6
+    task 2: a = [[0, 2], [-1, 0]], b = [-2, 0]   Σ|v2| = 3 + 2 = 5,  E(v2) = 5/6
+    """
+    return [
+        {"a": torch.tensor([[4.0, -1.0], [0.0, 2.0]]), "b": torch.tensor([1.0, -3.0])},
+        {"a": torch.tensor([[0.0, 2.0], [-1.0, 0.0]]), "b": torch.tensor([-2.0, 0.0])},
+    ]
+
+
+def test_mu_worked_example_model_scope():
+    tvs = worked_example()
+    # λ over the whole model: λ1 = (11/6)/(11/6 + 5/6) = 11/16, λ2 = 5/16
+    lambdas = energy_lambdas(tvs)
+    torch.testing.assert_close(lambdas, torch.tensor([11 / 16, 5 / 16], dtype=torch.float64))
+    # d = 0.5, per tensor: a keeps ⌈0.5·4⌉ = 2 entries, b keeps ⌈0.5·2⌉ = 1.
+    # task 1: M(v1) keeps a: 4 (idx 0), 2 (idx 3); b: -3 (idx 1) → Σ|M| = 9, E(M(v1)) = 9/6
+    #   μ1 = −(9/6)·ln(0.5) / ((11/16)·(11/6)) = 144·ln2/121 ≈ 0.824902
+    # task 2: M(v2) keeps a: 2 (idx 1), -1 (idx 2); b: -2 (idx 0) → Σ|M| = 5, E(M(v2)) = 5/6
+    #   μ2 = −(5/6)·ln(0.5) / ((5/16)·(5/6)) = 16·ln2/5 ≈ 2.218071
+    mu1, mu2 = 144 * LN2 / 121, 16 * LN2 / 5
+    experts, mu = extract_experts(tvs, lambdas, expert_density=0.5)
+    torch.testing.assert_close(mu, torch.tensor([mu1, mu2], dtype=torch.float64))
+    assert mu1 == pytest.approx(0.824902, abs=1e-6) and mu2 == pytest.approx(2.218071, abs=1e-6)
+    e1, e2 = experts
+    assert e1.entries("a")[0].tolist() == [0, 3] and e1.entries("b")[0].tolist() == [1]
+    assert e2.entries("a")[0].tolist() == [1, 2] and e2.entries("b")[0].tolist() == [0]
+    torch.testing.assert_close(e1.entries("a")[1], torch.tensor([4 * mu1, 2 * mu1]))
+    torch.testing.assert_close(e1.entries("b")[1], torch.tensor([-3 * mu1]))
+    torch.testing.assert_close(e2.entries("a")[1], torch.tensor([2 * mu2, -mu2]))
+    torch.testing.assert_close(e2.entries("b")[1], torch.tensor([-2 * mu2]))
+    # expert_scale multiplies every value
+    scaled, _ = extract_experts(tvs, lambdas, expert_density=0.5, expert_scale=0.5)
+    torch.testing.assert_close(scaled[0].entries("a")[1], torch.tensor([2 * mu1, mu1]))
+
+
+def test_mu_worked_example_tensor_scope():
+    tvs = worked_example()
+    # key a: E(a1) = 7/4, E(a2) = 3/4 → λ_a = (0.7, 0.3); key b: E(b1) = 2, E(b2) = 1 → λ_b = (2/3, 1/3)
+    lambdas = energy_lambdas(tvs, scope="tensor")
+    torch.testing.assert_close(lambdas["a"], torch.tensor([0.7, 0.3], dtype=torch.float64))
+    torch.testing.assert_close(lambdas["b"], torch.tensor([2 / 3, 1 / 3], dtype=torch.float64))
+    # μ_a1 = (6/4)·ln2 / (0.7·7/4) = 6·ln2/4.9     μ_a2 = (3/4)·ln2 / (0.3·3/4) = ln2/0.3
+    # μ_b1 = (3/2)·ln2 / ((2/3)·2) = 1.125·ln2     μ_b2 = (2/2)·ln2 / ((1/3)·1) = 3·ln2
+    _, mu = extract_experts(tvs, lambdas, expert_density=0.5)
+    torch.testing.assert_close(mu["a"], torch.tensor([6 * LN2 / 4.9, LN2 / 0.3], dtype=torch.float64))
+    torch.testing.assert_close(mu["b"], torch.tensor([1.125 * LN2, 3 * LN2], dtype=torch.float64))
+
+
+def test_mu_is_of_order_one_for_realistic_settings():
+    """DESIGN §8: with d = 1%, K = 8 Gaussian task vectors, μ ≈ −ln(d)·d·mean|top-d| / (λ·mean|v|) ≈ 1–3."""
+    tvs = [{"w": torch.randn(64, 64)} for _ in range(8)]
+    _, mu = extract_experts(tvs, energy_lambdas(tvs), expert_density=0.01)
+    assert bool(((mu > 1) & (mu < 3)).all())
+
+
+def test_index_dtype_and_storage_accounting():
+    assert index_dtype(2**31 - 1) == torch.int32 and index_dtype(2**31) == torch.int64
+    tvs = [{"a": torch.randn(30, 10), "b": torch.randn(25)}]
+    for value_dtype, value_bytes in [(torch.float32, 4), (torch.bfloat16, 2), (torch.float16, 2)]:
+        (e,), _ = extract_experts(tvs, torch.tensor([1.0]), expert_density=0.1, value_dtype=value_dtype)
+        assert e.entries("a")[0].dtype == torch.int32 and e.entries("a")[1].dtype == value_dtype
+        assert e.nnz == 30 + 3
+        assert e.nbytes == 33 * (4 + value_bytes)
+
+
+def model_and_experts(dtype):
+    net = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5)).to(dtype)
+    keys = [k for k, _ in net.named_parameters()]
+    tvs = [{k: torch.randn(p.shape) for k, p in net.named_parameters()} for _ in range(2)]
+    experts, _ = extract_experts(tvs, energy_lambdas(tvs), expert_density=0.3, value_dtype=dtype, keys=keys)
+    return net, experts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("target_kind", ["module", "state_dict"])
+def test_apply_and_restore_are_exact(dtype, target_kind):
+    net, (e1, e2) = model_and_experts(dtype)
+    target = net if target_kind == "module" else {k: v.clone() for k, v in net.state_dict().items()}
+
+    def current():
+        return dict(net.named_parameters()) if target_kind == "module" else target
+
+    before = {k: bits(v.detach()) for k, v in current().items()}
+    originals = {k: v.detach().clone() for k, v in current().items()}
+
+    e1.apply_(target, 0.7)
+    for key in e1.keys:
+        t = current()[key].detach().reshape(-1)
+        idx, vals = e1.entries(key)
+        idx = idx.long()
+        expected = (originals[key].reshape(-1)[idx].float() + 0.7 * vals.float()).to(dtype)
+        assert torch.equal(bits(t[idx]), bits(expected))
+        untouched = torch.ones(t.numel(), dtype=torch.bool)
+        untouched[idx] = False
+        assert torch.equal(bits(t[untouched]), bits(originals[key].reshape(-1)[untouched]))
+    e2.apply_(target, 1.0)
+    e2.restore_(target)
+    e1.restore_(target)
+    for key, b in before.items():
+        assert torch.equal(bits(current()[key].detach()), b), key
+    with pytest.raises(RuntimeError, match="without a matching apply_"):
+        e1.restore_(target)
+
+
+def test_stacked_apply_restore_lifo_on_a_module_through_forward():
+    net, (e1, e2) = model_and_experts(torch.float32)
+    x = torch.randn(4, 6)
+    y0 = net(x)
+    e1.apply_(net)
+    y1 = net(x)
+    e2.apply_(net, 0.5)
+    assert not torch.equal(net(x), y1)
+    e2.restore_(net)
+    assert torch.equal(net(x), y1)
+    e1.restore_(net)
+    assert torch.equal(net(x), y0)
+
+
+def test_apply_on_a_target_missing_a_key_changes_nothing():
+    net, (e1, _) = model_and_experts(torch.float32)
+    sd = {k: v.clone() for k, v in net.state_dict().items()}
+    missing = e1.keys[-1]
+    partial = {k: v for k, v in sd.items() if k != missing}
+    snapshot = {k: v.clone() for k, v in partial.items()}
+    with pytest.raises(KeyError, match=missing.replace(".", r"\.")):
+        e1.apply_(partial)
+    for k, v in partial.items():
+        assert torch.equal(v, snapshot[k])
+
+
+def test_dense_delta_equals_scattered_values():
+    net, (e1, _) = model_and_experts(torch.float32)
+    delta = e1.dense_delta(net.state_dict())
+    for key in e1.keys:
+        idx, vals = e1.entries(key)
+        expected = torch.zeros(delta[key].numel())
+        expected[idx.long()] = vals
+        torch.testing.assert_close(delta[key].reshape(-1), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_safetensors_round_trip(tmp_path):
+    net, (e1, _) = model_and_experts(torch.bfloat16)
+    path = tmp_path / "experts" / "expert_00.safetensors"
+    e1.save(path, metadata={"task": "mnist"})
+    assert sorted(p.name for p in path.parent.iterdir()) == ["expert_00.safetensors"]
+    loaded = SparseExpert.load(path)
+    assert sorted(loaded.keys) == sorted(e1.keys)
+    for key in e1.keys:
+        (i0, v0), (i1, v1) = e1.entries(key), loaded.entries(key)
+        assert i1.dtype == torch.int32 and v1.dtype == torch.bfloat16
+        assert torch.equal(i0, i1) and torch.equal(bits(v0), bits(v1))
+    assert loaded.nbytes == e1.nbytes
+    a = {k: v.clone() for k, v in net.state_dict().items()}
+    b = {k: v.clone() for k, v in net.state_dict().items()}
+    e1.apply_(a)
+    loaded.apply_(b)
+    for k, value in a.items():
+        assert torch.equal(bits(value), bits(b[k]))
+
+
+def test_experts_are_buffers_that_follow_the_module():
+    _, experts = model_and_experts(torch.float32)
+    holder = nn.Module()
+    holder.experts = nn.ModuleList(experts)
+    sd = holder.state_dict()
+    assert "experts.0.indices_0" in sd and "experts.1.values_2" in sd and "experts.0._extra_state" in sd
+    assert not list(holder.parameters())
+    holder.to(torch.float16)
+    for e in experts:
+        idx, vals = e.entries(e.keys[0])
+        assert idx.dtype == torch.int32 and vals.dtype == torch.float16
+    holder.to("meta")
+    assert all(b.device.type == "meta" for b in holder.buffers())
+
+
+def test_state_dict_round_trip_into_a_fresh_expert():
+    _, (e1, _) = model_and_experts(torch.float32)
+    fresh = SparseExpert({k: (torch.zeros_like(i), torch.zeros_like(v)) for k in e1.keys
+                          for i, v in [e1.entries(k)]})
+    fresh.load_state_dict(e1.state_dict())
+    for key in e1.keys:
+        assert torch.equal(fresh.entries(key)[0], e1.entries(key)[0])
+        assert torch.equal(fresh.entries(key)[1], e1.entries(key)[1])
+
+
+@pytest.mark.parametrize("density", [0.0, -0.1, 1.0001, 2.0, float("nan")])
+def test_density_outside_unit_interval(density):
+    tvs = worked_example()
+    with pytest.raises(HyperparameterError, match=r"expert_density=.*\(0\.0, 1\.0\]"):
+        extract_experts(tvs, energy_lambdas(tvs), expert_density=density)
+    pre = {"a": torch.zeros(2, 2), "b": torch.zeros(2)}
+    with pytest.raises(HyperparameterError, match="expert_density"):
+        merge(pre, [{k: pre[k] + tv[k] for k in pre} for tv in tvs], "free_merging", expert_density=density)
+
+
+def test_density_one_keeps_everything():
+    tvs = worked_example()
+    experts, mu = extract_experts(tvs, energy_lambdas(tvs), expert_density=1.0)
+    assert experts[0].nnz == 6
+    assert torch.equal(mu, torch.zeros(2, dtype=torch.float64))  # −ln(1) = 0
