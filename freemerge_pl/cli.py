@@ -28,18 +28,23 @@ DEFAULT_SPACES: dict[str, dict[str, list[Any]]] = {
 }
 
 
+def prepare_and_build(model: MergedModule, datamodule: MultiTaskDataModule, stage: str) -> None:
+    """Outside a Trainer loop: prepare data and checkpoints, check the config, build the merged model."""
+    datamodule.prepare_data()
+    datamodule.setup(stage)
+    model.prepare_data()
+    model._check_data(datamodule)
+    model.build(datamodule.router_dataset()[0][0].unsqueeze(0))
+
+
 class FreeMergeTrainer(Trainer):
     """A Trainer with a ``merge`` entry: build the merged model, train the router, export; no evaluation."""
 
     def merge(self, model: MergedModule, datamodule: MultiTaskDataModule, output_dir: str = "merged",
               fit_router: bool = True) -> list[Path]:
         """Build backbone + task modules, optionally train the router on the router split, export safetensors."""
-        datamodule.prepare_data()
-        datamodule.setup("test")
-        model.prepare_data()
-        model._check_data(datamodule)
+        prepare_and_build(model, datamodule, "test")
         router_data = datamodule.router_dataset()
-        model.build(router_data[0][0].unsqueeze(0))
         if fit_router and model.routing == "router":
             model.fit_router(router_data)
         written = model.export(output_dir)
@@ -60,12 +65,8 @@ class FreeMergeTrainer(Trainer):
         if not space:
             raise ConfigError(f"no default tune space for method {model.method!r}: pass --space")
         start = time.perf_counter()
-        datamodule.prepare_data()
-        datamodule.setup("validate")
-        model.prepare_data()
-        model._check_data(datamodule)
+        prepare_and_build(model, datamodule, "validate")
         router_data = datamodule.router_dataset()
-        model.build(router_data[0][0].unsqueeze(0))
         names = model.task_names
         adapter = model.adapter
         finetuned = [adapter.finetuned_state_dict(t) for t in names]
@@ -171,6 +172,14 @@ class FreeMergeCLI(LightningCLI):
         write_text_atomic(parser.dump(cfg, skip_check=True), out / "tuned.yaml")
 
 
-def main(args=None) -> FreeMergeCLI:
+def main(args=None, run: bool = True) -> FreeMergeCLI:
+    """The CLI; ``run=False`` only parses ``args`` (no subcommand) and instantiates model, data, trainer."""
     return FreeMergeCLI(MergedModule, MultiTaskDataModule, trainer_class=FreeMergeTrainer,
-                        save_config_kwargs={"overwrite": True}, args=args)
+                        save_config_kwargs={"overwrite": True}, args=args, run=run)
+
+
+def build_from_config(args) -> tuple[MergedModule, MultiTaskDataModule]:
+    """Parse a config (``["--config", path, ...]``), prepare the data and build the merged model."""
+    cli = main(args, run=False)
+    prepare_and_build(cli.model, cli.datamodule, "test")
+    return cli.model, cli.datamodule
