@@ -34,7 +34,9 @@ def reference_filter(v: torch.Tensor, ratio: float, mode: str = "fraction", filt
     dist = np.sqrt(sum((g - n // 2) ** 2 for g, n in zip(grids, x.shape)).astype(np.float64))
     ordered = np.sort(dist.ravel())
     if mode == "fraction":
-        d0 = ordered[math.ceil(Fraction(str(ratio)) * dist.size) - 1]
+        # FILTER-DEF as refined in fourier.py: D0 = the (k+1)-th smallest distance, k = ⌈r·N⌉ (+inf if k ≥ N)
+        k = math.ceil(Fraction(str(ratio)) * dist.size)
+        d0 = ordered[k] if k < dist.size else np.inf
     else:
         d0 = ratio * ordered[-1]
     spec[dist < d0] = 0

@@ -52,18 +52,27 @@ def _default_generator(generator: torch.Generator | None,
 
 # ---------------------------------------------------------------- weight averaging, task arithmetic
 
+def _sum_fp32(task_vectors: Sequence[StateDict], key: str) -> Tensor:
+    """``Σ_k v_k[key]`` in float32, accumulated in place into a fresh tensor (no [K, ...] stack: K× less
+    memory and faster, as ``fr.fr_combine``); the inputs are never modified."""
+    total = task_vectors[0][key].to(dtype=torch.float32, copy=True)
+    for tv in task_vectors[1:]:
+        total.add_(tv[key].to(device=total.device, dtype=torch.float32))
+    return total
+
+
 @register("weight_averaging", reference="Wortsman et al. 2022 (model soups); DESIGN §6")
 def weight_averaging(task_vectors: list[StateDict]) -> MergeResult:
     """Weight averaging: θ_m = (1/K) Σ_k θ_k, i.e. delta = (1/K) Σ_k v_k."""
     keys = method_keys(task_vectors)
-    return MergeResult({key: stack(task_vectors, key).mean(0) for key in keys})
+    return MergeResult({key: _sum_fp32(task_vectors, key).div_(len(task_vectors)) for key in keys})
 
 
 @register("task_arithmetic", reference="Ilharco et al. 2023, Editing Models with Task Arithmetic")
 def task_arithmetic(task_vectors: list[StateDict], *, scaling: float = 0.3) -> MergeResult:
     """Task arithmetic: θ_m = θ_pre + λ Σ_k v_k, with ``scaling`` λ (paper default 0.3)."""
     keys = method_keys(task_vectors)
-    return MergeResult({key: scaling * stack(task_vectors, key).sum(0) for key in keys})
+    return MergeResult({key: _sum_fp32(task_vectors, key).mul_(scaling) for key in keys})
 
 
 # ---------------------------------------------------------------- TIES

@@ -2,9 +2,18 @@
 
 Symbols: the paper's cutoff ``D0`` is set by ``filter_ratio`` r (FILTER-DEF, DESIGN §8):
 
-* ``cutoff_mode="fraction"`` (default): D0 is the k-th smallest centred distance of the spectrum's
-  N coefficients, k = ⌈r·N⌉; coefficients with distance < D0 are zeroed (ties at D0 kept), so r is
-  the share of the spectrum removed, lowest radial frequency first; r = 0 removes nothing.
+* ``cutoff_mode="fraction"`` (default): with k = ⌈r·N⌉ over the spectrum's N coefficients, D0 is the
+  (k+1)-th smallest centred distance (the smallest distance not among the k smallest; D0 = +inf when
+  k ≥ N, i.e. everything goes), and coefficients with distance < D0 are zeroed (ties at D0 kept, so
+  the mask stays conjugate-symmetric). Hence exactly k coefficients are removed when the k-th and
+  (k+1)-th smallest distances differ, never more than k, lowest radial frequency first, so r is the
+  share of the spectrum removed; r = 0 removes nothing, and the DC term (distance 0, the unique
+  smallest) is removed by every r > 0, so a constant task vector vanishes under any positive cutoff.
+
+  This refines DESIGN §8 FILTER-DEF, which takes D0 = the k-th smallest distance: with ties kept at
+  D0 that removes fewer than k coefficients in general, and nothing at all when r ≤ 1/N (k = 1 gives
+  D0 = 0), violating the issue's acceptance "a constant task vector is removed entirely by any
+  positive cutoff" (the issue is newer than DESIGN, so it wins).
 * ``cutoff_mode="radius"``: D0 = r × the largest centred distance of that shape.
 
 Distances are in frequency-index units: the centred (fftshifted) index (i − H//2) of row i is the
@@ -53,7 +62,12 @@ def _half_distances(mshape: tuple[int, ...]) -> Tensor:
 
 
 def cutoff_radius(mshape: tuple[int, ...], filter_ratio: float, cutoff_mode: str = "fraction") -> float:
-    """The cutoff D0 for a (1-D or 2-D) spectrum shape; coefficients with distance < D0 are removed."""
+    """The cutoff D0 for a (1-D or 2-D) spectrum shape; coefficients with distance < D0 are removed.
+
+    ``"fraction"``: the (k+1)-th smallest centred distance, k = ⌈r·N⌉ (+inf when k ≥ N), so at most k
+    coefficients — exactly k unless the k-th and (k+1)-th distances tie — and always the DC term for
+    r > 0. ``"radius"``: r × the largest distance. r = 0 gives 0 (nothing removed).
+    """
     check_filter_ratio(filter_ratio)
     if cutoff_mode not in CUTOFF_MODES:
         raise HyperparameterError(f"cutoff_mode={cutoff_mode!r}; accepted: {list(CUTOFF_MODES)}")
@@ -63,7 +77,10 @@ def cutoff_radius(mshape: tuple[int, ...], filter_ratio: float, cutoff_mode: str
     if cutoff_mode == "radius":
         return float(filter_ratio * dist.max())
     k = max(1, math.ceil(filter_ratio * dist.numel() - 1e-9))  # 0.55·100 is 55.00000000000001 in floats
-    return float(torch.kthvalue(dist, k).values)
+    if k >= dist.numel():
+        return math.inf  # every coefficient is among the k smallest: remove them all
+    # the (k+1)-th smallest distance: every distance < D0 is among the k smallest (ties at D0 are kept)
+    return float(torch.kthvalue(dist, k + 1).values)
 
 
 @lru_cache(maxsize=256)

@@ -3,7 +3,10 @@ defaults are a method's hyperparameters (YAML, --help and validation come from t
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import inspect
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,9 +72,47 @@ def register(
     return deco
 
 
+# Modules whose import fills the registry with the builtin methods.
+_BUILTIN_MODULES: tuple[str, ...] = (
+    "freemerge_pl.merging.baselines",
+    "freemerge_pl.merging.emr",
+    "freemerge_pl.merging.fr",
+    "freemerge_pl.merging.twin",
+)
+
+
+def _forget_module(module_name: str) -> None:
+    """Drop a module from ``sys.modules`` and from its parent package, so the next import re-runs it."""
+    sys.modules.pop(module_name, None)
+    parent_name, _, child = module_name.rpartition(".")
+    parent = sys.modules.get(parent_name)
+    if parent is not None and getattr(parent, child, None) is not None:
+        with contextlib.suppress(AttributeError):
+            delattr(parent, child)
+
+
 def _load_builtin() -> None:
-    # Importing the modules fills the registry.
-    from freemerge_pl.merging import baselines, fr  # noqa: F401
+    """Import the builtin method modules (a no-op once imported).
+
+    All or nothing: when an import fails partway, the registrations it made are rolled back and the
+    modules that made them are forgotten, so the next call re-imports them and raises the real error
+    again (not "already registered"); the original exception propagates unchanged.
+    """
+    registered_before = set(_REGISTRY)
+    modules_before = set(sys.modules)
+    try:
+        for module_name in _BUILTIN_MODULES:
+            importlib.import_module(module_name)
+    except BaseException:
+        added = [name for name in _REGISTRY if name not in registered_before]
+        stale = {_REGISTRY[name].fn.__module__ for name in added}
+        stale |= {m for m in _BUILTIN_MODULES if m in sys.modules and m not in modules_before}
+        for name in added:
+            del _REGISTRY[name]
+        for module_name in stale:
+            if module_name not in modules_before:  # never forget a module imported before this call
+                _forget_module(module_name)
+        raise
 
 
 def get_method(name: str) -> MethodSpec:
