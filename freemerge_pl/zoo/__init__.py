@@ -1,1 +1,44 @@
-"""freemerge_pl.zoo."""
+"""The offline model zoo: a small CLIP-style ViT pre-trained on procedural scenes, fine-tuned on 8 tasks.
+
+``ensure_zoo(root, size, seed)`` builds it once (deterministically) and caches it; ``ZooTaskDataset``
+reads a task's split; ``freemerge_pl.models.zoo_vit.ZooViTAdapter`` reads the checkpoints. The recipe is
+recorded in ``freemerge_pl/zoo/README.md``.
+"""
+
+from freemerge_pl.zoo.build import (
+    build_vit,
+    build_zoo,
+    ensure_zoo,
+    evaluate_accuracy,
+    load_task_data,
+    normalize_images,
+    read_manifest,
+    resolve_zoo_root,
+)
+from freemerge_pl.zoo.dataset import ZooTaskDataset
+from freemerge_pl.zoo.recipe import (
+    ZOO_MEAN,
+    ZOO_STD,
+    default_zoo_root,
+    recipe_hash,
+    zoo_recipe,
+    zoo_task_names,
+)
+
+__all__ = [
+    "ZOO_MEAN",
+    "ZOO_STD",
+    "ZooTaskDataset",
+    "build_vit",
+    "build_zoo",
+    "default_zoo_root",
+    "ensure_zoo",
+    "evaluate_accuracy",
+    "load_task_data",
+    "normalize_images",
+    "read_manifest",
+    "recipe_hash",
+    "resolve_zoo_root",
+    "zoo_recipe",
+    "zoo_task_names",
+]

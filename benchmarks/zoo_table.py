@@ -1,0 +1,237 @@
+"""The method comparison on the offline zoo: every method at its paper defaults, the protocol variants,
+the tuned-on-router-split rows, and the filter-ratio / expert-density sweeps.
+
+    python benchmarks/zoo_table.py [--size default|tiny] [--only NAME ...] [--skip-sweeps] [--skip-tuned]
+
+Writes ``benchmarks/results/zoo_vision{,_tiny}.{md,json}``. Every row is built from the zoo config
+``configs/zoo/<method>.yaml`` (same zoo, same router split, same router recipe) with the overrides shown;
+nothing here is tuned on the test split, and the zoo recipe was fixed before any method was measured.
+"Individual" and "Pre-trained" evaluate each fine-tuned (resp. the pre-trained) backbone with the task's
+own head on its own test set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from lightning.pytorch import Trainer
+
+from freemerge_pl.cli import build_from_config
+from freemerge_pl.io import write_json_atomic, write_text_atomic
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def rows_spec() -> list[dict[str, Any]]:
+    """(label, config method, method_args, model overrides) of every headline row."""
+    router = {"routing": "router", "head_selection": "dataset"}
+    oracle = {"routing": "oracle", "head_selection": "dataset"}
+    routed_heads = {"routing": "router", "head_selection": "routed"}
+    return [
+        {"label": "Weight Averaging", "method": "weight_averaging"},
+        {"label": "Task Arithmetic", "method": "task_arithmetic"},
+        {"label": "TIES", "method": "ties"},
+        {"label": "DARE (+TA)", "method": "dare"},
+        {"label": "Breadcrumbs", "method": "breadcrumbs"},
+        {"label": "DELLA", "method": "della"},
+        {"label": "PCB", "method": "pcb"},
+        {"label": "TSV", "method": "tsv"},
+        {"label": "FR-Merging (paper)", "method": "fr_merging"},
+        {"label": "FR-Merging (released code)", "method": "fr_merging",
+         "args": {"semantics": "released_code"}},
+        {"label": "EMR (oracle)", "method": "emr", "model": oracle},
+        {"label": "EMR (router)", "method": "emr", "model": router},
+        {"label": "Twin (router)", "method": "twin", "model": router},
+        {"label": "FREE-Merging (router)", "method": "free_merging", "model": router},
+        {"label": "FREE-Merging (oracle)", "method": "free_merging", "model": oracle},
+        {"label": "FREE-Merging (router, routed heads)", "method": "free_merging", "model": routed_heads},
+        {"label": "FREE-Merging (released code, router)", "method": "free_merging",
+         "args": {"semantics": "released_code"}, "model": router},
+        {"label": "FREE-Merging (released code, oracle)", "method": "free_merging",
+         "args": {"semantics": "released_code"}, "model": oracle},
+    ]
+
+
+def sweep_spec() -> list[dict[str, Any]]:
+    rows = [{"label": f"FR-Merging r={r:.0%}", "method": "fr_merging", "args": {"filter_ratio": r},
+             "sweep": "filter_ratio"} for r in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)]
+    rows += [{"label": f"FREE-Merging d={d:.1%} (oracle)", "method": "free_merging",
+              "args": {"expert_density": d}, "model": {"routing": "oracle"}, "sweep": "expert_density"}
+             for d in (0.001, 0.005, 0.01, 0.02, 0.05, 0.1)]
+    return rows
+
+
+TUNED = [("Task Arithmetic", "task_arithmetic"), ("TIES", "ties"), ("FR-Merging (paper)", "fr_merging"),
+         ("FREE-Merging (router)", "free_merging")]
+
+
+def build(size: str, method: str, args: dict | None = None, model: dict | None = None):
+    """The merged module and data of ``configs/zoo/<method>.yaml`` with the zoo size and overrides applied."""
+    cfg = yaml.safe_load((REPO / "configs" / "zoo" / f"{method}.yaml").read_text())
+    cfg["model"]["adapter"]["init_args"]["size"] = size
+    for task in cfg["data"]["tasks"]:
+        task["dataset_args"]["size"] = size
+    cfg["model"]["method_args"] = {**cfg["model"].get("method_args", {}), **(args or {})}
+    cfg["model"].update(model or {})
+    cfg["trainer"].update({"accelerator": "cpu", "logger": False, "callbacks": []})
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(cfg, f)
+    try:
+        return build_from_config(["--config", f.name])
+    finally:
+        os.unlink(f.name)
+
+
+def evaluate(module, dm) -> dict[str, Any]:
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False)
+    n_images = sum(len(dm._test[t]) for t in dm.task_names)
+    if module.routing == "router" and not bool(module.router_trained):  # keep router training out of img/s
+        fit_start = time.perf_counter()
+        module.fit_router(dm.router_dataset())
+        module.merge_record["router_fit_seconds"] = time.perf_counter() - fit_start
+    start = time.perf_counter()
+    trainer.test(module, datamodule=dm, verbose=False)
+    seconds = time.perf_counter() - start
+    res = module.test_results
+    return {"tasks": {t: v["accuracy"] for t, v in res["tasks"].items()},
+            "routing_accuracy": res["avg"]["routing_accuracy"],
+            "task_module_bytes_per_task": res["task_module_bytes"] / max(1, len(res["tasks"]))
+            if module.task_modules else 0,
+            "backbone_bytes": res["backbone_bytes"], "merge_seconds": module.merge_record.get("seconds"),
+            "router_fit_seconds": module.merge_record.get("router_fit_seconds"),
+            "images_per_s": n_images / seconds}
+
+
+@torch.no_grad()
+def own_model_accuracy(module, dm, state_dicts: dict[str, dict]) -> dict[str, float]:
+    """Accuracy of a given backbone per task with the task's own head (Individual / Pre-trained rows)."""
+    out = {}
+    for k, task in enumerate(module.task_names):
+        module.backbone.load_state_dict(state_dicts[task])
+        loader = torch.utils.data.DataLoader(dm._test[task], batch_size=256)
+        correct = total = 0
+        for x, y in loader:
+            pred = module.heads[task](module.backbone(x)).argmax(-1)
+            correct += int((pred == y).sum())
+            total += len(y)
+        out[task] = correct / total
+    return out
+
+
+def row(label: str, tasks: dict[str, float], individual: dict[str, float] | None, **extra) -> dict[str, Any]:
+    avg = sum(tasks.values()) / len(tasks)
+    norm = (sum(tasks[t] / individual[t] for t in tasks) / len(tasks)) if individual else None
+    return {"label": label, "tasks": tasks, "avg": avg, "normalised_avg": norm, **extra}
+
+
+def markdown(rows: list[dict], tasks: list[str], title: str) -> str:
+    head = ["method", *tasks, "avg", "norm. avg", "extra storage / task", "merge s", "img/s", "routing acc"]
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in rows:
+        storage = r.get("task_module_bytes_per_task") or 0
+        pct = 100 * storage / r["backbone_bytes"] if r.get("backbone_bytes") else 0
+        cells = [r["label"], *(f"{100 * r['tasks'][t]:.1f}" for t in tasks), f"**{100 * r['avg']:.1f}**",
+                 f"{100 * r['normalised_avg']:.1f}" if r.get("normalised_avg") is not None else "",
+                 f"{storage / 1024:.0f} KiB ({pct:.2f}%)" if storage else "0",
+                 f"{r['merge_seconds']:.2f}" if r.get("merge_seconds") is not None else "",
+                 f"{r['images_per_s']:.0f}" if r.get("images_per_s") else "",
+                 f"{100 * r['routing_accuracy']:.1f}" if r.get("routing_accuracy") is not None else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_tuned(size: str, label: str, method: str, individual) -> dict[str, Any]:
+    from freemerge_pl.cli import DEFAULT_SPACES, FreeMergeTrainer
+
+    module, dm = build(size, method)
+    dm.tune_fraction = 0.5
+    dm._train.clear()
+    dm.setup()
+    trainer = FreeMergeTrainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                               enable_model_summary=False, enable_checkpointing=False)
+    start = time.perf_counter()
+    module.backbone = None  # tune builds it itself
+    report = trainer.tune(module, dm, DEFAULT_SPACES[method], output_dir=str(RESULTS / "tune" / f"{size}-{method}"))
+    tune_seconds = time.perf_counter() - start
+    best = report["best"]["params"]
+    tuned, dm2 = build(size, method, args=best)
+    dm2.tune_fraction = 0.5
+    dm2._train.clear()
+    dm2.setup()
+    tuned.reset_router()
+    ev = evaluate(tuned, dm2)
+    samples = sum(report["tune_samples"].values())
+    return row(f"{label} (tuned on router split: {best})", ev["tasks"], individual,
+               **{k: v for k, v in ev.items() if k != "tasks"}, tuning_seconds=tune_seconds,
+               tuning_samples=samples, tuned_params=best)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", default="default")
+    parser.add_argument("--only", nargs="*", default=None, help="labels (substring match) to run")
+    parser.add_argument("--skip-sweeps", action="store_true")
+    parser.add_argument("--skip-tuned", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    start = time.perf_counter()
+
+    base, dm = build(args.size, "weight_averaging")
+    adapter = base.adapter
+    tasks = base.task_names
+    individual = own_model_accuracy(base, dm, {t: adapter.finetuned_state_dict(t) for t in tasks})
+    pretrained = own_model_accuracy(base, dm, {t: adapter.pretrained_state_dict() for t in tasks})
+    rows = [row("Individual", individual, individual), row("Pre-trained", pretrained, individual)]
+    specs = rows_spec()
+    if args.only:
+        specs = [s for s in specs if any(o in s["label"] for o in args.only)]
+    for spec in specs:
+        module, dm = build(args.size, spec["method"], spec.get("args"), spec.get("model"))
+        ev = evaluate(module, dm)
+        rows.append(row(spec["label"], ev["tasks"], individual, **{k: v for k, v in ev.items() if k != "tasks"},
+                        method=spec["method"], method_args=spec.get("args", {}), model=spec.get("model", {})))
+        print(f"{spec['label']}: avg {100 * rows[-1]['avg']:.1f}", flush=True)
+    tuned_rows = []
+    if not args.skip_tuned:
+        for label, method in TUNED:
+            tuned_rows.append(run_tuned(args.size, label, method, individual))
+            print(f"{tuned_rows[-1]['label']}: avg {100 * tuned_rows[-1]['avg']:.1f}", flush=True)
+    sweep_rows = []
+    if not args.skip_sweeps:
+        for spec in sweep_spec():
+            module, dm = build(args.size, spec["method"], spec.get("args"), spec.get("model"))
+            ev = evaluate(module, dm)
+            sweep_rows.append(row(spec["label"], ev["tasks"], individual,
+                                  **{k: v for k, v in ev.items() if k != "tasks"}, sweep=spec["sweep"]))
+            print(f"{spec['label']}: avg {100 * sweep_rows[-1]['avg']:.1f}", flush=True)
+    suffix = "" if args.size == "default" else f"_{args.size}"
+    manifest = adapter.manifest
+    report = {"size": args.size, "zoo_recipe_hash": manifest.get("recipe_hash"), "tasks": tasks,
+              "rows": rows, "tuned": tuned_rows, "sweeps": sweep_rows,
+              "seconds": time.perf_counter() - start, "torch": torch.__version__,
+              "threads": torch.get_num_threads()}
+    md = [f"## Offline zoo ({args.size}): 8 tasks, accuracy (%) on each task's test split",
+          "", f"zoo recipe hash `{str(manifest.get('recipe_hash'))[:12]}`, CPU, {report['seconds']:.0f} s in all.",
+          "Heads: each dataset's own head unless a row says *routed heads*. Router: MLP on 8×8-pooled pixels "
+          "trained on 1% of each task's training data.", "",
+          markdown(rows, tasks, "Paper-default hyperparameters")]
+    if tuned_rows:
+        md.append(markdown(tuned_rows, tasks, "Tuned on a held-out half of the router split (never the test split)"))
+    if sweep_rows:
+        md.append(markdown(sweep_rows, tasks, "Sweeps: filter ratio (Table 14 analogue) and expert density"))
+    write_json_atomic(report, RESULTS / f"zoo_vision{suffix}.json")
+    write_text_atomic("\n".join(md), RESULTS / f"zoo_vision{suffix}.md")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

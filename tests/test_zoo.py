@@ -1,0 +1,260 @@
+"""The offline zoo: generators, splits, determinism, manifest, cache/rebuild, atomicity, adapter round-trip."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from freemerge_pl.errors import ConfigError
+from freemerge_pl.io import sha256_file
+from freemerge_pl.models.zoo_vit import ZooViTAdapter, vit_early_features
+from freemerge_pl.zoo import (
+    ZooTaskDataset,
+    default_zoo_root,
+    ensure_zoo,
+    generators,
+    read_manifest,
+    recipe,
+    recipe_hash,
+    zoo_recipe,
+    zoo_task_names,
+)
+from freemerge_pl.zoo import build as zoo_build
+from freemerge_pl.zoo.recipe import EVAL_BATCH_SIZE
+
+SEED = 3
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory) -> Path:
+    return ensure_zoo(tmp_path_factory.mktemp("zoo") / "tiny", size="tiny", seed=SEED)
+
+
+def _all_files(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _hashes(x: torch.Tensor) -> set[bytes]:
+    return {generators.row_hash(r) for r in x.numpy()}
+
+
+@pytest.mark.parametrize("task", generators.BASE_TASKS)
+def test_generator_balance_shapes_dtypes(task):
+    spec = generators.TASKS[task]
+    n = 3 * spec.num_classes + 1
+    x, y = generators.generate_split(task, "train", n, seed=0)
+    assert x.shape == (n, 3, 32, 32) and x.dtype == np.uint8 and x.flags.c_contiguous
+    assert y.shape == (n,) and y.dtype == np.int64
+    counts = np.bincount(y, minlength=spec.num_classes)
+    assert len(counts) == spec.num_classes and counts.max() - counts.min() <= 1
+    assert x.std() > 5  # not blank
+    x2, y2 = generators.generate_split(task, "train", n, seed=0)
+    assert np.array_equal(x, x2) and np.array_equal(y, y2)
+
+
+def test_pretext_corpus_shapes():
+    x, t, p = generators.pretext_batch(16, seed=0)
+    assert x.shape == (16, 3, 32, 32) and x.dtype == np.uint8
+    assert t.shape == (16, generators.PRETEXT_DIM) and p.shape == (16, 64) and p.max() < generators.PATCH_CLASSES
+    for name in ("type", "hue", "cell", "background"):
+        a, b = generators.PRETEXT_SLICES[name]
+        assert np.all(t[:, a:b].sum(1) == 1)
+
+
+def test_task_names_fixed_order(tiny_zoo):
+    names = zoo_task_names("tiny")
+    assert names[:8] == list(generators.BASE_TASKS)
+    assert [t["name"] for t in read_manifest(tiny_zoo)["tasks"]] == names
+
+
+def test_splits_disjoint_and_balanced(tiny_zoo):
+    cfg = zoo_recipe("tiny")["data"]
+    pre_x, _, _ = generators.pretext_batch(zoo_recipe("tiny")["pretrain"]["n_images"], SEED)
+    pretext = _hashes(torch.from_numpy(pre_x))
+    for task in zoo_task_names("tiny"):
+        data = zoo_build.load_task_data(tiny_zoo, task)
+        seen: set[bytes] = set()
+        for split in generators.SPLITS:
+            x, y = data[f"{split}_x"], data[f"{split}_y"]
+            assert x.shape == (cfg[f"n_{split}"], 3, 32, 32) and x.dtype == torch.uint8 and y.dtype == torch.int64
+            h = _hashes(x)
+            assert len(h) == len(x), f"{task}/{split}: duplicate rows"
+            assert not (h & seen), f"{task}/{split}: overlaps another split"
+            assert not (h & pretext), f"{task}/{split}: overlaps the pre-training corpus"
+            seen |= h
+            counts = torch.bincount(y, minlength=generators.TASKS[task].num_classes)
+            assert counts.max() - counts.min() <= 1
+
+
+def test_manifest_contents(tiny_zoo):
+    m = read_manifest(tiny_zoo)
+    assert m["size"] == "tiny" and m["seed"] == SEED
+    assert m["recipe"] == zoo_recipe("tiny")
+    assert m["recipe_hash"] == recipe_hash(zoo_recipe("tiny"), SEED)
+    assert m["backbone"]["class"] == "open_clip.transformer.VisionTransformer"
+    assert m["build"]["seconds"] > 0
+    listed = dict(m["pretrained"]["files"])
+    for t in m["tasks"]:
+        assert t["n_train"] == m["recipe"]["data"]["n_train"] and t["n_test"] == m["recipe"]["data"]["n_test"]
+        assert 0.0 <= t["individual_test_acc"] <= 1.0 and 0.0 <= t["pretrained_probe_acc"] <= 1.0
+        assert t["num_classes"] == len(t["class_names"]) == generators.TASKS[t["name"]].num_classes
+        assert f"finetuned/{t['name']}/model.safetensors" in t["files"]
+        listed.update(t["files"])
+    for rel, digest in listed.items():
+        assert sha256_file(tiny_zoo / rel) == digest, rel
+    on_disk = set(_all_files(tiny_zoo)) - {"manifest.json"}
+    assert on_disk == set(listed)
+
+
+def test_same_seed_bit_identical(tiny_zoo, tmp_path):
+    again = ensure_zoo(tmp_path / "again", size="tiny", seed=SEED)
+    a, b = _all_files(tiny_zoo), _all_files(again)
+    a.pop("manifest.json")
+    b.pop("manifest.json")
+    assert a == b
+    ma, mb = read_manifest(tiny_zoo), read_manifest(again)
+    ma.pop("build")
+    mb.pop("build")
+    assert ma == mb
+
+
+def test_cache_hit_does_not_rebuild(tiny_zoo, monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("rebuilt a current zoo")
+
+    monkeypatch.setattr(zoo_build, "build_zoo", boom)
+    assert ensure_zoo(tiny_zoo, size="tiny", seed=SEED) == tiny_zoo
+
+
+def test_recipe_change_rebuilds(tiny_zoo, tmp_path, monkeypatch):
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_zoo, root)
+    old = read_manifest(root)
+    monkeypatch.setitem(recipe.SIZES["tiny"]["finetune"], "lr", 1e-4)
+    assert recipe_hash(zoo_recipe("tiny"), SEED) != old["recipe_hash"]
+    ensure_zoo(root, size="tiny", seed=SEED)
+    new = read_manifest(root)
+    assert new["recipe_hash"] == recipe_hash(zoo_recipe("tiny"), SEED)
+    assert new["recipe"]["finetune"]["lr"] == 1e-4
+    assert new["pretrained"]["files"] == old["pretrained"]["files"]  # pre-training unchanged
+    assert new["tasks"][0]["files"] != old["tasks"][0]["files"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".copy.") and p.is_dir()] == []
+
+
+def test_incomplete_zoo_is_rebuilt(tiny_zoo, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_zoo, root)
+    (root / "finetuned" / "digits" / "head.safetensors").unlink()
+    ensure_zoo(root, size="tiny", seed=SEED)
+    assert _all_files(root).keys() == _all_files(tiny_zoo).keys()
+
+
+def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
+    calls = []
+    real = zoo_build.finetune
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(zoo_build, "finetune", failing)
+    dest = tmp_path / "zoo"
+    with pytest.raises(RuntimeError, match="interrupted"):
+        ensure_zoo(dest, size="tiny", seed=SEED)
+    assert not dest.exists()
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_refuses_to_replace_a_foreign_directory(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="refusing"):
+        ensure_zoo(tmp_path / "mine", size="tiny", seed=SEED)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_default_root(monkeypatch, tmp_path):
+    monkeypatch.setenv("FREEMERGE_ZOO_ROOT", str(tmp_path))
+    assert default_zoo_root("tiny", 2) == tmp_path / "tiny-seed2"
+    monkeypatch.delenv("FREEMERGE_ZOO_ROOT")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert default_zoo_root("default", 0) == tmp_path / "cache" / "freemerge_pl" / "zoo" / "default-seed0"
+    with pytest.raises(ConfigError, match="unknown zoo size"):
+        zoo_recipe("huge")
+
+
+def test_dataset(tiny_zoo):
+    ds = ZooTaskDataset(root=str(tiny_zoo), task="signs", split="test", size="tiny", seed=SEED)
+    assert len(ds) == zoo_recipe("tiny")["data"]["n_test"] and ds.num_classes == 12
+    x, y = ds[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and isinstance(y, int)
+    mean = torch.tensor(recipe.ZOO_MEAN).view(3, 1, 1)
+    std = torch.tensor(recipe.ZOO_STD).view(3, 1, 1)
+    torch.testing.assert_close(x * std + mean, ds.images[0].float() / 255)
+    assert len(ZooTaskDataset(str(tiny_zoo), "signs", "router", "tiny", SEED)) == zoo_recipe("tiny")["data"]["n_router"]
+    with pytest.raises(ConfigError, match="split"):
+        ZooTaskDataset(str(tiny_zoo), "signs", "val", "tiny", SEED)
+    with pytest.raises(ConfigError, match="not in the zoo"):
+        len(ZooTaskDataset(str(tiny_zoo), "cars", "test", "tiny", SEED))
+
+
+def test_adapter_round_trip(tiny_zoo):
+    adapter = ZooViTAdapter(root=str(tiny_zoo), size="tiny", seed=SEED)
+    adapter.prepare()
+    assert adapter.task_names == zoo_task_names("tiny") and adapter.exclude_keys == ()
+    assert len(adapter.checkpoint_paths()) == 1 + 2 * len(adapter.task_names)
+    assert all(Path(p).is_file() for p in adapter.checkpoint_paths())
+    backbone = adapter.build_backbone()
+    pre = adapter.pretrained_state_dict()
+    assert set(pre) == set(backbone.state_dict())
+    backbone.load_state_dict(pre, strict=True)
+    manifest = read_manifest(tiny_zoo)
+    for entry in manifest["tasks"]:
+        task = entry["name"]
+        ft = adapter.finetuned_state_dict(task)
+        backbone.load_state_dict(ft, strict=True)
+        assert any(not torch.equal(ft[k], pre[k]) for k in pre)
+        head = adapter.build_head(task)
+        assert head.weight.shape == (adapter.num_classes(task), backbone.output_dim)
+        assert head.bias.shape == (adapter.num_classes(task),)
+        ds = ZooTaskDataset(str(tiny_zoo), task, "test", "tiny", SEED)
+        correct = 0
+        with torch.no_grad():
+            backbone.eval()
+            for x, y in DataLoader(ds, batch_size=EVAL_BATCH_SIZE):
+                correct += int((head(backbone(x)).argmax(1) == y).sum())
+        assert correct / len(ds) == entry["individual_test_acc"], task
+
+
+def test_adapter_task_subset_and_errors(tiny_zoo):
+    adapter = ZooViTAdapter(root=str(tiny_zoo), size="tiny", seed=SEED, tasks=["layout", "digits"])
+    assert adapter.task_names == ["layout", "digits"]
+    assert len(adapter.checkpoint_paths()) == 5
+    with pytest.raises(ConfigError, match="not in the zoo"):
+        _ = ZooViTAdapter(root=str(tiny_zoo), size="tiny", seed=SEED, tasks=["cars"]).task_names
+
+
+def test_early_features_are_the_forward_prefix(tiny_zoo):
+    adapter = ZooViTAdapter(root=str(tiny_zoo), size="tiny", seed=SEED)
+    backbone = adapter.build_backbone()
+    backbone.load_state_dict(adapter.pretrained_state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    depth = len(backbone.transformer.resblocks)
+    full = backbone.transformer(backbone._embeds(x))[:, 0]
+    torch.testing.assert_close(vit_early_features(backbone, x, depth), full)
+    assert vit_early_features(backbone, x, 1).shape == (4, backbone.transformer.width)
+    with pytest.raises(ConfigError):
+        vit_early_features(backbone, x, depth + 1)
+
+
+def test_manifest_is_json_with_sorted_keys(tiny_zoo):
+    text = (tiny_zoo / "manifest.json").read_text()
+    assert json.loads(text)["format"] == zoo_build.FORMAT
