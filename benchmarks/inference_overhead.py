@@ -61,7 +61,7 @@ def run(config: str, n_batches: int, batch_size: int) -> dict:
         router_seconds = time.perf_counter() - start
         batches = mixed_batches(dm, n_batches, batch_size)
         backbone = throughput(model.backbone, batches)
-        routed = throughput(lambda x: model(x), batches)
+        routed = throughput(model, batches)
         rows[source] = {"backbone_images_per_s": backbone, "routed_images_per_s": routed,
                         "ratio": routed / backbone, "router_fit_seconds": router_seconds,
                         "router_samples": len(dm.router_dataset()), "method": model.method,
@@ -77,8 +77,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     args = parser.parse_args()
     report = run(args.config, args.batches, args.batch_size)
-    lines = [f"config `{report['config']}`, {report['batches']} mixed-task batches of {report['batch_size']}, "
-             f"{report['threads']} threads", "",
+    header = (f"config `{report['config']}`, {report['batches']} mixed-task batches of {report['batch_size']}, "
+              f"{report['threads']} threads")
+    lines = [header, "",
              "| router features | backbone img/s | routed img/s | ratio (goal ≥ 0.90) | router fit s |",
              "|---|---|---|---|---|"]
     for source, r in report["results"].items():

@@ -221,8 +221,8 @@ def main() -> None:
               "threads": torch.get_num_threads()}
     md = [f"## Offline zoo ({args.size}): 8 tasks, accuracy (%) on each task's test split",
           "", f"zoo recipe hash `{str(manifest.get('recipe_hash'))[:12]}`, CPU, {report['seconds']:.0f} s in all.",
-          "Heads: each dataset's own head unless a row says *routed heads*. Router: MLP on 8×8-pooled pixels "
-          "trained on 1% of each task's training data.", "",
+          ("Heads: each dataset's own head unless a row says *routed heads*. Router: MLP on 8×8-pooled "
+           "pixels trained on 1% of each task's training data."), "",
           markdown(rows, tasks, "Paper-default hyperparameters")]
     if tuned_rows:
         md.append(markdown(tuned_rows, tasks, "Tuned on a held-out half of the router split (never the test split)"))

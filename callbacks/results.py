@@ -16,8 +16,9 @@ def results_markdown(results: dict[str, Any]) -> str:
     tasks = results["tasks"]
     metrics = list(next(iter(tasks.values())).keys()) if tasks else []
     proto = results.get("protocol", {})
-    lines = [f"method: `{results.get('method')}` · routing: {proto.get('routing')} · "
-             f"heads: {proto.get('head_selection')} · task modules: {results.get('task_module_bytes')} bytes",
+    header = (f"method: `{results.get('method')}` · routing: {proto.get('routing')} · "
+              f"heads: {proto.get('head_selection')} · task modules: {results.get('task_module_bytes')} bytes")
+    lines = [header,
              "", "| task | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for name, values in tasks.items():
         lines.append(f"| {name} | " + " | ".join(f"{values[m]:.4f}" for m in metrics) + " |")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-
 from pathlib import Path
 from typing import Any
 
@@ -139,8 +138,9 @@ def tune_markdown(report: dict[str, Any]) -> str:
     rows = sorted(report["candidates"], key=lambda r: -r["score"])
     tasks = list(rows[0]["scores"]["tasks"])
     metric = report["metric"]
-    lines = [f"method `{report['method']}` · objective: mean {metric}"
-             f"{' (normalised)' if report['normalised'] else ''} on tune-val · {report['seconds']:.1f}s", "",
+    header = (f"method `{report['method']}` · objective: mean {metric}"
+              f"{' (normalised)' if report['normalised'] else ''} on tune-val · {report['seconds']:.1f}s")
+    lines = [header, "",
              "| params | score | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 2) + "|"]
     for r in rows:
         cells = " | ".join(f"{r['scores']['tasks'][t][metric]:.4f}" for t in tasks)

@@ -12,7 +12,6 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from freemerge_pl.errors import ConfigError
@@ -335,7 +334,7 @@ class MergedModule(LightningModule):
         feats = self.features(x, ids, weights)
         name = self.task_names[task]
         metrics = self.task_metric_sets[_slot(name)]
-        regression = any(m in REGRESSION_METRICS for m in metrics.keys())
+        regression = any(m in REGRESSION_METRICS for m in metrics)
         if self.head_selection == "dataset":
             out = self.head_outputs(feats, task)
             preds = out if regression else out.argmax(-1)

@@ -35,7 +35,7 @@ def test_tiny_zoo_main_job_end_to_end(tmp_path):
     proc = subprocess.run(
         [sys.executable, "cli.py", "test", "--config", "configs/zoo/tiny/free_merging.yaml",
          "--trainer.default_root_dir", str(run), "--trainer.accelerator", "cpu"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "| **avg** |" in proc.stdout
     results = json.loads((run / "results" / "results.json").read_text())

@@ -41,7 +41,7 @@ def test_tune_finds_the_analytic_task_arithmetic_optimum():
         return {"tasks": {"loss": {"neg_loss": -float(loss)}}}
 
     step = 0.05
-    grid = [round(i * step, 4) for i in range(0, 41)]
+    grid = [round(i * step, 4) for i in range(41)]
     merger = CandidateMerger(pre, fts, "task_arithmetic")
     report = tune(grid_candidates({"scaling": grid}), merger, evaluate,
                   lambda s: s["tasks"]["loss"]["neg_loss"], progress=False)
