@@ -124,3 +124,23 @@ def test_tune_without_tune_split_is_a_clear_error(toy_root, tmp_path):
     cfg_path = write_config(tmp_path / "cfg.yaml", config(toy_root, tmp_path / "run"))
     with pytest.raises(ConfigError, match="tune_fraction"):
         main(["tune", "--config", str(cfg_path)])
+
+
+def test_optuna_search_has_the_grid_interface(toy_root, tmp_path):
+    pytest.importorskip("optuna")
+    cfg = config(toy_root, tmp_path / "run", method="task_arithmetic")
+    cfg["data"]["tune_fraction"] = 0.5
+    cfg_path = write_config(tmp_path / "cfg.yaml", cfg)
+    out = tmp_path / "tuned"
+    space = {"scaling": [0.1, 0.3, 0.6, 1.0]}
+    main(["tune", "--config", str(cfg_path), "--output_dir", str(out), "--search", "optuna", "--n_trials", "6",
+          "--space", json.dumps(space)])
+    report = json.loads((out / "tune_report.json").read_text())
+    assert report["search"] == "optuna" and len(report["candidates"]) == 6
+    assert all(c["params"]["scaling"] in space["scaling"] for c in report["candidates"])
+    assert report["best"]["score"] == max(c["score"] for c in report["candidates"])
+    grid = main(["tune", "--config", str(cfg_path), "--output_dir", str(tmp_path / "grid"),
+                 "--space", json.dumps(space)]).trainer.tune_report
+    by_value = {c["params"]["scaling"]: c["score"] for c in grid["candidates"]}
+    for c in report["candidates"]:  # the same candidate scores the same whichever search proposed it
+        assert c["score"] == by_value[c["params"]["scaling"]]
