@@ -13,6 +13,7 @@ own head on its own test set.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -181,6 +182,10 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="labels (substring match) to run")
     parser.add_argument("--skip-sweeps", action="store_true")
     parser.add_argument("--skip-tuned", action="store_true")
+    parser.add_argument("--skip-main", action="store_true", help="only Individual/Pre-trained + what is not skipped")
+    parser.add_argument("--merge-json", nargs="*", default=[],
+                        help="earlier JSON outputs whose rows/tuned/sweeps are merged into this table")
+    parser.add_argument("--name", default=None, help="output name (default zoo_vision[_<size>])")
     args = parser.parse_args()
     torch.manual_seed(0)
     start = time.perf_counter()
@@ -191,7 +196,7 @@ def main() -> None:
     individual = own_model_accuracy(base, dm, {t: adapter.finetuned_state_dict(t) for t in tasks})
     pretrained = own_model_accuracy(base, dm, {t: adapter.pretrained_state_dict() for t in tasks})
     rows = [row("Individual", individual, individual), row("Pre-trained", pretrained, individual)]
-    specs = rows_spec()
+    specs = [] if args.skip_main else rows_spec()
     if args.only:
         specs = [s for s in specs if any(o in s["label"] for o in args.only)]
     for spec in specs:
@@ -213,7 +218,12 @@ def main() -> None:
             sweep_rows.append(row(spec["label"], ev["tasks"], individual,
                                   **{k: v for k, v in ev.items() if k != "tasks"}, sweep=spec["sweep"]))
             print(f"{spec['label']}: avg {100 * sweep_rows[-1]['avg']:.1f}", flush=True)
-    suffix = "" if args.size == "default" else f"_{args.size}"
+    for path in args.merge_json:
+        earlier = json.loads(Path(path).read_text())
+        rows += [r for r in earlier["rows"] if r["label"] not in {x["label"] for x in rows}]
+        tuned_rows += earlier["tuned"]
+        sweep_rows += earlier["sweeps"]
+    name = args.name or ("zoo_vision" if args.size == "default" else f"zoo_vision_{args.size}")
     manifest = adapter.manifest
     report = {"size": args.size, "zoo_recipe_hash": manifest.get("recipe_hash"), "tasks": tasks,
               "rows": rows, "tuned": tuned_rows, "sweeps": sweep_rows,
@@ -228,8 +238,8 @@ def main() -> None:
         md.append(markdown(tuned_rows, tasks, "Tuned on a held-out half of the router split (never the test split)"))
     if sweep_rows:
         md.append(markdown(sweep_rows, tasks, "Sweeps: filter ratio (Table 14 analogue) and expert density"))
-    write_json_atomic(report, RESULTS / f"zoo_vision{suffix}.json")
-    write_text_atomic("\n".join(md), RESULTS / f"zoo_vision{suffix}.md")
+    write_json_atomic(report, RESULTS / f"{name}.json")
+    write_text_atomic("\n".join(md), RESULTS / f"{name}.md")
     print("\n".join(md))
 
 
