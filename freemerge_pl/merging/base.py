@@ -60,6 +60,29 @@ class TaskModule(nn.Module):
         return {k: work[k].float() - backbone[k].float() for k in self.keys}
 
 
+class DenseDeltaTaskModule(TaskModule):
+    """A task module that adds a dense change per key: ``t ← t + w·change(key)`` (fp32, one rounding),
+    saving each touched tensor whole for a bit-exact ``restore_``. Subclasses implement ``change``."""
+
+    def change(self, key: str, device: torch.device) -> Tensor:
+        raise NotImplementedError
+
+    def apply_(self, target: nn.Module | StateDict, weight: float = 1.0) -> None:
+        tensors = [resolve_tensor(target, key) for key in self.keys]  # fail before any write
+        saved = []
+        for key, t in zip(self.keys, tensors):
+            old = t.clone()
+            t.copy_((t.float() + weight * self.change(key, t.device)).to(t.dtype))
+            saved.append((t, old))
+        self._saved.append(saved)
+
+    def restore_(self, target: nn.Module | StateDict) -> None:
+        if not self._saved:
+            raise RuntimeError("restore_ called without a matching apply_")
+        for t, old in reversed(self._saved.pop()):
+            t.copy_(old)
+
+
 @dataclass
 class MergeResult:
     """What a merge method returns: the backbone is ``θ_pre + delta``; ``task_modules`` (one per task,

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from freemerge_pl.merging.base import MergeResult, StateDict, TaskModule, resolve_tensor, stack
+from freemerge_pl.merging.base import DenseDeltaTaskModule, MergeResult, StateDict, stack
 from freemerge_pl.merging.ops import method_keys, packbits, unpackbits
 from freemerge_pl.merging.registry import register
 
@@ -47,7 +47,7 @@ class EMRUnified(nn.Module):
                              f"this module's {self._keys[:3]}...")
 
 
-class EMRTaskModule(TaskModule):
+class EMRTaskModule(DenseDeltaTaskModule):
     """Task k of EMR-Merging: bit-packed masks M_k (uint8 buffers) and the rescaler λ_k (a buffer).
 
     It refers to the shared ``EMRUnified`` without registering it (the owner registers that once), so
@@ -107,25 +107,9 @@ class EMRTaskModule(TaskModule):
             raise ValueError(f"EMR task-module checkpoint keys {state['keys'][:3]}... differ from this "
                              f"module's {self._keys[:3]}...")
 
-    def apply_(self, target: nn.Module | StateDict, weight: float = 1.0) -> None:
-        unified = self.unified
-        tensors = [resolve_tensor(target, key) for key in self._keys]  # fail before any write
-        rescaler = float(self.rescaler)
-        saved = []
-        for key, t in zip(self._keys, tensors):
-            tau = unified.tensor(key).to(device=t.device, dtype=torch.float32)
-            mask = self.mask(key).to(t.device)
-            old = t.clone()
-            change = (rescaler * mask.to(torch.float32) - 1.0) * tau
-            t.copy_((t.float() + weight * change).to(t.dtype))
-            saved.append((t, old))
-        self._saved.append(saved)
-
-    def restore_(self, target: nn.Module | StateDict) -> None:
-        if not self._saved:
-            raise RuntimeError("restore_ called without a matching apply_")
-        for t, old in reversed(self._saved.pop()):
-            t.copy_(old)
+    def change(self, key: str, device: torch.device) -> Tensor:
+        tau = self.unified.tensor(key).to(device=device, dtype=torch.float32)
+        return (float(self.rescaler) * self.mask(key).to(device).to(torch.float32) - 1.0) * tau
 
 
 def emr_unify(stacked: Tensor) -> tuple[Tensor, Tensor]:

@@ -14,10 +14,10 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from freemerge_pl.errors import check_range
-from freemerge_pl.merging.base import MergeResult, StateDict, TaskModule, resolve_tensor, stack
+from freemerge_pl.merging.base import DenseDeltaTaskModule, MergeResult, StateDict, stack
 from freemerge_pl.merging.fourier import matrix_shape
 from freemerge_pl.merging.ops import method_keys
 from freemerge_pl.merging.registry import register
@@ -26,7 +26,7 @@ REFERENCE = ("Lu et al. 2024, Twin-Merging: Dynamic Integration of Modular Exper
              "(NeurIPS)")
 
 
-class LowRankTaskModule(TaskModule):
+class LowRankTaskModule(DenseDeltaTaskModule):
     """An additive task module: per ≥2-D key the factors ``us`` = U·S ``[m, r]`` and ``vh`` = Vᵀ ``[r, n]``
     (buffers), per 1-D/0-D key a dense buffer. ``apply_(target, w)`` adds ``w·U S Vᵀ`` (fp32, one
     rounding) after saving the touched tensors; ``restore_`` writes them back bit-exactly.
@@ -81,21 +81,8 @@ class LowRankTaskModule(TaskModule):
             raise ValueError(f"low-rank task-module checkpoint keys {state['keys'][:3]}... differ from this "
                              f"module's {self._keys[:3]}...")
 
-    def apply_(self, target: nn.Module | StateDict, weight: float = 1.0) -> None:
-        tensors = [resolve_tensor(target, key) for key in self._keys]  # fail before any write
-        saved = []
-        for key, t in zip(self._keys, tensors):
-            old = t.clone()
-            change = self.delta(key).to(t.device)
-            t.copy_((t.float() + weight * change).to(t.dtype))
-            saved.append((t, old))
-        self._saved.append(saved)
-
-    def restore_(self, target: nn.Module | StateDict) -> None:
-        if not self._saved:
-            raise RuntimeError("restore_ called without a matching apply_")
-        for t, old in reversed(self._saved.pop()):
-            t.copy_(old)
+    def change(self, key: str, device: torch.device) -> Tensor:
+        return self.delta(key).to(device)
 
 
 def truncated_svd_factors(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor]:
