@@ -62,9 +62,27 @@ def test_pretext_corpus_shapes():
     x, t, p = generators.pretext_batch(16, seed=0)
     assert x.shape == (16, 3, 32, 32) and x.dtype == np.uint8
     assert t.shape == (16, generators.PRETEXT_DIM) and p.shape == (16, 64) and p.max() < generators.PATCH_CLASSES
-    for name in ("type", "hue", "cell", "background"):
+    for name in ("type", "hue", "cell", "background", "glyph"):
         a, b = generators.PRETEXT_SLICES[name]
         assert np.all(t[:, a:b].sum(1) == 1)
+    assert generators.PRETEXT_DIM == max(b for _, b in generators.PRETEXT_SLICES.values())
+
+
+def test_pretext_patch_labels_follow_the_token_grid():
+    """Patch labels on a coarser token grid (patch 8 → 4×4) come from the same scenes: images and scene
+    targets are identical, and every coarse cell's label is one of the labels of the 4 fine cells inside it
+    (or background when none of them is a confident majority)."""
+    x8, t8, p8 = generators.pretext_batch(12, seed=3)
+    x4, t4, p4 = generators.pretext_batch(12, seed=3, patch_grid=4)
+    assert np.array_equal(x8, x4) and np.array_equal(t8, t4) and p4.shape == (12, 16)
+    bg = generators.PATCH_CLASSES - 1
+    fine = p8.reshape(12, 4, 2, 4, 2).transpose(0, 1, 3, 2, 4).reshape(12, 16, 4)
+    for n in range(12):
+        for c in range(16):
+            assert p4[n, c] == bg or p4[n, c] in fine[n, c], (n, c, p4[n, c], fine[n, c])
+    assert (p4 != bg).any()
+    with pytest.raises(ConfigError, match="patch_grid=5"):
+        generators.pretext_batch(2, seed=0, patch_grid=5)
 
 
 def test_task_names_fixed_order(tiny_zoo):

@@ -120,7 +120,7 @@ def _batches(n: int, batch_size: int, epochs: int, seed: int):
 def _pretext_loss(logits: Tensor, target: Tensor) -> Tensor:
     a, b = generators.PRETEXT_SLICES["presence"]
     loss = F.binary_cross_entropy_with_logits(logits[:, a:b], target[:, a:b])
-    for name in ("type", "hue", "cell", "background"):
+    for name in ("type", "hue", "cell", "background", "glyph"):
         a, b = generators.PRETEXT_SLICES[name]
         loss = loss + F.cross_entropy(logits[:, a:b], target[:, a:b].argmax(1))
     return loss
@@ -270,7 +270,7 @@ def _write_zoo(tmp: Path, size: str, seed: int) -> dict[str, Any]:
 
     n_pre = recipe["pretrain"]["n_images"]
     log.info("zoo %s: pre-training on %d procedural scenes", size, n_pre)
-    px, pt, pp = generators.pretext_batch(n_pre, seed)
+    px, pt, pp = generators.pretext_batch(n_pre, seed, patch_grid=bcfg["image_size"] // bcfg["patch_size"])
     torch.manual_seed(_derived_seed(seed, 1))
     model = build_vit(bcfg)
     pretext_loss = pretrain(model, torch.from_numpy(px), torch.from_numpy(pt), torch.from_numpy(pp),

@@ -7,22 +7,24 @@ exercises a different visual skill, so that fine-tuning on one moves the backbon
 =============  =======  ==================================================================================
 task           classes  skill
 =============  =======  ==================================================================================
-digits         10       printed digits on cluttered coloured backgrounds with neighbours (SVHN-like)
+digits         10       printed digits on muted cluttered backgrounds with neighbours (SVHN-like)
 letters        26       letters, upper or lower case, thick elastic strokes, white on black (EMNIST-like)
 signs          12       sign shape × sign colour on clutter, variable light (GTSRB-like)
 textures       10       periodic / stochastic texture families, random scale and colours (DTD-like)
 counting       6        how many (1-6) small objects lie on a noisy background
 orientation    8        angle bin (22.5° each) of one bar among clutter
 layout         8        the spatial layout of the scene (splits, bands, centre, frame, quadrants)
-handwritten    10       scikit-learn's bundled real handwritten digits, upsampled, coloured, jittered
+handwritten    10       scikit-learn's bundled real handwritten digits, upsampled, light on dark, jittered
 fashion        10       Fashion-MNIST, only when ``/usr/share/datasets/fashion-mnist`` is installed
 =============  =======  ==================================================================================
 
 The pre-training corpus (``pretext_batch``) draws scenes of generic primitives (discs, boxes, triangles,
-rings, bars, curves, stars, dot clusters) over four background kinds and labels each scene with several
-generic attributes (which primitives are present, the main object's type, hue and position, the
-background kind). None of the downstream tasks' images can come out of it: it draws no glyphs, signs,
-textures of the task families, counted objects or layouts.
+rings, bars, curves, stars, dot clusters) or, in half of the scenes, one of 64 fixed random "pseudo-glyphs"
+(2-4 Bézier strokes each: stroke shapes, like a script nobody writes), over four background kinds, and labels
+each scene with generic attributes (which primitives are present, the main object's type, hue and position,
+the background kind, the pseudo-glyph's identity) plus a per-token map of which object covers each patch.
+None of the downstream tasks' images can come out of it: it draws no digits or letters, signs, textures of
+the task families, counted objects or layouts.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, features
 
+from freemerge_pl.errors import ConfigError
+
 SIZE = 32
 CANVAS = 64
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -50,8 +54,8 @@ def _hsv(h: float, s: float, v: float) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(h % 1.0, s, v), dtype=np.float32) * 255.0
 
 
-def _random_colour(rng: np.random.Generator) -> np.ndarray:
-    return _hsv(rng.random(), rng.uniform(0.2, 1.0), rng.uniform(0.15, 1.0))
+def _random_colour(rng: np.random.Generator, max_saturation: float = 1.0) -> np.ndarray:
+    return _hsv(rng.random(), rng.uniform(0.0, max_saturation), rng.uniform(0.15, 1.0))
 
 
 def _luma(c: np.ndarray) -> float:
@@ -72,10 +76,10 @@ def _smooth_noise(rng: np.random.Generator, cells: int, size: int = CANVAS) -> n
     return np.clip(out, 0.0, 1.0)
 
 
-def _background(rng: np.random.Generator, kind: str | None = None) -> np.ndarray:
-    """A CANVAS×CANVAS×3 float background: flat, gradient or low-frequency colour noise."""
+def _background(rng: np.random.Generator, kind: str | None = None, max_saturation: float = 0.5) -> np.ndarray:
+    """A CANVAS×CANVAS×3 float background (muted colours): flat, gradient or low-frequency colour noise."""
     kind = kind or ("flat", "gradient", "noise")[int(rng.integers(3))]
-    a, b = _random_colour(rng), _random_colour(rng)
+    a, b = _random_colour(rng, max_saturation), _random_colour(rng, max_saturation)
     if kind == "flat":
         return np.broadcast_to(a, (CANVAS, CANVAS, 3)).copy()
     if kind == "gradient":
@@ -170,21 +174,22 @@ def _clutter(img: np.ndarray, rng: np.random.Generator, n: int, alpha: float = 1
 
 # ----------------------------------------------------------------------------------------------- tasks
 def _digits(rng: np.random.Generator, label: int, ctx) -> np.ndarray:
-    img = _clutter(_background(rng), rng, int(rng.integers(0, 4)), alpha=0.6)
-    fg, _ = _contrasting_pair(rng)
-    while abs(_luma(fg) - float(img.reshape(-1, 3).mean(0) @ [0.299, 0.587, 0.114])) < 60:
-        fg = _random_colour(rng)
-    size = int(rng.integers(34, 46))
+    img = _clutter(_background(rng, max_saturation=0.35), rng, int(rng.integers(0, 3)), alpha=0.3)
+    bg_luma = float(img.reshape(-1, 3).mean(0) @ [0.299, 0.587, 0.114])
+    fg = _random_colour(rng, 0.5)
+    while abs(_luma(fg) - bg_luma) < 90:
+        fg = _random_colour(rng, 0.5)
+    size = int(rng.integers(38, 50))
     stroke = int(rng.integers(0, 2))
     canvas = Image.new("L", (CANVAS, CANVAS), 0)
-    gap = size * rng.uniform(0.55, 0.75)
+    gap = size * rng.uniform(0.75, 0.95)
     for k, off in ((str(label), 0.0), (str(int(rng.integers(10))), -gap), (str(int(rng.integers(10))), gap)):
-        if off != 0.0 and rng.random() < 0.3:
+        if off != 0.0 and rng.random() < 0.5:
             continue
         g = _glyph(k, size, stroke, (round(off), 0))
         canvas = Image.fromarray(np.maximum(np.asarray(canvas), np.asarray(g)))
-    canvas = _affine(canvas, rng, rot=12, scale=(0.85, 1.1), shear=0.2, shift=4)
-    return _finish(_blend(img, _mask(canvas), fg), rng, (0.0, 14.0))
+    canvas = _affine(canvas, rng, rot=10, scale=(0.9, 1.1), shear=0.15, shift=3)
+    return _finish(_blend(img, _mask(canvas), fg), rng, (0.0, 10.0))
 
 
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -307,9 +312,9 @@ def _counting(rng: np.random.Generator, label: int, ctx) -> np.ndarray:
         (d.rectangle if square else d.ellipse)((cx - rr, cy - rr, cx + rr, cy + rr), fill=255)
     bg_luma = float(img.reshape(-1, 3).mean(0) @ [0.299, 0.587, 0.114])
     fg = _random_colour(rng)
-    while abs(_luma(fg) - bg_luma) < 60:
+    while abs(_luma(fg) - bg_luma) < 80:
         fg = _random_colour(rng)
-    return _finish(_blend(img, _mask(im), fg), rng, (0.0, 16.0))
+    return _finish(_blend(img, _mask(im), fg), rng, (0.0, 12.0))
 
 
 def _orientation(rng: np.random.Generator, label: int, ctx) -> np.ndarray:
@@ -375,9 +380,8 @@ def _handwritten(rng: np.random.Generator, label: int, ctx) -> np.ndarray:
     im = Image.new("L", (CANVAS, CANVAS), 0)
     im.paste(g, ((CANVAS - side) // 2, (CANVAS - side) // 2))
     im = _affine(im, rng, rot=10, scale=(0.95, 1.05), shear=0.1, shift=5)
-    fg, bg = _contrasting_pair(rng, 90)
-    img = np.broadcast_to(bg, (CANVAS, CANVAS, 3)).astype(np.float32)
-    return _finish(_blend(img, _mask(im), fg), rng, (0.0, 10.0))
+    img = np.full((CANVAS, CANVAS, 3), rng.uniform(0, 50), np.float32)
+    return _finish(_blend(img, _mask(im), np.full(3, rng.uniform(190, 255), np.float32)), rng, (0.0, 10.0))
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -418,9 +422,8 @@ def _fashion(rng: np.random.Generator, label: int, ctx) -> np.ndarray:
     im = Image.new("L", (CANVAS, CANVAS), 0)
     im.paste(g, (4, 4))
     im = _affine(im, rng, rot=5, scale=(0.95, 1.05), shear=0.05, shift=3)
-    fg, bg = _contrasting_pair(rng, 90)
-    img = np.broadcast_to(bg, (CANVAS, CANVAS, 3)).astype(np.float32)
-    return _finish(_blend(img, _mask(im), fg), rng, (0.0, 6.0))
+    img = np.full((CANVAS, CANVAS, 3), rng.uniform(0, 50), np.float32)
+    return _finish(_blend(img, _mask(im), np.full(3, rng.uniform(190, 255), np.float32)), rng, (0.0, 6.0))
 
 
 # ----------------------------------------------------------------------------------------------- registry
@@ -542,11 +545,23 @@ PRIMITIVES = ("disc", "box", "triangle", "ring", "bar", "curve", "star", "dot_cl
 BACKGROUNDS = ("flat", "gradient", "noise", "speckle")
 HUE_BINS = 8
 CELLS = 9
-#: output layout of the pretext targets: presence (multi-label) | main type | main hue | main cell | bg
-PRETEXT_SLICES = {"presence": (0, 8), "type": (8, 16), "hue": (16, 24), "cell": (24, 33), "background": (33, 37)}
-PRETEXT_DIM = 37
+#: random stroke prototypes ("pseudo-glyphs": 2-4 Bézier strokes each; no alphabet's letters or digits)
+PSEUDO_GLYPHS = 64
+GLYPH = len(PRIMITIVES)  # the pseudo-glyph's index among the object types
+#: output layout of the pretext targets: which primitives are present (multi-label) | main object's type
+#: (8 primitives or a pseudo-glyph) | its hue bin | its 3×3 cell | background kind | pseudo-glyph id (or none)
+PRETEXT_SLICES = {"presence": (0, 8), "type": (8, 17), "hue": (17, 25), "cell": (25, 34), "background": (34, 38),
+                  "glyph": (38, 38 + PSEUDO_GLYPHS + 1)}
+PRETEXT_DIM = 38 + PSEUDO_GLYPHS + 1
 PATCH_GRID = 8
-PATCH_CLASSES = len(PRIMITIVES) + 1
+#: per-patch classes: the 8 primitives, pseudo-glyph stroke, background
+PATCH_CLASSES = len(PRIMITIVES) + 2
+
+
+def _bezier(pts: np.ndarray, n: int = 20) -> list[tuple[float, float]]:
+    t = np.linspace(0, 1, n)[:, None]
+    bez = (1 - t) ** 3 * pts[0] + 3 * (1 - t) ** 2 * t * pts[1] + 3 * (1 - t) * t ** 2 * pts[2] + t ** 3 * pts[3]
+    return [tuple(p) for p in bez]
 
 
 def _primitive(d: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float, rng) -> None:
@@ -563,11 +578,8 @@ def _primitive(d: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float
         dx, dy = math.cos(rot) * r, math.sin(rot) * r
         d.line((cx - dx, cy - dy, cx + dx, cy + dy), fill=255, width=max(2, int(r / 4)))
     elif kind == "curve":
-        pts = rng.uniform(-r, r, (4, 2)) + (cx, cy)
-        t = np.linspace(0, 1, 24)[:, None]
-        bez = ((1 - t) ** 3 * pts[0] + 3 * (1 - t) ** 2 * t * pts[1] + 3 * (1 - t) * t ** 2 * pts[2]
-               + t ** 3 * pts[3])
-        d.line([tuple(p) for p in bez], fill=255, width=int(rng.integers(2, 5)), joint="curve")
+        d.line(_bezier(rng.uniform(-r, r, (4, 2)) + (cx, cy)), fill=255, width=int(rng.integers(2, 5)),
+               joint="curve")
     elif kind == "star":
         d.polygon(_star(cx, cy, r, rot), fill=255)
     else:
@@ -576,48 +588,91 @@ def _primitive(d: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float
             d.ellipse((px - 1.5, py - 1.5, px + 1.5, py + 1.5), fill=255)
 
 
-def _pretext_scene(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+@functools.lru_cache(maxsize=4)
+def _pseudo_glyph_table(seed: int) -> tuple[np.ndarray, ...]:
+    """``PSEUDO_GLYPHS`` prototypes, each ``[strokes, 4, 2]`` Bézier control points in the unit square."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 2000]))
+    table = []
+    for _ in range(PSEUDO_GLYPHS):
+        strokes = []
+        for _ in range(int(rng.integers(2, 5))):
+            if rng.random() < 0.4:  # a straight stroke
+                a, b = rng.uniform(0.1, 0.9, (2, 2))
+                strokes.append(np.stack([a, a + (b - a) / 3, a + 2 * (b - a) / 3, b]))
+            else:
+                strokes.append(rng.uniform(0.1, 0.9, (4, 2)))
+        table.append(np.stack(strokes))
+    return tuple(table)
+
+
+def _draw_pseudo_glyph(d: ImageDraw.ImageDraw, proto: np.ndarray, cx: float, cy: float, size: float,
+                       rng: np.random.Generator) -> None:
+    a = math.radians(rng.uniform(-15, 15))
+    sh = rng.uniform(-0.2, 0.2)
+    lin = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]) @ np.array([[1, sh], [0, 1]])
+    width = int(rng.integers(3, 7))
+    for stroke in proto:
+        pts = (stroke + rng.normal(0, 0.03, stroke.shape) - 0.5) * size
+        d.line(_bezier(pts @ lin.T + (cx, cy)), fill=255, width=width, joint="curve")
+
+
+def _pretext_scene(rng: np.random.Generator, glyphs: tuple[np.ndarray, ...], patch_grid: int = PATCH_GRID
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     bg = int(rng.integers(len(BACKGROUNDS)))
     if BACKGROUNDS[bg] == "speckle":
-        a, b = _random_colour(rng), _random_colour(rng)
+        a, b = _random_colour(rng, 0.5), _random_colour(rng, 0.5)
         w = (rng.random((CANVAS, CANVAS)) < rng.uniform(0.1, 0.5)).astype(np.float32)[..., None]
         img = a * (1 - w) + b * w
     else:
         img = _background(rng, BACKGROUNDS[bg])
+    bg_luma = float(img.reshape(-1, 3).mean(0) @ [0.299, 0.587, 0.114])
     target = np.zeros(PRETEXT_DIM, np.float32)
-    n_other = int(rng.integers(0, 5))
-    main = int(rng.integers(len(PRIMITIVES)))
+    glyph_scene = rng.random() < 0.5
+    main = GLYPH if glyph_scene else int(rng.integers(len(PRIMITIVES)))
+    glyph = int(rng.integers(PSEUDO_GLYPHS)) if glyph_scene else PSEUDO_GLYPHS
     hue = int(rng.integers(HUE_BINS))
-    cx, cy = rng.uniform(14, CANVAS - 14, 2)
+    main_colour = _hsv((hue + rng.uniform(0.1, 0.9)) / HUE_BINS, rng.uniform(0.5, 1), rng.uniform(0.3, 1))
+    for _ in range(20):
+        if abs(_luma(main_colour) - bg_luma) >= 70:
+            break
+        main_colour = _hsv((hue + rng.uniform(0.1, 0.9)) / HUE_BINS, rng.uniform(0.5, 1), rng.uniform(0.3, 1))
+    cx, cy = rng.uniform(20, CANVAS - 20, 2) if glyph_scene else rng.uniform(14, CANVAS - 14, 2)
     cell = int(cy // (CANVAS / 3)) * 3 + int(cx // (CANVAS / 3))
-    kinds = [(main, cx, cy, rng.uniform(10, 16), _hsv((hue + rng.uniform(0.1, 0.9)) / HUE_BINS,
-                                                      rng.uniform(0.6, 1), rng.uniform(0.6, 1)))]
-    for _ in range(n_other):
-        kinds.append((int(rng.integers(len(PRIMITIVES))), *rng.uniform(0, CANVAS, 2), rng.uniform(3, 7),
-                      _random_colour(rng)))
-    owner = np.full((CANVAS, CANVAS), len(PRIMITIVES), np.int64)
-    for kind, x, y, r, colour in kinds[1:] + kinds[:1]:  # the main object is drawn last (never hidden)
+    others = []
+    for _ in range(int(rng.integers(0, 3 if glyph_scene else 5))):
+        others.append((int(rng.integers(len(PRIMITIVES))), *rng.uniform(0, CANVAS, 2), rng.uniform(3, 7),
+                       _random_colour(rng)))
+    owner = np.full((CANVAS, CANVAS), PATCH_CLASSES - 1, np.int64)
+    for kind, x, y, r, colour in others + [(main, cx, cy, 0.0, main_colour)]:  # the main object last
         im = Image.new("L", (CANVAS, CANVAS), 0)
-        _primitive(ImageDraw.Draw(im), PRIMITIVES[kind], x, y, r, rng)
+        if kind == GLYPH:
+            _draw_pseudo_glyph(ImageDraw.Draw(im), glyphs[glyph], x, y, rng.uniform(30, 44), rng)
+        else:
+            _primitive(ImageDraw.Draw(im), PRIMITIVES[kind], x, y, r or rng.uniform(10, 16), rng)
+            target[kind] = 1.0
         m = _mask(im)
         img = _blend(img, m, colour)
         owner[m > 0.5] = kind
-        target[kind] = 1.0
-    target[8 + main] = 1.0
-    target[16 + hue] = 1.0
-    target[24 + cell] = 1.0
-    target[33 + bg] = 1.0
-    p = CANVAS // PATCH_GRID
-    blocks = owner.reshape(PATCH_GRID, p, PATCH_GRID, p).transpose(0, 2, 1, 3).reshape(PATCH_GRID ** 2, p * p)
-    counts = (blocks[..., None] == np.arange(len(PRIMITIVES))).sum(1)
-    patch = np.where(counts.max(1) * 4 >= p * p, counts.argmax(1), len(PRIMITIVES))
+    for name, index in (("type", main), ("hue", hue), ("cell", cell), ("background", bg), ("glyph", glyph)):
+        target[PRETEXT_SLICES[name][0] + index] = 1.0
+    g = patch_grid
+    p = CANVAS // g
+    blocks = owner.reshape(g, p, g, p).transpose(0, 2, 1, 3).reshape(g * g, p * p)
+    counts = np.bincount((blocks + PATCH_CLASSES * np.arange(g * g)[:, None]).ravel(),
+                         minlength=PATCH_CLASSES * g * g).reshape(-1, PATCH_CLASSES)[:, :-1]
+    patch = np.where(counts.max(1) * 4 >= p * p, counts.argmax(1), PATCH_CLASSES - 1)
     return _finish(img, rng, (0.0, 10.0)), target, patch
 
 
-def pretext_batch(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``n`` pre-training scenes: uint8 [n,3,32,32], attribute targets float32 [n,37] (``PRETEXT_SLICES``)
-    and per-patch labels int64 [n,64] (the primitive covering most of each 4×4 patch if it covers ≥ 1/4 of it, else 8 = background)."""
+def pretext_batch(n: int, seed: int, patch_grid: int = PATCH_GRID) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``n`` pre-training scenes: uint8 [n,3,32,32], attribute targets float32 [n, PRETEXT_DIM] (laid out as
+    ``PRETEXT_SLICES``) and per-patch labels int64 [n, patch_grid²] (the object covering most of each cell of
+    a ``patch_grid``×``patch_grid`` grid over the image — the ViT's token grid — if it covers ≥ 1/4 of it,
+    else background)."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 1000]))
-    triples = [_pretext_scene(rng) for _ in range(n)]
+    glyphs = _pseudo_glyph_table(seed)
+    if patch_grid < 1 or CANVAS % patch_grid:
+        raise ConfigError(f"pretext_batch: patch_grid={patch_grid} must divide the {CANVAS}-pixel canvas")
+    triples = [_pretext_scene(rng, glyphs, patch_grid) for _ in range(n)]
     x = np.stack([t[0] for t in triples]).transpose(0, 3, 1, 2)
     return np.ascontiguousarray(x), np.stack([t[1] for t in triples]), np.stack([t[2] for t in triples])

@@ -13,7 +13,7 @@ from freemerge_pl.errors import ConfigError
 from freemerge_pl.zoo.generators import HAS_FREETYPE, available_tasks
 
 #: bump when the generators or the training code change what a recipe produces
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 #: input normalisation of every zoo model: OpenAI CLIP's mean and std (the real adapters' code path)
 ZOO_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -31,13 +31,13 @@ SIZES: dict[str, dict[str, Any]] = {
                      "head": "probe_frozen"},
     },
     "default": {
-        "backbone": {"image_size": 32, "patch_size": 4, "width": 192, "layers": 6, "heads": 3,
+        "backbone": {"image_size": 32, "patch_size": 8, "width": 192, "layers": 6, "heads": 3,
                      "mlp_ratio": 4.0, "output_dim": 128},
         "data": {"n_train": 2000, "n_router": 100, "n_test": 600},
-        "pretrain": {"n_images": 16000, "epochs": 2, "batch_size": 128, "lr": 1e-3, "weight_decay": 0.05,
+        "pretrain": {"n_images": 24000, "epochs": 3, "batch_size": 128, "lr": 1e-3, "weight_decay": 0.05,
                      "warmup_fraction": 0.05},
         "probe": {"l2": 1e-3, "max_iter": 100},
-        "finetune": {"epochs": 2, "batch_size": 64, "lr": 3e-4, "weight_decay": 0.1, "warmup_fraction": 0.1,
+        "finetune": {"epochs": 5, "batch_size": 64, "lr": 3e-4, "weight_decay": 0.1, "warmup_fraction": 0.1,
                      "head": "probe_frozen"},
     },
 }
