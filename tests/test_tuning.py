@@ -144,3 +144,39 @@ def test_optuna_search_has_the_grid_interface(toy_root, tmp_path):
     by_value = {c["params"]["scaling"]: c["score"] for c in grid["candidates"]}
     for c in report["candidates"]:  # the same candidate scores the same whichever search proposed it
         assert c["score"] == by_value[c["params"]["scaling"]]
+
+
+@pytest.mark.slow
+def test_tune_under_ddp_equals_single_process(toy_root, tmp_path):
+    """`cli.py tune` on 2 CPU processes (gloo) scores every candidate exactly as one process does: each
+    tune-val sample is counted once (the counts are checked) and the chosen candidate and YAML agree."""
+    import subprocess
+    import sys
+
+    from tests.test_module import REPO
+
+    reports, yamls = {}, {}
+    space = json.dumps({"filter_ratio": [0.1, 0.5], "scaling": [1.0, 2.0]})
+    for devices in (1, 2):
+        cfg = config(toy_root, tmp_path / f"run{devices}", method="fr_merging")
+        cfg["data"]["tune_fraction"] = 0.5
+        cfg["data"]["batch_size"] = 7  # 40 router images per task, 20 of them tune-val: uneven DDP shards
+        out = tmp_path / f"tuned{devices}"
+        args = [sys.executable, str(REPO / "cli.py"), "tune", "--config",
+                str(write_config(tmp_path / f"cfg{devices}.yaml", cfg)), "--output_dir", str(out), "--space", space]
+        if devices == 2:
+            args += ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
+        proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=600, check=False)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        reports[devices] = json.loads((out / "tune_report.json").read_text())
+        yamls[devices] = yaml.safe_load((out / "tuned.yaml").read_text())
+    one, two = reports[1], reports[2]
+    assert len(one["candidates"]) == len(two["candidates"]) == 4
+    for a, b in zip(one["candidates"], two["candidates"]):
+        assert a["params"] == b["params"]
+        assert a["scores"]["tasks"] == b["scores"]["tasks"]
+        assert a["scores"]["routing_confusion"] == b["scores"]["routing_confusion"]
+        assert sum(map(sum, b["scores"]["routing_confusion"])) == 60  # each tune-val image scored once
+    assert one["best"]["params"] == two["best"]["params"]
+    assert yamls[1]["model"]["method_args"] == yamls[2]["model"]["method_args"]
+    assert one["tune_samples"] == two["tune_samples"] and sum(one["tune_samples"].values()) == 60
