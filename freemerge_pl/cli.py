@@ -37,7 +37,18 @@ def prepare_and_build(model: MergedModule, datamodule: MultiTaskDataModule, stag
 
 
 class FreeMergeTrainer(Trainer):
-    """A Trainer with a ``merge`` entry: build the merged model, train the router, export; no evaluation."""
+    """A Trainer with ``merge`` (build, train the router, export) and ``tune`` entries. ``test``/``validate``
+    default to ``verbose=False``: with one dataloader per task Lightning's own table repeats every metric
+    once per dataloader, and the ``ResultsTable`` callback prints the per-task table instead
+    (``--verbose true`` brings Lightning's back)."""
+
+    def test(self, model=None, dataloaders=None, ckpt_path: str | Path | None = None, verbose: bool = False,
+             datamodule=None, weights_only: bool | None = None):
+        return super().test(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
+
+    def validate(self, model=None, dataloaders=None, ckpt_path: str | Path | None = None, verbose: bool = False,
+                 datamodule=None, weights_only: bool | None = None):
+        return super().validate(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
 
     def merge(self, model: MergedModule, datamodule: MultiTaskDataModule, output_dir: str = "merged",
               fit_router: bool = True) -> list[Path]:

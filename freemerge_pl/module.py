@@ -237,10 +237,12 @@ class MergedModule(LightningModule):
                 for g, w in zip(task_ids, task_weights):
                     self.task_modules[g].apply_(self.backbone, float(w))
                     applied.append(g)
-                f = self.backbone(x[sel])
+                f = self.backbone(x if len(groups) == 1 else x[sel])
             finally:
                 for g in reversed(applied):
                     self.task_modules[g].restore_(self.backbone)
+            if len(groups) == 1:  # the whole batch (e.g. one dataset's batch, oracle): no gather/scatter
+                return f
             if out is None:
                 out = f.new_empty(x.shape[0], *f.shape[1:])
             out[sel] = f
