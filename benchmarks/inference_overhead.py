@@ -73,8 +73,8 @@ def run(config: str, n_batches: int, batch_size: int) -> dict:
         for routing, per_task in runs:
             batches = mixed_batches(dm, n_batches, batch_size, per_task)
             # oracle: the true task, one group per per-task batch — the expert's apply/restore cost alone
-            with_experts = (lambda x, t: model(x)) if routing == "router" else (lambda x, t: model(x, t))
-            backbone, routed = throughput([lambda x, t: model.backbone(x), with_experts], batches)
+            with_experts = (lambda x, t, m=model: m(x)) if routing == "router" else (lambda x, t, m=model: m(x, t))
+            backbone, routed = throughput([lambda x, t, m=model: m.backbone(x), with_experts], batches)
             label = (f"{routing} on {source} features" if routing == "router" else "oracle") + \
                 f", {'per-task' if per_task else 'mixed'} batches"
             rows[label] = {

@@ -276,3 +276,41 @@ def test_early_features_are_the_forward_prefix(tiny_zoo):
 def test_manifest_is_json_with_sorted_keys(tiny_zoo):
     text = (tiny_zoo / "manifest.json").read_text()
     assert json.loads(text)["format"] == zoo_build.FORMAT
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    import gzip
+
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_task_from_installed_idx_files(tmp_path, monkeypatch):
+    """The optional ninth task reads the Debian package's IDX files: with fake ones in place it is listed
+    last, its train/router splits come from disjoint parts of the official train images (test from t10k),
+    and its samples are balanced 32×32 RGB images."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "fashion-mnist"
+    root.mkdir()
+    for prefix, n in (("train", 200), ("t10k", 50)):
+        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    monkeypatch.setattr(generators, "FASHION_DIR", tmp_path / "absent")
+    assert "fashion" not in generators.available_tasks()
+    monkeypatch.setattr(generators, "FASHION_DIR", root)
+    assert generators.available_tasks() == [*generators.BASE_TASKS, "fashion"]
+    seen: set[bytes] = set()
+    for split, n in (("train", 30), ("router", 10), ("test", 20)):
+        x, y = generators.generate_split("fashion", split, n, seed=0, exclude=seen)
+        assert x.shape == (n, 3, 32, 32) and x.dtype == np.uint8 and x.std() > 5
+        counts = np.bincount(y, minlength=10)
+        assert counts.max() - counts.min() <= 1
+        hashes = {generators.row_hash(r) for r in x}
+        assert len(hashes) == n and not hashes & seen
+        seen |= hashes
+    train = generators._BasePool(generators.TASKS["fashion"], "train", 0)
+    router = generators._BasePool(generators.TASKS["fashion"], "router", 0)
+    test = generators._BasePool(generators.TASKS["fashion"], "test", 0)
+    assert len(train.y) == 180 and len(router.y) == 20 and len(test.y) == 50
+    assert not {r.tobytes() for r in train.x} & {r.tobytes() for r in router.x}
