@@ -1,6 +1,8 @@
 """Hyperparameter choice on tune-val: analytic optimum, test split untouched, reuse of FFTs, YAML round trip."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from freemerge_pl.cli import main
 from freemerge_pl.merging import merge
 from freemerge_pl.models.toy import make_toy_models
 from freemerge_pl.tuning import CandidateMerger, grid_candidates, tune
-from tests.test_module import config, write_config
+from tests.test_module import REPO, config, write_config
 
 
 def test_grid_candidates_is_the_product():
@@ -150,11 +152,6 @@ def test_optuna_search_has_the_grid_interface(toy_root, tmp_path):
 def test_tune_under_ddp_equals_single_process(toy_root, tmp_path):
     """`cli.py tune` on 2 CPU processes (gloo) scores every candidate exactly as one process does: each
     tune-val sample is counted once (the counts are checked) and the chosen candidate and YAML agree."""
-    import subprocess
-    import sys
-
-    from tests.test_module import REPO
-
     reports, yamls = {}, {}
     space = json.dumps({"filter_ratio": [0.1, 0.5], "scaling": [1.0, 2.0]})
     for devices in (1, 2):
