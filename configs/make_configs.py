@@ -57,11 +57,6 @@ def main() -> None:
               f"{method} ({spec.reference}) on the offline zoo, the method's default hyperparameters.")
     write(HERE / "zoo" / "tiny" / "free_merging.yaml", zoo_config("free_merging", size="tiny"),
           "FREE-Merging on the tiny zoo (seconds; what CI runs end to end).")
-    for name, method in [("fr_merging_released", "fr_merging"), ("free_merging_released", "free_merging")]:
-        write(HERE / "zoo" / f"{name}.yaml",
-              zoo_config(method, method_args={"semantics": "released_code"}),
-              f"{method} as the authors' released code computes it (semantics: released_code, DESIGN §9).")
-
 
 if __name__ == "__main__":
     main()

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
@@ -14,7 +15,8 @@ from freemerge_pl.data import MultiTaskDataModule
 from freemerge_pl.errors import ConfigError
 from freemerge_pl.io import write_json_atomic, write_text_atomic
 from freemerge_pl.module import MergedModule
-from freemerge_pl.tuning import CandidateMerger, grid_candidates, mean_objective, tune
+from freemerge_pl.merging.method import MergeMethod
+from freemerge_pl.tuning import CandidateMerger, check_candidates, grid_candidates, mean_objective, tune
 
 #: the default search space per method (used when ``--space`` is not given)
 DEFAULT_SPACES: dict[str, dict[str, list[Any]]] = {
@@ -74,6 +76,8 @@ class FreeMergeTrainer(Trainer):
         space = space or DEFAULT_SPACES.get(model.method)
         if not space:
             raise ConfigError(f"no default tune space for method {model.method!r}: pass --space")
+        candidates = grid_candidates(space)
+        check_candidates(model.method, model.method_args, model.fr_filter_ratio, candidates)
         start = time.perf_counter()
         prepare_and_build(model, datamodule, "validate")
         router_data = datamodule.router_dataset()
@@ -104,7 +108,7 @@ class FreeMergeTrainer(Trainer):
                 individual[task] = model.val_results["tasks"][task][metric]
         objective = mean_objective(metric, individual)
         if search == "grid":
-            report = tune(grid_candidates(space), merger, evaluate, objective)
+            report = tune(candidates, merger, evaluate, objective)
         elif search == "optuna":
             report = _optuna_search(space, n_trials, merger, evaluate, objective, model.merge_seed)
         else:
@@ -174,7 +178,11 @@ class FreeMergeCLI(LightningCLI):
         best = dict(report["best"]["params"])
         if "fr_filter_ratio" in best:
             cfg.model.fr_filter_ratio = best.pop("fr_filter_ratio")
-        cfg.model.method_args = {**(cfg.model.method_args or {}), **best}
+        if isinstance(cfg.model.method, str):
+            cfg.model.method_args = {**(cfg.model.method_args or {}), **best}
+        else:  # a class_path method: the chosen values are its init_args
+            for name, value in best.items():
+                cfg.model.method.init_args[name] = value
         out = Path(cfg.output_dir)
         for key in ("space", "metric", "normalised", "search", "n_trials", "output_dir", "config"):
             if key in cfg:
@@ -185,6 +193,7 @@ class FreeMergeCLI(LightningCLI):
 
 def main(args=None, run: bool = True) -> FreeMergeCLI:
     """The CLI; ``run=False`` only parses ``args`` (no subcommand) and instantiates model, data, trainer."""
+    set_parsing_settings(subclasses_enabled=[MergeMethod])
     return FreeMergeCLI(MergedModule, MultiTaskDataModule, trainer_class=FreeMergeTrainer,
                         save_config_kwargs={"overwrite": True}, args=args, run=run)
 

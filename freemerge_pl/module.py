@@ -15,7 +15,8 @@ from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from freemerge_pl.errors import ConfigError
-from freemerge_pl.merging import get_method, merge
+from freemerge_pl.merging import MergeMethod, build_method, merge
+from freemerge_pl.merging.engine import check_prefilter
 from freemerge_pl.merging.merge import save_task_modules
 from freemerge_pl.metrics import REGRESSION_METRICS, task_metrics
 from freemerge_pl.models.base import ModelAdapter
@@ -44,7 +45,9 @@ class MergedModule(LightningModule):
 
     Args:
         adapter: reads θ_pre, θ_1..θ_K and the heads; builds the backbone module.
-        method: a registry name (``freemerge_pl.merging.list_methods()``); ``method_args`` its hyperparameters.
+        method: a registry name (``freemerge_pl.merging.list_methods()``) with ``method_args`` its
+            hyperparameters, or a configured method object (``class_path: FREEMerging`` with ``init_args`` in
+            YAML; every field typed and checked once, here).
         fr_filter_ratio: FR high-pass applied to every task vector before ``method`` (0 = off).
         routing: ``router`` (learned, Alg. 1) or ``oracle`` (the true task picks the task module).
         head_selection: ``dataset`` (the evaluated dataset's head, the benchmark protocol) or ``routed``
@@ -60,7 +63,7 @@ class MergedModule(LightningModule):
     def __init__(
         self,
         adapter: ModelAdapter,
-        method: str = "free_merging",
+        method: str | MergeMethod = "free_merging",
         method_args: dict[str, Any] | None = None,
         fr_filter_ratio: float = 0.0,
         merge_seed: int = 0,
@@ -73,8 +76,8 @@ class MergedModule(LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["adapter"])
-        spec = get_method(method)
-        spec.validate(method_args or {})
+        self.method_config = build_method(method, method_args)
+        check_prefilter(self.method_config, fr_filter_ratio)
         if routing not in ROUTINGS:
             raise ConfigError(f"routing={routing!r}; accepted: {list(ROUTINGS)}")
         if head_selection not in HEAD_SELECTIONS:
@@ -86,8 +89,8 @@ class MergedModule(LightningModule):
         if top_k < 1:
             raise ConfigError(f"top_k={top_k} must be ≥ 1")
         self.adapter = adapter
-        self.method = method
-        self.method_args = dict(method_args or {})
+        self.method = self.method_config.name
+        self.method_args = dict(method_args or {}) if isinstance(method, str) else self.method_config.hyperparameters()
         self.fr_filter_ratio = fr_filter_ratio
         self.merge_seed = merge_seed
         self.routing = routing
@@ -138,9 +141,9 @@ class MergedModule(LightningModule):
         start = time.perf_counter()
         pretrained = self.adapter.pretrained_state_dict()
         finetuned = [self.adapter.finetuned_state_dict(t) for t in self.task_names]
-        out = merge(pretrained, finetuned, self.method, names=self.task_names,
+        out = merge(pretrained, finetuned, self.method_config, names=self.task_names,
                     exclude_keys=list(self.adapter.exclude_keys), fr_filter_ratio=self.fr_filter_ratio,
-                    seed=self.merge_seed, **self.method_args)
+                    seed=self.merge_seed)
         del finetuned
         backbone = self.adapter.build_backbone()
         backbone.load_state_dict(out.state_dict, strict=True)

@@ -130,8 +130,8 @@ def test_merge_released_code_changes_only_attn_mlp(ckpt, method):
     adapter = adapter_for(ckpt, "st")
     pre = adapter.pretrained_state_dict()
     extra = {"expert_density": 0.1} if method == "free_merging" else {}
-    out = merge(pre, [adapter.finetuned_state_dict(t) for t in TASKS], method, names=list(TASKS),
-                semantics="released_code", **extra)
+    out = merge(pre, [adapter.finetuned_state_dict(t) for t in TASKS], f"{method}_released", names=list(TASKS),
+                **extra)
     adapter.build_backbone().load_state_dict(out.state_dict, strict=True)
     changed = [k for k in pre if CHANGED.search(k)]
     assert changed and "transformer.resblocks.0.attn.in_proj_weight" in changed
@@ -234,7 +234,7 @@ def test_paper_config_parses_without_reading_files(path):
     assert adapter.model_name.replace("-", "").lower()[3:] in path.name.replace("_", "")
     assert cli.model.head_selection == "dataset" and cli.model.routing == "router"
     released = "released" in path.stem
-    assert cli.model.method_args["semantics"] == ("released_code" if released else "paper")
+    assert cli.model.method == ("free_merging" if "free" in path.stem else "fr_merging") + ("_released" * released)
     assert list(adapter.backbone_spec)[:2] == ["class_embedding", "positional_embedding"]
 
 
@@ -250,7 +250,7 @@ def test_tiny_open_clip_end_to_end(ckpt, tmp_path):
                         dataset_args={"root": str(_image_folder(tmp_path / t, CLASSES[t])), "image_size": 32})
              for t in TASKS]
     dm = MultiTaskDataModule(tasks, router_fraction=0.5, min_router_samples=2, batch_size=4)
-    module = MergedModule(adapter_for(ckpt), method="free_merging", method_args={"semantics": "released_code"},
+    module = MergedModule(adapter_for(ckpt), method="free_merging_released",
                           routing="oracle")
     trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                       enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path))

@@ -1,156 +1,145 @@
 """Cost-free baselines (DESIGN §6): weight averaging, task arithmetic, TIES, DARE, Breadcrumbs, DELLA,
 PCB-Merging and TSV-Merging here; EMR-Merging in ``emr.py`` and Twin-Merging in ``twin.py``.
 
-Every method is ``fn(task_vectors, *, hyperparameters...) -> MergeResult`` with fp32 task vectors
-``v_k = θ_k − θ_pre`` (key → tensor, the same keys in each); the backbone is ``θ_pre + delta``. The
-building blocks (trim, sign election, disjoint merge, drops) live in ``ops.py`` and are shared.
-Random methods take the driver's seeded ``generator`` and draw key by key, task by task, in key order.
+Every method is a typed configuration (``MergeMethod``) with a per-tensor kernel ``merge_key`` on one key's
+fp32 task vectors ``v_k = θ_k − θ_pre`` and, where it needs model-wide quantities (TIES/PCB model-scope
+thresholds), a ``statistics`` pass; the backbone is ``θ_pre + delta``. The building blocks (trim, sign
+election, disjoint merge, drops) live in ``ops.py`` and are shared. Random methods draw from the engine's
+seeded generator key by key, task by task, in key order (replayed identically in every pass).
+The lower-case functions (``ties(task_vectors, **hyperparameters)``) run a method on in-memory task vectors.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from freemerge_pl.errors import check_range
-from freemerge_pl.merging.base import MergeResult, StateDict, stack
+from freemerge_pl.merging.experts import topk_count
+from freemerge_pl.merging.method import Context, KeyTensors, MergeMethod, Scan
 from freemerge_pl.merging.ops import (
-    SIGN_ELECTIONS,
-    TRIM_SCOPES,
-    check_choice,
-    kth_largest_rows,
     magnitude_band_mask,
     magnitude_trim,
     magprune,
-    method_keys,
-    minmax_rows,
-    model_trim_thresholds,
     per_task,
     random_drop,
     task_weights,
     ties_combine,
-    trim_thresholds,
 )
-from freemerge_pl.merging.registry import register
+from freemerge_pl.merging.quantile import kth_largest_indices, magnitude_thresholds, run_order_statistics
+from freemerge_pl.merging.registry import functional, register
 
-DARE_MERGES = ("task_arithmetic", "ties")
-PCB_FORMULATIONS = ("paper", "released_code")
-PCB_SCOPES = ("model", "tensor")
+# ---------------------------------------------------------------- shared helpers
+
+def sum_vectors(vectors: Iterable[Tensor]) -> Tensor:
+    """``Σ_k v_k`` in float32, accumulated in place into a fresh tensor (no [K, ...] stack: K× less memory
+    and faster); the inputs are never modified."""
+    total = None
+    for v in vectors:
+        if total is None:
+            total = v.to(dtype=torch.float32, copy=True)
+        else:
+            total.add_(v.to(device=total.device, dtype=torch.float32))
+    return total
 
 
-def _default_generator(generator: torch.Generator | None,
-                       task_vectors: Sequence[StateDict]) -> torch.Generator:
-    """The driver's generator, or one seeded with 0 on the task vectors' device."""
-    if generator is not None:
-        return generator
-    device = next(iter(task_vectors[0].values())).device if task_vectors[0] else torch.device("cpu")
-    return torch.Generator(device=device).manual_seed(0)
+def model_trim_thresholds(scan: Scan, values_of: Callable[[KeyTensors], Sequence[Tensor]], num_tasks: int,
+                          density: float) -> Tensor:
+    """Per task, the |v| threshold keeping the ⌈density·N⌉ largest entries of the whole model (exact)."""
+    return magnitude_thresholds(lambda fn: scan(fn, "trim threshold"), values_of, num_tasks,
+                                lambda n: topk_count(n, density))
 
 
 # ---------------------------------------------------------------- weight averaging, task arithmetic
 
-def _sum_fp32(task_vectors: Sequence[StateDict], key: str) -> Tensor:
-    """``Σ_k v_k[key]`` in float32, accumulated in place into a fresh tensor (no [K, ...] stack: K× less
-    memory and faster, as ``fr.fr_combine``); the inputs are never modified."""
-    total = task_vectors[0][key].to(dtype=torch.float32, copy=True)
-    for tv in task_vectors[1:]:
-        total.add_(tv[key].to(device=total.device, dtype=torch.float32))
-    return total
-
-
 @register("weight_averaging", reference="Wortsman et al. 2022 (model soups); DESIGN §6")
-def weight_averaging(task_vectors: list[StateDict]) -> MergeResult:
+@dataclass
+class WeightAveraging(MergeMethod):
     """Weight averaging: θ_m = (1/K) Σ_k θ_k, i.e. delta = (1/K) Σ_k v_k."""
-    keys = method_keys(task_vectors)
-    return MergeResult({key: _sum_fp32(task_vectors, key).div_(len(task_vectors)) for key in keys})
+
+    def merge_key(self, x: KeyTensors, stats, ctx: Context) -> Tensor:
+        return sum_vectors(x.vectors()).div_(x.num_tasks)
 
 
 @register("task_arithmetic", reference="Ilharco et al. 2023, Editing Models with Task Arithmetic")
-def task_arithmetic(task_vectors: list[StateDict], *, scaling: float = 0.3) -> MergeResult:
+@dataclass
+class TaskArithmetic(MergeMethod):
     """Task arithmetic: θ_m = θ_pre + λ Σ_k v_k, with ``scaling`` λ (paper default 0.3)."""
-    keys = method_keys(task_vectors)
-    return MergeResult({key: _sum_fp32(task_vectors, key).mul_(scaling) for key in keys})
+
+    scaling: float = 0.3
+
+    def merge_key(self, x: KeyTensors, stats, ctx: Context) -> Tensor:
+        return sum_vectors(x.vectors()).mul_(self.scaling)
+
+
+weight_averaging = functional(WeightAveraging)
+task_arithmetic = functional(TaskArithmetic)
 
 
 # ---------------------------------------------------------------- TIES
 
-def _check_ties(density: float, trim_scope: str, sign_election: str) -> None:
-    check_range("density", density, 0.0, 1.0, low_open=True)
-    check_choice("trim_scope", trim_scope, TRIM_SCOPES)
-    check_choice("sign_election", sign_election, SIGN_ELECTIONS)
-
-
-def ties_delta(
-    task_vectors: Sequence[StateDict],
-    keys: Sequence[str],
-    *,
-    density: float,
-    trim_scope: str,
-    sign_election: str,
-    weights: Sequence[float] | None,
-    scaling: float,
-) -> StateDict:
-    """Trim (top ⌈k·N⌉ |v| per task, model- or tensor-wide), elect, disjoint-merge and scale."""
-    w = task_weights(weights, len(task_vectors))
-    thresholds = None
-    if trim_scope == "model" and density < 1:
-        thresholds = model_trim_thresholds(task_vectors, keys, density)
-    delta = {}
-    for key in keys:
-        stacked = stack(task_vectors, key)
-        if density < 1:
-            stacked = magnitude_trim(stacked, density, thresholds)
-        delta[key] = scaling * ties_combine(stacked, w, sign_election)
-    return delta
+def check_weights(weights: Sequence[float] | None, num_tasks: int) -> None:
+    task_weights(weights, num_tasks)
 
 
 @register("ties", reference="Yadav et al. 2023, TIES-Merging (NeurIPS), Alg. 1 (trim, elect, disjoint merge)")
-def ties(
-    task_vectors: list[StateDict],
-    *,
-    density: float = 0.2,
-    trim_scope: str = "model",
-    sign_election: str = "unweighted",
-    weights: list[float] | None = None,
-    scaling: float = 1.0,
-) -> MergeResult:
+@dataclass
+class TIES(MergeMethod):
     """TIES-Merging: trim each task vector to its top-k magnitudes, elect signs, disjoint mean.
 
     Symbols (Alg. 1): k = ``density`` (0.2: the top 20% |v_k| are kept, ties at the threshold too),
-    over the whole model (``trim_scope="model"``: the paper's code, FusionBench) or per tensor
-    (``"tensor"``: peft, mergekit); γ_m = sgn(Σ_k trimmed v_k) (a zero sum elects +);
-    τ_m = mean over A = {k : v_k ≠ 0, sgn v_k = γ_m}; θ_m = θ_pre + λ τ_m with λ = ``scaling`` (1.0, the
-    paper's ViT setting; FusionBench uses 0.3).
+    over the whole model (``trim_scope="model"``: the paper's code, FusionBench; an exact two-pass
+    quantile, one tensor at a time) or per tensor (``"tensor"``: peft, mergekit); γ_m = sgn(Σ_k trimmed
+    v_k) (a zero sum elects +); τ_m = mean over A = {k : v_k ≠ 0, sgn v_k = γ_m}; θ_m = θ_pre + λ τ_m with
+    λ = ``scaling`` (1.0, the paper's ViT setting; FusionBench uses 0.3).
     ``sign_election="unweighted"`` (default, the paper and peft): elect on Σ v_k, merge Σ_A w_k v_k / |A|;
     ``"weighted"`` (mergekit): elect on Σ w_k v_k, merge Σ_A w_k v_k / Σ_A w_k. ``weights`` w_k default 1,
     where the two conventions coincide. Deviation: the paper's code keeps one entry more (it thresholds at
     the ⌊N(1−k)⌋-th smallest |v| inclusive); we keep ⌈k·N⌉.
     """
-    _check_ties(density, trim_scope, sign_election)
-    keys = method_keys(task_vectors)
-    return MergeResult(ties_delta(task_vectors, keys, density=density, trim_scope=trim_scope,
-                                  sign_election=sign_election, weights=weights, scaling=scaling))
+
+    density: float = 0.2
+    trim_scope: Literal["model", "tensor"] = "model"
+    sign_election: Literal["unweighted", "weighted"] = "unweighted"
+    weights: list[float] | None = None
+    scaling: float = 1.0
+
+    def check(self) -> None:
+        check_range("density", self.density, 0.0, 1.0, low_open=True)
+
+    def begin(self, ctx: Context) -> None:
+        check_weights(self.weights, ctx.num_tasks)
+
+    def trimmed_vectors(self, x: KeyTensors, ctx: Context) -> list[Tensor]:
+        """The task vectors TIES trims (DARE+TIES overrides this with the dropped ones)."""
+        return list(x.vectors())
+
+    def statistics(self, scan: Scan):
+        if self.trim_scope == "model" and self.density < 1:
+            return model_trim_thresholds(scan, lambda x: self.trimmed_vectors(x, scan.ctx), scan.ctx.num_tasks,
+                                         self.density)
+        return None
+
+    def merge_key(self, x: KeyTensors, thresholds, ctx: Context) -> Tensor:
+        stacked = torch.stack(self.trimmed_vectors(x, ctx))
+        if self.density < 1:
+            stacked = magnitude_trim(stacked, self.density, thresholds)
+        return self.scaling * ties_combine(stacked, task_weights(self.weights, x.num_tasks), self.sign_election)
+
+
+ties = functional(TIES)
 
 
 # ---------------------------------------------------------------- DARE
 
 @register("dare", reference="Yu et al. 2024, Language Models are Super Mario (ICML), DARE drop-and-rescale")
-def dare(
-    task_vectors: list[StateDict],
-    *,
-    drop_rate: float = 0.9,
-    rescale: bool = True,
-    merge: str = "task_arithmetic",
-    scaling: float = 0.3,
-    weights: list[float] | None = None,
-    ties_density: float = 1.0,
-    trim_scope: str = "model",
-    sign_election: str = "unweighted",
-    generator: torch.Generator | None = None,
-) -> MergeResult:
+@dataclass
+class DARE(MergeMethod):
     """DARE: drop each task-vector entry with probability p, rescale survivors by 1/(1−p), then merge.
 
     Symbols (the paper's drop-and-rescale equations): p = ``drop_rate`` (0.9), m ~ Bernoulli(p),
@@ -160,74 +149,84 @@ def dare(
     further trim, as mergekit's dare_ties — over ``trim_scope``, elect by ``sign_election``, disjoint
     mean), times λ = ``scaling`` (0.3, the task-arithmetic default; the paper tunes it per merge).
     Deviation: mergekit's dare_ties sums the agreeing entries without dividing; we take TIES's mean.
-    Reproducible under ``generator`` (the driver's seeded one; seed 0 when None).
+    Reproducible under the run's seed (the engine's generator, replayed per key in every pass).
     """
-    check_range("drop_rate", drop_rate, 0.0, 1.0, high_open=True)
-    check_choice("merge", merge, DARE_MERGES)
-    _check_ties(ties_density, trim_scope, sign_election)
-    keys = method_keys(task_vectors)
-    generator = _default_generator(generator, task_vectors)
-    w = task_weights(weights, len(task_vectors))
-    dropped: list[StateDict] = [{} for _ in task_vectors]
-    for key in keys:
-        for k, tv in enumerate(task_vectors):
-            dropped[k][key] = random_drop(tv[key].float(), drop_rate, generator, rescale)
-    if merge == "ties":
-        delta = ties_delta(dropped, keys, density=ties_density, trim_scope=trim_scope,
-                           sign_election=sign_election, weights=weights, scaling=scaling)
-    else:
-        delta = {}
-        for key in keys:
-            stacked = stack(dropped, key)
-            delta[key] = scaling * (stacked * per_task(w, stacked)).sum(0)
-    return MergeResult(delta)
+
+    random = True
+
+    drop_rate: float = 0.9
+    rescale: bool = True
+    merge: Literal["task_arithmetic", "ties"] = "task_arithmetic"
+    scaling: float = 0.3
+    weights: list[float] | None = None
+    ties_density: float = 1.0
+    trim_scope: Literal["model", "tensor"] = "model"
+    sign_election: Literal["unweighted", "weighted"] = "unweighted"
+
+    def check(self) -> None:
+        check_range("drop_rate", self.drop_rate, 0.0, 1.0, high_open=True)
+        self._ties = TIES(density=self.ties_density, trim_scope=self.trim_scope,
+                          sign_election=self.sign_election, weights=self.weights, scaling=self.scaling)
+        self._ties.trimmed_vectors = self.dropped
+
+    def begin(self, ctx: Context) -> None:
+        check_weights(self.weights, ctx.num_tasks)
+
+    def dropped(self, x: KeyTensors, ctx: Context) -> list[Tensor]:
+        generator = ctx.rng(x.key)
+        return [random_drop(v, self.drop_rate, generator, self.rescale) for v in x.vectors()]
+
+    def statistics(self, scan: Scan):
+        return self._ties.statistics(scan) if self.merge == "ties" else None
+
+    def merge_key(self, x: KeyTensors, stats, ctx: Context) -> Tensor:
+        if self.merge == "ties":
+            return self._ties.merge_key(x, stats, ctx)
+        stacked = torch.stack(self.dropped(x, ctx))
+        return self.scaling * (stacked * per_task(task_weights(self.weights, x.num_tasks), stacked)).sum(0)
+
+
+dare = functional(DARE)
 
 
 # ---------------------------------------------------------------- Breadcrumbs
 
 @register("breadcrumbs",
           reference="Davari & Belilovsky 2023, Model Breadcrumbs (mask both magnitude tails, then add)")
-def breadcrumbs(
-    task_vectors: list[StateDict],
-    *,
-    drop_top: float = 0.01,
-    drop_bottom: float = 0.9,
-    scaling: float = 0.3,
-) -> MergeResult:
+@dataclass
+class Breadcrumbs(MergeMethod):
     """Model Breadcrumbs: per tensor, drop the largest β and smallest γ magnitudes, then task arithmetic.
 
     Symbols: β = ``drop_top`` (1%: the ⌊β·n⌋ largest |v| of each tensor, outliers), γ = ``drop_bottom``
     (90%: the ⌊γ·n⌋ smallest); θ_m = θ_pre + α Σ_k m_k ⊙ v_k with α = ``scaling`` (0.3, the
     task-arithmetic default; the paper tunes α with β, γ on validation data).
     """
-    check_range("drop_top", drop_top, 0.0, 1.0)
-    check_range("drop_bottom", drop_bottom, 0.0, 1.0)
-    check_range("drop_top + drop_bottom", drop_top + drop_bottom, 0.0, 1.0, high_open=True)
-    keys = method_keys(task_vectors)
-    delta = {}
-    for key in keys:
-        total = torch.zeros_like(task_vectors[0][key], dtype=torch.float32)
-        for tv in task_vectors:
-            v = tv[key].float()
-            total += torch.where(magnitude_band_mask(v, drop_top, drop_bottom), v, torch.zeros_like(v))
-        delta[key] = scaling * total
-    return MergeResult(delta)
+
+    drop_top: float = 0.01
+    drop_bottom: float = 0.9
+    scaling: float = 0.3
+
+    def check(self) -> None:
+        check_range("drop_top", self.drop_top, 0.0, 1.0)
+        check_range("drop_bottom", self.drop_bottom, 0.0, 1.0)
+        check_range("drop_top + drop_bottom", self.drop_top + self.drop_bottom, 0.0, 1.0, high_open=True)
+
+    def merge_key(self, x: KeyTensors, stats, ctx: Context) -> Tensor:
+        total = torch.zeros(x.shape, dtype=torch.float32, device=ctx.device)
+        for v in x.vectors():
+            total = total.to(v.device)
+            total += torch.where(magnitude_band_mask(v, self.drop_top, self.drop_bottom), v, torch.zeros_like(v))
+        return self.scaling * total
+
+
+breadcrumbs = functional(Breadcrumbs)
 
 
 # ---------------------------------------------------------------- DELLA
 
 @register("della", reference="Deep et al. 2024, DELLA-Merging (MAGPRUNE, elect, fuse)")
-def della(
-    task_vectors: list[StateDict],
-    *,
-    drop_rate: float = 0.3,
-    epsilon: float = 0.14,
-    rescale: bool = True,
-    sign_election: str = "unweighted",
-    weights: list[float] | None = None,
-    scaling: float = 1.1,
-    generator: torch.Generator | None = None,
-) -> MergeResult:
+@dataclass
+class DELLA(MergeMethod):
     """DELLA-Merging: magnitude-ranked random drop (MAGPRUNE), rescale, elect signs, disjoint mean.
 
     Symbols (MAGPRUNE: Δ = ε/n, p_i = p_min + Δ·r_i, p_min = p − ε/2, with larger |v| dropped less):
@@ -239,78 +238,199 @@ def della(
     ``weights``), θ_m = θ_pre + λ·merged with λ = ``scaling``. Defaults p = 0.3, ε = 0.14, λ = 1.1:
     the authors' example command (declare-lab/della README).
     """
-    check_range("drop_rate", drop_rate, 0.0, 1.0, high_open=True)
-    check_range("epsilon", epsilon, 0.0, 1.0)
-    check_range("drop_rate - epsilon/2", drop_rate - epsilon / 2, 0.0, 1.0, high_open=True)
-    check_range("drop_rate + epsilon/2", drop_rate + epsilon / 2, 0.0, 1.0, high_open=True)
-    check_choice("sign_election", sign_election, SIGN_ELECTIONS)
-    keys = method_keys(task_vectors)
-    generator = _default_generator(generator, task_vectors)
-    w = task_weights(weights, len(task_vectors))
-    delta = {}
-    for key in keys:
-        pruned = torch.stack([magprune(tv[key].float(), drop_rate, epsilon, generator, rescale)
-                              for tv in task_vectors])
-        delta[key] = scaling * ties_combine(pruned, w, sign_election)
-    return MergeResult(delta)
+
+    random = True
+
+    drop_rate: float = 0.3
+    epsilon: float = 0.14
+    rescale: bool = True
+    sign_election: Literal["unweighted", "weighted"] = "unweighted"
+    weights: list[float] | None = None
+    scaling: float = 1.1
+
+    def check(self) -> None:
+        check_range("drop_rate", self.drop_rate, 0.0, 1.0, high_open=True)
+        check_range("epsilon", self.epsilon, 0.0, 1.0)
+        check_range("drop_rate - epsilon/2", self.drop_rate - self.epsilon / 2, 0.0, 1.0, high_open=True)
+        check_range("drop_rate + epsilon/2", self.drop_rate + self.epsilon / 2, 0.0, 1.0, high_open=True)
+
+    def begin(self, ctx: Context) -> None:
+        check_weights(self.weights, ctx.num_tasks)
+
+    def merge_key(self, x: KeyTensors, stats, ctx: Context) -> Tensor:
+        generator = ctx.rng(x.key)
+        pruned = torch.stack([magprune(v, self.drop_rate, self.epsilon, generator, self.rescale)
+                              for v in x.vectors()])
+        return self.scaling * ties_combine(pruned, task_weights(self.weights, x.num_tasks), self.sign_election)
+
+
+della = functional(DELLA)
 
 
 # ---------------------------------------------------------------- PCB-Merging
 
-def pcb_score_paper(flat: Tensor, i: int, density: float) -> Tensor:
-    """β̂_i of PCB (intra × inter balancing, top-r kept) for row ``i`` of ``[K, N]`` task vectors."""
-    n_tasks, row = flat.shape[0], flat[i]
-    beta = torch.softmax(n_tasks * minmax_rows((row * row)[None])[0], dim=0)
-    inter = torch.zeros_like(row)
-    for j in range(n_tasks):
-        inter += torch.softmax(minmax_rows((row * flat[j])[None])[0], dim=0)
-    beta *= inter
-    keep = beta >= trim_thresholds(beta[None], density)[0]
-    return torch.where(keep, beta, torch.zeros_like(beta))
+def _normalise(x: Tensor, lo: float, hi: float) -> Tensor:
+    """Min-max normalisation with given bounds: (x − lo)/(hi − lo), 0 when hi = lo (``ops.minmax_rows``)."""
+    return (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
 
 
-def _sorted_at(values: Tensor, index: int) -> Tensor:
-    """The value at ``index`` of the ascending sort of a 1-D tensor (``sorted(x)[index]``)."""
-    return kth_largest_rows(values[None], values.numel() - index)[0]
+@dataclass
+class PCBPaperStats:
+    """Model- (or tensor-) wide quantities of PCB's paper formulation: min/max of τ_i ⊙ τ_j per pair, the
+    softmax denominators, and each task's β threshold (keep the ⌈r·D⌉ largest)."""
+
+    lo: Tensor
+    hi: Tensor
+    z_intra: Tensor | None = None
+    z_inter: Tensor | None = None
+    thresholds: Tensor | None = None
 
 
-def pcb_released_code(flat: Tensor, density: float, clamp_ratio: float = 1e-4) -> Tensor:
-    """``PCB_merge`` of the authors' ``pcb-merging.py`` on ``[K, N]`` rows: the merged (unscaled) vector."""
-    n_tasks, d = flat.shape
-    column_sum = flat.sum(0)
-    numerator, denominator = torch.zeros_like(column_sum), torch.zeros_like(column_sum)
-    for row in flat:
-        mags = row.abs()
-        lo, hi = _sorted_at(mags, int(d * clamp_ratio)), _sorted_at(mags, int(d * (1 - clamp_ratio) - 1))
-        mags = torch.minimum(torch.maximum(mags, lo), hi)
-        score = torch.exp(n_tasks * minmax_rows(mags[None])[0] ** 2) * torch.tanh(row * column_sum)
-        scale = minmax_rows(torch.maximum(score, _sorted_at(score, int(d * (1 - density))))[None])[0]
-        numerator += torch.sign(row) * mags * scale
-        denominator += scale
-    return numerator / denominator.clamp_min(1e-12)
+def _pairs(K: int):
+    return [(i, j) for i in range(K) for j in range(i, K)]
 
 
-def _pcb_rows(flat: Tensor, density: float, formulation: str) -> Tensor:
-    if formulation == "released_code":
-        return pcb_released_code(flat, density)
-    numerator, total = torch.zeros_like(flat[0]), torch.zeros_like(flat[0])
-    for i in range(flat.shape[0]):
-        beta = pcb_score_paper(flat, i, density)
-        numerator += beta * flat[i]
-        total += beta
+def pcb_minmax(flat: Tensor, stats: PCBPaperStats) -> None:
+    """Fold one chunk ``[K, n]`` into the pairwise min/max of τ_i ⊙ τ_j."""
+    for i, j in _pairs(flat.shape[0]):
+        p = flat[i] * flat[j]
+        lo, hi = float(p.min()), float(p.max())
+        stats.lo[i, j] = stats.lo[j, i] = min(float(stats.lo[i, j]), lo)
+        stats.hi[i, j] = stats.hi[j, i] = max(float(stats.hi[i, j]), hi)
+
+
+def _pcb_exponents(flat: Tensor, stats: PCBPaperStats, i: int, j: int, factor: float) -> Tensor:
+    """exp(factor·Norm(τ_i ⊙ τ_j) − its maximum): the numerator of the (stable) softmax."""
+    lo, hi = float(stats.lo[i, j]), float(stats.hi[i, j])
+    top = factor if hi > lo else 0.0
+    return torch.exp(factor * _normalise(flat[i] * flat[j], lo, hi) - top)
+
+
+def pcb_exp_sums(flat: Tensor, stats: PCBPaperStats) -> None:
+    """Fold one chunk into the softmax denominators (intra: scale K on τ_i², inter: scale 1 per pair)."""
+    K = flat.shape[0]
+    for i in range(K):
+        stats.z_intra[i] += float(_pcb_exponents(flat, stats, i, i, float(K)).sum(dtype=torch.float64))
+    for i, j in _pairs(K):
+        s = float(_pcb_exponents(flat, stats, i, j, 1.0).sum(dtype=torch.float64))
+        stats.z_inter[i, j] += s
+        if i != j:
+            stats.z_inter[j, i] += s
+
+
+def pcb_beta(flat: Tensor, stats: PCBPaperStats) -> Tensor:
+    """β_i = Softmax(K·Norm(τ_i²)) ⊙ Σ_j Softmax(Norm(τ_i ⊙ τ_j)) for every task, ``[K, n]``."""
+    K = flat.shape[0]
+    rows = []
+    for i in range(K):
+        intra = _pcb_exponents(flat, stats, i, i, float(K)) / float(stats.z_intra[i])
+        inter = sum(_pcb_exponents(flat, stats, i, j, 1.0) / float(stats.z_inter[i, j]) for j in range(K))
+        rows.append(intra * inter)
+    return torch.stack(rows)
+
+
+def pcb_paper_statistics(run: Callable[[Callable[[Tensor], None]], None], K: int, density: float,
+                         threshold_of: Callable[..., Tensor]) -> PCBPaperStats:
+    """The three passes of PCB's paper formulation over whatever ``run`` visits (one tensor or the model)."""
+    stats = PCBPaperStats(torch.full((K, K), math.inf, dtype=torch.float64),
+                          torch.full((K, K), -math.inf, dtype=torch.float64))
+    run(lambda flat: pcb_minmax(flat, stats))
+    stats.z_intra = torch.zeros(K, dtype=torch.float64)
+    stats.z_inter = torch.zeros(K, K, dtype=torch.float64)
+    run(lambda flat: pcb_exp_sums(flat, stats))
+    stats.thresholds = threshold_of(lambda flat: list(pcb_beta(flat, stats)), K, density)
+    return stats
+
+
+def pcb_paper_merge(flat: Tensor, stats: PCBPaperStats) -> Tensor:
+    """τ_m = Σ_i β̂_i ⊙ τ_i / Σ_i β̂_i (0 where Σ β̂ = 0), β̂_i = β_i where β_i ≥ its threshold."""
+    beta = pcb_beta(flat, stats)
+    beta = torch.where(beta >= stats.thresholds.to(beta)[:, None], beta, torch.zeros_like(beta))
+    numerator, total = (beta * flat).sum(0), beta.sum(0)
     safe = torch.where(total > 0, total, torch.ones_like(total))
     return torch.where(total > 0, numerator / safe, torch.zeros_like(total))
 
 
+@dataclass
+class PCBReleasedStats:
+    """Whole-scope quantities of the authors' ``PCB_merge``: |τ| clamp bounds (order statistics), |τ|
+    min/max, the score floor (an order statistic) and the score maximum."""
+
+    clamp_lo: Tensor
+    clamp_hi: Tensor
+    mag_min: Tensor
+    mag_max: Tensor
+    floor: Tensor | None = None
+    score_max: Tensor | None = None
+
+
+def _clamped(row: Tensor, stats: PCBReleasedStats, i: int) -> tuple[Tensor, float, float]:
+    lo, hi = float(stats.clamp_lo[i]), float(stats.clamp_hi[i])
+    mags = torch.clamp(row.abs(), min=lo, max=hi)
+    lo_c = min(max(float(stats.mag_min[i]), lo), hi)
+    hi_c = min(max(float(stats.mag_max[i]), lo), hi)
+    return mags, lo_c, hi_c
+
+
+def pcb_released_scores(flat: Tensor, stats: PCBReleasedStats) -> Tensor:
+    """exp(K·Norm(clamp|τ_i|)²)·tanh(τ_i ⊙ Σ_j τ_j) per task, ``[K, n]``."""
+    K = flat.shape[0]
+    column_sum = flat.sum(0)
+    rows = []
+    for i in range(K):
+        mags, lo_c, hi_c = _clamped(flat[i], stats, i)
+        rows.append(torch.exp(K * _normalise(mags, lo_c, hi_c) ** 2) * torch.tanh(flat[i] * column_sum))
+    return torch.stack(rows)
+
+
+def pcb_released_statistics(run, K: int, density: float, clamp_ratio: float, order_statistics) -> PCBReleasedStats:
+    """The passes of ``PCB_merge`` over whatever ``run`` visits (one tensor or the model)."""
+    def clamp_indices(stream: int, n: int) -> list[int]:
+        return [int(n * clamp_ratio), int(n * (1 - clamp_ratio) - 1)]
+
+    bounds = order_statistics(lambda flat: [row.abs() for row in flat], K, clamp_indices)
+    mag_min = torch.full((K,), math.inf, dtype=torch.float64)
+    mag_max = torch.full((K,), -math.inf, dtype=torch.float64)
+
+    def minmax(flat: Tensor) -> None:
+        mags = flat.abs()
+        torch.minimum(mag_min, mags.amin(1).double(), out=mag_min)
+        torch.maximum(mag_max, mags.amax(1).double(), out=mag_max)
+
+    run(minmax)
+    stats = PCBReleasedStats(bounds[:, 0].float(), bounds[:, 1].float(), mag_min, mag_max)
+    stats.floor = order_statistics(lambda flat: list(pcb_released_scores(flat, stats)), K,
+                                   lambda s, n: [int(n * (1 - density))])[:, 0].float()
+    stats.score_max = torch.full((K,), -math.inf, dtype=torch.float64)
+    run(lambda flat: torch.maximum(stats.score_max, pcb_released_scores(flat, stats).amax(1).double(),
+                                   out=stats.score_max))
+    return stats
+
+
+def pcb_released_merge(flat: Tensor, stats: PCBReleasedStats) -> Tensor:
+    """``PCB_merge``'s merged (unscaled) vector for one chunk: scores floored at their order statistic,
+    min-max normalised, weighting the clamped |τ| with τ's sign."""
+    scores = pcb_released_scores(flat, stats)
+    numerator, denominator = torch.zeros_like(flat[0]), torch.zeros_like(flat[0])
+    for i in range(flat.shape[0]):
+        floor, top = float(stats.floor[i]), float(stats.score_max[i])
+        scale = _normalise(torch.clamp(scores[i], min=floor), floor, max(top, floor))
+        mags, _, _ = _clamped(flat[i], stats, i)
+        numerator += torch.sign(flat[i]) * mags * scale
+        denominator += scale
+    return numerator / denominator.clamp_min(1e-12)
+
+
+def _tensor_order_statistics(flat: Tensor):
+    """Order statistics over one ``[K, n]`` tensor (the tensor-scope counterpart of the model scan)."""
+    def order_statistics(values_of, num_streams, indices) -> Tensor:
+        return run_order_statistics(lambda fn: fn(flat), values_of, num_streams, indices)
+    return order_statistics
+
+
 @register("pcb", reference="Du et al. 2024, Parameter Competition Balancing for Model Merging (NeurIPS)")
-def pcb(
-    task_vectors: list[StateDict],
-    *,
-    density: float = 0.1,
-    scaling: float = 1.0,
-    scope: str = "model",
-    formulation: str = "paper",
-) -> MergeResult:
+@dataclass
+class PCB(MergeMethod):
     """PCB-Merging: weight every entry of every task by intra- × inter-balancing scores, drop low scores,
     and take the score-weighted mean.
 
@@ -320,35 +440,52 @@ def pcb(
     β_i = β_intra,i ⊙ β_inter,i; drop: m_i = β_i ≥ sorted(β_i)[(1−r)·D], i.e. keep the ⌈r·D⌉ largest
     (r = ``density``: the paper's ratio r is the share kept), β̂_i = m_i ⊙ β_i;
     τ_m = Σ_i β̂_i ⊙ τ_i / Σ_i β̂_i (0 where Σ β̂ = 0); θ_m = θ_pre + λ τ_m with λ = ``scaling``.
-    ``scope="model"`` (default) flattens the whole model per task as the authors' code does;
-    ``"tensor"`` applies it per tensor.
+    ``scope="model"`` (default) normalises, soft-maxes and thresholds over the whole model per task as the
+    authors' code does (computed exactly in statistics passes, one tensor at a time: min/max, softmax
+    denominators, an exact two-pass quantile); ``"tensor"`` applies it per tensor.
     ``formulation="released_code"`` reproduces ``PCB_merge`` in the authors' ``pcb-merging.py``: |τ|
     clamped at its 0.01% / 99.99% order statistics, intra = exp(N·Norm(|τ|)²), inter = tanh(τ_i·Σ_j τ_j),
     scores below the (1−r) order statistic floored, min-max normalised, merged with the clamped τ.
     Defaults r = 0.1 (``pcb-merging.py``), λ = 1.0 (Eq. 6 is a weighted mean; the authors' ViT script
     uses r = 0.05, λ = 1.2).
     """
-    check_range("density", density, 0.0, 1.0, low_open=True)
-    check_choice("scope", scope, PCB_SCOPES)
-    check_choice("formulation", formulation, PCB_FORMULATIONS)
-    keys = method_keys(task_vectors)
-    K = len(task_vectors)
-    if scope == "tensor":
-        delta = {}
-        for key in keys:
-            stacked = stack(task_vectors, key)
-            delta[key] = scaling * _pcb_rows(stacked.reshape(K, -1), density, formulation).reshape(
-                stacked.shape[1:])
-        return MergeResult(delta)
-    flat = torch.stack([torch.cat([tv[key].reshape(-1).float() for key in keys]) for tv in task_vectors])
-    merged = scaling * _pcb_rows(flat, density, formulation)
-    delta, start = {}, 0
-    for key in keys:
-        shape = task_vectors[0][key].shape
-        n = task_vectors[0][key].numel()
-        delta[key] = merged[start:start + n].reshape(shape)
-        start += n
-    return MergeResult(delta)
+
+    density: float = 0.1
+    scaling: float = 1.0
+    scope: Literal["model", "tensor"] = "model"
+    formulation: Literal["paper", "released_code"] = "paper"
+
+    clamp_ratio = 1e-4
+
+    def check(self) -> None:
+        check_range("density", self.density, 0.0, 1.0, low_open=True)
+
+    def _statistics(self, run, order_statistics, K: int):
+        if self.formulation == "released_code":
+            return pcb_released_statistics(run, K, self.density, self.clamp_ratio, order_statistics)
+        indices = kth_largest_indices(lambda n: topk_count(n, self.density))
+        return pcb_paper_statistics(run, K, self.density,
+                                    lambda values_of, k, d: order_statistics(values_of, k, indices)[:, 0].float())
+
+    def statistics(self, scan: Scan):
+        if self.scope == "tensor":
+            return None
+        K = scan.ctx.num_tasks
+
+        def run(fn) -> None:
+            scan(lambda x: fn(x.stacked().reshape(K, -1)), "pcb statistics")
+
+        return self._statistics(run, lambda values_of, n, idx: run_order_statistics(run, values_of, n, idx), K)
+
+    def merge_key(self, x: KeyTensors, stats, ctx: Context) -> Tensor:
+        flat = x.stacked().reshape(x.num_tasks, -1)
+        if stats is None:
+            stats = self._statistics(lambda fn: fn(flat), _tensor_order_statistics(flat), x.num_tasks)
+        merge = pcb_released_merge if self.formulation == "released_code" else pcb_paper_merge
+        return (self.scaling * merge(flat, stats)).reshape(x.shape)
+
+
+pcb = functional(PCB)
 
 
 # ---------------------------------------------------------------- TSV-Merging
@@ -371,14 +508,11 @@ def tsv_merge_matrix(matrices: Sequence[Tensor], rank: int) -> Tensor:
     return polar_factor(u_cat) @ torch.diag(s_cat) @ polar_factor(vh_cat)
 
 
+
 @register("tsv", reference="Gargiulo et al. 2025, Task Singular Vectors: Reducing Task Interference "
                            "in Model Merging (CVPR), TSV-M")
-def tsv(
-    task_vectors: list[StateDict],
-    *,
-    rank_fraction: float | None = None,
-    scaling: float = 1.0,
-) -> MergeResult:
+@dataclass
+class TSV(MergeMethod):
     """TSV-Merging: keep each task's top singular vectors per layer, whiten the concatenated bases, recombine.
 
     Symbols (TSV-M): for each 2-D tensor Δ_i = U_i Σ_i V_iᵀ, keep k = ⌊``rank_fraction``·min(m, n)⌋ triplets
@@ -387,19 +521,23 @@ def tsv(
     Δ_m = U⊥ Σ V⊥ᵀ, θ_m = θ_pre + α Δ_m with α = ``scaling`` (1.0). Tensors that are not 2-D (biases,
     norms, embeddings of other rank, convolutions) are averaged, as the authors' code does.
     """
-    keys = method_keys(task_vectors)
-    K = len(task_vectors)
-    fraction = 1.0 / K if rank_fraction is None else rank_fraction
-    check_range("rank_fraction", fraction, 0.0, 1.0, low_open=True)
-    delta = {}
-    for key in keys:
-        ref = task_vectors[0][key]
-        if ref.dim() == 2 and ref.numel() > 0:
-            rank = max(1, math.floor(fraction * min(ref.shape) + 1e-9))
-            delta[key] = scaling * tsv_merge_matrix([tv[key] for tv in task_vectors], rank)
-        else:
-            delta[key] = scaling * stack(task_vectors, key).mean(0)
-    return MergeResult(delta)
+
+    rank_fraction: float | None = None
+    scaling: float = 1.0
+
+    def check(self) -> None:
+        if self.rank_fraction is not None:
+            check_range("rank_fraction", self.rank_fraction, 0.0, 1.0, low_open=True)
+
+    def merge_key(self, x: KeyTensors, stats, ctx: Context) -> Tensor:
+        fraction = 1.0 / x.num_tasks if self.rank_fraction is None else self.rank_fraction
+        if len(x.shape) == 2 and x.numel > 0:
+            rank = max(1, math.floor(fraction * min(x.shape) + 1e-9))
+            return self.scaling * tsv_merge_matrix(list(x.vectors()), rank)
+        return self.scaling * x.stacked().mean(0)
+
+
+tsv = functional(TSV)
 
 
 # EMR-Merging and Twin-Merging register themselves on import.

@@ -9,14 +9,15 @@ authors' code; 0 when the denominator is 0); task model k = θ_pre + λ_k · M_k
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from freemerge_pl.merging.base import DenseDeltaTaskModule, MergeResult, StateDict, stack
-from freemerge_pl.merging.ops import method_keys, packbits, unpackbits
-from freemerge_pl.merging.registry import register
+from freemerge_pl.merging.base import DenseDeltaTaskModule
+from freemerge_pl.merging.method import Context, Finalized, KeyOutput, KeyTensors, MergeMethod, Scan
+from freemerge_pl.merging.ops import packbits, unpackbits
+from freemerge_pl.merging.registry import functional, register
 
 REFERENCE = "Huang et al. 2024, EMR-Merging: Tuning-Free High-Performance Model Merging (NeurIPS)"
 
@@ -120,36 +121,57 @@ def emr_unify(stacked: Tensor) -> tuple[Tensor, Tensor]:
     return tau, masks
 
 
-def emr_rescalers(task_vectors: Sequence[StateDict], keys: Sequence[str], tau: StateDict,
-                  masks: dict[str, Tensor]) -> Tensor:
-    """λ_k = Σ_keys mean|v_k| / Σ_keys mean|τ_uni ⊙ M_k| (float64 [K]; 0 where the denominator is 0)."""
-    K = len(task_vectors)
-    num = torch.zeros(K, dtype=torch.float64)
-    den = torch.zeros(K, dtype=torch.float64)
-    for key in keys:
-        if tau[key].numel() == 0:
-            continue
-        for k, tv in enumerate(task_vectors):
-            num[k] += float(tv[key].abs().double().mean())
-            den[k] += float(torch.where(masks[key][k], tau[key], 0.0).abs().double().mean())
-    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num))
+@dataclass
+class EMRStats:
+    """Σ_tensors mean|v_k| and Σ_tensors mean|τ_uni ⊙ M_k| per task (float64 [K] each)."""
+
+    numerator: Tensor
+    denominator: Tensor
+
+    def rescalers(self) -> Tensor:
+        """λ_k = numerator / denominator (0 where the denominator is 0)."""
+        den = self.denominator
+        return torch.where(den > 0, self.numerator / den.clamp_min(1e-300), torch.zeros_like(self.numerator))
 
 
-@register("emr", reference=REFERENCE, produces_task_modules=True)
-def emr(task_vectors: list[StateDict]) -> MergeResult:
+def emr_fold(stats: EMRStats, stacked: Tensor) -> None:
+    """Statistics pass of EMR for one key ``[K, *shape]``: add its per-task means (empty keys add nothing)."""
+    if stacked[0].numel() == 0:
+        return
+    tau, masks = emr_unify(stacked)
+    for k in range(stacked.shape[0]):
+        stats.numerator[k] += float(stacked[k].abs().double().mean())
+        stats.denominator[k] += float(torch.where(masks[k], tau, 0.0).abs().double().mean())
+
+
+@register("emr", reference=REFERENCE)
+@dataclass
+class EMR(MergeMethod):
     """EMR-Merging: backbone θ_pre + τ_uni, plus per task a bit-packed mask and a rescaler (tuning-free).
 
     See the module docstring for the symbols. ``delta`` = τ_uni; ``task_modules[k]`` turns the backbone
-    into θ_pre + λ_k M_k ⊙ τ_uni; the shared τ_uni is ``shared_modules["emr_unified"]``.
+    into θ_pre + λ_k M_k ⊙ τ_uni; the shared τ_uni is ``shared_modules["emr_unified"]``. The rescalers are
+    a statistics pass over every tensor; the masks are built in the merge pass.
     """
-    keys = method_keys(task_vectors)
-    tau: StateDict = {}
-    masks: dict[str, Tensor] = {}
-    for key in keys:
-        tau[key], masks[key] = emr_unify(stack(task_vectors, key))
-    rescalers = emr_rescalers(task_vectors, keys, tau, masks)
-    unified = EMRUnified({key: tau[key].clone() for key in keys})
-    modules = [EMRTaskModule({key: masks[key][k] for key in keys}, float(rescalers[k]), unified)
-               for k in range(len(task_vectors))]
-    return MergeResult(tau, modules, info={"rescalers": rescalers.tolist()},
-                       shared_modules={"emr_unified": unified})
+
+    produces_task_modules = True
+
+    def statistics(self, scan: Scan) -> EMRStats:
+        K = scan.ctx.num_tasks
+        stats = EMRStats(torch.zeros(K, dtype=torch.float64), torch.zeros(K, dtype=torch.float64))
+        scan(lambda x: emr_fold(stats, x.stacked()), "emr rescalers")
+        return stats
+
+    def merge_key(self, x: KeyTensors, stats: EMRStats, ctx: Context) -> KeyOutput:
+        tau, masks = emr_unify(x.stacked())
+        return KeyOutput(tau, (tau, masks))
+
+    def finalize(self, pieces: dict[str, tuple[Tensor, Tensor]], stats: EMRStats, ctx: Context) -> Finalized:
+        rescalers = stats.rescalers()
+        unified = EMRUnified({key: tau.clone() for key, (tau, _) in pieces.items()})
+        modules = [EMRTaskModule({key: masks[k] for key, (_, masks) in pieces.items()}, float(rescalers[k]),
+                                 unified) for k in range(ctx.num_tasks)]
+        return Finalized(modules, {"emr_unified": unified}, {"rescalers": rescalers.tolist()})
+
+
+emr = functional(EMR)

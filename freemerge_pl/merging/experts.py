@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from freemerge_pl.errors import HyperparameterError, check_range
 from freemerge_pl.merging.base import StateDict, TaskModule, resolve_tensor
+from freemerge_pl.merging.quantile import magnitude_thresholds
 
 EXPERT_SCOPES = ("tensor", "model")
 
@@ -40,10 +41,25 @@ def topk_flat_indices(v: Tensor, density: float) -> Tensor:
 
 
 def global_threshold(task_vector: StateDict, keys: Sequence[str], density: float) -> float:
-    """|v| threshold keeping the top ⌈d·N⌉ entries over all ``keys`` (``expert_scope="model"``)."""
-    mags = torch.cat([task_vector[k].reshape(-1).abs().float() for k in keys])
-    k = topk_count(mags.numel(), density)
-    return float(torch.topk(mags, k, sorted=True).values[-1]) if k else math.inf
+    """|v| threshold keeping the top ⌈d·N⌉ entries over all ``keys`` (``expert_scope="model"``; exact)."""
+    def run(fn) -> None:
+        for k in keys:
+            fn(task_vector[k].float())
+
+    return float(magnitude_thresholds(run, lambda v: [v], 1, lambda n: topk_count(n, density))[0])
+
+
+def model_expert_thresholds(scan, num_tasks: int, density: float) -> Tensor:
+    """Per task, the model-wide |v| threshold of ``expert_scope="model"`` (two exact scans; float32 [K])."""
+    return magnitude_thresholds(lambda fn: scan(fn, "expert threshold"), lambda x: list(x.vectors()), num_tasks,
+                                lambda n: topk_count(n, density))
+
+
+def selected_indices(v: Tensor, density: float, threshold: float | None = None) -> Tensor:
+    """Flat indices of M(v, d): the top ⌈d·numel⌉ |v| of the tensor, or every |v| ≥ ``threshold``."""
+    if threshold is None:
+        return topk_flat_indices(v, density)
+    return torch.nonzero(v.reshape(-1).abs() >= threshold).flatten()
 
 
 def index_dtype(numel: int) -> torch.dtype:
@@ -145,33 +161,25 @@ class SparseExpert(TaskModule):
         return cls.from_state_dict(load_file(str(path)))
 
 
-def expert_rescalers(
-    task_vectors: Sequence[StateDict],
-    keys: Sequence[str],
-    selected: Sequence[dict[str, Tensor]],
-    lambdas: Tensor | dict[str, Tensor],
-    density: float,
+def rescalers_from_sums(
+    tops: dict[str, Tensor], sums: dict[str, Tensor], lambdas: Tensor | dict[str, Tensor], density: float
 ) -> Tensor | dict[str, Tensor]:
-    """μ of Eq. 4: one per task (λ given as a [K] tensor) or per key and task (λ as key → [K]).
-
-    ``μ = −ln(d) · Σ|v[selected]| / (λ · Σ|v|)``: the E(·) means share their denominator (numel).
-    """
+    """μ of Eq. 4 from per-key Σ|M(v_k, d)| (``tops``) and Σ|v_k| (``sums``), float64 [K] per key: one μ per
+    task (λ a [K] tensor) or per key and task (λ key → [K]). ``μ = −ln(d)·Σ|M| / (λ·Σ|v|)`` (the E(·)
+    means share their denominator numel); 0 where λ·Σ|v| = 0."""
     log_d = math.log(density)
-    K = len(task_vectors)
+    if isinstance(lambdas, dict):
+        out = {}
+        for key, total in sums.items():
+            denom = lambdas[key].double() * total
+            out[key] = torch.where(denom > 0, -log_d * tops[key] / denom.clamp_min(1e-300), 0.0)
+        return out
+    K = lambdas.numel()
     top = torch.zeros(K, dtype=torch.float64)
     total = torch.zeros(K, dtype=torch.float64)
-    per_key: dict[str, Tensor] = {}
-    for key in keys:
-        t_top = torch.tensor([float(tv[key].reshape(-1)[sel[key]].abs().sum())
-                              for tv, sel in zip(task_vectors, selected)], dtype=torch.float64)
-        t_all = torch.tensor([float(tv[key].abs().sum()) for tv in task_vectors], dtype=torch.float64)
-        if isinstance(lambdas, dict):
-            denom = lambdas[key].double() * t_all
-            per_key[key] = torch.where(denom > 0, -log_d * t_top / denom.clamp_min(1e-300), 0.0)
-        top += t_top
-        total += t_all
-    if isinstance(lambdas, dict):
-        return per_key
+    for key, key_total in sums.items():
+        top += tops[key]
+        total += key_total
     denom = lambdas.double() * total
     return torch.where(denom > 0, -log_d * top / denom.clamp_min(1e-300), 0.0)
 
@@ -181,12 +189,10 @@ def select_entries(
 ) -> dict[str, Tensor]:
     """Flat indices of M(v, d) per key (``scope`` "tensor": top ⌈d·numel⌉ per tensor; "model": global)."""
     check_density(density)
-    if scope == "tensor":
-        return {k: topk_flat_indices(task_vector[k], density) for k in keys}
-    if scope == "model":
-        thr = global_threshold(task_vector, keys, density)
-        return {k: torch.nonzero(task_vector[k].reshape(-1).abs() >= thr).flatten() for k in keys}
-    raise HyperparameterError(f"expert_scope={scope!r}; accepted: {list(EXPERT_SCOPES)}")
+    if scope not in EXPERT_SCOPES:
+        raise HyperparameterError(f"expert_scope={scope!r}; accepted: {list(EXPERT_SCOPES)}")
+    threshold = global_threshold(task_vector, keys, density) if scope == "model" else None
+    return {k: selected_indices(task_vector[k], density, threshold) for k in keys}
 
 
 def extract_experts(
@@ -199,11 +205,16 @@ def extract_experts(
     value_dtype: torch.dtype = torch.float32,
     keys: Sequence[str] | None = None,
 ) -> tuple[list[SparseExpert], Tensor | dict[str, Tensor]]:
-    """Experts ``e_k = expert_scale · μ_k · M(v_k, d)`` for every task, and the μ's used."""
+    """Experts ``e_k = expert_scale · μ_k · M(v_k, d)`` of in-memory task vectors for given λ's, and the μ's."""
     check_density(expert_density)
     keys = list(keys) if keys is not None else list(task_vectors[0])
     selected = [select_entries(tv, keys, expert_density, expert_scope) for tv in task_vectors]
-    mu = expert_rescalers(task_vectors, keys, selected, lambdas, expert_density)
+    tops = {key: torch.tensor([float(tv[key].reshape(-1)[sel[key]].abs().sum()) for tv, sel in
+                               zip(task_vectors, selected)], dtype=torch.float64) for key in keys}
+    from freemerge_pl.merging.fr import abs_sum
+
+    sums = {key: torch.tensor([abs_sum(tv[key]) for tv in task_vectors], dtype=torch.float64) for key in keys}
+    mu = rescalers_from_sums(tops, sums, lambdas, expert_density)
     experts = []
     for k, (tv, sel) in enumerate(zip(task_vectors, selected)):
         entries = {}

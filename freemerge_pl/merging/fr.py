@@ -3,52 +3,82 @@
 Symbols: λ_k (``lambdas``) = E(v_k) / Σ_j E(v_j) with E = mean|·| (LAMBDA-DEF); ``scaling`` s;
 ``filter_ratio`` r; ``expert_density`` d. The backbone is ``θ_pre + s·Σ_k λ_k G(v_k)``, computed as
 ``s·G(Σ_k λ_k v_k)`` (G is linear and its mask is shared per tensor): one rfft2/irfft2 per tensor.
+The λ's (and Eq. 4's μ) need sums over the whole model: a statistics pass that reads one key at a time.
+The authors' released code is ``released.py`` (methods ``fr_merging_released``/``free_merging_released``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from freemerge_pl.errors import HyperparameterError
-from freemerge_pl.merging.base import MergeResult, StateDict
-from freemerge_pl.merging.experts import EXPERT_SCOPES, extract_experts
-from freemerge_pl.merging.fourier import check_filter_ratio, highpass
-from freemerge_pl.merging.registry import register
+from freemerge_pl.merging.base import StateDict
+from freemerge_pl.merging.experts import (
+    SparseExpert,
+    check_density,
+    index_dtype,
+    model_expert_thresholds,
+    rescalers_from_sums,
+    selected_indices,
+)
+from freemerge_pl.merging.fourier import Spectrum, check_filter_ratio, highpass
+from freemerge_pl.merging.method import Context, Finalized, KeyOutput, KeyTensors, MergeMethod, Scan
+from freemerge_pl.merging.registry import functional, register
 
-LAMBDA_SCOPES = ("model", "tensor")
 PAPER_REFERENCE = "Zheng & Wang 2025, FREE-Merging (arXiv:2411.16815)"
+LAMBDA_SCOPES = ("model", "tensor")
 
 
-def abs_sums(task_vectors: Sequence[StateDict], keys: Sequence[str]) -> dict[str, Tensor]:
-    """Statistics pass: Σ|v_k| per key, as a float64 [K] tensor per key."""
-    return {key: torch.tensor([float(tv[key].abs().sum()) for tv in task_vectors], dtype=torch.float64)
-            for key in keys}
+def abs_sum(v: Tensor) -> float:
+    """Σ|v| of one tensor (E(v)·numel)."""
+    return float(torch.linalg.vector_norm(v.float() if v.dtype != torch.float64 else v, ord=1)) if v.numel() else 0.0
+
+
+def lambdas_from_sums(sums: dict[str, Tensor], num_tasks: int, scope: str) -> Tensor | dict[str, Tensor]:
+    """Eq. 3 from per-key Σ|v_k| (float64 [K] per key): a [K] tensor ("model") or key → [K] ("tensor").
+
+    A key (or model) where every task vector is zero gets equal λ's (1/K).
+    """
+    def normalise(s: Tensor) -> Tensor:
+        total = s.sum()
+        return s / total if total > 0 else torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64)
+
+    if scope == "tensor":
+        return {key: normalise(s) for key, s in sums.items()}
+    total = torch.stack(list(sums.values())).sum(0) if sums else torch.zeros(num_tasks, dtype=torch.float64)
+    return normalise(total)
 
 
 def energy_lambdas(
     task_vectors: Sequence[StateDict], keys: Sequence[str] | None = None, scope: str = "model"
 ) -> Tensor | dict[str, Tensor]:
-    """Eq. 3 coefficients λ_k = E(v_k)/Σ_j E(v_j), E = mean|·|; a [K] tensor ("model") or key → [K] ("tensor").
+    """Eq. 3 coefficients λ_k = E(v_k)/Σ_j E(v_j), E = mean|·|, of in-memory task vectors."""
+    from freemerge_pl.errors import HyperparameterError
 
-    A key (or model) where every task vector is zero gets equal λ's (1/K).
-    """
     if scope not in LAMBDA_SCOPES:
         raise HyperparameterError(f"lambda_scope={scope!r}; accepted: {list(LAMBDA_SCOPES)}")
     keys = list(keys) if keys is not None else list(task_vectors[0])
-    sums = abs_sums(task_vectors, keys)
-    K = len(task_vectors)
+    sums = {key: torch.tensor([abs_sum(tv[key]) for tv in task_vectors], dtype=torch.float64) for key in keys}
+    return lambdas_from_sums(sums, len(task_vectors), scope)
 
-    def normalise(s: Tensor) -> Tensor:
-        total = s.sum()
-        return s / total if total > 0 else torch.full((K,), 1.0 / K, dtype=torch.float64)
 
-    if scope == "tensor":
-        return {key: normalise(s) for key, s in sums.items()}
-    return normalise(torch.stack(list(sums.values())).sum(0) if sums else torch.zeros(K, dtype=torch.float64))
+def fr_combine(vectors: Iterable[Tensor] | Tensor, lambdas: Tensor) -> Tensor:
+    """``Σ_k λ_k v_k`` in float32 for one tensor (the input of the single FFT of ``fr_merge_tensor``),
+    accumulated in place as the vectors arrive (no [K, ...] stack)."""
+    if isinstance(vectors, Tensor):
+        lam = lambdas.to(device=vectors.device, dtype=torch.float32).reshape(-1, *([1] * (vectors.dim() - 1)))
+        return (lam * vectors.float()).sum(0)
+    combined = None
+    for weight, v in zip(lambdas.to(dtype=torch.float32).tolist(), vectors):
+        if combined is None:
+            combined = v.float() * weight
+        else:
+            combined.add_(v.to(device=combined.device, dtype=torch.float32), alpha=weight)
+    return combined
 
 
 def fr_merge_tensor(
@@ -61,134 +91,170 @@ def fr_merge_tensor(
     scaling: float = 1.0,
 ) -> Tensor:
     """Per-tensor core of FR-Merging: ``s·G(Σ_k λ_k v_k)`` (equal to ``s·Σ_k λ_k G(v_k)``)."""
-    combined = fr_combine(vectors, lambdas)
-    filtered = highpass(combined, filter_ratio, cutoff_mode=cutoff_mode, filter_1d=filter_1d)
+    filtered = highpass(fr_combine(vectors, lambdas), filter_ratio, cutoff_mode=cutoff_mode, filter_1d=filter_1d)
     return filtered if scaling == 1 else scaling * filtered
 
 
-def fr_combine(vectors: Sequence[Tensor] | Tensor, lambdas: Tensor) -> Tensor:
-    """``Σ_k λ_k v_k`` in float32 for one tensor (the input of the single FFT of ``fr_merge_tensor``)."""
-    if isinstance(vectors, Tensor):
-        lam = lambdas.to(device=vectors.device, dtype=torch.float32).reshape(-1, *([1] * (vectors.dim() - 1)))
-        return (lam * vectors.float()).sum(0)
-    # accumulate in place: no [K, ...] stack (K× the tensor's memory, ~5× slower on a ViT-B/32)
-    lam = lambdas.to(dtype=torch.float32).tolist()
-    combined = vectors[0].float() * lam[0]
-    for weight, v in zip(lam[1:], vectors[1:]):
-        combined.add_(v.to(device=combined.device, dtype=torch.float32), alpha=weight)
-    return combined
+def _info(values: Tensor | dict[str, Tensor]) -> list | dict:
+    if isinstance(values, dict):
+        return {k: v.tolist() for k, v in values.items()}
+    return values.tolist()
 
 
-def _fr_delta(task_vectors, keys, lambdas, filter_ratio, cutoff_mode, filter_1d, scaling) -> StateDict:
-    delta = {}
-    for key in keys:
-        lam = lambdas[key] if isinstance(lambdas, dict) else lambdas
-        delta[key] = fr_merge_tensor(
-            [tv[key] for tv in task_vectors], lam, filter_ratio=filter_ratio,
-            cutoff_mode=cutoff_mode, filter_1d=filter_1d, scaling=scaling,
-        )
-    return delta
+@dataclass
+class FRStats:
+    """λ (a [K] tensor or key → [K]); for FREE also μ and, at model expert scope, the |v| thresholds."""
 
+    lambdas: Tensor | dict[str, Tensor]
+    mu: Tensor | dict[str, Tensor] | None = None
+    thresholds: Tensor | None = None
 
-def _lambda_info(lambdas) -> list | dict:
-    if isinstance(lambdas, dict):
-        return {k: v.tolist() for k, v in lambdas.items()}
-    return lambdas.tolist()
+    def lambdas_of(self, key: str) -> Tensor:
+        return self.lambdas[key] if isinstance(self.lambdas, dict) else self.lambdas
 
-
-SEMANTICS = ("paper", "released_code")
-
-
-def _released(semantics: str, released_options: dict[str, Any] | None, **given: Any) -> dict[str, Any] | None:
-    """Keyword arguments for the released-code functions, or None under the paper semantics."""
-    if semantics not in SEMANTICS:
-        raise HyperparameterError(f"semantics={semantics!r}; accepted: {list(SEMANTICS)}")
-    if semantics == "paper":
-        if released_options:
-            raise HyperparameterError("released_options are only read under semantics='released_code'")
-        return None
-    return {**{k: v for k, v in given.items() if v is not None}, **(released_options or {})}
+    def mu_of(self, key: str, k: int) -> float:
+        return float(self.mu[key][k] if isinstance(self.mu, dict) else self.mu[k])
 
 
 @register("fr_merging", reference=PAPER_REFERENCE + ", Eq. 1-3")
-def fr_merging(
-    task_vectors: list[StateDict],
-    *,
-    semantics: str = "paper",
-    filter_ratio: float | None = None,
-    cutoff_mode: str = "fraction",
-    lambda_scope: str = "model",
-    filter_1d: bool = False,
-    scaling: float | None = None,
-    released_options: dict[str, Any] | None = None,
-) -> MergeResult:
+@dataclass
+class FRMerging(MergeMethod):
     """FR-Merging: high-pass filter every task vector in 2-D Fourier space and add them with Eq. 3's λ.
 
-    ``semantics="paper"`` (default): DESIGN §3/§8, ``filter_ratio`` None → 0.3 (share removed),
-    ``scaling`` None → 1.0. ``semantics="released_code"``: the authors' code (``released.released_fr_merge``;
-    ``filter_ratio`` is then its ρ, None → 0.7; ``scaling`` None → the profile's value;
-    ``released_options`` passes ``profile``, ``align``, ``key_pattern``, ``keep_first_task_bias_quirk``).
+    ``filter_ratio`` r ∈ [0, 1): the share of the centred spectrum removed, lowest frequency first
+    (FILTER-DEF; ``cutoff_mode="radius"``: D0 = r × the largest radius); ``lambda_scope`` λ over the whole
+    model (default) or per tensor; ``filter_1d`` also filters 1-D tensors; ``scaling`` s (1.0 = the text).
     """
-    options = _released(semantics, released_options, filter_ratio=filter_ratio, scaling=scaling)
-    if options is not None:
-        from freemerge_pl.merging.released import released_fr_merge
 
-        return released_fr_merge(task_vectors, **options)
-    filter_ratio = 0.3 if filter_ratio is None else filter_ratio
-    scaling = 1.0 if scaling is None else scaling
-    check_filter_ratio(filter_ratio)
-    keys = list(task_vectors[0])
-    lambdas = energy_lambdas(task_vectors, keys, lambda_scope)
-    delta = _fr_delta(task_vectors, keys, lambdas, filter_ratio, cutoff_mode, filter_1d, scaling)
-    return MergeResult(delta, info={"lambdas": _lambda_info(lambdas)})
+    filters_task_vectors = True
+
+    filter_ratio: float = 0.3
+    cutoff_mode: Literal["fraction", "radius"] = "fraction"
+    lambda_scope: Literal["model", "tensor"] = "model"
+    filter_1d: bool = False
+    scaling: float = 1.0
+
+    def check(self) -> None:
+        check_filter_ratio(self.filter_ratio)
+
+    def statistics(self, scan: Scan) -> FRStats:
+        def compute() -> dict[str, Tensor]:
+            sums: dict[str, Tensor] = {}
+            scan(lambda x: sums.__setitem__(x.key, torch.tensor([abs_sum(v) for v in x.vectors()],
+                                                                 dtype=torch.float64)), "λ")
+            return sums
+
+        sums = scan.ctx.memo(("fr-abs-sums",), compute)
+        return FRStats(lambdas_from_sums(sums, scan.ctx.num_tasks, self.lambda_scope))
+
+    def _spectrum_key(self, key: str) -> tuple:
+        return ("fr-spectrum", key, self.lambda_scope, self.cutoff_mode, self.filter_1d)
+
+    def filtered(self, x: KeyTensors, stats: FRStats, ctx: Context, combined: Tensor | None = None) -> Tensor:
+        """s·G(Σ_k λ_k v_k) of one key (the spectrum and each ratio's inverse are memoised when tuning)."""
+        def spectrum() -> Spectrum:
+            c = combined if combined is not None else fr_combine(x.vectors(), stats.lambdas_of(x.key))
+            return Spectrum(c, cutoff_mode=self.cutoff_mode, filter_1d=self.filter_1d)
+
+        if ctx.cache is None:
+            out = spectrum().highpass(self.filter_ratio)
+        else:
+            spec = ctx.memo(self._spectrum_key(x.key), spectrum)
+            out = ctx.memo((*self._spectrum_key(x.key), self.filter_ratio), lambda: spec.highpass(self.filter_ratio))
+        return out if self.scaling == 1 else self.scaling * out
+
+    def merge_key(self, x: KeyTensors, stats: FRStats, ctx: Context) -> Tensor:
+        return self.filtered(x, stats, ctx)
+
+    def finalize(self, pieces: dict[str, Any], stats: FRStats, ctx: Context) -> Finalized:
+        return Finalized(info={"lambdas": _info(stats.lambdas)})
 
 
-@register("free_merging", reference=PAPER_REFERENCE + ", Eq. 1-4, Alg. 1", produces_task_modules=True)
-def free_merging(
-    task_vectors: list[StateDict],
-    *,
-    semantics: str = "paper",
-    filter_ratio: float | None = None,
-    cutoff_mode: str = "fraction",
-    lambda_scope: str = "model",
-    filter_1d: bool = False,
-    scaling: float | None = None,
-    expert_density: float = 0.01,
-    expert_scope: str = "tensor",
-    expert_scale: float = 1.0,
-    expert_dtype: str | None = None,
-    released_options: dict[str, Any] | None = None,
-) -> MergeResult:
+fr_merging = functional(FRMerging)
+
+
+@register("free_merging", reference=PAPER_REFERENCE + ", Eq. 1-4, Alg. 1")
+@dataclass
+class FREEMerging(FRMerging):
     """FREE-Merging: the FR-Merging backbone plus one sparse expert per task (Eq. 4).
 
-    Defaults as ``fr_merging``. ``expert_dtype`` None stores expert values in float32 here; the ``merge``
-    driver then casts them to each tensor's dtype in the pre-trained checkpoint (the model dtype).
-    Under ``semantics="released_code"`` the experts' values are relative to the released backbone
-    (``released.released_free_merge``: replace-not-add, s² on the shared part), so inference is the same
-    sparse ``apply_``/``restore_`` path; ``expert_scale`` must stay 1 there.
+    ``expert_density`` d: the expert keeps the top ⌈d·numel⌉ |v_k| of each tensor (``expert_scope="model"``:
+    one exact model-wide threshold per task), scaled by ``expert_scale``·μ_k. ``expert_dtype`` None stores
+    the values in each tensor's dtype in the pre-trained checkpoint (float32 for bare task vectors).
     """
-    options = _released(semantics, released_options, filter_ratio=filter_ratio, scaling=scaling,
-                        expert_density=expert_density)
-    if options is not None:
-        if expert_scale != 1.0:
-            raise HyperparameterError("expert_scale is a paper-semantics option; the released code has none")
-        from freemerge_pl.merging.released import released_free_merge
 
-        result = released_free_merge(task_vectors, **options)
-        if expert_dtype is not None:
-            for m in result.task_modules:
-                m.cast_values_(getattr(torch, expert_dtype))
-        return result
-    filter_ratio = 0.3 if filter_ratio is None else filter_ratio
-    scaling = 1.0 if scaling is None else scaling
-    if expert_scope not in EXPERT_SCOPES:
-        raise HyperparameterError(f"expert_scope={expert_scope!r}; accepted: {list(EXPERT_SCOPES)}")
-    check_filter_ratio(filter_ratio)
-    keys = list(task_vectors[0])
-    lambdas = energy_lambdas(task_vectors, keys, lambda_scope)
-    delta = _fr_delta(task_vectors, keys, lambdas, filter_ratio, cutoff_mode, filter_1d, scaling)
-    experts, mu = extract_experts(
-        task_vectors, lambdas, expert_density=expert_density, expert_scope=expert_scope,
-        expert_scale=expert_scale, value_dtype=getattr(torch, expert_dtype or "float32"), keys=keys,
-    )
-    return MergeResult(delta, experts, info={"lambdas": _lambda_info(lambdas), "mu": _lambda_info(mu)})
+    produces_task_modules = True
+
+    expert_density: float = 0.01
+    expert_scope: Literal["tensor", "model"] = "tensor"
+    expert_scale: float = 1.0
+    expert_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
+
+    def check(self) -> None:
+        super().check()
+        check_density(self.expert_density)
+
+    def statistics(self, scan: Scan) -> FRStats:
+        ctx, d = scan.ctx, self.expert_density
+        key = ("free-sums", d, self.expert_scope)
+
+        def compute():
+            sums: dict[str, Tensor] = {}
+            thresholds = None
+            if self.expert_scope == "model":
+                thresholds = model_expert_thresholds(scan, ctx.num_tasks, d)
+            tops: dict[str, Tensor] = {}
+
+            def fold(x: KeyTensors) -> None:
+                total, top = [], []
+                for k, v in enumerate(x.vectors()):
+                    total.append(abs_sum(v))
+                    idx = selected_indices(v, d, None if thresholds is None else float(thresholds[k]))
+                    top.append(float(v.reshape(-1)[idx].abs().sum()))
+                sums[x.key] = torch.tensor(total, dtype=torch.float64)
+                tops[x.key] = torch.tensor(top, dtype=torch.float64)
+
+            scan(fold, "λ, μ")
+            return sums, tops, thresholds
+
+        sums, tops, thresholds = ctx.memo(key, compute)
+        lambdas = lambdas_from_sums(sums, ctx.num_tasks, self.lambda_scope)
+        return FRStats(lambdas, rescalers_from_sums(tops, sums, lambdas, d), thresholds)
+
+    def _value_dtype(self, ctx: Context, key: str) -> torch.dtype:
+        return getattr(torch, self.expert_dtype) if self.expert_dtype else ctx.dtypes.get(key, torch.float32)
+
+    def _entries(self, k: int, v: Tensor, stats: FRStats, ctx: Context, key: str) -> tuple[Tensor, Tensor]:
+        threshold = None if stats.thresholds is None else float(stats.thresholds[k])
+        idx = selected_indices(v, self.expert_density, threshold)
+        scale = self.expert_scale * stats.mu_of(key, k)
+        values = (v.reshape(-1)[idx].double() * scale).to(torch.float32).to(self._value_dtype(ctx, key))
+        return idx.to(index_dtype(v.numel())), values
+
+    def merge_key(self, x: KeyTensors, stats: FRStats, ctx: Context) -> KeyOutput:
+        key = x.key
+        entries_key = ("free-entries", key, self.expert_density, self.expert_scope, self.expert_scale,
+                       self.expert_dtype, self.lambda_scope)
+        cached = ctx.cache is not None and entries_key in ctx.cache
+        if ctx.cache is not None and self._spectrum_key(key) in ctx.cache and cached:
+            return KeyOutput(self.filtered(x, stats, ctx), ctx.cache[entries_key])
+        # one pass over the K task vectors: accumulate Σλv for the filter and cut each expert
+        lam = stats.lambdas_of(key).to(dtype=torch.float32).tolist()
+        combined, entries = None, []
+        for k, v in enumerate(x.vectors()):
+            if combined is None:
+                combined = v.float() * lam[k]
+            else:
+                combined.add_(v.float(), alpha=lam[k])
+            if not cached:
+                entries.append(self._entries(k, v, stats, ctx, key))
+        entries = ctx.cache[entries_key] if cached else ctx.memo(entries_key, lambda: entries)
+        return KeyOutput(self.filtered(x, stats, ctx, combined), entries)
+
+    def finalize(self, pieces: dict[str, list], stats: FRStats, ctx: Context) -> Finalized:
+        experts = [SparseExpert({key: entries[k] for key, entries in pieces.items()},
+                                {key: list(ctx.shapes[key]) for key in pieces}) for k in range(ctx.num_tasks)]
+        return Finalized(experts, info={"lambdas": _info(stats.lambdas), "mu": _info(stats.mu)})
+
+
+free_merging = functional(FREEMerging)

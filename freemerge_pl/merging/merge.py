@@ -12,11 +12,18 @@ import torch
 
 import freemerge_pl
 from freemerge_pl.merging.base import MergeResult, StateDict
+from freemerge_pl.merging.engine import (
+    CheckpointInputs,
+    apply_key,
+    check_prefilter,
+    execute,
+    prefilter_transform,
+)
 from freemerge_pl.merging.experts import SparseExpert
-from freemerge_pl.merging.fourier import check_filter_ratio, highpass
-from freemerge_pl.merging.registry import get_method
-from freemerge_pl.merging.task_vectors import apply_delta
-from freemerge_pl.merging.task_vectors import task_vectors as make_task_vectors
+from freemerge_pl.merging.method import MergeMethod
+from freemerge_pl.merging.registry import build_method
+from freemerge_pl.merging.task_vectors import validate_checkpoints
+from freemerge_pl.sources import StateDictSource
 
 
 @dataclass
@@ -38,93 +45,61 @@ class MergeOutput:
 def prefilter(
     task_vectors: list[StateDict], fr_filter_ratio: float, cutoff_mode: str = "fraction"
 ) -> list[StateDict]:
-    """The FR high-pass as a pre-transform for any task-vector method (paper Table 8)."""
-    check_filter_ratio(fr_filter_ratio)
-    if fr_filter_ratio == 0:
+    """The FR high-pass as a pre-transform for any task-vector method (paper Table 8), on whole dicts."""
+    transform = prefilter_transform(fr_filter_ratio, cutoff_mode)
+    if transform is None:
         return task_vectors
-    return [{k: highpass(v, fr_filter_ratio, cutoff_mode=cutoff_mode) for k, v in tv.items()}
-            for tv in task_vectors]
+    return [{k: transform(v) for k, v in tv.items()} for tv in task_vectors]
 
 
 def merge(
     pretrained: StateDict,
     finetuned: Sequence[StateDict],
-    method: str = "free_merging",
+    method: str | MergeMethod = "free_merging",
     *,
     names: Sequence[str] | None = None,
     exclude_keys: str | Sequence[str] | None = None,
     fr_filter_ratio: float = 0.0,
     seed: int = 0,
     device: str | torch.device | None = None,
+    cache: dict | None = None,
     **hyperparameters: Any,
 ) -> MergeOutput:
-    """Merge ``finetuned`` into ``pretrained`` with the registered ``method``.
+    """Merge ``finetuned`` into ``pretrained`` with ``method`` (a registry name plus ``hyperparameters``, or a
+    configured ``MergeMethod``): the engine run with in-memory sources and sink.
 
     ``exclude_keys`` (regexes) are never merged (task-specific heads); ``fr_filter_ratio`` > 0 applies the
     FR high-pass to every task vector before the method runs; ``seed`` drives random methods (DARE).
     """
-    spec = get_method(method)
-    spec.validate(hyperparameters)
+    config = build_method(method, hyperparameters)
+    check_prefilter(config, fr_filter_ratio)
     start = time.perf_counter()
-    tvs = make_task_vectors(pretrained, finetuned, names, exclude_keys)
-    if device is not None:
-        tvs = [{k: v.to(device) for k, v in tv.items()} for tv in tvs]
-    tvs = prefilter(tvs, fr_filter_ratio)
-    result = run_method(method, tvs, pretrained, seed=seed, device=device, **hyperparameters)
-    state_dict = apply_delta(pretrained, result.delta)
+    validate_checkpoints(pretrained, finetuned, names, exclude_keys)
+    names = list(names) if names is not None else [f"finetuned[{i}]" for i in range(len(finetuned))]
+    inputs = CheckpointInputs(StateDictSource(pretrained, "pretrained"),
+                              [StateDictSource(sd, n) for sd, n in zip(finetuned, names)], names=names,
+                              exclude_keys=exclude_keys, device=device,
+                              transform=prefilter_transform(fr_filter_ratio), check_finite=False)
+    delta: StateDict = {}
+    state_dict: StateDict = {}
+
+    def emit(key: str, x, d) -> None:
+        if d is not None:
+            delta[key] = d
+        state_dict[key] = apply_key(pretrained[key], d) if d is not None else pretrained[key].clone()
+
+    fin = execute(config, inputs, emit, seed=seed, cache=cache)
+    result = MergeResult(delta, fin.task_modules, fin.info, fin.shared_modules)
     seconds = time.perf_counter() - start
-    record = {
-        "method": method,
-        "reference": spec.reference,
-        "hyperparameters": {**spec.hyperparameters, **hyperparameters},
-        "fr_filter_ratio": fr_filter_ratio,
-        "seed": seed,
-        "exclude_keys": exclude_keys,
-        "names": list(names) if names is not None else None,
-        "info": result.info,
-        "package_version": freemerge_pl.__version__,
-        "seconds": seconds,
-    }
-    return MergeOutput(state_dict, result, method, dict(hyperparameters), seconds, record)
+    record = merge_record(config, fr_filter_ratio=fr_filter_ratio, seed=seed, exclude_keys=exclude_keys,
+                          names=names, info=result.info, seconds=seconds)
+    return MergeOutput(state_dict, result, config.name, config.hyperparameters(), seconds, record)
 
 
-def run_method(
-    method: str,
-    task_vectors: list[StateDict],
-    pretrained: StateDict,
-    *,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    **hyperparameters: Any,
-) -> MergeResult:
-    """Run a registered method on prepared task vectors: supplies its context (seeded generator, θ_pre)
-    and, for ``expert_dtype=None``, casts expert values to θ_pre's dtypes."""
-    spec = get_method(method)
-    spec.validate(hyperparameters)
-    context: dict[str, Any] = {}
-    if "generator" in _params(spec.fn):
-        context["generator"] = torch.Generator(device=device or "cpu").manual_seed(seed)
-    if "pretrained" in _params(spec.fn):
-        context["pretrained"] = pretrained
-    result = spec.fn(task_vectors, **context, **hyperparameters)
-    if not isinstance(result, MergeResult):
-        result = MergeResult(result)
-    effective = {**spec.hyperparameters, **hyperparameters}
-    if "expert_dtype" in effective and effective["expert_dtype"] is None and result.task_modules:
-        _cast_expert_values(result.task_modules, pretrained)
-    return result
-
-
-def _params(fn) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(fn).parameters)
-
-
-def _cast_expert_values(modules, pretrained: StateDict) -> None:
-    for m in modules:
-        if isinstance(m, SparseExpert):
-            m.cast_values_({key: pretrained[key].dtype for key in m.keys})
+def merge_record(config: MergeMethod, **fields: Any) -> dict[str, Any]:
+    """The provenance record of a merge (method, reference, every hyperparameter, package version)."""
+    return {"method": config.name, "reference": config.reference, "hyperparameters": config.hyperparameters(),
+            **fields, "package_version": freemerge_pl.__version__}
 
 
 def save_merge(output: MergeOutput, directory, *, inputs: Sequence[str | Path] = (),

@@ -4,6 +4,7 @@ defaults are a method's hyperparameters (YAML, --help and validation come from t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import inspect
 import sys
@@ -16,7 +17,7 @@ from freemerge_pl.errors import ConfigError, HyperparameterError
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: its function, reference and hyperparameters (name → default)."""
+    """A registered method: its typed configuration class (or a plain function), reference and summary."""
 
     name: str
     fn: Callable[..., Any]
@@ -24,9 +25,14 @@ class MethodSpec:
     summary: str
     needs: frozenset[str] = field(default_factory=frozenset)
     produces_task_modules: bool = False
+    cls: type | None = None
 
     @property
     def hyperparameters(self) -> dict[str, Any]:
+        """Hyperparameter name → default (the config class's fields, or a function's keyword-only arguments)."""
+        if self.cls is not None:
+            return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                    for f in dataclasses.fields(self.cls)}
         sig = inspect.signature(self.fn)
         return {
             n: p.default
@@ -37,10 +43,24 @@ class MethodSpec:
     def validate(self, params: dict[str, Any]) -> None:
         unknown = sorted(set(params) - set(self.hyperparameters))
         if unknown:
+            hint = ""
+            if "semantics" in unknown or "released_options" in unknown:
+                hint = (f"; the released-code variants are their own methods now: "
+                        f"'{self.name.replace('_released', '')}_released' with flat settings")
             raise HyperparameterError(
                 f"method {self.name!r} has no hyperparameter(s) {unknown}; "
-                f"accepted: {sorted(self.hyperparameters)}"
+                f"accepted: {sorted(self.hyperparameters)}{hint}"
             )
+
+    def build(self, params: dict[str, Any] | None = None):
+        """The method's checked configuration object (``MergeMethod``) from hyperparameters."""
+        params = dict(params or {})
+        self.validate(params)
+        if self.cls is not None:
+            return self.cls(**params)
+        from freemerge_pl.merging.method import FunctionMethod
+
+        return FunctionMethod(self, params)
 
 
 # Keyword arguments the driver supplies from context rather than from configuration.
@@ -56,7 +76,8 @@ def register(
     needs: tuple[str, ...] = (),
     produces_task_modules: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register ``fn(task_vectors, *, hyperparameters...) -> MergeResult`` under ``name``.
+    """Register a ``MergeMethod`` dataclass (or a plain ``fn(task_vectors, *, hyperparameters...) ->
+    MergeResult``, which the engine runs on whole in-memory task vectors) under ``name``.
 
     ``needs`` names context the method requires beyond task vectors (``pretrained``, ``data``); the
     data-dependent methods (Fisher, RegMean, AdaMerging) join the registry with ``needs=("data",)``.
@@ -66,7 +87,12 @@ def register(
         if name in _REGISTRY:
             raise ValueError(f"merge method {name!r} is already registered")
         summary = (inspect.getdoc(fn) or "").split("\n", 1)[0]
-        _REGISTRY[name] = MethodSpec(name, fn, reference, summary, frozenset(needs), produces_task_modules)
+        if isinstance(fn, type):
+            fn.name, fn.reference = name, reference
+            _REGISTRY[name] = MethodSpec(name, functional(fn), reference, summary, frozenset(needs),
+                                         fn.produces_task_modules, cls=fn)
+        else:
+            _REGISTRY[name] = MethodSpec(name, fn, reference, summary, frozenset(needs), produces_task_modules)
         return fn
 
     return deco
@@ -77,6 +103,7 @@ _BUILTIN_MODULES: tuple[str, ...] = (
     "freemerge_pl.merging.baselines",
     "freemerge_pl.merging.emr",
     "freemerge_pl.merging.fr",
+    "freemerge_pl.merging.released",
     "freemerge_pl.merging.twin",
 )
 
@@ -127,3 +154,33 @@ def list_methods() -> list[str]:
     """Names of all registered methods, sorted."""
     _load_builtin()
     return sorted(_REGISTRY)
+
+
+def functional(cls: type) -> Callable[..., Any]:
+    """``fn(task_vectors, *, generator=None, **hyperparameters) -> MergeResult`` for a method class: the
+    engine run on in-memory task vectors (one function object per class)."""
+    if "_functional" in cls.__dict__:
+        return cls.__dict__["_functional"]
+
+    def fn(task_vectors, *, generator=None, dtypes=None, **hyperparameters):
+        from freemerge_pl.merging.engine import merge_task_vectors
+
+        return merge_task_vectors(cls(**hyperparameters), task_vectors, generator=generator, dtypes=dtypes)
+
+    fn.__name__ = fn.__qualname__ = getattr(cls, "name", "") or cls.__name__
+    fn.__doc__ = cls.__doc__
+    fn.__module__ = cls.__module__
+    cls._functional = fn
+    return fn
+
+
+def build_method(method, method_args: dict[str, Any] | None = None):
+    """A checked ``MergeMethod`` from a registry name plus hyperparameters, or a ready ``MergeMethod``."""
+    from freemerge_pl.merging.method import MergeMethod
+
+    if isinstance(method, MergeMethod):
+        if method_args:
+            raise ConfigError(f"method_args {sorted(method_args)} given with a configured method object "
+                              f"{type(method).__name__}: set the fields on the object instead")
+        return method
+    return get_method(method).build(method_args)

@@ -75,16 +75,18 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from freemerge_pl.errors import CheckpointMismatchError, ConfigError, HyperparameterError, check_range
-from freemerge_pl.merging.base import MergeResult, StateDict
+from freemerge_pl.errors import ConfigError, HyperparameterError, check_range
 from freemerge_pl.merging.experts import SparseExpert, index_dtype
+from freemerge_pl.merging.method import Context, Finalized, KeyOutput, KeyTensors, MergeMethod, Scan
+from freemerge_pl.merging.registry import functional, register
 
 PROFILES = ("vit", "glue")
 RELEASED_REFERENCE = "Zheng & Wang 2025, released code github.com/Zhengsh123/FREE-Merging@36c0f41"
@@ -190,14 +192,7 @@ def released_rescaler(expert_abs_mean: float, shared_abs_mean: float, density: f
     return (expert_abs_mean / density * math.log10(density)) / -shared_abs_mean
 
 
-# ---------------------------------------------------------------------------------------------- shared pass
-
-
-@dataclass
-class _SharedPass:
-    sums: dict[str, Tensor]
-    means: list[dict[str, float]] | None
-    factors: dict[str, list[float]] | None
+# ---------------------------------------------------------------------------------------------- one key
 
 
 def _work(t: Tensor) -> Tensor:
@@ -214,167 +209,183 @@ def _alignment(means: list[float]) -> list[float]:
     return [1.0 / (m / top) if m > 0 else 1.0 for m in means]
 
 
-def _shared_pass(
-    task_vectors: Sequence[StateDict],
-    keys: Sequence[str],
-    *,
-    filter_ratio: float,
-    is_filtered: Callable[[str, Tensor], bool],
-    first_only: Callable[[str], bool],
-    sum_keys: set[str],
-    align: bool,
-    want_means: bool,
-) -> _SharedPass:
+@dataclass
+class KeySum:
+    """One key of the released shared pass: S_k (None when the key is not summed), the per-task
+    mean|c_ik·u_ik| (None unless asked) and the alignment factors c_ik (None unless ``align``)."""
+
+    total: Tensor | None
+    means: list[float] | None
+    factors: list[float] | None
+
+
+def released_key_sum(vectors: Sequence[Tensor], *, filter_ratio: float, filtered: bool, summed: bool,
+                     first_only: bool, align: bool, want_means: bool) -> KeySum:
     """Per key, loop over tasks: filter, statistics (alignment, μ's B), and S_k = Σ_i c_ik·u_ik.
 
     One task's spectrum at a time. The aligned filtered sum uses G's linearity: Σ_i c_i·G(v_i) =
     G(Σ_i c_i·v_i), one more FFT instead of K filtered tensors held at once.
     """
-    K = len(task_vectors)
-    sums: dict[str, Tensor] = {}
-    means: list[dict[str, float]] | None = [{} for _ in range(K)] if (want_means or align) else None
-    factors: dict[str, list[float]] | None = {} if align else None
-    for key in keys:
-        filtered = is_filtered(key, task_vectors[0][key])
-        wants_sum = key in sum_keys
-        accumulate = wants_sum and filtered and not align and not first_only(key)
-        acc: Tensor | None = None
-        coeffs = [1.0] * K
-        if means is not None:
-            key_means = []
-            for tv in task_vectors:
-                u = released_highpass(tv[key], filter_ratio) if filtered else _work(tv[key])
-                key_means.append(_abs_mean(u))
-                if accumulate:
-                    acc = u if acc is None else acc.add_(u)
-            if align:
-                coeffs = _alignment(key_means)
-                factors[key] = coeffs
-                key_means = [c * m for c, m in zip(coeffs, key_means)]
-            for i, m in enumerate(key_means):
-                means[i][key] = m
-        if not wants_sum:
-            continue
-        if first_only(key):
-            sums[key] = coeffs[0] * _work(task_vectors[0][key])
-        elif acc is not None:
-            sums[key] = acc
-        else:
-            total = torch.zeros_like(_work(task_vectors[0][key]))
-            for c, tv in zip(coeffs, task_vectors):
-                total.add_(_work(tv[key]), alpha=c)
-            sums[key] = released_highpass(total, filter_ratio) if filtered else total
-    return _SharedPass(sums, means, factors)
+    K = len(vectors)
+    accumulate = summed and filtered and not align and not first_only
+    acc: Tensor | None = None
+    coeffs, means, factors = [1.0] * K, None, None
+    if want_means or align:
+        means = []
+        for v in vectors:
+            u = released_highpass(v, filter_ratio) if filtered else _work(v)
+            means.append(_abs_mean(u))
+            if accumulate:
+                acc = u if acc is None else acc.add_(u)
+        if align:
+            coeffs = factors = _alignment(means)
+            means = [c * m for c, m in zip(coeffs, means)]
+    if not summed:
+        return KeySum(None, means, factors)
+    if first_only:
+        return KeySum(coeffs[0] * _work(vectors[0]), means, factors)
+    if acc is not None:
+        return KeySum(acc, means, factors)
+    total = torch.zeros_like(_work(vectors[0]))
+    for c, v in zip(coeffs, vectors):
+        total.add_(_work(v), alpha=c)
+    return KeySum(released_highpass(total, filter_ratio) if filtered else total, means, factors)
 
 
-# ---------------------------------------------------------------------------------------------- drivers
+# ---------------------------------------------------------------------------------------------- methods
 
 
-def _check_inputs(task_vectors: Sequence[StateDict], profile: str) -> list[str]:
-    if profile not in PROFILES:
-        raise HyperparameterError(f"profile={profile!r}; accepted: {list(PROFILES)}")
-    if len(task_vectors) == 0:
-        raise ConfigError("released_code merging needs at least one task vector")
-    keys = list(task_vectors[0])
-    for i, tv in enumerate(task_vectors[1:], start=1):
-        if set(tv) != set(keys):
-            missing = sorted(set(keys) - set(tv))[:5]
-            extra = sorted(set(tv) - set(keys))[:5]
-            raise CheckpointMismatchError(f"task vector {i} keys differ from task vector 0's: "
-                                          f"missing {missing}, unexpected {extra}")
-    return keys
+def _check_profile_settings(method, profile_only: dict[str, tuple[str, ...]]) -> None:
+    """A setting the chosen profile ignores is an error naming both."""
+    for field_name, profiles in profile_only.items():
+        if getattr(method, field_name) is not None and method.profile not in profiles:
+            raise HyperparameterError(
+                f"{method.name}: {field_name}={getattr(method, field_name)!r} is ignored by profile="
+                f"{method.profile!r} (it applies to profile {' / '.join(repr(p) for p in profiles)} only); "
+                f"remove it or change the profile")
 
 
-def _vit_predicates(key_pattern: str, keep_first_task_bias_quirk: bool):
-    pattern = re.compile(key_pattern)
+class _ReleasedBase(MergeMethod):
+    """Shared key predicates of the two released-code methods (``profile`` vit: ``key_pattern``; glue)."""
 
-    def changed(key: str) -> bool:
-        return pattern.search(key) is not None
+    filters_task_vectors = True
 
-    def filtered(key: str, t: Tensor) -> bool:
-        if not (changed(key) and "weight" in key):
-            return False
-        if t.dim() != 2:
+    def _vit_pattern(self) -> re.Pattern:
+        pattern = self.key_pattern if self.key_pattern is not None else "attn|mlp"
+        try:
+            return re.compile(pattern)
+        except re.error as err:
+            raise HyperparameterError(f"{self.name}: key_pattern={pattern!r} is not a valid regex: {err}") from err
+
+    def _quirk(self) -> bool:
+        return True if self.keep_first_task_bias_quirk is None else self.keep_first_task_bias_quirk
+
+    def changed(self, key: str) -> bool:
+        return self._pattern.search(key) is not None if self.profile == "vit" else True
+
+    def is_filtered(self, key: str, shape: tuple[int, ...]) -> bool:
+        if self.profile == "glue":
+            return "weight" in key and len(shape) == 2
+        return self.changed(key) and "weight" in key
+
+    def first_only(self, key: str) -> bool:
+        return self.profile == "vit" and self._quirk() and not (self.changed(key) and "weight" in key)
+
+    def begin(self, ctx: Context) -> None:
+        if self.profile != "vit":
+            return
+        changed = [k for k in ctx.keys if self.changed(k)]
+        if not changed:
             raise ConfigError(
-                f"released_code (vit): key {key!r} of shape {tuple(t.shape)} matches key_pattern "
-                f"{key_pattern!r} and contains 'weight', so the released code would 2-D-FFT it and crash "
-                f"(it is {t.dim()}-D); narrow key_pattern")
-        return True
+                f"{self.name}: key_pattern={self._pattern.pattern!r} (profile 'vit') matches none of the "
+                f"{len(ctx.keys)} merged tensors (e.g. {ctx.keys[:3]}), so the merge would return the "
+                f"pre-trained weights; set key_pattern for this model's key names")
+        for key in changed:
+            shape = ctx.shapes[key]
+            if "weight" in key and len(shape) != 2:
+                raise ConfigError(
+                    f"released_code (vit): key {key!r} of shape {tuple(shape)} matches key_pattern "
+                    f"{self._pattern.pattern!r} and contains 'weight', so the released code would 2-D-FFT it "
+                    f"and crash (it is {len(shape)}-D); narrow key_pattern")
 
-    def first_only(key: str) -> bool:
-        return keep_first_task_bias_quirk and not (changed(key) and "weight" in key)
+    def key_sum(self, x: KeyTensors, *, summed: bool, want_means: bool, align: bool) -> KeySum:
+        return released_key_sum(list(x.vectors()), filter_ratio=self.filter_ratio,
+                                filtered=self.is_filtered(x.key, x.shape), summed=summed,
+                                first_only=self.first_only(x.key), align=align, want_means=want_means)
 
-    return changed, filtered, first_only
-
-
-def _glue_filtered(key: str, t: Tensor) -> bool:
-    return "weight" in key and t.dim() == 2
-
-
-def _common_info(profile: str, filter_ratio: float, align: bool, shared: _SharedPass, filtered: list[str]):
-    info = {"semantics": "released_code", "reference": RELEASED_REFERENCE, "profile": profile,
-            "filter_ratio": filter_ratio, "align": align, "filtered_keys": filtered}
-    if shared.factors is not None:
-        info["alignment_factors"] = shared.factors
-    return info
+    def _info(self, ctx: Context, align: bool, factors: dict) -> dict:
+        info = {"semantics": "released_code", "reference": RELEASED_REFERENCE, "profile": self.profile,
+                "filter_ratio": self.filter_ratio, "align": align}
+        if align:
+            info["alignment_factors"] = factors
+        return info
 
 
-def released_fr_merge(
-    task_vectors: list[StateDict],
-    *,
-    profile: str = "vit",
-    filter_ratio: float = 0.7,
-    align: bool | None = None,
-    scaling: float | None = None,
-    key_pattern: str = "attn|mlp",
-    keep_first_task_bias_quirk: bool = True,
-) -> MergeResult:
+@register("fr_merging_released", reference=RELEASED_REFERENCE + " (FR)")
+@dataclass
+class FRMergingReleased(_ReleasedBase):
     """FR-Merging as the released code computes it; ``delta`` is relative to θ_pre (module docstring).
 
     ``vit``: θ = θ_pre + s·S on the keys matching ``key_pattern`` (changed weight keys: Σ_i c_ik·G(v_ik);
     other changed keys: the first task's aligned delta, ``keep_first_task_bias_quirk``), θ_pre elsewhere.
-    ``glue``: θ = θ_pre + s·Σ_i G(v_ik) on 2-D ``weight`` keys only; ``key_pattern`` and the bias quirk
-    do not apply. ``align``/``scaling`` None take the profile's released values: vit (ViT-B-32_8_FR.yaml)
-    align on, s = 0.7; glue (merge_roberta_glue.py argparse) align off, s = 0.5.
+    ``glue``: θ = θ_pre + s·Σ_i G(v_ik) on 2-D ``weight`` keys only (``key_pattern`` and the bias quirk do
+    not apply: setting them is an error). ``filter_ratio`` is the released ρ (0.7 = the paper's 30%).
+    ``align``/``scaling`` None take the profile's released values: vit (ViT-B-32_8_FR.yaml) align on,
+    s = 0.7; glue (merge_roberta_glue.py argparse) align off, s = 0.5.
     """
-    keys = _check_inputs(task_vectors, profile)
-    check_released_filter_ratio(filter_ratio)
-    align = FR_PROFILE_DEFAULTS[profile]["align"] if align is None else bool(align)
-    scaling = FR_PROFILE_DEFAULTS[profile]["scaling"] if scaling is None else float(scaling)
-    if profile == "vit":
-        changed, is_filtered, first_only = _vit_predicates(key_pattern, keep_first_task_bias_quirk)
-        sum_keys = {k for k in keys if changed(k)}
-    else:
-        is_filtered, first_only = _glue_filtered, (lambda key: False)
-        sum_keys = {k for k in keys if _glue_filtered(k, task_vectors[0][k])}
-    shared = _shared_pass(task_vectors, keys, filter_ratio=filter_ratio, is_filtered=is_filtered,
-                          first_only=first_only, sum_keys=sum_keys, align=align, want_means=False)
-    delta = {}
-    for key in keys:
-        delta[key] = scaling * shared.sums[key] if key in sum_keys else torch.zeros_like(_work(task_vectors[0][key]))
-    filtered = [k for k in keys if k in sum_keys and is_filtered(k, task_vectors[0][k])]
-    info = _common_info(profile, filter_ratio, align, shared, filtered)
-    info.update({"scaling": scaling, "merged_keys": sorted(sum_keys, key=keys.index)})
-    if profile == "vit":
-        info.update({"key_pattern": key_pattern, "keep_first_task_bias_quirk": keep_first_task_bias_quirk})
-    return MergeResult(delta, info=info)
+
+    profile: Literal["vit", "glue"] = "vit"
+    filter_ratio: float = 0.7
+    align: bool | None = None
+    scaling: float | None = None
+    key_pattern: str | None = None
+    keep_first_task_bias_quirk: bool | None = None
+
+    def check(self) -> None:
+        check_released_filter_ratio(self.filter_ratio)
+        _check_profile_settings(self, {"key_pattern": ("vit",), "keep_first_task_bias_quirk": ("vit",)})
+        self._pattern = self._vit_pattern()
+
+    def settings(self) -> tuple[bool, float]:
+        defaults = FR_PROFILE_DEFAULTS[self.profile]
+        align = defaults["align"] if self.align is None else self.align
+        return align, defaults["scaling"] if self.scaling is None else self.scaling
+
+    def summed(self, key: str, shape) -> bool:
+        return self.changed(key) if self.profile == "vit" else self.is_filtered(key, shape)
+
+    def merge_key(self, x: KeyTensors, stats, ctx: Context) -> KeyOutput:
+        align, scaling = self.settings()
+        summed = self.summed(x.key, x.shape)
+        part = self.key_sum(x, summed=summed, want_means=False, align=align)
+        delta = scaling * part.total if summed else torch.zeros(x.shape, dtype=_dtype(x), device=ctx.device)
+        return KeyOutput(delta, part.factors)
+
+    def finalize(self, pieces: dict, stats, ctx: Context) -> Finalized:
+        align, scaling = self.settings()
+        merged = [k for k in ctx.keys if self.summed(k, ctx.shapes[k])]
+        info = self._info(ctx, align, pieces)
+        info.update({"filtered_keys": [k for k in merged if self.is_filtered(k, ctx.shapes[k])],
+                     "scaling": scaling, "merged_keys": merged})
+        if self.profile == "vit":
+            info.update({"key_pattern": self._pattern.pattern, "keep_first_task_bias_quirk": self._quirk()})
+        return Finalized(info=info)
 
 
-def released_free_merge(
-    task_vectors: list[StateDict],
-    *,
-    profile: str = "vit",
-    filter_ratio: float = 0.7,
-    align: bool = False,
-    scaling: float = 0.5,
-    expert_density: float = 0.01,
-    key_pattern: str = "attn|mlp",
-    keep_first_task_bias_quirk: bool = True,
-    glue_shared_scale: float = 0.2,
-    glue_expert_scale: float = 10.0,
-    glue_expert_density: float = 0.02,
-    glue_expert_remove: float = 0.0,
-) -> MergeResult:
+def _dtype(x: KeyTensors) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class ReleasedFREEStats:
+    mu: list[float]
+    expert_means: list[float]
+    shared_means: list[float]
+
+
+@register("free_merging_released", reference=RELEASED_REFERENCE + " (FREE)")
+@dataclass
+class FREEMergingReleased(_ReleasedBase):
     """FREE-Merging as the released code computes it: a shared backbone ``delta`` and one SparseExpert per
     task holding, at its entries, task i's released model minus the backbone (module docstring).
 
@@ -383,80 +394,124 @@ def released_free_merge(
     per-row top-``int(d·W)`` entries of v_i by s·μ_i·v_i (weights) or s·v_i (other changed keys).
     ``glue``: backbone ``glue_shared_scale``·S on every key, expert ``glue_expert_scale``·v_i at the
     per-row top-``int(glue_expert_density·W)`` entries after removing the top
-    ``int(glue_expert_remove·W)`` (added, no μ); ``scaling``, ``expert_density``, ``key_pattern`` and the
-    bias quirk do not apply. Expert values are float32 (float64 for float64 task vectors).
+    ``int(glue_expert_remove·W)`` (added, no μ). Each profile's settings are errors under the other.
+    Expert values are float32 (float64 for float64 task vectors) unless ``expert_dtype`` is set.
     """
-    keys = _check_inputs(task_vectors, profile)
-    check_released_filter_ratio(filter_ratio)
-    if profile == "glue":
-        return _free_glue(task_vectors, keys, filter_ratio, align, glue_shared_scale, glue_expert_scale,
-                          glue_expert_density, glue_expert_remove)
-    check_range("expert_density", expert_density, 0.0, 1.0, low_open=True)
-    changed, is_filtered, first_only = _vit_predicates(key_pattern, keep_first_task_bias_quirk)
-    changed_keys = [k for k in keys if changed(k)]
-    shared = _shared_pass(task_vectors, keys, filter_ratio=filter_ratio, is_filtered=is_filtered,
-                          first_only=first_only, sum_keys=set(changed_keys), align=align, want_means=True)
-    is_weight = {k: "weight" in k for k in changed_keys}
-    delta = {}
-    for key in keys:
-        if key in shared.sums:
-            delta[key] = (scaling * scaling if is_weight[key] else scaling) * shared.sums[key]
-        else:
-            delta[key] = torch.zeros_like(_work(task_vectors[0][key]))
-    selected, expert_means = [], []  # A_i runs over every key; indices are kept for the changed keys only
-    for tv in task_vectors:
-        sel, total = {}, 0.0
-        for key in keys:
-            idx = released_expert_indices(tv[key], expert_density)
-            total += float(tv[key].reshape(-1)[idx].abs().double().sum()) / max(tv[key].numel(), 1)
-            if key in shared.sums:
-                sel[key] = idx
-        expert_means.append(total / len(keys))
-        selected.append(sel)
-    shared_means = [sum(m.values()) / len(keys) for m in shared.means]
-    mu = [released_rescaler(a, b, expert_density) for a, b in zip(expert_means, shared_means)]
-    experts = []
-    for tv, sel, mu_i in zip(task_vectors, selected, mu):
-        entries, shapes = {}, {}
-        for key in changed_keys:
-            v = _work(tv[key]).reshape(-1)
-            idx = sel[key]
-            replacement = v[idx] * mu_i if is_weight[key] else v[idx]
+
+    produces_task_modules = True
+
+    profile: Literal["vit", "glue"] = "vit"
+    filter_ratio: float = 0.7
+    align: bool = False
+    scaling: float | None = None
+    expert_density: float | None = None
+    key_pattern: str | None = None
+    keep_first_task_bias_quirk: bool | None = None
+    glue_shared_scale: float | None = None
+    glue_expert_scale: float | None = None
+    glue_expert_density: float | None = None
+    glue_expert_remove: float | None = None
+    expert_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
+
+    def check(self) -> None:
+        check_released_filter_ratio(self.filter_ratio)
+        vit, glue = ("vit",), ("glue",)
+        _check_profile_settings(self, {"scaling": vit, "expert_density": vit, "key_pattern": vit,
+                                       "keep_first_task_bias_quirk": vit, "glue_shared_scale": glue,
+                                       "glue_expert_scale": glue, "glue_expert_density": glue,
+                                       "glue_expert_remove": glue})
+        self._pattern = self._vit_pattern()
+        check_range("expert_density", self.density, 0.0, 1.0, low_open=True)
+        if self.profile == "glue":
+            check_range("glue_expert_remove", self.remove, 0.0, 1.0)
+
+    @property
+    def s(self) -> float:
+        return 0.5 if self.scaling is None else self.scaling
+
+    @property
+    def density(self) -> float:
+        if self.profile == "glue":
+            return 0.02 if self.glue_expert_density is None else self.glue_expert_density
+        return 0.01 if self.expert_density is None else self.expert_density
+
+    @property
+    def remove(self) -> float:
+        return 0.0 if self.glue_expert_remove is None or self.profile == "vit" else self.glue_expert_remove
+
+    def statistics(self, scan: Scan) -> ReleasedFREEStats | None:
+        if self.profile == "glue":
+            return None
+        expert_total = [0.0] * scan.ctx.num_tasks
+        shared_total = [0.0] * scan.ctx.num_tasks
+
+        def fold(x: KeyTensors) -> None:
+            part = self.key_sum(x, summed=False, want_means=True, align=self.align)
+            for i, v in enumerate(x.vectors()):
+                idx = released_expert_indices(v, self.density)
+                expert_total[i] += float(v.reshape(-1)[idx].abs().double().sum()) / max(v.numel(), 1)
+                shared_total[i] += part.means[i]
+
+        scan(fold, "released μ")
+        n = len(scan.keys)
+        expert_means = [t / n for t in expert_total]
+        shared_means = [t / n for t in shared_total]
+        mu = [released_rescaler(a, b, self.density) for a, b in zip(expert_means, shared_means)]
+        return ReleasedFREEStats(mu, expert_means, shared_means)
+
+    def merge_key(self, x: KeyTensors, stats: ReleasedFREEStats | None, ctx: Context) -> KeyOutput:
+        if self.profile == "glue":
+            return self._glue_key(x)
+        if not self.changed(x.key):
+            return KeyOutput(torch.zeros(x.shape, dtype=_dtype(x), device=ctx.device), None)
+        part = self.key_sum(x, summed=True, want_means=False, align=self.align)
+        is_weight = "weight" in x.key
+        delta = (self.s * self.s if is_weight else self.s) * part.total
+        entries = []
+        for v, mu_i in zip(x.vectors(), stats.mu):
+            flat = _work(v).reshape(-1)
+            idx = released_expert_indices(v, self.density)
+            replacement = flat[idx] * mu_i if is_weight else flat[idx]
             nonzero = replacement != 0
             idx, replacement = idx[nonzero], replacement[nonzero]
-            values = scaling * replacement - delta[key].reshape(-1)[idx]
-            entries[key] = (idx.to(index_dtype(v.numel())), values)
-            shapes[key] = list(tv[key].shape)
-        experts.append(SparseExpert(entries, shapes))
-    filtered = [k for k in changed_keys if is_filtered(k, task_vectors[0][k])]
-    info = _common_info("vit", filter_ratio, align, shared, filtered)
-    info.update({
-        "scaling": scaling, "expert_density": expert_density, "key_pattern": key_pattern,
-        "keep_first_task_bias_quirk": keep_first_task_bias_quirk, "mu": mu,
-        "expert_abs_mean": expert_means, "shared_abs_mean": shared_means,
-        "expert_nnz": [e.nnz for e in experts], "changed_keys": changed_keys,
-    })
-    return MergeResult(delta, experts, info=info)
+            entries.append((idx.to(index_dtype(flat.numel())), self.s * replacement - delta.reshape(-1)[idx]))
+        return KeyOutput(delta, (entries, part.factors))
+
+    def _glue_key(self, x: KeyTensors) -> KeyOutput:
+        shared_scale = 0.2 if self.glue_shared_scale is None else self.glue_shared_scale
+        expert_scale = 10.0 if self.glue_expert_scale is None else self.glue_expert_scale
+        part = self.key_sum(x, summed=True, want_means=False, align=self.align)
+        entries = []
+        for v in x.vectors():
+            flat = _work(v).reshape(-1)
+            idx = released_expert_indices(v, self.density, self.remove)
+            entries.append((idx.to(index_dtype(flat.numel())), expert_scale * flat[idx]))
+        return KeyOutput(shared_scale * part.total, (entries, part.factors))
+
+    def finalize(self, pieces: dict, stats: ReleasedFREEStats | None, ctx: Context) -> Finalized:
+        experts = []
+        with_entries = {k: p for k, p in pieces.items() if p is not None}
+        for i in range(ctx.num_tasks):
+            entries = {key: p[0][i] for key, p in with_entries.items()}
+            if self.expert_dtype is not None:
+                entries = {key: (idx, vals.to(getattr(torch, self.expert_dtype))) for key, (idx, vals) in entries.items()}
+            experts.append(SparseExpert(entries, {key: list(ctx.shapes[key]) for key in entries}))
+        factors = {k: p[1] for k, p in with_entries.items() if p[1] is not None}
+        info = self._info(ctx, self.align, factors)
+        summed = [k for k in ctx.keys if k in with_entries]
+        info["filtered_keys"] = [k for k in summed if self.is_filtered(k, ctx.shapes[k])]
+        info["expert_nnz"] = [e.nnz for e in experts]
+        if self.profile == "glue":
+            info.update({"glue_shared_scale": 0.2 if self.glue_shared_scale is None else self.glue_shared_scale,
+                         "glue_expert_scale": 10.0 if self.glue_expert_scale is None else self.glue_expert_scale,
+                         "glue_expert_density": self.density, "glue_expert_remove": self.remove})
+        else:
+            info.update({"scaling": self.s, "expert_density": self.density,
+                         "key_pattern": self._pattern.pattern, "keep_first_task_bias_quirk": self._quirk(),
+                         "mu": stats.mu, "expert_abs_mean": stats.expert_means,
+                         "shared_abs_mean": stats.shared_means, "changed_keys": summed})
+        return Finalized(experts, info=info)
 
 
-def _free_glue(task_vectors, keys, filter_ratio, align, shared_scale, expert_scale, density, remove):
-    check_range("glue_expert_density", density, 0.0, 1.0, low_open=True)
-    check_range("glue_expert_remove", remove, 0.0, 1.0)
-    shared = _shared_pass(task_vectors, keys, filter_ratio=filter_ratio, is_filtered=_glue_filtered,
-                          first_only=lambda key: False, sum_keys=set(keys), align=align, want_means=False)
-    delta = {key: shared_scale * shared.sums[key] for key in keys}
-    experts = []
-    for tv in task_vectors:
-        entries, shapes = {}, {}
-        for key in keys:
-            v = _work(tv[key]).reshape(-1)
-            idx = released_expert_indices(tv[key], density, remove)
-            entries[key] = (idx.to(index_dtype(v.numel())), expert_scale * v[idx])
-            shapes[key] = list(tv[key].shape)
-        experts.append(SparseExpert(entries, shapes))
-    filtered = [k for k in keys if _glue_filtered(k, task_vectors[0][k])]
-    info = _common_info("glue", filter_ratio, align, shared, filtered)
-    info.update({"glue_shared_scale": shared_scale, "glue_expert_scale": expert_scale,
-                 "glue_expert_density": density, "glue_expert_remove": remove,
-                 "expert_nnz": [e.nnz for e in experts]})
-    return MergeResult(delta, experts, info=info)
+released_fr_merge = functional(FRMergingReleased)
+released_free_merge = functional(FREEMergingReleased)

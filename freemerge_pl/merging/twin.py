@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from freemerge_pl.errors import check_range
-from freemerge_pl.merging.base import DenseDeltaTaskModule, MergeResult, StateDict, stack
+from freemerge_pl.merging.base import DenseDeltaTaskModule
 from freemerge_pl.merging.fourier import matrix_shape
-from freemerge_pl.merging.ops import method_keys
-from freemerge_pl.merging.registry import register
+from freemerge_pl.merging.method import Context, Finalized, KeyOutput, KeyTensors, MergeMethod
+from freemerge_pl.merging.registry import functional, register
 
 REFERENCE = ("Lu et al. 2024, Twin-Merging: Dynamic Integration of Modular Expertise in Model Merging "
              "(NeurIPS)")
@@ -97,32 +98,45 @@ def twin_rank(shape: Sequence[int], rank_fraction: float) -> int:
     return min(m, n, max(1, math.ceil(rank_fraction * min(m, n) - 1e-9)))
 
 
-@register("twin", reference=REFERENCE, produces_task_modules=True)
-def twin(
-    task_vectors: list[StateDict],
-    *,
-    scaling: float = 0.3,
-    rank_fraction: float = 0.1,
-) -> MergeResult:
+@register("twin", reference=REFERENCE)
+@dataclass
+class Twin(MergeMethod):
     """Twin-Merging: task-arithmetic shared backbone + per-task low-rank twin vectors θ_k − θ_shared.
 
     Symbols in the module docstring. ``scaling`` λ of the shared task-arithmetic merge (0.3, the task-
     arithmetic default; the authors' RoBERTa scripts use 0.29); ``rank_fraction`` (0.1). ``delta`` is the
     shared merge; ``task_modules[k]`` adds the rank-r twin of task k.
     """
-    check_range("rank_fraction", rank_fraction, 0.0, 1.0, low_open=True)
-    keys = method_keys(task_vectors)
-    shared = {key: scaling * stack(task_vectors, key).sum(0) for key in keys}
-    modules = []
-    for tv in task_vectors:
-        factors, dense, shapes = {}, {}, {}
-        for key in keys:
-            diff = tv[key].float() - shared[key]
+
+    produces_task_modules = True
+
+    scaling: float = 0.3
+    rank_fraction: float = 0.1
+
+    def check(self) -> None:
+        check_range("rank_fraction", self.rank_fraction, 0.0, 1.0, low_open=True)
+
+    def merge_key(self, x: KeyTensors, stats, ctx: Context) -> KeyOutput:
+        stacked = x.stacked()
+        shared = self.scaling * stacked.sum(0)
+        pieces = []
+        for k in range(x.num_tasks):
+            diff = stacked[k] - shared
             if diff.dim() >= 2 and diff.numel() > 0:
-                factors[key] = truncated_svd_factors(diff.reshape(matrix_shape(diff.shape)),
-                                                     twin_rank(diff.shape, rank_fraction))
-                shapes[key] = list(diff.shape)
+                factors = truncated_svd_factors(diff.reshape(matrix_shape(diff.shape)),
+                                                twin_rank(diff.shape, self.rank_fraction))
+                pieces.append(("lowrank", factors))
             else:
-                dense[key] = diff
-        modules.append(LowRankTaskModule(factors, dense, shapes))
-    return MergeResult(shared, modules)
+                pieces.append(("dense", diff))
+        return KeyOutput(shared, pieces)
+
+    def finalize(self, pieces: dict[str, list], stats, ctx: Context) -> Finalized:
+        modules = []
+        for k in range(ctx.num_tasks):
+            factors = {key: p[k][1] for key, p in pieces.items() if p[k][0] == "lowrank"}
+            dense = {key: p[k][1] for key, p in pieces.items() if p[k][0] == "dense"}
+            modules.append(LowRankTaskModule(factors, dense, {key: list(ctx.shapes[key]) for key in factors}))
+        return Finalized(modules)
+
+
+twin = functional(Twin)

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError
-from freemerge_pl.io import load_state_dict
+from freemerge_pl.io import load_state_dict, read_pickled_state_dict
 from freemerge_pl.models.base import ModelAdapter, StateDict
 
 #: prefixes tried, in this order, when ``key_prefix`` is None (the best-matching one wins)
@@ -197,19 +197,7 @@ class OpenCLIPAdapter(ModelAdapter):
         return self._read_pickle(p, role)
 
     def _read_pickle(self, path: Path, role: str) -> StateDict:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)  # executes code: opted in
-        except (ImportError, AttributeError) as err:
-            raise FreeMergeError(
-                f"{role} checkpoint {path}: unpickling needs the classes it was saved with ({err}); run from "
-                f"the task_vectors repository root or put it on PYTHONPATH") from err
-        if isinstance(obj, nn.Module):
-            obj = obj.state_dict()
-        elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict):
-            raise FreeMergeError(f"{role} checkpoint {path} holds a {type(obj).__name__}, not a module or state dict")
-        return obj
+        return read_pickled_state_dict(path, role)  # executes code from the file: opted in (allow_pickle)
 
     def _detect_prefix(self, sd: StateDict) -> str:
         spec = self.backbone_spec

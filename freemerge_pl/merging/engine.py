@@ -1,0 +1,288 @@
+"""The merge engine: one per-tensor core, several drivers (in-memory task vectors, in-memory checkpoints,
+streaming checkpoints from lazy sources into a sink).
+
+``execute`` runs a method's statistics passes (``MergeMethod.statistics``), then one merge pass over the
+keys in output order, handing each key's delta to ``emit``; it never holds more than one key's K tensors
+(plus what the method itself keeps: expert entries, low-rank factors). Every driver calls it, so the
+in-memory ``merge()`` and the streaming merge compute bit-identical tensors from the same inputs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError, HyperparameterError
+from freemerge_pl.merging.base import MergeResult, StateDict
+from freemerge_pl.merging.fourier import check_filter_ratio, highpass
+from freemerge_pl.merging.method import Context, Finalized, KeyOutput, KeyTensors, MergeMethod, Scan
+from freemerge_pl.sources import TensorSource
+
+
+def compile_patterns(patterns: str | Sequence[str] | None) -> re.Pattern | None:
+    """One regex searching for any of ``patterns`` (None when there are none)."""
+    if not patterns:
+        return None
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    return re.compile("|".join(f"(?:{p})" for p in patterns))
+
+
+def prefilter_transform(fr_filter_ratio: float, cutoff_mode: str = "fraction") -> Callable[[Tensor], Tensor] | None:
+    """The FR high-pass as a pre-transform of every task vector (paper Table 8); None when off."""
+    check_filter_ratio(fr_filter_ratio)
+    if fr_filter_ratio == 0:
+        return None
+    return lambda v: highpass(v, fr_filter_ratio, cutoff_mode=cutoff_mode)
+
+
+def check_prefilter(method: MergeMethod, fr_filter_ratio: float) -> None:
+    """``fr_filter_ratio`` on a method that filters itself would filter twice: an error naming both."""
+    if fr_filter_ratio and method.filters_task_vectors:
+        raise HyperparameterError(
+            f"fr_filter_ratio={fr_filter_ratio} would high-pass the task vectors a second time: method "
+            f"{method.name!r} already filters them (its filter_ratio); set one of the two")
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+class MergeInputs:
+    """Where a merge reads from: the merged keys (in output order) and each key's ``KeyTensors``."""
+
+    keys: list[str]
+    output_keys: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
+    num_tasks: int
+
+    def load(self, key: str) -> KeyTensors:
+        raise NotImplementedError
+
+
+class TaskVectorInputs(MergeInputs):
+    """Precomputed task vectors (key → tensor per task) held in memory; ``dtypes`` default float32."""
+
+    def __init__(self, task_vectors: Sequence[StateDict], *, device=None,
+                 transform: Callable[[Tensor], Tensor] | None = None,
+                 dtypes: dict[str, torch.dtype] | None = None) -> None:
+        if len(task_vectors) == 0:
+            raise FreeMergeError("no task vectors were given: merging needs at least one fine-tuned model")
+        self.task_vectors = list(task_vectors)
+        self.keys = list(self.task_vectors[0])
+        self.output_keys = self.keys
+        for i, tv in enumerate(self.task_vectors[1:], start=1):
+            if set(tv) != set(self.keys):
+                missing, extra = sorted(set(self.keys) - set(tv))[:5], sorted(set(tv) - set(self.keys))[:5]
+                raise CheckpointMismatchError(f"task vector {i} keys differ from task vector 0's: "
+                                              f"missing {missing}, unexpected {extra}")
+        self.shapes = {k: tuple(self.task_vectors[0][k].shape) for k in self.keys}
+        self.dtypes = {k: (dtypes or {}).get(k, torch.float32) for k in self.keys}
+        self.num_tasks = len(self.task_vectors)
+        self.device = device
+        self.transform = transform
+
+    def _loader(self, k: int, key: str) -> Callable[[], Tensor]:
+        def load() -> Tensor:
+            v = self.task_vectors[k][key]
+            v = v if self.device is None else v.to(self.device)
+            return v if v.dtype == torch.float64 else v.float()  # float64 inputs stay float64
+        return load
+
+    def load(self, key: str) -> KeyTensors:
+        return KeyTensors(key, self.shapes[key], self.dtypes[key],
+                          [self._loader(k, key) for k in range(self.num_tasks)], transform=self.transform)
+
+
+class CheckpointInputs(MergeInputs):
+    """θ_pre and θ_1..θ_K read lazily from sources; ``v_k = θ_k − θ_pre`` in float32 on ``device``.
+
+    Checks keys, shapes and dtype kinds from the sources' metadata at construction (no tensor read);
+    NaN/Inf are caught as each task vector is computed (``check_finite``), naming checkpoint and key.
+    Integer/bool tensors and keys matched by ``exclude_keys`` are passed through from θ_pre.
+    """
+
+    def __init__(self, pretrained: TensorSource, finetuned: Sequence[TensorSource], *,
+                 names: Sequence[str] | None = None, exclude_keys: str | Sequence[str] | None = None,
+                 device=None, transform: Callable[[Tensor], Tensor] | None = None,
+                 check_finite: bool = True, strict_dtypes: bool = False) -> None:
+        if len(finetuned) == 0:
+            raise ConfigError("no fine-tuned models were given: merging needs at least one")
+        self.pretrained = pretrained
+        self.finetuned = list(finetuned)
+        self.names = list(names) if names is not None else [s.name for s in self.finetuned]
+        if len(self.names) != len(self.finetuned):
+            raise ConfigError(f"{len(self.names)} names for {len(self.finetuned)} fine-tuned models")
+        self.device = device
+        self.transform = transform
+        self.check_finite = check_finite
+        self.num_tasks = len(self.finetuned)
+        pattern = compile_patterns(exclude_keys)
+        self.output_keys = list(pretrained.keys())
+        self.excluded = [k for k in self.output_keys if pattern is not None and pattern.search(k)]
+        kept = [k for k in self.output_keys if k not in set(self.excluded)]
+        infos = {k: pretrained.info(k) for k in kept}
+        self._check(kept, infos, pattern, strict_dtypes)
+        self.keys = [k for k in kept if infos[k].dtype.is_floating_point]
+        self.shapes = {k: infos[k].shape for k in self.keys}
+        self.dtypes = {k: infos[k].dtype for k in self.keys}
+
+    def _check(self, kept, infos, pattern, strict_dtypes: bool) -> None:
+        ref = set(kept)
+        for name, src in zip(self.names, self.finetuned):
+            keys = {k for k in src.keys() if not (pattern is not None and pattern.search(k))}  # noqa: SIM118 (a TensorSource)
+            missing, extra = sorted(ref - keys), sorted(keys - ref)
+            if missing or extra:
+                raise CheckpointMismatchError(
+                    f"checkpoint {name!r} does not match the pre-trained keys: "
+                    f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                    f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}")
+            for k in kept:
+                a, b = infos[k], src.info(k)
+                where = f" ({b.file})" if b.file and b.file != name else ""
+                if a.shape != b.shape:
+                    raise CheckpointMismatchError(
+                        f"checkpoint {name!r}{where} key {k!r} has shape {tuple(b.shape)}, "
+                        f"the pre-trained model has {tuple(a.shape)}")
+                kind_differs = a.dtype.is_floating_point != b.dtype.is_floating_point
+                if kind_differs or (strict_dtypes and a.dtype != b.dtype):
+                    why = (" (floating point and integer tensors cannot be merged)" if kind_differs else
+                           " (mixed dtypes; cast the checkpoints or allow the mix)")
+                    raise CheckpointMismatchError(f"checkpoint {name!r}{where} key {k!r} has dtype {b.dtype}, "
+                                                  f"the pre-trained model has {a.dtype}{why}")
+
+    def load(self, key: str) -> KeyTensors:
+        cache: dict[str, Tensor] = {}
+
+        def pre() -> Tensor:
+            if "pre" not in cache:
+                t = self.pretrained.get(key)
+                if self.check_finite and not bool(torch.isfinite(t).all()):
+                    raise_nonfinite(self.pretrained.name, key, t)
+                cache["pre"] = t if self.device is None else t.to(self.device)
+            return cache["pre"]
+
+        def loader(k: int) -> Callable[[], Tensor]:
+            def load() -> Tensor:
+                base = pre()
+                return self.finetuned[k].get(key).to(base.device).float() - base.float()
+            return load
+
+        return KeyTensors(key, self.shapes[key], self.dtypes[key], [loader(k) for k in range(self.num_tasks)],
+                          pretrained=pre, transform=self.transform, check_finite=self.check_finite,
+                          describe=lambda k: f"checkpoint {self.names[k]!r} (task vector)")
+
+
+def raise_nonfinite(name: str, key: str, t: Tensor) -> None:
+    from freemerge_pl.errors import NonFiniteError
+
+    n_bad = int((~torch.isfinite(t)).sum())
+    raise NonFiniteError(f"checkpoint {name!r} key {key!r} (shape {tuple(t.shape)}) holds {n_bad} NaN/Inf value(s)")
+
+
+# ---------------------------------------------------------------------------------------------- core
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return lambda keys, desc: tqdm(keys, desc=desc, unit="tensor", leave=False)
+
+
+def execute(
+    method: MergeMethod,
+    inputs: MergeInputs,
+    emit: Callable[[str, KeyTensors | None, Tensor | None], None],
+    *,
+    generator: torch.Generator | None = None,
+    seed: int = 0,
+    cache: dict | None = None,
+    progress: bool = False,
+    skip_keys: Iterable[str] = (),
+    resume_rng: str | None = None,
+    rng_state_out: Callable[[str, str | None], None] | None = None,
+) -> Finalized:
+    """Run ``method`` over ``inputs``: statistics passes, then per key in ``inputs.output_keys`` order
+    ``emit(key, x, delta)`` (``x``/``delta`` None for a key passed through from θ_pre).
+
+    ``skip_keys`` (resume): keys already written; they are not emitted, and are not computed at all
+    unless the method builds task modules from them. ``resume_rng`` restores the generator before the
+    first computed key when keys were skipped; ``rng_state_out(key, state)`` receives the generator state
+    after each emitted key (for a resumable output).
+    """
+    if method.random and generator is None:
+        generator = torch.Generator(device=inputs.device or "cpu").manual_seed(seed)
+    ctx = Context(inputs.num_tasks, inputs.keys, generator=generator if method.random else None,
+                  cache=cache, device=getattr(inputs, "device", None))
+    ctx.shapes, ctx.dtypes = inputs.shapes, inputs.dtypes
+    method.begin(ctx)
+    show = _progress(progress)
+    stats = method.statistics(Scan(inputs.keys, inputs.load, ctx, show))
+    skip = set(skip_keys)
+    merged = set(inputs.keys)
+    pieces: dict[str, Any] = {}
+    restore_pending = bool(skip) and resume_rng is not None
+    keys = show(inputs.output_keys, "merge") if show else inputs.output_keys
+    for key in keys:
+        if key not in merged:
+            if key not in skip:
+                emit(key, None, None)
+            continue
+        if key in skip and not method.produces_task_modules:
+            continue
+        if restore_pending and key not in skip and key not in ctx._rng_states:
+            ctx.restore_rng(resume_rng)
+            restore_pending = False
+        x = inputs.load(key)
+        out = method.merge_key(x, stats, ctx)
+        delta, piece = (out.delta, out.pieces) if isinstance(out, KeyOutput) else (out, None)
+        if piece is not None:
+            pieces[key] = piece
+        if key not in skip:
+            emit(key, x, delta)
+            if rng_state_out is not None:
+                rng_state_out(key, ctx.rng_state())
+    finalized = method.finalize(pieces, stats, ctx)
+    finalized.info = {**ctx.info, **finalized.info}
+    return finalized
+
+
+# ---------------------------------------------------------------------------------------------- drivers
+
+
+def merge_task_vectors(
+    method: MergeMethod,
+    task_vectors: Sequence[StateDict],
+    *,
+    generator: torch.Generator | None = None,
+    seed: int = 0,
+    cache: dict | None = None,
+    device=None,
+    fr_filter_ratio: float = 0.0,
+    dtypes: dict[str, torch.dtype] | None = None,
+) -> MergeResult:
+    """Run ``method`` on precomputed task vectors; the result's ``delta`` is key → fp32 tensor."""
+    check_prefilter(method, fr_filter_ratio)
+    inputs = TaskVectorInputs(task_vectors, device=device, transform=prefilter_transform(fr_filter_ratio),
+                              dtypes=dtypes)
+    delta: StateDict = {}
+
+    def emit(key: str, x: KeyTensors | None, d: Tensor | None) -> None:
+        delta[key] = d
+
+    fin = execute(method, inputs, emit, generator=generator, seed=seed, cache=cache)
+    return MergeResult(delta, fin.task_modules, fin.info, fin.shared_modules)
+
+
+def apply_key(pretrained: Tensor, delta: Tensor | None, dtype: torch.dtype | None = None) -> Tensor:
+    """``θ_pre + delta`` in fp32, cast to ``dtype`` (θ_pre's by default); θ_pre itself when delta is None."""
+    dtype = dtype or pretrained.dtype
+    if delta is None:
+        return pretrained.to(dtype) if pretrained.is_floating_point() else pretrained
+    return (pretrained.float() + delta.to(device=pretrained.device, dtype=torch.float32)).to(dtype)

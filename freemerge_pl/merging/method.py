@@ -1,0 +1,306 @@
+"""A merge method as a typed configuration plus per-tensor kernels (the engine's contract).
+
+A method is a dataclass whose fields are its hyperparameters (``Literal`` for choices, ranges checked in
+``check``), so YAML, ``--help`` and validation come from one place. It implements:
+
+* ``statistics(scan)``: whatever it needs across tensors (λ, thresholds, rescalers). ``scan(fn)`` calls
+  ``fn(x)`` for every key with that key's ``KeyTensors`` (one key's K task vectors at a time); a method may
+  scan several times (e.g. an exact quantile: a coarse then a fine histogram pass). Default: none.
+* ``merge_key(x, stats, ctx)``: one key's merged delta (``Tensor``) or a ``KeyOutput`` (delta + per-task
+  pieces such as expert entries or low-rank factors).
+* ``finalize(pieces, stats, ctx)``: task modules / shared modules / info from the collected pieces.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import math
+import types
+import typing
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from freemerge_pl.errors import HyperparameterError, NonFiniteError
+from freemerge_pl.merging.base import TaskModule
+
+# ---------------------------------------------------------------------------------------- inputs of a key
+
+
+class KeyTensors:
+    """One key's inputs: θ_pre's tensor (lazily) and the K task vectors v_k in float32 on the merge device.
+
+    ``vector(k)`` computes v_k on demand (from checkpoints: θ_k − θ_pre; re-read on every call unless the
+    stack was built), ``vectors()`` iterates them, ``stacked()`` builds (and keeps) the ``[K, *shape]`` stack.
+    Returned tensors must not be modified in place.
+    """
+
+    def __init__(
+        self,
+        key: str,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        loaders: Sequence[Callable[[], Tensor]],
+        *,
+        pretrained: Callable[[], Tensor] | None = None,
+        transform: Callable[[Tensor], Tensor] | None = None,
+        describe: Callable[[int], str] | None = None,
+        check_finite: bool = False,
+    ) -> None:
+        self.key = key
+        self.shape = tuple(shape)
+        self.dtype = dtype
+        self._loaders = list(loaders)
+        self._pretrained = pretrained
+        self._transform = transform
+        self._describe = describe or (lambda k: f"task vector {k}")
+        self._check_finite = check_finite
+        self._stack: Tensor | None = None
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self._loaders)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def vector(self, k: int) -> Tensor:
+        if self._stack is not None:
+            return self._stack[k]
+        v = self._loaders[k]()
+        if self._check_finite and not bool(torch.isfinite(v).all()):
+            n_bad = int((~torch.isfinite(v)).sum())
+            raise NonFiniteError(f"{self._describe(k)} key {self.key!r} (shape {tuple(v.shape)}) holds "
+                                 f"{n_bad} NaN/Inf value(s)")
+        return v if self._transform is None else self._transform(v)
+
+    def vectors(self) -> Iterator[Tensor]:
+        for k in range(self.num_tasks):
+            yield self.vector(k)
+
+    def stacked(self) -> Tensor:
+        if self._stack is None:
+            self._stack = torch.stack(list(self.vectors()))
+        return self._stack
+
+    def pretrained(self) -> Tensor:
+        if self._pretrained is None:
+            raise RuntimeError(f"key {self.key!r}: θ_pre is not available to this merge")
+        return self._pretrained()
+
+
+@dataclass
+class KeyOutput:
+    """A key's merged delta plus per-task pieces (``pieces[k]`` for task k; None when there are none)."""
+
+    delta: Tensor
+    pieces: Any = None
+
+
+class Scan:
+    """Runs a statistics pass: ``scan(fn)`` calls ``fn(x)`` for every merged key in order."""
+
+    def __init__(self, keys: Sequence[str], load: Callable[[str], KeyTensors], ctx: Context,
+                 progress: Callable[[Sequence[str], str], Any] | None = None) -> None:
+        self.keys = list(keys)
+        self._load = load
+        self.ctx = ctx
+        self._progress = progress
+        self.passes = 0
+
+    def __call__(self, fn: Callable[[KeyTensors], None], desc: str = "statistics") -> None:
+        self.passes += 1
+        keys = self._progress(self.keys, f"{desc} (pass {self.passes})") if self._progress else self.keys
+        for key in keys:
+            fn(self._load(key))
+
+
+class Context:
+    """What a kernel may use besides its inputs: the task count, seeded per-key random generators that
+    replay identically in every pass, a memo (kept across merges when the caller gives a cache: tuning),
+    and an ``info`` record."""
+
+    def __init__(self, num_tasks: int, keys: Sequence[str], *, generator: torch.Generator | None = None,
+                 cache: dict | None = None, device: torch.device | str | None = None) -> None:
+        self.num_tasks = num_tasks
+        self.keys = list(keys)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.generator = generator
+        self.cache = cache
+        self.info: dict[str, Any] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        self._rng_states: dict[str, Tensor] = {}
+
+    def rng(self, key: str) -> torch.Generator:
+        """The run's generator, positioned where it was the first time ``key`` asked for it."""
+        if self.generator is None:
+            raise RuntimeError("this merge has no random generator")
+        if key in self._rng_states:
+            self.generator.set_state(self._rng_states[key])
+        else:
+            self._rng_states[key] = self.generator.get_state()
+        return self.generator
+
+    def rng_state(self) -> str | None:
+        """The generator's current state, base64 (stored with a completed shard to resume from)."""
+        if self.generator is None:
+            return None
+        buffer = io.BytesIO()
+        torch.save(self.generator.get_state(), buffer)
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    def restore_rng(self, state: str | None) -> None:
+        if state is not None and self.generator is not None:
+            self.generator.set_state(torch.load(io.BytesIO(base64.b64decode(state)), weights_only=True))
+
+    def memo(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        """``compute()``, remembered under ``key`` when a cache was given (else computed every time)."""
+        if self.cache is None:
+            return compute()
+        if key not in self.cache:
+            self.cache[key] = compute()
+        return self.cache[key]
+
+
+@dataclass
+class Finalized:
+    task_modules: list[TaskModule] | None = None
+    shared_modules: dict[str, nn.Module] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------- typed configs
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if tp is str:
+        return isinstance(value, str)
+    if origin in (list, Sequence, tuple) or tp in (list, tuple):
+        args = typing.get_args(tp)
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, args[0]) for v in value) if args else \
+            isinstance(value, (list, tuple))
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if tp is float:
+        return "a finite float"
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+@dataclass
+class MergeMethod:
+    """Base of every merge method: a typed, checked configuration with per-tensor kernels."""
+
+    name: ClassVar[str] = ""
+    reference: ClassVar[str] = ""
+    produces_task_modules: ClassVar[bool] = False
+    #: the method applies the FR high-pass itself (so the ``fr_filter_ratio`` pre-filter would filter twice)
+    filters_task_vectors: ClassVar[bool] = False
+    #: the method draws random numbers (it gets a seeded generator)
+    random: ClassVar[bool] = False
+    #: the method reads θ_pre (``KeyTensors.pretrained``)
+    needs_pretrained: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple) and typing.get_origin(hints[f.name]) is not tuple:
+                value = list(value)
+                setattr(self, f.name, value)
+            if not _type_ok(value, hints[f.name]):
+                raise HyperparameterError(f"{self.name or type(self).__name__}: {f.name}={value!r} must be "
+                                          f"{_type_name(hints[f.name])}")
+        self.check()
+
+    def check(self) -> None:
+        """Range checks across fields (called once, at construction)."""
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def statistics(self, scan: Scan) -> Any:
+        return None
+
+    def merge_key(self, x: KeyTensors, stats: Any, ctx: Context) -> Tensor | KeyOutput:
+        raise NotImplementedError
+
+    def finalize(self, pieces: dict[str, Any], stats: Any, ctx: Context) -> Finalized:
+        return Finalized()
+
+    def begin(self, ctx: Context) -> None:
+        """Checks that need the merged keys, shapes or task count (before anything is read or written)."""
+
+
+class FunctionMethod(MergeMethod):
+    """A method registered as a plain function on whole in-memory task vectors (not streamed: its
+    statistics pass collects every task vector, then the function runs once)."""
+
+    def __init__(self, spec, params: dict[str, Any]) -> None:
+        self.spec = spec
+        self.params = dict(params)
+        self.name = spec.name
+        self.reference = spec.reference
+        self.produces_task_modules = spec.produces_task_modules
+        import inspect
+
+        accepted = set(inspect.signature(spec.fn).parameters)
+        self.random = "generator" in accepted
+        self.needs_pretrained = "pretrained" in accepted
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    def statistics(self, scan: Scan) -> Any:
+        task_vectors: list[dict[str, Tensor]] = [{} for _ in range(scan.ctx.num_tasks)]
+        pretrained: dict[str, Tensor] = {}
+
+        def collect(x: KeyTensors) -> None:
+            for k, v in enumerate(x.vectors()):
+                task_vectors[k][x.key] = v
+            if self.needs_pretrained:
+                pretrained[x.key] = x.pretrained()
+
+        scan(collect, "collect")
+        context: dict[str, Any] = {}
+        if self.random:
+            context["generator"] = scan.ctx.generator
+        if self.needs_pretrained:
+            context["pretrained"] = pretrained
+        result = self.spec.fn(task_vectors, **context, **self.params)
+        from freemerge_pl.merging.base import MergeResult
+
+        return result if isinstance(result, MergeResult) else MergeResult(result)
+
+    def merge_key(self, x: KeyTensors, stats: Any, ctx: Context) -> Tensor:
+        return stats.delta[x.key]
+
+    def finalize(self, pieces: dict[str, Any], stats: Any, ctx: Context) -> Finalized:
+        return Finalized(stats.task_modules, stats.shared_modules, stats.info)
