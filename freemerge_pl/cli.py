@@ -14,8 +14,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from freemerge_pl.data import MultiTaskDataModule
 from freemerge_pl.errors import ConfigError
 from freemerge_pl.io import write_json_atomic, write_text_atomic
-from freemerge_pl.module import MergedModule
 from freemerge_pl.merging.method import MergeMethod
+from freemerge_pl.module import MergedModule
 from freemerge_pl.tuning import CandidateMerger, check_candidates, grid_candidates, mean_objective, tune
 
 #: the default search space per method (used when ``--space`` is not given)

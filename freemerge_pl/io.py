@@ -754,6 +754,12 @@ class ShardedSafetensorsSink(TensorSink):
         (self.directory / JOURNAL_NAME).unlink(missing_ok=True)
         self._closed = True
 
+    @property
+    def files(self) -> list[Path]:
+        """The output files: every shard, then the index when there are several shards."""
+        names = [s.name for s in self._shards] + ([INDEX_NAME] if len(self._shards) > 1 else [])
+        return [self.directory / n for n in names]
+
     def __enter__(self):
         return self
 

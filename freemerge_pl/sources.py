@@ -59,6 +59,9 @@ class TensorSource:
     def __contains__(self, key: str) -> bool:
         return key in set(self.keys())
 
+    def __iter__(self):
+        return iter(self.keys())
+
     def _missing(self, key: str) -> CheckpointMismatchError:
         return CheckpointMismatchError(f"checkpoint {self.name!r} has no tensor {key!r}")
 

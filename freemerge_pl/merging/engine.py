@@ -134,7 +134,7 @@ class CheckpointInputs(MergeInputs):
     def _check(self, kept, infos, pattern, strict_dtypes: bool) -> None:
         ref = set(kept)
         for name, src in zip(self.names, self.finetuned):
-            keys = {k for k in src.keys() if not (pattern is not None and pattern.search(k))}  # noqa: SIM118 (a TensorSource)
+            keys = {k for k in src if not (pattern is not None and pattern.search(k))}
             missing, extra = sorted(ref - keys), sorted(keys - ref)
             if missing or extra:
                 raise CheckpointMismatchError(
@@ -198,7 +198,7 @@ def _progress(enabled: bool):
 def execute(
     method: MergeMethod,
     inputs: MergeInputs,
-    emit: Callable[[str, KeyTensors | None, Tensor | None], None],
+    emit: Callable[[str, KeyTensors | None, Tensor | None, str | None], None],
     *,
     generator: torch.Generator | None = None,
     seed: int = 0,
@@ -206,15 +206,14 @@ def execute(
     progress: bool = False,
     skip_keys: Iterable[str] = (),
     resume_rng: str | None = None,
-    rng_state_out: Callable[[str, str | None], None] | None = None,
 ) -> Finalized:
     """Run ``method`` over ``inputs``: statistics passes, then per key in ``inputs.output_keys`` order
-    ``emit(key, x, delta)`` (``x``/``delta`` None for a key passed through from θ_pre).
+    ``emit(key, x, delta, rng_state)`` (``x``/``delta`` None for a key passed through from θ_pre;
+    ``rng_state`` the generator's state after the key, base64, for random methods, else None).
 
     ``skip_keys`` (resume): keys already written; they are not emitted, and are not computed at all
-    unless the method builds task modules from them. ``resume_rng`` restores the generator before the
-    first computed key when keys were skipped; ``rng_state_out(key, state)`` receives the generator state
-    after each emitted key (for a resumable output).
+    unless the method builds task modules from them. ``resume_rng`` (a ``rng_state`` emitted by an earlier
+    run) restores the generator before the first computed key when keys were skipped.
     """
     if method.random and generator is None:
         generator = torch.Generator(device=inputs.device or "cpu").manual_seed(seed)
@@ -232,7 +231,7 @@ def execute(
     for key in keys:
         if key not in merged:
             if key not in skip:
-                emit(key, None, None)
+                emit(key, None, None, ctx.rng_state())
             continue
         if key in skip and not method.produces_task_modules:
             continue
@@ -245,9 +244,7 @@ def execute(
         if piece is not None:
             pieces[key] = piece
         if key not in skip:
-            emit(key, x, delta)
-            if rng_state_out is not None:
-                rng_state_out(key, ctx.rng_state())
+            emit(key, x, delta, ctx.rng_state())
     finalized = method.finalize(pieces, stats, ctx)
     finalized.info = {**ctx.info, **finalized.info}
     return finalized
@@ -273,7 +270,7 @@ def merge_task_vectors(
                               dtypes=dtypes)
     delta: StateDict = {}
 
-    def emit(key: str, x: KeyTensors | None, d: Tensor | None) -> None:
+    def emit(key: str, x: KeyTensors | None, d: Tensor | None, rng_state: str | None) -> None:
         delta[key] = d
 
     fin = execute(method, inputs, emit, generator=generator, seed=seed, cache=cache)

@@ -83,7 +83,7 @@ def merge(
     delta: StateDict = {}
     state_dict: StateDict = {}
 
-    def emit(key: str, x, d) -> None:
+    def emit(key: str, x, d, rng_state) -> None:
         if d is not None:
             delta[key] = d
         state_dict[key] = apply_key(pretrained[key], d) if d is not None else pretrained[key].clone()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import io
 import math
 import types
 import typing
@@ -152,13 +151,12 @@ class Context:
         """The generator's current state, base64 (stored with a completed shard to resume from)."""
         if self.generator is None:
             return None
-        buffer = io.BytesIO()
-        torch.save(self.generator.get_state(), buffer)
-        return base64.b64encode(buffer.getvalue()).decode()
+        return base64.b64encode(self.generator.get_state().numpy().tobytes()).decode()
 
     def restore_rng(self, state: str | None) -> None:
         if state is not None and self.generator is not None:
-            self.generator.set_state(torch.load(io.BytesIO(base64.b64decode(state)), weights_only=True))
+            raw = bytearray(base64.b64decode(state))
+            self.generator.set_state(torch.frombuffer(raw, dtype=torch.uint8).clone())
 
     def memo(self, key: tuple, compute: Callable[[], Any]) -> Any:
         """``compute()``, remembered under ``key`` when a cache was given (else computed every time)."""
