@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -192,10 +193,36 @@ class FreeMergeCLI(LightningCLI):
 
 
 def main(args=None, run: bool = True) -> FreeMergeCLI:
-    """The CLI; ``run=False`` only parses ``args`` (no subcommand) and instantiates model, data, trainer."""
+    """The CLI; ``run=False`` only parses ``args`` (no subcommand) and instantiates model, data, trainer.
+
+    ``merge --config X.yaml`` with a merge-job config (top-level ``base_model``) runs the streaming
+    checkpoint merge job (``freemerge_pl.merge_job``) instead of LightningCLI.
+    """
+    argv = list(sys.argv[1:] if args is None else args)
+    if run and argv[:1] == ["merge"] and _job_config(argv):
+        from freemerge_pl.errors import FreeMergeError
+        from freemerge_pl.merge_job import job_main
+
+        try:
+            return job_main(argv[1:])
+        except FreeMergeError as err:
+            if args is not None:
+                raise
+            sys.exit(f"error: {err}")
     set_parsing_settings(subclasses_enabled=[MergeMethod])
     return FreeMergeCLI(MergedModule, MultiTaskDataModule, trainer_class=FreeMergeTrainer,
                         save_config_kwargs={"overwrite": True}, args=args, run=run)
+
+
+def _job_config(argv: list[str]) -> bool:
+    from freemerge_pl.merge_job import is_job_config
+
+    for i, a in enumerate(argv):
+        path = argv[i + 1] if a == "--config" and i + 1 < len(argv) else a[len("--config="):] if \
+            a.startswith("--config=") else None
+        if path is not None and is_job_config(path):
+            return True
+    return False
 
 
 def build_from_config(args) -> tuple[MergedModule, MultiTaskDataModule]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from freemerge_pl.errors import CheckpointMismatchError, FreeMergeError
@@ -49,11 +49,25 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def save_safetensors_atomic(tensors: Mapping[str, Tensor], path, metadata: Mapping[str, str] | None = None) -> Path:
-    """Write one safetensors file atomically (contiguous CPU copies; shared storage is fine)."""
+    """Write one safetensors file atomically and deterministically (keys sorted, metadata sorted: the same
+    tensors give the same bytes in every process, unlike ``save_file``, whose metadata order varies)."""
     path = Path(path)
-    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(clean, tmp, metadata=dict(metadata or {})))
+    clean = {k: tensors[k].detach().to("cpu").contiguous() for k in sorted(tensors)}
+    entries = [(k, TensorInfo(tuple(v.shape), v.dtype)) for k, v in clean.items()]
+    meta = {k: str(v) for k, v in sorted((metadata or {}).items())}
+
+    _atomic_write(path, lambda tmp: write_safetensors(tmp, entries, meta, clean.values()))
     return path
+
+
+def write_safetensors(filename, entries: list[tuple[str, TensorInfo]], metadata: Mapping[str, str],
+                      tensors: Iterable[Tensor]) -> None:
+    """Write a safetensors file: the header of ``entries`` (in order), then each tensor's bytes."""
+    with open(filename, "wb") as f:
+        f.write(safetensors_prefix(entries, metadata))
+        for v in tensors:
+            if v.numel():
+                f.write(memoryview(v.reshape(-1).view(torch.uint8).numpy()))
 
 
 def write_json_atomic(obj: Any, path) -> Path:

@@ -49,14 +49,14 @@ def test_atomic_save_round_trip_and_permissions(tmp_path):
     assert mode & stat.S_IRUSR and mode & stat.S_IRGRP  # not mkstemp's private 0600
 
 
-def _crashing_save_file(tensors, filename, metadata=None):
+def _crashing_save_file(filename, *args):
     with open(filename, "wb") as f:
         f.write(b"partial safetensors header")
     raise OSError("disk full (simulated)")
 
 
 def test_crash_while_saving_leaves_no_partial_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(fio, "save_file", _crashing_save_file)
+    monkeypatch.setattr(fio, "write_safetensors", _crashing_save_file)
     dest = tmp_path / "model.safetensors"
     with pytest.raises(OSError, match="disk full"):
         save_safetensors_atomic(small_state_dict(), dest)
@@ -67,7 +67,7 @@ def test_crash_while_saving_keeps_existing_destination(tmp_path, monkeypatch):
     dest = tmp_path / "model.safetensors"
     save_safetensors_atomic(small_state_dict(), dest)
     before = dest.read_bytes()
-    monkeypatch.setattr(fio, "save_file", _crashing_save_file)
+    monkeypatch.setattr(fio, "write_safetensors", _crashing_save_file)
     with pytest.raises(OSError):
         save_safetensors_atomic({"x": torch.zeros(3)}, dest)
     assert dest.read_bytes() == before

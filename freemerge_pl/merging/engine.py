@@ -195,6 +195,17 @@ def _progress(enabled: bool):
     return lambda keys, desc: tqdm(keys, desc=desc, unit="tensor", leave=False)
 
 
+def preflight(method: MergeMethod, inputs: MergeInputs, *, generator: torch.Generator | None = None,
+              cache: dict | None = None) -> Context:
+    """The run's context, after the method's checks that need the keys, shapes and task count (``begin``);
+    nothing is read."""
+    ctx = Context(inputs.num_tasks, inputs.keys, generator=generator if method.random else None,
+                  cache=cache, device=getattr(inputs, "device", None))
+    ctx.shapes, ctx.dtypes = inputs.shapes, inputs.dtypes
+    method.begin(ctx)
+    return ctx
+
+
 def execute(
     method: MergeMethod,
     inputs: MergeInputs,
@@ -217,10 +228,7 @@ def execute(
     """
     if method.random and generator is None:
         generator = torch.Generator(device=inputs.device or "cpu").manual_seed(seed)
-    ctx = Context(inputs.num_tasks, inputs.keys, generator=generator if method.random else None,
-                  cache=cache, device=getattr(inputs, "device", None))
-    ctx.shapes, ctx.dtypes = inputs.shapes, inputs.dtypes
-    method.begin(ctx)
+    ctx = preflight(method, inputs, generator=generator, cache=cache)
     show = _progress(progress)
     stats = method.statistics(Scan(inputs.keys, inputs.load, ctx, show))
     skip = set(skip_keys)

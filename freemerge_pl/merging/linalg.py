@@ -200,19 +200,18 @@ def polar_factor(x: Tensor) -> Tensor:
     _check_matrix(x, "polar_factor")
     dtype = _compute_dtype(x)
     a = x.to(dtype)
-    rows, cols = a.shape
-    if rows < cols:
-        return polar_factor(a.mT).mT.contiguous()
-    if cols == 0:
+    if a.numel() == 0:
         return _polar_svd(a)
-    view = _Float64Rows(a)
+    wide = a.shape[0] < a.shape[1]
+    view = _Float64Rows(a.mT if wide else a)
     g = view.gram()
     if not _all_finite(g):
         return _polar_svd(a)
     lam, q = torch.linalg.eigh(g)  # ascending
     if not bool(lam[0] > (RTOL * RTOL) * lam[-1]):
         return _polar_svd(a)
-    return view.matmul((q * lam.rsqrt()) @ q.mT).to(dtype)  # x G^{-1/2}, the product in float64 too
+    p = view.matmul((q * lam.rsqrt()) @ q.mT).to(dtype)  # x G^{-1/2}, the product in float64 too
+    return p.mT.contiguous() if wide else p
 
 
 def _polar_svd(a: Tensor) -> Tensor:

@@ -205,11 +205,26 @@ def _type_ok(value: Any, tp: Any) -> bool:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join("None" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if tp is float:
         return "a finite float"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def check_fields(obj: Any, owner: str) -> None:
+    """Check every dataclass field of ``obj`` against its annotation (``Literal`` choices, finite floats,
+    ints, bools, lists, optionals); a mismatch is a HyperparameterError naming owner, field and value."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, tuple) and typing.get_origin(hints[f.name]) is not tuple:
+            value = list(value)
+            setattr(obj, f.name, value)
+        if not _type_ok(value, hints[f.name]):
+            raise HyperparameterError(f"{owner}: {f.name}={value!r} must be {_type_name(hints[f.name])}")
 
 
 @dataclass
@@ -227,15 +242,7 @@ class MergeMethod:
     needs_pretrained: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, tuple) and typing.get_origin(hints[f.name]) is not tuple:
-                value = list(value)
-                setattr(self, f.name, value)
-            if not _type_ok(value, hints[f.name]):
-                raise HyperparameterError(f"{self.name or type(self).__name__}: {f.name}={value!r} must be "
-                                          f"{_type_name(hints[f.name])}")
+        check_fields(self, self.name or type(self).__name__)
         self.check()
 
     def check(self) -> None:
