@@ -350,8 +350,12 @@ def instrument(tracer: Tracer, stream_module) -> None:
     stream_module.apply_key = tracer.traced(stream_module.apply_key, "θ_pre + delta → bf16")
     base_sink = stream_module.ShardedSafetensorsSink
 
+    write = tracer.traced(base_sink.write, "sink write (incl. fsync)")
+
     class TimedSink(base_sink):
-        write = tracer.traced(base_sink.write, "sink write (incl. fsync)")
+        def write(self, key, tensor, state=None):
+            write(self, key, tensor, state)
+            tracer.write_bytes += tensor.numel() * tensor.element_size()
 
     stream_module.ShardedSafetensorsSink = TimedSink
 
@@ -627,26 +631,27 @@ def report(args, res: dict) -> None:
 def trace_lines(t: dict) -> list[str]:
     at = t["peak_at"]
     intro = (f"Same merge with the engine's steps wrapped (timed exclusively: a nested step's time is not in "
-             f"its caller's) and RSS sampled every ~2 ms; peak {t['peak_rss_gib']:.2f} GiB at key {at['key']}, "
-             f"step {at['step']!r}. Read {t['read_bytes'] / GiB:.1f} GiB, wrote {t['write_bytes'] / GiB:.1f} "
-             f"GiB. RSS at the start of the merge pass's first key "
+             f"its caller's) and RSS sampled every ~2 ms; peak {t['peak_rss_gib']:.2f} GiB at key "
+             f"{at['key']}, step {at['step']!r}. Read {t['read_bytes'] / GiB:.1f} GiB, wrote "
+             f"{t['write_bytes'] / GiB:.1f} GiB. RSS at the start of the merge pass's first key "
              f"{t['merge_pass_rss_at_first_key_gib']:.2f} GiB, of its last key "
-             f"{t['merge_pass_rss_at_last_key_gib']:.2f} GiB (expert entries accumulating).")
+             f"{t['merge_pass_rss_at_last_key_gib']:.2f} GiB (expert entries, allocator retention).")
     total = sum(v["seconds"] for v in t["steps"].values()) or 1.0
-    steps = [f"| {name} | {v['calls']} | {v['seconds']:.1f} | {v['seconds'] / total:.0%} | "
-             f"{v['peak_rss_gib']:.2f} GiB |" for name, v in t["steps"].items()]
+    by_time = sorted(t["steps"].items(), key=lambda kv: -kv[1]["seconds"])
+    steps = [f"| {name} | {v['calls'] or '—'} | {v['seconds']:.1f} | {v['seconds'] / total:.0%} | "
+             f"{v['peak_rss_gib']:.2f} GiB |" for name, v in by_time]
     passes = [f"| {p} | {v['keys']} | {v['seconds']:.1f} | {v['peak_rss_gib']:.2f} GiB |"
               for p, v in t["passes"].items()]
     kinds = [f"| {k} | {v['count']} | {v['numel']:,} | {v['seconds']:.1f} | "
              f"{v['seconds'] / (v['count'] * v['numel']) * 1e9:.0f} | {v['peak_rss_gib']:.2f} GiB |"
-             for k, v in t["kinds"].items() if v["numel"] >= 1 << 16]
+             for k, v in sorted(t["kinds"].items()) if v["numel"] >= 1 << 16]
     top = [f"| {e['pass']} | {e['key']} | {e['peak_rss_gib']:.2f} GiB | "
            f"{e['rss_at_key_start_gib']:.2f} GiB | {e['seconds']:.2f} |" for e in t["top_keys_by_peak_rss"]]
     return ["## Instrumented FREE-Merging run (--trace)", "", intro, "",
             "| step | calls | seconds | share | peak RSS during it |", "|---|---|---|---|---|", *steps, "",
             "| pass | keys | seconds | peak RSS |", "|---|---|---|---|", *passes, "",
-            "| pass: tensor kind (≥ 65 536 elements) | count | numel each | seconds | ns per element "
-            "| peak RSS |",
+            "| pass: tensor kind (≥ 65 536 elements) | count | numel each | seconds | ns per element |"
+            + " peak RSS |",
             "|---|---|---|---|---|---|", *kinds, "",
             "| pass | key (top by peak RSS) | peak RSS | RSS at key start | seconds |",
             "|---|---|---|---|---|", *top, ""]

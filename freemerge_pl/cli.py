@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from freemerge_pl.data import MultiTaskDataModule
 from freemerge_pl.errors import ConfigError
 from freemerge_pl.io import write_json_atomic, write_text_atomic
+from freemerge_pl.merging import list_methods
 from freemerge_pl.merging.method import MergeMethod
 from freemerge_pl.module import MergedModule
 from freemerge_pl.tuning import CandidateMerger, check_candidates, grid_candidates, mean_objective, tune
@@ -209,6 +210,7 @@ def main(args=None, run: bool = True) -> FreeMergeCLI:
             if args is not None:
                 raise
             sys.exit(f"error: {err}")
+    list_methods()  # import every method class, so ``class_path: TIES`` and ``--model.method.help TIES`` resolve
     set_parsing_settings(subclasses_enabled=[MergeMethod])
     return FreeMergeCLI(MergedModule, MultiTaskDataModule, trainer_class=FreeMergeTrainer,
                         save_config_kwargs={"overwrite": True}, args=args, run=run)

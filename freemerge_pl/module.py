@@ -306,6 +306,25 @@ class MergedModule(LightningModule):
         self.shared_modules = nn.ModuleDict(shared_modules or {}).to(self.device)
         self.backbone_digest = state_digest(self.backbone)
 
+    def load_task_modules(self, directory: str | Path) -> None:
+        """Use the experts a merge job wrote beside its backbone (``task_modules.json``, one per task, named
+        as this module's tasks) instead of the task modules built in ``setup``."""
+        from freemerge_pl.merge_job import load_task_modules
+        from freemerge_pl.merging.base import resolve_tensor
+
+        modules = load_task_modules(directory)
+        if list(modules) != self.task_names:
+            raise ConfigError(f"{directory}: task modules for {list(modules)}, but this module's tasks are "
+                              f"{self.task_names} (same names, same order)")
+        for name, module in modules.items():
+            for key in module.keys:
+                try:
+                    resolve_tensor(self.backbone, key)
+                except KeyError as err:
+                    raise ConfigError(f"{directory}: the expert of task {name!r} changes {key!r}, which the "
+                                      f"backbone does not have") from err
+        self.task_modules = nn.ModuleList(list(modules.values())).to(self.device)
+
     # ------------------------------------------------------------------ evaluation
     def _ensure_router(self) -> None:
         if self.routing == "router" and not bool(self.router_trained):

@@ -60,7 +60,7 @@ def test_job_writes_a_complete_hf_directory_equal_to_the_in_memory_merge(llama, 
     pre = as_dict(base)
     want = merge(pre, [as_dict(p) for p in fts], "free_merging", names=["t0", "t1", "t2"], expert_density=0.1)
     got = load_state_dict(out)
-    for key, value in pre.items():
+    for key in pre:
         assert torch.equal(got[key], want.state_dict[key].to(torch.bfloat16)), key
     experts = load_task_modules(out)
     assert list(experts) == ["t0", "t1", "t2"]
@@ -104,7 +104,7 @@ def _first_shard_with(path: Path, key: str) -> str:
 
 @pytest.mark.parametrize("case", ["missing_shard", "missing_key", "shape", "dtype", "nan", "vocab"])
 def test_bad_inputs_fail_before_any_output_naming_the_culprit(llama, tmp_path, case):
-    base, *fts = llama
+    _base, *fts = llama
     key = "model.layers.1.mlp.down_proj.weight"
     shard = _first_shard_with(fts[1], key)
 
@@ -138,8 +138,8 @@ def test_bad_inputs_fail_before_any_output_naming_the_culprit(llama, tmp_path, c
                 "shape": (CheckpointMismatchError, rf"'bad'.*{shard}.*key '{key}' has shape \(16, 31\)"),
                 "dtype": (CheckpointMismatchError, rf"'bad'.*key '{key}' has dtype torch.float16.*mixed dtypes"),
                 "nan": (FreeMergeError, rf"'bad'.*{shard}.*key '{key}'.*1 NaN/Inf"),
-                "vocab": (CheckpointMismatchError, r"vocabulary size differs.*'bad'.*embed_tokens.*66 rows, the "
-                                                   r"base model 64.*vocab_mismatch: truncate_or_pad")}[case]
+                "vocab": (CheckpointMismatchError, (r"vocabulary size differs.*'bad'.*embed_tokens.*66 rows, the "
+                                                   r"base model 64.*vocab_mismatch: truncate_or_pad"))}[case]
     with pytest.raises(expected[0], match=expected[1]):
         run_merge_job(MergeJobConfig(**cfg), progress=False)
     assert not (tmp_path / "out").exists()

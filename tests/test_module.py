@@ -262,3 +262,45 @@ def test_ddp_two_processes_equal_single_process(toy_root, tmp_path):
     assert results[1]["tasks"] == results[2]["tasks"]
     assert results[1]["routing_confusion"] == results[2]["routing_confusion"]
     assert sum(map(sum, results[2]["routing_confusion"])) == 600  # each of 3×200 test samples once
+
+
+def test_method_as_class_path_in_yaml_equals_the_registry_name(toy_root, tmp_path, capsys):
+    by_name = config(toy_root, tmp_path / "a", method="ties", method_args={"density": 0.3, "trim_scope": "tensor"},
+                     routing="oracle")
+    by_class = config(toy_root, tmp_path / "b", routing="oracle")
+    by_class["model"]["method"] = {"class_path": "TIES", "init_args": {"density": 0.3, "trim_scope": "tensor"}}
+    del by_class["model"]["method_args"]
+    a = main(["test", "--config", str(write_config(tmp_path / "a.yaml", by_name))]).model
+    b = main(["test", "--config", str(write_config(tmp_path / "b.yaml", by_class))]).model
+    assert b.method == "ties" and b.method_args["density"] == 0.3
+    assert a.backbone_digest == b.backbone_digest
+    bad = dict(by_class, model={**by_class["model"], "method": {"class_path": "TIES",
+                                                                "init_args": {"trim_scope": "layer"}}})
+    with pytest.raises(SystemExit):
+        main(["test", "--config", str(write_config(tmp_path / "c.yaml", bad))])
+    assert "trim_scope" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["test", "--config", str(write_config(tmp_path / "a.yaml", by_name)), "--model.method.help", "TIES"])
+    out = capsys.readouterr().out
+    assert "--model.method.trim_scope {model,tensor}" in out and "default: 0.2" in out
+
+
+def test_module_applies_the_experts_sidecar_of_a_merge_job(toy_root, tmp_path):
+    from freemerge_pl.merge_job import MergeJobConfig, run_merge_job
+
+    tasks = ["task0", "task1", "task2"]
+    run_merge_job(MergeJobConfig(base_model=str(toy_root / "pretrained"),
+                                 models=[{"model": str(toy_root / "finetuned" / t), "name": t} for t in tasks],
+                                 merge_method="free_merging", parameters={"expert_density": 0.05},
+                                 output_dir=str(tmp_path / "job")), progress=False)
+    built = MergedModule(ToyAdapter(str(toy_root)), method="free_merging", method_args={"expert_density": 0.05})
+    loaded = MergedModule(ToyAdapter(str(toy_root)), method="free_merging", method_args={"expert_density": 0.5})
+    x = torch.randn(6, 16)  # the toy backbone takes 16-dim inputs
+    for m in (built, loaded):
+        m.build(x[:1])
+    loaded.load_task_modules(tmp_path / "job")
+    for task in range(3):
+        ids = torch.full((6, 1), task)
+        assert torch.equal(built.features(x, ids), loaded.features(x, ids))
+    with pytest.raises(ConfigError, match="task modules for"):
+        MergedModule(ToyAdapter(str(toy_root)), method="ties").load_task_modules(tmp_path / "job")

@@ -1,0 +1,100 @@
+"""The engine's own contracts: exact model-wide order statistics, per-key random replay across passes,
+typed method configs checked once, and the statistics passes holding one key at a time."""
+
+import math
+
+import pytest
+import torch
+
+from freemerge_pl.errors import HyperparameterError
+from freemerge_pl.merging import build_method, get_method, list_methods
+from freemerge_pl.merging.baselines import TIES, ties
+from freemerge_pl.merging.engine import TaskVectorInputs, execute
+from freemerge_pl.merging.quantile import OrderStatistics, key_to_float, ordered_keys
+
+
+def test_ordered_keys_sort_like_the_floats():
+    values = torch.tensor([-math.inf, -3.5, -1e-38, -0.0, 0.0, 1e-45, 2.0, 3.4e38, math.inf])
+    keys = ordered_keys(values).to(torch.int64) & 0xFFFFFFFF
+    assert torch.equal(keys, keys.sort().values) and len(set(keys.tolist())) == len(values)
+    assert [key_to_float(int(k)) for k in keys] == values.tolist()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_order_statistics_equal_a_full_sort_over_chunks(seed):
+    g = torch.Generator().manual_seed(seed)
+    chunks = [torch.randn(n, generator=g) * s for n, s in [(1000, 1.0), (1, 5.0), (3000, 1e-3), (77, 1e3)]]
+    chunks.append(torch.tensor([0.5, 0.5, 0.5, -0.0, 0.0]))  # ties and both zeros
+    everything = torch.cat(chunks).sort().values
+    n = everything.numel()
+    wanted = [0, 1, 17, n // 2, n - 3, n - 1]
+    stats = OrderStatistics(2, lambda s, size: wanted if s == 0 else [-1, size, 0, 1, 2, 3])
+    for _ in range(2):
+        for c in chunks:
+            stats.observe(0, c)
+            stats.observe(1, c)
+        if stats.pass_index == 0:
+            stats.next_pass()
+    result = stats.result()
+    assert result[0].tolist() == [float(everything[i]) for i in wanted]
+    assert result[1].tolist() == [-math.inf, math.inf] + [float(everything[i]) for i in range(4)]
+
+
+def test_model_scope_ties_threshold_is_exact_on_ties():
+    # 10 entries, density 0.3 → keep the 3 largest |v|; the 3rd largest (2.0) is tied: both kept
+    tvs = [{"a": torch.tensor([2.0, -5.0, 1.0, 0.5]), "b": torch.tensor([[2.0, 0.1], [-3.0, 0.0], [0.2, 0.3]])}]
+    out = ties(tvs, density=0.3, trim_scope="model").delta
+    assert out["a"].tolist() == [2.0, -5.0, 0.0, 0.0]
+    assert out["b"].tolist() == [[2.0, 0.0], [-3.0, 0.0], [0.0, 0.0]]
+
+
+class Recorder(TIES):
+    """TIES that records which keys each statistics scan holds at a time."""
+
+    def statistics(self, scan):
+        self.seen = []
+        scan(lambda x: self.seen.append((x.key, x.num_tasks)))
+        return super().statistics(scan)
+
+
+def test_random_draws_replay_identically_in_every_pass():
+    g = torch.Generator().manual_seed(0)
+    tvs = [{f"k{i}": torch.randn(5, 4, generator=g) for i in range(4)} for _ in range(3)]
+    dare = build_method("dare", {"drop_rate": 0.5, "merge": "ties", "ties_density": 0.5, "trim_scope": "model"})
+    two_pass = {}
+    execute(dare, TaskVectorInputs(tvs), lambda k, x, d, s: two_pass.__setitem__(k, d), seed=7)
+    # reference: draw once in key order, then TIES with one model-wide threshold per task
+    gen = torch.Generator().manual_seed(7)
+    from freemerge_pl.merging.ops import random_drop
+
+    dropped = [{} for _ in tvs]
+    for key in tvs[0]:
+        for k, tv in enumerate(tvs):
+            dropped[k][key] = random_drop(tv[key], 0.5, gen, True)
+    want = ties(dropped, density=0.5, trim_scope="model", scaling=0.3).delta
+    for key in want:
+        assert torch.equal(two_pass[key], want[key]), key
+
+
+def test_statistics_scan_sees_one_key_at_a_time():
+    tvs = [{"a": torch.ones(3), "b": torch.ones(2, 2)} for _ in range(2)]
+    method = Recorder(density=0.5)
+    execute(method, TaskVectorInputs(tvs), lambda *a: None)
+    assert method.seen == [("a", 2), ("b", 2)]
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_every_method_is_a_typed_config_with_documented_defaults(name):
+    spec = get_method(name)
+    config = spec.build({})
+    assert config.name == name and config.hyperparameters() == spec.hyperparameters
+    assert spec.summary and spec.reference
+
+
+def test_wrong_types_are_named_at_construction():
+    with pytest.raises(HyperparameterError, match="ties: trim_scope='layer' must be one of 'model', 'tensor'"):
+        TIES(trim_scope="layer")
+    with pytest.raises(HyperparameterError, match="ties: weights=\\['a'\\]"):
+        TIES(weights=["a"])
+    with pytest.raises(HyperparameterError, match="dare: rescale=1 must be bool"):
+        build_method("dare", {"rescale": 1})
