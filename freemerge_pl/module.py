@@ -17,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from freemerge_pl.errors import ConfigError
 from freemerge_pl.merging import MergeMethod, build_method, merge
 from freemerge_pl.merging.engine import check_prefilter
-from freemerge_pl.merging.merge import save_task_modules
+from freemerge_pl.merging.merge import write_export
 from freemerge_pl.metrics import REGRESSION_METRICS, task_metrics
 from freemerge_pl.models.base import ModelAdapter
 from freemerge_pl.router import FEATURE_SOURCES, Router, RouterConfig
@@ -428,17 +428,10 @@ class MergedModule(LightningModule):
     # ------------------------------------------------------------------ export
     def export(self, directory: str | Path) -> list[Path]:
         """Write backbone, task modules, heads and router as safetensors plus ``merge_info.json``."""
-        from freemerge_pl.io import save_safetensors_atomic, save_state_dict
-
-        directory = Path(directory)
-        written = save_task_modules(list(self.task_modules), dict(self.shared_modules), directory,
-                                    names=self.task_names, method=self.method)
-        written.append(save_safetensors_atomic(
-            {f"{t}.{n}": p for t in self.task_names for n, p in self.heads[_slot(t)].state_dict().items()},
-            directory / "heads.safetensors"))
-        written.append(save_safetensors_atomic(self.router.state_dict(), directory / "router.safetensors"))
+        heads = {f"{t}.{n}": p for t in self.task_names for n, p in self.heads[_slot(t)].state_dict().items()}
         record = {**self.merge_record, "task_names": self.task_names, "backbone_digest": self.backbone_digest,
-                  "router_trained": bool(self.router_trained),
-                  "inputs": self.adapter.checkpoint_paths()}
-        written += save_state_dict(self.backbone.state_dict(), directory, metadata=record)
-        return written
+                  "router_trained": bool(self.router_trained)}
+        return write_export(directory, self.backbone.state_dict(), list(self.task_modules),
+                            dict(self.shared_modules), record, names=self.task_names, method=self.method,
+                            inputs=self.adapter.checkpoint_paths(),
+                            extra_files={"heads.safetensors": heads, "router.safetensors": self.router.state_dict()})

@@ -105,16 +105,28 @@ def merge_record(config: MergeMethod, **fields: Any) -> dict[str, Any]:
 def save_merge(output: MergeOutput, directory, *, inputs: Sequence[str | Path] = (),
                max_shard_bytes: int | None = None) -> list[Path]:
     """Write the backbone (sharded when large), each task module, and ``merge_info.json`` (inputs + sha256)."""
-    from freemerge_pl.io import DEFAULT_SHARD_BYTES, save_state_dict, sha256_file
+    return write_export(directory, output.state_dict, output.task_modules or [], output.result.shared_modules,
+                        output.record, names=output.record.get("names"), method=output.method, inputs=inputs,
+                        max_shard_bytes=max_shard_bytes)
+
+
+def write_export(directory, state_dict: StateDict, task_modules, shared_modules, record: dict[str, Any], *,
+                 names: Sequence[str] | None, method: str, inputs: Sequence[str | Path] = (),
+                 extra_files: dict[str, StateDict] | None = None, max_shard_bytes: int | None = None) -> list[Path]:
+    """The one export writer (``save_merge``, ``MergedModule.export``): task modules, ``extra_files`` (name →
+    tensors: heads, router), the backbone (sharded when large) and ``merge_info.json`` with the inputs'
+    sha256 and the task-module files."""
+    from freemerge_pl.io import DEFAULT_SHARD_BYTES, save_safetensors_atomic, save_state_dict, sha256_file
 
     directory = Path(directory)
-    record = dict(output.record)
+    record = dict(record)
     record["inputs"] = [{"path": str(p), "sha256": sha256_file(p) if Path(p).is_file() else None}
                         for p in inputs]
-    written = save_task_modules(output.task_modules or [], output.result.shared_modules, directory,
-                                names=record.get("names"), method=output.method)
+    written = save_task_modules(task_modules, shared_modules, directory, names=names, method=method)
     record["task_module_files"] = [p.name for p in written]
-    written += save_state_dict(output.state_dict, directory, metadata=record,
+    for name, tensors in (extra_files or {}).items():
+        written.append(save_safetensors_atomic(tensors, directory / name))
+    written += save_state_dict(state_dict, directory, metadata=record,
                                max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES)
     return written
 
