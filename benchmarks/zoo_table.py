@@ -46,8 +46,7 @@ def rows_spec() -> list[dict[str, Any]]:
         {"label": "PCB", "method": "pcb"},
         {"label": "TSV", "method": "tsv"},
         {"label": "FR-Merging (paper)", "method": "fr_merging"},
-        {"label": "FR-Merging (released code)", "method": "fr_merging",
-         "args": {"semantics": "released_code"}},
+        {"label": "FR-Merging (released code)", "method": "fr_merging_released"},
         {"label": "EMR (oracle)", "method": "emr", "model": oracle},
         {"label": "EMR (router)", "method": "emr", "model": router},
         {"label": "Twin (router)", "method": "twin", "model": router},
@@ -56,10 +55,8 @@ def rows_spec() -> list[dict[str, Any]]:
         {"label": "FREE-Merging (router, routed heads)", "method": "free_merging", "model": routed_heads},
         {"label": "FREE-Merging (router on backbone features)", "method": "free_merging",
          "model": {**router, "router": {"feature_source": "backbone", "epochs": 20}}},
-        {"label": "FREE-Merging (released code, router)", "method": "free_merging",
-         "args": {"semantics": "released_code"}, "model": router},
-        {"label": "FREE-Merging (released code, oracle)", "method": "free_merging",
-         "args": {"semantics": "released_code"}, "model": oracle},
+        {"label": "FREE-Merging (released code, router)", "method": "free_merging_released", "model": router},
+        {"label": "FREE-Merging (released code, oracle)", "method": "free_merging_released", "model": oracle},
     ]
 
 
