@@ -9,7 +9,6 @@ in-memory ``merge()`` and the streaming merge compute bit-identical tensors from
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -20,16 +19,8 @@ from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeE
 from freemerge_pl.merging.base import MergeResult, StateDict
 from freemerge_pl.merging.fourier import check_filter_ratio, highpass
 from freemerge_pl.merging.method import Context, Finalized, KeyOutput, KeyTensors, MergeMethod, Scan
+from freemerge_pl.merging.task_vectors import compile_patterns
 from freemerge_pl.sources import TensorSource
-
-
-def compile_patterns(patterns: str | Sequence[str] | None) -> re.Pattern | None:
-    """One regex searching for any of ``patterns`` (None when there are none)."""
-    if not patterns:
-        return None
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    return re.compile("|".join(f"(?:{p})" for p in patterns))
 
 
 def prefilter_transform(fr_filter_ratio: float, cutoff_mode: str = "fraction") -> Callable[[Tensor], Tensor] | None:

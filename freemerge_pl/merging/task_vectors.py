@@ -8,12 +8,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from freemerge_pl.errors import CheckpointMismatchError, ConfigError, NonFiniteError
+from freemerge_pl.errors import ConfigError, NonFiniteError
 
 StateDict = dict[str, Tensor]
 
 
-def _compile(patterns: str | Sequence[str] | None) -> re.Pattern | None:
+def compile_patterns(patterns: str | Sequence[str] | None) -> re.Pattern | None:
+    """One regex searching for any of ``patterns`` (None when there are none)."""
     if not patterns:
         return None
     if isinstance(patterns, str):
@@ -28,7 +29,7 @@ def is_mergeable(tensor: Tensor) -> bool:
 
 def mergeable_keys(pretrained: StateDict, exclude_keys: str | Sequence[str] | None = None) -> list[str]:
     """Keys of ``pretrained`` that are floating point and not matched by ``exclude_keys`` (regexes)."""
-    pattern = _compile(exclude_keys)
+    pattern = compile_patterns(exclude_keys)
     return [
         k for k, t in pretrained.items() if is_mergeable(t) and not (pattern is not None and pattern.search(k))
     ]
@@ -41,52 +42,31 @@ def validate_checkpoints(
     exclude_keys: str | Sequence[str] | None = None,
     check_finite: bool = True,
 ) -> list[str]:
-    """Check keys, shapes, dtypes and finiteness; return the keys to merge.
-
-    Keys matched by ``exclude_keys`` (e.g. task-specific heads) are neither compared nor merged.
+    """Check keys, shapes, dtypes (the engine's ``CheckpointInputs`` checks) and finiteness; return the keys
+    to merge. Keys matched by ``exclude_keys`` (e.g. task-specific heads) are neither compared nor merged.
     """
+    from freemerge_pl.merging.engine import CheckpointInputs
+    from freemerge_pl.sources import StateDictSource
+
     if len(finetuned) == 0:
         raise ConfigError("no fine-tuned models were given: merging needs at least one")
     names = list(names) if names is not None else [f"finetuned[{i}]" for i in range(len(finetuned))]
     if len(names) != len(finetuned):
         raise ConfigError(f"{len(names)} names for {len(finetuned)} fine-tuned models")
-    pattern = _compile(exclude_keys)
-
-    def kept(sd: StateDict) -> set[str]:
-        return {k for k in sd if not (pattern is not None and pattern.search(k))}
-
-    ref_keys = kept(pretrained)
-    for name, sd in zip(names, finetuned):
-        keys = kept(sd)
-        missing, extra = sorted(ref_keys - keys), sorted(keys - ref_keys)
-        if missing or extra:
-            raise CheckpointMismatchError(
-                f"checkpoint {name!r} does not match the pre-trained keys: "
-                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}"
-            )
-        for k in sorted(ref_keys):
-            a, b = pretrained[k], sd[k]
-            if a.shape != b.shape:
-                raise CheckpointMismatchError(
-                    f"checkpoint {name!r} key {k!r} has shape {tuple(b.shape)}, "
-                    f"the pre-trained model has {tuple(a.shape)}"
-                )
-            if a.is_floating_point() != b.is_floating_point():
-                raise CheckpointMismatchError(
-                    f"checkpoint {name!r} key {k!r} has dtype {b.dtype}, incompatible with the "
-                    f"pre-trained {a.dtype} (floating point and integer tensors cannot be merged)"
-                )
+    inputs = CheckpointInputs(StateDictSource(pretrained, "pretrained"),
+                              [StateDictSource(sd, n) for sd, n in zip(finetuned, names)], names=names,
+                              exclude_keys=exclude_keys)
     if check_finite:
+        compared = sorted(set(inputs.output_keys) - set(inputs.excluded))
         for name, sd in [("pretrained", pretrained), *zip(names, finetuned)]:
-            for k in sorted(ref_keys):
+            for k in compared:
                 t = sd[k]
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                     n_bad = int((~torch.isfinite(t)).sum())
                     raise NonFiniteError(
                         f"checkpoint {name!r} key {k!r} (shape {tuple(t.shape)}) holds {n_bad} NaN/Inf value(s)"
                     )
-    return [k for k in pretrained if k in ref_keys and is_mergeable(pretrained[k])]
+    return inputs.keys
 
 
 def task_vectors(
