@@ -58,18 +58,18 @@ def test_fr_grid_reuses_one_forward_fft_per_tensor(monkeypatch):
     merger = CandidateMerger(pre, fts, "free_merging")
     candidates = grid_candidates({"scaling": [0.5, 1.0, 1.5, 2.0, 3.0], "filter_ratio": [0.1, 0.3, 0.5, 0.6]})
     counts = {"forward": 0, "inverse": 0}
-    rfft2, irfft2 = torch.fft.rfft2, torch.fft.irfft2
+    rfft, irfft = torch.fft.rfft, torch.fft.irfft  # the real transforms (the band is complex, per ratio)
 
-    def counting_rfft2(*a, **k):
+    def counting_rfft(*a, **k):
         counts["forward"] += 1
-        return rfft2(*a, **k)
+        return rfft(*a, **k)
 
-    def counting_irfft2(*a, **k):
+    def counting_irfft(*a, **k):
         counts["inverse"] += 1
-        return irfft2(*a, **k)
+        return irfft(*a, **k)
 
-    monkeypatch.setattr(torch.fft, "rfft2", counting_rfft2)
-    monkeypatch.setattr(torch.fft, "irfft2", counting_irfft2)
+    monkeypatch.setattr(torch.fft, "rfft", counting_rfft)
+    monkeypatch.setattr(torch.fft, "irfft", counting_irfft)
     results = [merger.merge(c) for c in candidates]
     monkeypatch.undo()
     n_2d = 2  # "a" and "b" (viewed as 6×6); the 1-D "c" is not filtered

@@ -62,6 +62,12 @@ def _half_distances(mshape: tuple[int, ...]) -> Tensor:
 
 
 def cutoff_radius(mshape: tuple[int, ...], filter_ratio: float, cutoff_mode: str = "fraction") -> float:
+    """The cutoff D0 of a spectrum shape (cached per shape, ratio and mode; see ``_cutoff_radius``)."""
+    return _cutoff_radius(tuple(int(n) for n in mshape), float(filter_ratio), cutoff_mode)
+
+
+@lru_cache(maxsize=1024)
+def _cutoff_radius(mshape: tuple[int, ...], filter_ratio: float, cutoff_mode: str = "fraction") -> float:
     """The cutoff D0 for a (1-D or 2-D) spectrum shape; coefficients with distance < D0 are removed.
 
     ``"fraction"``: the (k+1)-th smallest centred distance, k = ⌈r·N⌉ (+inf when k ≥ N), so at most k
@@ -106,38 +112,87 @@ def check_filter_ratio(filter_ratio: float) -> None:
     check_range("filter_ratio", filter_ratio, 0.0, 1.0, high_open=True)
 
 
-class Spectrum:
-    """One forward real FFT of ``v``; ``highpass(r)`` for any filter ratio reuses it (one inverse each).
+@lru_cache(maxsize=256)
+def _band_remove_mask(mshape: tuple[int, ...], filter_ratio: float, cutoff_mode: str) -> Tensor:
+    """The removed coefficients (distance < D0) of the band that ``Spectrum`` transforms: along the last
+    (real-transform) axis only the first ⌈D0⌉ non-negative frequencies, along the first axis all of them."""
+    d0 = cutoff_radius(mshape, filter_ratio, cutoff_mode)
+    n_real = mshape[-1]
+    real = torch.fft.rfftfreq(n_real, d=1.0 / n_real, dtype=torch.float64)[: _band_width(n_real, d0)]
+    if len(mshape) == 1:
+        return real < d0
+    first = torch.fft.fftfreq(mshape[0], d=1.0 / mshape[0], dtype=torch.float64).abs()
+    return torch.sqrt(first[:, None] ** 2 + real[None, :] ** 2) < d0
 
-    ``Spectrum(v).highpass(r)`` performs exactly the operations of ``highpass(v, r)`` (bit-identical), so
-    a hyperparameter search over ``filter_ratio`` costs one forward FFT per tensor and one inverse per ratio.
+
+def _band_width(n_real: int, d0: float) -> int:
+    """How many non-negative frequencies k of a real axis of length n lie below D0 (k < D0)."""
+    return min(n_real // 2 + 1, math.ceil(d0)) if math.isfinite(d0) else n_real // 2 + 1
+
+
+class Spectrum:
+    """G(v) = v − L(v) for any filter ratio, with L the low-pass of the removed band, transforming only
+    that band (``highpass(r)``; the real transform is done once and reused across ratios).
+
+    The removed coefficients (centred distance < D0) have non-negative frequency k < D0 along the axis of
+    the real transform, so after that transform (``rfft`` along the longer axis: a tall matrix view is
+    transposed first, as the distance is symmetric in the two axes and a contiguous last axis is fastest)
+    only the first ⌈D0⌉ coefficient columns enter the complex transform along the other axis, the mask and
+    the inverse; ``irfft`` zero-pads the rest. Mathematically ``irfft2(rfft2(v) ⊙ H)``, with the removed
+    share r of the spectrum the only part transformed both ways: on a ViT-B/32 (768×3072 MLP weights,
+    r = 0.3) 40% less than the full ``rfft2``/``irfft2``, and a search over ``filter_ratio`` costs one
+    real transform per tensor plus one band transform per ratio.
     """
 
     def __init__(self, v: Tensor, *, cutoff_mode: str = "fraction", filter_1d: bool = False) -> None:
         self.v = v
         self.cutoff_mode = cutoff_mode
         self.passthrough = v.numel() == 0 or (v.dim() < 2 and not filter_1d)
-        self._coefficients: Tensor | None = None
         self.mshape = matrix_shape(v.shape)
+        self.transposed = len(self.mshape) == 2 and self.mshape[0] > self.mshape[1]
+        self.shape = tuple(reversed(self.mshape)) if self.transposed else self.mshape
+        self._work: Tensor | None = None
+        self._real: Tensor | None = None
 
     @property
-    def coefficients(self) -> Tensor:
-        if self._coefficients is None:
-            work = self.v if self.v.dtype == torch.float64 else self.v.float()
-            x = work.reshape(self.mshape)
-            self._coefficients = torch.fft.rfft(x) if len(self.mshape) == 1 else torch.fft.rfft2(x)
-        return self._coefficients
+    def work(self) -> Tensor:
+        """The fp32 (fp64 stays fp64) matrix view, transposed when tall."""
+        if self._work is None:
+            x = (self.v if self.v.dtype == torch.float64 else self.v.float()).reshape(self.mshape)
+            self._work = x.T.contiguous() if self.transposed else x
+        return self._work
 
-    def highpass(self, filter_ratio: float) -> Tensor:
+    @property
+    def real_transform(self) -> Tensor:
+        """``rfft`` of ``work`` along its last axis (cached)."""
+        if self._real is None:
+            self._real = torch.fft.rfft(self.work, dim=-1)
+        return self._real
+
+    def lowpass(self, filter_ratio: float) -> Tensor | None:
+        """L(v) in ``work``'s layout: the part the high-pass removes (None when it removes nothing)."""
         check_filter_ratio(filter_ratio)
         if filter_ratio == 0 or self.passthrough:
+            return None
+        d0 = cutoff_radius(self.shape, filter_ratio, self.cutoff_mode)
+        if d0 == 0:
+            return None
+        n_real = self.shape[-1]
+        band = self.real_transform[..., : _band_width(n_real, d0)]
+        mask = _band_remove_mask(self.shape, float(filter_ratio), self.cutoff_mode).to(band.device)
+        if len(self.shape) == 1:
+            return torch.fft.irfft(band * mask, n=n_real)
+        coefficients = torch.fft.fft(band, dim=0).mul_(mask)
+        return torch.fft.irfft(torch.fft.ifft(coefficients, dim=0), n=n_real, dim=-1)
+
+    def highpass(self, filter_ratio: float) -> Tensor:
+        low = self.lowpass(filter_ratio)
+        if low is None:
             return self.v
-        mask = highpass_mask(self.mshape, filter_ratio, self.cutoff_mode, device=self.v.device)
-        if len(self.mshape) == 1:
-            out = torch.fft.irfft(self.coefficients * mask, n=self.mshape[0])
-        else:
-            out = torch.fft.irfft2(self.coefficients * mask, s=self.mshape)
-        return out.reshape(self.v.shape)
+        if not math.isfinite(cutoff_radius(self.shape, filter_ratio, self.cutoff_mode)):
+            return torch.zeros(self.v.shape, dtype=self.work.dtype, device=self.v.device)
+        out = self.work - low
+        return (out.T if self.transposed else out).reshape(self.v.shape)
 
 
 def highpass(
@@ -145,7 +200,7 @@ def highpass(
 ) -> Tensor:
     """G(v): zero the low-frequency part of ``v``'s centred spectrum, invert, keep the real part.
 
-    Computed in float32 (float64 stays float64) with one ``rfft2`` + ``irfft2``; the output has ``v``'s
-    shape. 1-D tensors are returned unchanged unless ``filter_1d``; r = 0 returns ``v`` unchanged.
+    Computed in float32 (float64 stays float64) as v − L(v), transforming only the removed band
+    (``Spectrum``); the output has ``v``'s shape. 1-D tensors are returned unchanged unless ``filter_1d``; r = 0 returns ``v`` unchanged.
     """
     return Spectrum(v, cutoff_mode=cutoff_mode, filter_1d=filter_1d).highpass(filter_ratio)

@@ -34,8 +34,8 @@ LAMBDA_SCOPES = ("model", "tensor")
 
 
 def abs_sum(v: Tensor) -> float:
-    """Σ|v| of one tensor (E(v)·numel)."""
-    return float(torch.linalg.vector_norm(v.float() if v.dtype != torch.float64 else v, ord=1)) if v.numel() else 0.0
+    """Σ|v| of one tensor (E(v)·numel); ``abs().sum()`` is twice as fast as ``vector_norm(v, 1)`` on the CPU."""
+    return float(v.abs().sum()) if v.numel() else 0.0
 
 
 def lambdas_from_sums(sums: dict[str, Tensor], num_tasks: int, scope: str) -> Tensor | dict[str, Tensor]:
@@ -156,11 +156,11 @@ class FRMerging(MergeMethod):
             c = combined if combined is not None else fr_combine(x.vectors(), stats.lambdas_of(x.key))
             return Spectrum(c, cutoff_mode=self.cutoff_mode, filter_1d=self.filter_1d)
 
-        if ctx.cache is None:
+        if ctx.cache is None:  # the result is this call's own tensor: scale in place
             out = spectrum().highpass(self.filter_ratio)
-        else:
-            spec = ctx.memo(self._spectrum_key(x.key), spectrum)
-            out = ctx.memo((*self._spectrum_key(x.key), self.filter_ratio), lambda: spec.highpass(self.filter_ratio))
+            return out if self.scaling == 1 else out.mul_(self.scaling)
+        spec = ctx.memo(self._spectrum_key(x.key), spectrum)
+        out = ctx.memo((*self._spectrum_key(x.key), self.filter_ratio), lambda: spec.highpass(self.filter_ratio))
         return out if self.scaling == 1 else self.scaling * out
 
     def merge_key(self, x: KeyTensors, stats: FRStats, ctx: Context) -> Tensor:
