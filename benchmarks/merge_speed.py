@@ -9,6 +9,10 @@ cache); medians of wall-clock and of process CPU time are reported, the latter b
 machine. Results go to benchmarks/results/merge_speed.{json,md}.
 
     python benchmarks/merge_speed.py [--tasks 8] [--repeats 3] [--naive-repeats 1] [--filter-ratio 0.3]
+                                     [--methods all|none|name,name] [--method-timeout 900]
+
+Every registry method (through the engine, ``get_method(name).fn(task_vectors)``, default hyperparameters)
+is also timed once from the same task vectors, and its time is printed relative to task arithmetic's.
 """
 
 from __future__ import annotations
@@ -130,6 +134,7 @@ def main() -> None:
     parser.add_argument("--naive-repeats", type=int, default=1, help="timed runs of the (slow) naive FR")
     parser.add_argument("--filter-ratio", type=float, default=0.3)
     parser.add_argument("--expert-density", type=float, default=0.01)
+    parser.add_argument("--methods", default="all", help="registry methods to time once: all, none, or a,b,c")
     args = parser.parse_args()
 
     pretrained = vit_b32_visual()
@@ -175,6 +180,19 @@ def main() -> None:
             "naive_fr_over_task_arithmetic": m["naive_fr"] / m["task_arithmetic"],
         }
 
+    method_names = (list_methods() if args.methods == "all" else [] if args.methods == "none"
+                    else args.methods.split(","))
+    method_seconds: dict[str, float] = {}
+    for name in method_names:
+        spec = get_method(name)
+        if spec.needs:
+            continue
+        kwargs = {"key_pattern": "attn|mlp"} if name.endswith("_released") else {}
+        w, _, out = timed(lambda: apply_delta(pretrained, spec.fn(tvs, **kwargs).delta))
+        del out
+        method_seconds[name] = w
+        print(f"{name}: {w:.2f} s = {w / median['task_arithmetic']:.2f} × task arithmetic", flush=True)
+
     lambdas = energy_lambdas(tvs)
     expert_seconds, _, (experts, _) = timed(
         lambda: extract_experts(tvs, lambdas, expert_density=args.expert_density))
@@ -200,6 +218,8 @@ def main() -> None:
         **ratios(median),
         "cpu_ratios": ratios(median_cpu),
         "fr_vs_naive_max_rel_diff": agreement,
+        "method_seconds_once": method_seconds,
+        "method_over_task_arithmetic": {n: s / median["task_arithmetic"] for n, s in method_seconds.items()},
         "expert_extraction_seconds_per_task": expert_seconds / args.tasks,
         "expert_mib_per_task": expert_mib,
         "peak_rss_mib": peak_rss_mib(),
@@ -244,6 +264,11 @@ def main() -> None:
              f"torch {torch.__version__}. {result['timing']}. CPU time = process time summed over threads.")
     lines = ["# Merge speed: open_clip ViT-B-32 visual tower", "", setup, "",
              "| measure | wall | CPU time |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in rows), ""]
+    if method_seconds:
+        lines += ["## Every registry method (one run each, through the engine, default hyperparameters)", "",
+                  "| method | wall | / task arithmetic |", "|---|---|---|",
+                  *(f"| `{n}` | {s:.2f} s | {s / median['task_arithmetic']:.2f} |" for n, s in method_seconds.items()),
+                  ""]
     markdown = "\n".join(lines)
     print(markdown)
     write_json_atomic(result, RESULTS / "merge_speed.json")
