@@ -188,7 +188,7 @@ def main() -> None:
         if spec.needs:
             continue
         kwargs = {"key_pattern": "attn|mlp"} if name.endswith("_released") else {}
-        w, _, out = timed(lambda: apply_delta(pretrained, spec.fn(tvs, **kwargs).delta))
+        w, _, out = timed(lambda fn=spec.fn, kw=kwargs: apply_delta(pretrained, fn(tvs, **kw).delta))
         del out
         method_seconds[name] = w
         print(f"{name}: {w:.2f} s = {w / median['task_arithmetic']:.2f} × task arithmetic", flush=True)
