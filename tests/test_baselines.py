@@ -700,3 +700,18 @@ def test_contract_task_modules_apply_and_restore_bit_exact(name):
         assert any(not torch.equal(backbone[k], out.state_dict[k]) for k in module.keys)
         module.restore_(backbone)
         assert all(torch.equal(backbone[k], out.state_dict[k]) for k in backbone)
+
+
+def test_breadcrumbs_band_equals_the_stable_sort_definition_with_ties():
+    from freemerge_pl.merging.ops import magnitude_band_mask
+
+    g = torch.Generator().manual_seed(4)
+    for shape, top, bottom in [((40,), 0.1, 0.5), ((7, 9), 0.05, 0.9), ((50,), 0.3, 0.3), ((6, 5), 0.0, 0.4),
+                               ((33,), 0.2, 0.0)]:
+        v = torch.randint(-3, 4, shape, generator=g).float()  # many ties, both signs
+        flat = v.reshape(-1)
+        n = flat.numel()
+        order = torch.sort(flat.abs(), stable=True).indices
+        want = torch.zeros(n, dtype=torch.bool)
+        want[order[math.floor(bottom * n + 1e-9):n - math.floor(top * n + 1e-9)]] = True
+        assert torch.equal(magnitude_band_mask(v, top, bottom), want.reshape(shape)), (shape, top, bottom)

@@ -45,6 +45,7 @@ RTOL = 1e-4
 
 _REFINE_MIN_N = 128  # below this a float64 eigh is as fast as the float32 one plus refinement
 _REFINE_MAX_COUPLING = 1e-4  # the O(c²) left by the Newton step stays ≤ 1e-8
+_SMALL_FLOPS = 1 << 18  # below m·n·min(m, n) = 2^18 (64³) torch.linalg.svd is as fast: fixed costs dominate
 _CHUNK_ELEMENTS = 1 << 24  # rows of at most this many elements are cast to float64 at a time (128 MiB)
 
 
@@ -87,6 +88,11 @@ class _Float64Rows:
         return torch.cat([chunk @ w for chunk in self.chunks()])
 
 
+def _is_small(a: Tensor) -> bool:
+    rows, cols = a.shape
+    return rows * cols * min(rows, cols) < _SMALL_FLOPS
+
+
 def _all_finite(x: Tensor) -> bool:
     return bool(torch.isfinite(x).all())
 
@@ -117,8 +123,11 @@ def _top_eigh(g: Tensor, k: int) -> tuple[Tensor, Tensor]:
     b = k + 16
     if n < _REFINE_MIN_N or 2 * b > n:
         return _eigh_desc(g, k)
-    lam32, x32 = torch.linalg.eigh(g.to(torch.float32))
-    x, lam_out = x32.to(torch.float64), lam32[: n - b].to(torch.float64)
+    scale = g.diagonal().max()  # λ₁ ≤ trace ≤ n·scale: no float32 overflow or underflow of g / scale
+    if not bool(scale > 0):
+        return _eigh_desc(g, k)
+    lam32, x32 = torch.linalg.eigh((g / scale).to(torch.float32))
+    x, lam_out = x32.to(torch.float64), lam32[: n - b].to(torch.float64) * scale
     xb = x[:, n - b:]
     chol = torch.linalg.cholesky(_sym(xb.mT @ xb))  # Cholesky QR: xb orthonormal to ε₃₂ → to ε₆₄
     xb = torch.linalg.solve_triangular(chol, xb.mT, upper=False).mT
@@ -172,6 +181,8 @@ def top_singular_triplets(m: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]
     k = min(rank, rows, cols)
     if k == 0:
         return a.new_zeros(rows, 0), a.new_zeros(0), a.new_zeros(0, cols)
+    if _is_small(a):
+        return _finish(a, k)
     wide = rows < cols
     tall = a.mT if wide else a  # tall = ut diag(s) vᵀ, ut [max, k], v [min, k]
     view = _Float64Rows(tall)
@@ -200,7 +211,7 @@ def polar_factor(x: Tensor) -> Tensor:
     _check_matrix(x, "polar_factor")
     dtype = _compute_dtype(x)
     a = x.to(dtype)
-    if a.numel() == 0:
+    if a.numel() == 0 or _is_small(a):
         return _polar_svd(a)
     wide = a.shape[0] < a.shape[1]
     view = _Float64Rows(a.mT if wide else a)
