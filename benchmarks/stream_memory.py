@@ -398,6 +398,7 @@ def child_main(spec_path: str) -> None:
         "expert_nnz_per_task": [int(e.nnz) for e in experts],
         "expert_bytes_per_task": expert_bytes,
         "torch_threads": torch.get_num_threads(),
+        "package_sources_sha256": package_sources_sha256(),
     }
     if tracer is not None:
         shapes = {k: tuple(base.info(k).shape) for k in base}
@@ -426,6 +427,33 @@ def run_child(spec: dict, workdir: Path, tag: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- main
+
+
+def package_sources_sha256() -> str:
+    """sha256 over the imported package's .py files (names and bytes): which engine code a process ran."""
+    import hashlib
+
+    root = Path(freemerge_pl.__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def git_state() -> dict:
+    """The checkout's commit and whether the package has uncommitted changes (read-only git queries)."""
+    root = Path(freemerge_pl.__file__).resolve().parent.parent
+
+    def git(*argv):
+        try:
+            return subprocess.run(["git", *argv], cwd=root, capture_output=True, text=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    head = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--", "freemerge_pl")
+    return {"commit": head.strip() if head else None,
+            "package_uncommitted_changes": None if status is None else bool(status.strip())}
 
 
 def machine() -> dict:
@@ -458,6 +486,7 @@ def main() -> None:
     parser.add_argument("--trace", action="store_true", help="add an instrumented FREE-Merging run")
     parser.add_argument("--cache", choices=["warm", "cold"], default="warm")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
     parser.add_argument("--tasks", type=int, default=3)
     parser.add_argument("--shard-mib", type=int, default=None,
                         help="input and output shard size (default 2048, 64 with --small)")
@@ -469,7 +498,9 @@ def main() -> None:
         return
 
     torch.set_num_threads(args.threads)
-    shape = SMALL if args.small else FULL
+    shape = dict(SMALL if args.small else FULL)
+    if args.layers is not None:
+        shape["layers"] = args.layers
     shard_bytes = (args.shard_mib or (64 if args.small else 2048)) * MiB
     plan = llama_plan(**shape)
     n_params = sum(info.numel for _, info in plan)
@@ -492,6 +523,7 @@ def main() -> None:
 
 
 def run(args, shape, plan, n_params, largest_key, largest, shard_bytes, workdir: Path) -> dict:
+    code = {**git_state(), "package_sources_sha256": package_sources_sha256()}
     start = time.perf_counter()
     dirs = write_models(workdir / "models", plan, llama_config(**shape), args.tasks, shard_bytes)
     gen_seconds = time.perf_counter() - start
@@ -559,6 +591,8 @@ def run(args, shape, plan, n_params, largest_key, largest, shard_bytes, workdir:
         "goals": {"peak_rss_gib_max": 1.5, "throughput_ratio_min": 0.5},
         "torch_threads": args.threads,
         "machine": machine(),
+        "code": {**code, "same_sources_in_every_child": all(
+            r["package_sources_sha256"] == code["package_sources_sha256"] for r in runs.values())},
     }
 
 
@@ -613,6 +647,11 @@ def report(args, res: dict) -> None:
              f"torch {mach['torch']}. Page cache {res['cache_note']}; resident share of the inputs before "
              f"each measurement (fincore): {resident or 'n/a'}. Throughput = input bytes (4 models) / wall "
              f"time of the stream_merge call (header parsing included, interpreter start and imports not).")
+    code = res["code"]
+    setup += (f" Engine code: commit {(code['commit'] or 'unknown')[:10]}"
+              f"{' plus uncommitted package changes' if code['package_uncommitted_changes'] else ''}; "
+              + ("every merge child ran these sources." if code["same_sources_in_every_child"] else
+                 "**the package sources changed during the run: the merge children ran different code**."))
     title = "# Streaming merge memory and throughput" + (" (--small)" if res["small"] else "")
     table = [f"| {a} | {b} |" for a, b in rows]
     lines = [title, "", setup, "", "| measure | value |", "|---|---|", *table, ""]

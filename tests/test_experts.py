@@ -278,3 +278,14 @@ def test_density_one_keeps_everything():
     experts, mu = extract_experts(tvs, energy_lambdas(tvs), expert_density=1.0)
     assert experts[0].nnz == 6
     assert torch.equal(mu, torch.zeros(2, dtype=torch.float64))  # −ln(1) = 0
+
+
+def test_free_model_scope_experts_keep_every_tie_at_the_global_threshold():
+    from freemerge_pl.merging.fr import free_merging
+
+    # |v| values 3, 2, 2, 2, 1, 1 over the model; d = 1/3 → ⌈2⌉ = 2 kept → threshold 2: all three 2s kept
+    tvs = [{"a": torch.tensor([3.0, -2.0, 1.0]), "b": torch.tensor([2.0, 2.0, -1.0])}]
+    experts = free_merging(tvs, expert_density=1 / 3, expert_scope="model").task_modules[0]
+    assert experts.entries("a")[0].tolist() == [0, 1] and experts.entries("b")[0].tolist() == [0, 1]
+    per_tensor = free_merging(tvs, expert_density=1 / 3).task_modules[0]  # ⌈1⌉ per tensor, first tie by index
+    assert per_tensor.entries("a")[0].tolist() == [0] and per_tensor.entries("b")[0].tolist() == [0]

@@ -82,3 +82,17 @@ def test_output_dtype_and_shards_load_with_transformers(llama, tmp_path):
     shutil.copy(base / "config.json", tmp_path / "o" / "config.json")
     model = LlamaForCausalLM.from_pretrained(tmp_path / "o", torch_dtype=torch.bfloat16)
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_nan_in_a_streamed_input_is_named_with_file_and_key(llama, tmp_path):
+    from freemerge_pl.errors import NonFiniteError
+    from freemerge_pl.sources import StateDictSource
+
+    base, *fts = llama
+    bad = as_dict(fts[2])
+    bad["model.layers.0.mlp.up_proj.weight"][1, 1] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"checkpoint 'c' .*key 'model.layers.0.mlp.up_proj.weight'.*1 NaN/Inf"):
+        stream_merge(open_checkpoint(base), [open_checkpoint(fts[0]), open_checkpoint(fts[1]),
+                                            StateDictSource(bad, "c")], build_method("task_arithmetic"),
+                     tmp_path / "o", names=["a", "b", "c"])
+    assert not (tmp_path / "o" / "model.safetensors.index.json").exists()

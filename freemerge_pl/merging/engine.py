@@ -111,6 +111,7 @@ class CheckpointInputs(MergeInputs):
         self.device = device
         self.transform = transform
         self.check_finite = check_finite
+        self._finite: set[tuple[str, int]] = set()  # (key, task) checked finite already (-1: θ_pre)
         self.num_tasks = len(self.finetuned)
         pattern = compile_patterns(exclude_keys)
         self.output_keys = list(pretrained.keys())
@@ -152,27 +153,48 @@ class CheckpointInputs(MergeInputs):
         def pre() -> Tensor:
             if "pre" not in cache:
                 t = self.pretrained.get(key)
-                if self.check_finite and not bool(torch.isfinite(t).all()):
-                    raise_nonfinite(self.pretrained.name, key, t)
-                cache["pre"] = t if self.device is None else t.to(self.device)
+                t = t if self.device is None else t.to(self.device)
+                if self.check_finite and (key, -1) not in self._finite and not all_finite(t):
+                    raise_nonfinite(self.pretrained.name, self.pretrained.info(key).file, key, t)
+                self._finite.add((key, -1))
+                cache["pre"] = t
             return cache["pre"]
+
+        def pre_fp32() -> Tensor:
+            if "fp32" not in cache:
+                cache["fp32"] = pre().float()
+            return cache["fp32"]
 
         def loader(k: int) -> Callable[[], Tensor]:
             def load() -> Tensor:
-                base = pre()
-                return self.finetuned[k].get(key).to(base.device).float() - base.float()
+                base = pre_fp32()
+                theta = self.finetuned[k].get(key).to(base.device)
+                if self.check_finite and (key, k) not in self._finite and not all_finite(theta):
+                    raise_nonfinite(self.names[k], self.finetuned[k].info(key).file, key, theta)
+                self._finite.add((key, k))
+                return torch.sub(theta, base) if theta.dtype != torch.float64 else theta.float() - base
             return load
 
         return KeyTensors(key, self.shapes[key], self.dtypes[key], [loader(k) for k in range(self.num_tasks)],
-                          pretrained=pre, transform=self.transform, check_finite=self.check_finite,
-                          describe=lambda k: f"checkpoint {self.names[k]!r} (task vector)")
+                          pretrained=pre, transform=self.transform)
 
 
-def raise_nonfinite(name: str, key: str, t: Tensor) -> None:
+def all_finite(t: Tensor) -> bool:
+    """No NaN/Inf in ``t``: the sum is finite (one read) unless a value is not, or the sum overflows (then
+    checked entry by entry)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    return bool(torch.isfinite(t.sum(dtype=torch.float32 if t.dtype != torch.float64 else None))) or \
+        bool(torch.isfinite(t).all())
+
+
+def raise_nonfinite(name: str, file: str, key: str, t: Tensor) -> None:
     from freemerge_pl.errors import NonFiniteError
 
     n_bad = int((~torch.isfinite(t)).sum())
-    raise NonFiniteError(f"checkpoint {name!r} key {key!r} (shape {tuple(t.shape)}) holds {n_bad} NaN/Inf value(s)")
+    where = f" ({file})" if file and file != name else ""
+    raise NonFiniteError(f"checkpoint {name!r}{where} key {key!r} (shape {tuple(t.shape)}) holds {n_bad} "
+                         f"NaN/Inf value(s)")
 
 
 # ---------------------------------------------------------------------------------------------- core

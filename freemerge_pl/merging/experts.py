@@ -31,13 +31,31 @@ def topk_count(numel: int, density: float) -> int:
     return max(1, min(numel, math.ceil(density * numel - 1e-9))) if numel else 0
 
 
+def topk_selection(magnitudes: Tensor, count: int) -> tuple[float, int]:
+    """``(t, ties)``: the ``count``-th largest of a flat tensor of magnitudes, and how many entries equal to
+    t belong to the top ``count`` (the first ones by index). Enough to cut the same entries again later."""
+    if count <= 0:
+        return math.inf, 0
+    t = magnitudes.kthvalue(magnitudes.numel() - count + 1).values
+    return float(t), count - int((magnitudes > t).sum())
+
+
+def selection_indices(magnitudes: Tensor, threshold: float, ties: int) -> Tensor:
+    """Sorted flat indices of the entries above ``threshold`` plus the first ``ties`` equal to it (every
+    entry equal to it when ``ties`` is negative: a model-wide threshold keeps all ties)."""
+    if ties < 0:
+        return torch.nonzero(magnitudes >= threshold).flatten()
+    chosen = magnitudes > threshold
+    if ties > 0:
+        equal = magnitudes == threshold
+        chosen |= equal & (torch.cumsum(equal, 0) <= ties)
+    return torch.nonzero(chosen).flatten()
+
+
 def topk_flat_indices(v: Tensor, density: float) -> Tensor:
-    """Sorted flat indices of the ⌈d·numel⌉ largest |v| entries."""
-    flat = v.reshape(-1)
-    k = topk_count(flat.numel(), density)
-    if k == 0:
-        return torch.zeros(0, dtype=torch.long, device=v.device)
-    return torch.topk(flat.abs(), k, sorted=False).indices.sort().values
+    """Sorted flat indices of the ⌈d·numel⌉ largest |v| entries (ties at the threshold: lowest index first)."""
+    mags = v.reshape(-1).abs()
+    return selection_indices(mags, *topk_selection(mags, topk_count(mags.numel(), density)))
 
 
 def global_threshold(task_vector: StateDict, keys: Sequence[str], density: float) -> float:

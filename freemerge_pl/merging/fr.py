@@ -23,7 +23,9 @@ from freemerge_pl.merging.experts import (
     index_dtype,
     model_expert_thresholds,
     rescalers_from_sums,
-    selected_indices,
+    selection_indices,
+    topk_count,
+    topk_selection,
 )
 from freemerge_pl.merging.fourier import Spectrum, check_filter_ratio, highpass
 from freemerge_pl.merging.method import Context, Finalized, KeyOutput, KeyTensors, MergeMethod, Scan
@@ -103,11 +105,13 @@ def _info(values: Tensor | dict[str, Tensor]) -> list | dict:
 
 @dataclass
 class FRStats:
-    """λ (a [K] tensor or key → [K]); for FREE also μ and, at model expert scope, the |v| thresholds."""
+    """λ (a [K] tensor or key → [K]); for FREE also μ and each key's expert cut per task: ``(t, ties)``,
+    keep |v| > t plus the first ``ties`` entries equal to t, or every |v| ≥ t when ``ties`` is −1 (model
+    scope; ``experts.selection_indices``)."""
 
     lambdas: Tensor | dict[str, Tensor]
     mu: Tensor | dict[str, Tensor] | None = None
-    thresholds: Tensor | None = None
+    cuts: dict[str, list[tuple[float, int]]] | None = None
 
     def lambdas_of(self, key: str) -> Tensor:
         return self.lambdas[key] if isinstance(self.lambdas, dict) else self.lambdas
@@ -200,33 +204,39 @@ class FREEMerging(FRMerging):
 
         def compute():
             sums: dict[str, Tensor] = {}
+            tops: dict[str, Tensor] = {}
+            cuts: dict[str, list[tuple[float, int]]] = {}
             thresholds = None
             if self.expert_scope == "model":
                 thresholds = model_expert_thresholds(scan, ctx.num_tasks, d)
-            tops: dict[str, Tensor] = {}
 
             def fold(x: KeyTensors) -> None:
-                total, top = [], []
+                total, top, cut = [], [], []
                 for k, v in enumerate(x.vectors()):
-                    total.append(abs_sum(v))
-                    idx = selected_indices(v, d, None if thresholds is None else float(thresholds[k]))
-                    top.append(float(v.reshape(-1)[idx].abs().sum()))
+                    mags = v.reshape(-1).abs()
+                    total.append(float(mags.sum()) if mags.numel() else 0.0)
+                    if thresholds is None:  # per tensor: the ⌈d·n⌉-th largest, remembered for the merge pass
+                        t, ties = topk_selection(mags, topk_count(mags.numel(), d))
+                    else:  # one model-wide threshold: every |v| ≥ it
+                        t, ties = float(thresholds[k]), -1
+                    cut.append((t, ties))
+                    top.append(float(mags[mags >= t].sum()) if ties < 0 else float(mags[mags > t].sum()) + ties * t)
                 sums[x.key] = torch.tensor(total, dtype=torch.float64)
                 tops[x.key] = torch.tensor(top, dtype=torch.float64)
+                cuts[x.key] = cut
 
             scan(fold, "λ, μ")
-            return sums, tops, thresholds
+            return sums, tops, cuts
 
-        sums, tops, thresholds = ctx.memo(key, compute)
+        sums, tops, cuts = ctx.memo(key, compute)
         lambdas = lambdas_from_sums(sums, ctx.num_tasks, self.lambda_scope)
-        return FRStats(lambdas, rescalers_from_sums(tops, sums, lambdas, d), thresholds)
+        return FRStats(lambdas, rescalers_from_sums(tops, sums, lambdas, d), cuts)
 
     def _value_dtype(self, ctx: Context, key: str) -> torch.dtype:
         return getattr(torch, self.expert_dtype) if self.expert_dtype else ctx.dtypes.get(key, torch.float32)
 
     def _entries(self, k: int, v: Tensor, stats: FRStats, ctx: Context, key: str) -> tuple[Tensor, Tensor]:
-        threshold = None if stats.thresholds is None else float(stats.thresholds[k])
-        idx = selected_indices(v, self.expert_density, threshold)
+        idx = selection_indices(v.reshape(-1).abs(), *stats.cuts[key][k])
         scale = self.expert_scale * stats.mu_of(key, k)
         values = (v.reshape(-1)[idx].double() * scale).to(torch.float32).to(self._value_dtype(ctx, key))
         return idx.to(index_dtype(v.numel())), values

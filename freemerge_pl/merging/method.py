@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from freemerge_pl.errors import HyperparameterError, NonFiniteError
+from freemerge_pl.errors import HyperparameterError
 from freemerge_pl.merging.base import TaskModule
 
 # ---------------------------------------------------------------------------------------- inputs of a key
@@ -48,8 +48,6 @@ class KeyTensors:
         *,
         pretrained: Callable[[], Tensor] | None = None,
         transform: Callable[[Tensor], Tensor] | None = None,
-        describe: Callable[[int], str] | None = None,
-        check_finite: bool = False,
     ) -> None:
         self.key = key
         self.shape = tuple(shape)
@@ -57,8 +55,6 @@ class KeyTensors:
         self._loaders = list(loaders)
         self._pretrained = pretrained
         self._transform = transform
-        self._describe = describe or (lambda k: f"task vector {k}")
-        self._check_finite = check_finite
         self._stack: Tensor | None = None
 
     @property
@@ -73,10 +69,6 @@ class KeyTensors:
         if self._stack is not None:
             return self._stack[k]
         v = self._loaders[k]()
-        if self._check_finite and not bool(torch.isfinite(v).all()):
-            n_bad = int((~torch.isfinite(v)).sum())
-            raise NonFiniteError(f"{self._describe(k)} key {self.key!r} (shape {tuple(v.shape)}) holds "
-                                 f"{n_bad} NaN/Inf value(s)")
         return v if self._transform is None else self._transform(v)
 
     def vectors(self) -> Iterator[Tensor]:
