@@ -62,6 +62,10 @@ def test_stream_equals_in_memory_bit_for_bit(llama, tmp_path, name):
     assert set(got) == set(pre)
     for key in pre:
         assert got[key].dtype == pre[key].dtype and torch.equal(got[key], out.state_dict[key]), key
+    for name_, module in out.result.shared_modules.items():
+        streamed_module = streamed.result.shared_modules[name_]
+        for a, b in zip(streamed_module.state_dict().values(), module.state_dict().values()):
+            assert not isinstance(a, torch.Tensor) or torch.equal(a, b), name_
     if out.task_modules:
         for mine, theirs in zip(streamed.result.task_modules, out.task_modules):
             assert mine.keys == theirs.keys

@@ -164,11 +164,11 @@ class EMR(MergeMethod):
 
     def merge_key(self, x: KeyTensors, stats: EMRStats, ctx: Context) -> KeyOutput:
         tau, masks = emr_unify(x.stacked())
-        return KeyOutput(tau, (tau, masks))
+        return KeyOutput(tau, (tau.clone(), masks))  # the engine owns (and may update) the delta
 
     def finalize(self, pieces: dict[str, tuple[Tensor, Tensor]], stats: EMRStats, ctx: Context) -> Finalized:
         rescalers = stats.rescalers()
-        unified = EMRUnified({key: tau.clone() for key, (tau, _) in pieces.items()})
+        unified = EMRUnified({key: tau for key, (tau, _) in pieces.items()})
         modules = [EMRTaskModule({key: masks[k] for key, (_, masks) in pieces.items()}, float(rescalers[k]),
                                  unified) for k in range(ctx.num_tasks)]
         return Finalized(modules, {"emr_unified": unified}, {"rescalers": rescalers.tolist()})

@@ -176,7 +176,7 @@ class CheckpointInputs(MergeInputs):
             return load
 
         return KeyTensors(key, self.shapes[key], self.dtypes[key], [loader(k) for k in range(self.num_tasks)],
-                          pretrained=pre, transform=self.transform)
+                          pretrained=pre, pretrained_fp32=pre_fp32, transform=self.transform)
 
 
 def all_finite(t: Tensor) -> bool:

@@ -144,8 +144,10 @@ class Spectrum:
     real transform per tensor plus one band transform per ratio.
     """
 
-    def __init__(self, v: Tensor, *, cutoff_mode: str = "fraction", filter_1d: bool = False) -> None:
+    def __init__(self, v: Tensor, *, cutoff_mode: str = "fraction", filter_1d: bool = False,
+                 keep: bool = True) -> None:
         self.v = v
+        self.keep = keep  # False: one ratio only, the real transform is dropped after use (less memory)
         self.cutoff_mode = cutoff_mode
         self.passthrough = v.numel() == 0 or (v.dim() < 2 and not filter_1d)
         self.mshape = matrix_shape(v.shape)
@@ -183,6 +185,9 @@ class Spectrum:
         if len(self.shape) == 1:
             return torch.fft.irfft(band * mask, n=n_real)
         coefficients = torch.fft.fft(band, dim=0).mul_(mask)
+        if not self.keep:
+            del band
+            self._real = None
         return torch.fft.irfft(torch.fft.ifft(coefficients, dim=0), n=n_real, dim=-1)
 
     def highpass(self, filter_ratio: float) -> Tensor:
@@ -191,8 +196,8 @@ class Spectrum:
             return self.v
         if not math.isfinite(cutoff_radius(self.shape, filter_ratio, self.cutoff_mode)):
             return torch.zeros(self.v.shape, dtype=self.work.dtype, device=self.v.device)
-        out = self.work - low
-        return (out.T if self.transposed else out).reshape(self.v.shape)
+        out = low.neg_().add_(self.work)  # v − L(v), in L's buffer
+        return (out.T if self.transposed else out).reshape(self.v.shape)  # a view for 2-D tensors
 
 
 def highpass(

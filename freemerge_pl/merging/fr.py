@@ -156,12 +156,12 @@ class FRMerging(MergeMethod):
 
     def filtered(self, x: KeyTensors, stats: FRStats, ctx: Context, combined: Tensor | None = None) -> Tensor:
         """s·G(Σ_k λ_k v_k) of one key (the spectrum and each ratio's inverse are memoised when tuning)."""
-        def spectrum() -> Spectrum:
+        def spectrum(keep: bool = True) -> Spectrum:
             c = combined if combined is not None else fr_combine(x.vectors(), stats.lambdas_of(x.key))
-            return Spectrum(c, cutoff_mode=self.cutoff_mode, filter_1d=self.filter_1d)
+            return Spectrum(c, cutoff_mode=self.cutoff_mode, filter_1d=self.filter_1d, keep=keep)
 
         if ctx.cache is None:  # the result is this call's own tensor: scale in place
-            out = spectrum().highpass(self.filter_ratio)
+            out = spectrum(keep=False).highpass(self.filter_ratio)
             return out if self.scaling == 1 else out.mul_(self.scaling)
         spec = ctx.memo(self._spectrum_key(x.key), spectrum)
         out = ctx.memo((*self._spectrum_key(x.key), self.filter_ratio), lambda: spec.highpass(self.filter_ratio))

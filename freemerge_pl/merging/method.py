@@ -47,6 +47,7 @@ class KeyTensors:
         loaders: Sequence[Callable[[], Tensor]],
         *,
         pretrained: Callable[[], Tensor] | None = None,
+        pretrained_fp32: Callable[[], Tensor] | None = None,
         transform: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         self.key = key
@@ -54,6 +55,7 @@ class KeyTensors:
         self.dtype = dtype
         self._loaders = list(loaders)
         self._pretrained = pretrained
+        self._pretrained_fp32 = pretrained_fp32
         self._transform = transform
         self._stack: Tensor | None = None
 
@@ -84,6 +86,10 @@ class KeyTensors:
         if self._pretrained is None:
             raise RuntimeError(f"key {self.key!r}: θ_pre is not available to this merge")
         return self._pretrained()
+
+    def pretrained_fp32(self) -> Tensor:
+        """θ_pre in float32 (computed once per key when the inputs are checkpoints)."""
+        return self._pretrained_fp32() if self._pretrained_fp32 is not None else self.pretrained().float()
 
 
 @dataclass
@@ -247,6 +253,8 @@ class MergeMethod:
         return None
 
     def merge_key(self, x: KeyTensors, stats: Any, ctx: Context) -> Tensor | KeyOutput:
+        """One key's delta: a tensor the engine owns (it may add θ_pre into it in place), so pieces that
+        must outlive the key hold their own copies; with a cache (tuning) deltas are never modified."""
         raise NotImplementedError
 
     def finalize(self, pieces: dict[str, Any], stats: Any, ctx: Context) -> Finalized:

@@ -83,8 +83,11 @@ def stream_merge(
     state = sink.resume_state() or {}
 
     def emit(key: str, x: KeyTensors | None, delta: Tensor | None, rng_state: str | None) -> None:
-        base = x.pretrained() if x is not None else pretrained.get(key)
-        sink.write(key, apply_key(base, delta, out_dtypes[key]).to("cpu"), {"rng": rng_state})
+        if x is None:
+            tensor = apply_key(pretrained.get(key), None, out_dtypes[key])
+        else:  # θ_pre + delta in fp32 (as ``apply_key``), accumulated into the delta: nothing else holds it
+            tensor = delta.add_(x.pretrained_fp32().to(delta.device)).to(out_dtypes[key])
+        sink.write(key, tensor.to("cpu"), {"rng": rng_state})
 
     try:
         fin = execute(method, inputs, emit, seed=seed, skip_keys=done, resume_rng=state.get("rng"),
