@@ -112,12 +112,13 @@ SHAPES = [(40, 12), (12, 40), (20, 20), (300, 16), (1, 7), (7, 1), (60, 50), (44
 
 @pytest.fixture(params=["auto", "gram"])
 def path(request, monkeypatch):
-    """``auto``: the module's size rules (small matrices go straight to torch.linalg.svd); ``gram``: the
-    float64 Gram path forced at every size, with ``_top_eigh``'s float32-eigh + float64 refinement wherever
-    k + 16 ≤ n/2 (by default only from n = 128) and its float64 eigh elsewhere."""
+    """``auto``: the module's size rules (small, and for polar factors near-square, matrices go straight to
+    torch.linalg.svd); ``gram``: the float64 Gram path forced at every size and shape, with ``_top_eigh``'s
+    float32-eigh + float64 refinement wherever k + 16 ≤ n/2 (by default only from n = 128)."""
     if request.param == "gram":
         monkeypatch.setattr(linalg, "_SMALL_FLOPS", 0)
         monkeypatch.setattr(linalg, "_REFINE_MIN_N", 0)
+        monkeypatch.setattr(linalg, "_POLAR_MIN_ASPECT", 0.0)
     return request.param
 
 
@@ -262,6 +263,7 @@ def test_dtypes(path):
 
 def test_chunked_float64_rows(monkeypatch):
     monkeypatch.setattr(linalg, "_SMALL_FLOPS", 0)
+    monkeypatch.setattr(linalg, "_POLAR_MIN_ASPECT", 0.0)
     monkeypatch.setattr(linalg, "_CHUNK_ELEMENTS", 37)  # 37 // 6 = 6 rows per chunk
     x = with_spectrum(50, 6, np.geomspace(2.0, 0.1, 6), seed=10)
     u, s, vh = top_singular_triplets(x, 3)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from freemerge_pl.errors import check_range
+from freemerge_pl.merging import linalg
 from freemerge_pl.merging.experts import topk_count
 from freemerge_pl.merging.method import Context, KeyTensors, MergeMethod, Scan
 from freemerge_pl.merging.ops import (
@@ -490,25 +491,6 @@ pcb = functional(PCB)
 
 # ---------------------------------------------------------------- TSV-Merging
 
-def polar_factor(x: Tensor) -> Tensor:
-    """The orthogonal (Procrustes) factor P Qᵀ of ``x = P Σ Qᵀ``: the whitening step of TSV-M."""
-    p, _, qh = torch.linalg.svd(x, full_matrices=False)
-    return p @ qh
-
-
-def tsv_merge_matrix(matrices: Sequence[Tensor], rank: int) -> Tensor:
-    """TSV-M for one 2-D key: concatenate each task's top-``rank`` singular triplets, orthogonalise."""
-    us, ss, vhs = [], [], []
-    for m in matrices:
-        u, s, vh = torch.linalg.svd(m.float(), full_matrices=False)
-        us.append(u[:, :rank])
-        ss.append(s[:rank])
-        vhs.append(vh[:rank])
-    u_cat, s_cat, vh_cat = torch.cat(us, 1), torch.cat(ss), torch.cat(vhs, 0)
-    return polar_factor(u_cat) @ torch.diag(s_cat) @ polar_factor(vh_cat)
-
-
-
 @register("tsv", reference="Gargiulo et al. 2025, Task Singular Vectors: Reducing Task Interference "
                            "in Model Merging (CVPR), TSV-M")
 @dataclass
@@ -533,7 +515,7 @@ class TSV(MergeMethod):
         fraction = 1.0 / x.num_tasks if self.rank_fraction is None else self.rank_fraction
         if len(x.shape) == 2 and x.numel > 0:
             rank = max(1, math.floor(fraction * min(x.shape) + 1e-9))
-            return self.scaling * tsv_merge_matrix(list(x.vectors()), rank)
+            return self.scaling * linalg.tsv_merge_matrix(list(x.vectors()), rank)
         return self.scaling * x.stacked().mean(0)
 
 

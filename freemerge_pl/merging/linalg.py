@@ -4,13 +4,18 @@
 
 Method. Every kernel reduces a 2-D matrix ``a`` ``[m, n]`` to the Gram matrix of its *smaller* side,
 ``G = aᵀa`` (``n × n``, after transposing a wide ``a``), formed in float64 (the products of two fp32 numbers
-are exact in float64 and the sums carry float64 rounding), and takes the symmetric eigendecomposition
-``G = V Λ Vᵀ`` in float64 (``torch.linalg.eigh``). Then σ = √λ, the right singular vectors are V, and
-the left ones are ``a V Σ⁻¹`` (only for the ``r`` requested triplets); the polar factor of a tall ``a``
-is ``a G^{-1/2} = a V Λ^{-1/2} Vᵀ``. One GEMM over the long side and an ``n × n`` eigenproblem replace
-a bidiagonalisation of the whole ``m × n`` matrix: on the 30522 × 384 word embedding of a BERT-small
-encoder that is ~0.13 s instead of ~0.4 s per call, on 1536 × 384 / 384 × 1536 matrices ~15 ms instead
-of 30–50 ms, on square 384 × 384 ~11 ms instead of ~14 ms (2 CPU threads).
+are exact in float64 and the sums carry float64 rounding), and takes its symmetric eigendecomposition
+``G = V Λ Vᵀ``. Then σ = √λ, the right singular vectors are V, and the left ones are ``a V Σ⁻¹`` (only the
+``r`` requested ones); the polar factor of a tall ``a`` is ``a G^{-1/2} = a V Λ^{-1/2} Vᵀ``. One GEMM over
+the long side and an ``n × n`` eigenproblem replace the bidiagonalisation of the whole ``m × n`` matrix
+and the ``m × n`` U that the full SVD builds and the callers then mostly discard. For ``r ≪ n`` the
+float64 ``eigh`` is itself replaced by a float32 one made exact again in float64 (``_top_eigh``). Tiny
+matrices (m·n·min(m, n) < 2^18) go straight to ``torch.linalg.svd``, which is as fast there.
+Per call, 2 CPU threads, idle machine (MKL LAPACK): top-48 triplets of the 30522 × 384 word embedding
+~0.17 s instead of ~0.40 s, of 1536 × 384 / 384 × 1536 ~14 ms instead of 29 / 47 ms, of 384 × 384 ~9 ms
+instead of ~14 ms; polar factors 0.29 s instead of 0.43 s (30522 × 384), ~25 ms instead of 31 / 47 ms
+(1536 × 384 / 384 × 1536). Near-square polar factors (384 × 384) keep the reference SVD: there a float64
+eigh costs what the fp32 SVD does.
 
 Accuracy. Squaring the condition number costs nothing visible here: in float64 the eigenvectors of G
 carry an error ~ε₆₄·(σ₁/σᵢ)²/gap, below the ~ε₃₂·(σ₁/σᵢ)/gap of an fp32 SVD as long as σᵢ/σ₁ ≳ 1e-9.
@@ -46,6 +51,7 @@ RTOL = 1e-4
 _REFINE_MIN_N = 128  # below this a float64 eigh is as fast as the float32 one plus refinement
 _REFINE_MAX_COUPLING = 1e-4  # the O(c²) left by the Newton step stays ≤ 1e-8
 _SMALL_FLOPS = 1 << 18  # below m·n·min(m, n) = 2^18 (64³) torch.linalg.svd is as fast: fixed costs dominate
+_POLAR_MIN_ASPECT = 1.25  # polar_factor takes the Gram route only for max(m, n) ≥ 1.25·min(m, n)
 _CHUNK_ELEMENTS = 1 << 24  # rows of at most this many elements are cast to float64 at a time (128 MiB)
 
 
@@ -204,16 +210,18 @@ def polar_factor(x: Tensor) -> Tensor:
 
     For a tall ``x`` (m ≥ n) this is ``x (xᵀx)^{-1/2}`` (orthonormal columns), for a wide one the
     transpose of the polar factor of ``xᵀ`` (orthonormal rows): only the Gram matrix of the smaller
-    side is decomposed. Unique when x has full rank min(m, n); when σ_min ≤ ``RTOL``·σ_max it is not
-    (its action on the null space is LAPACK's arbitrary completion), and this falls back to the
-    reference ``P Qᵀ`` from ``torch.linalg.svd``.
+    side is decomposed, in float64. Unique when x has full rank min(m, n); when σ_min ≤ ``RTOL``·σ_max it
+    is not (its action on the null space is LAPACK's arbitrary completion), and this falls back to the
+    reference ``P Qᵀ`` from ``torch.linalg.svd``, as it does for tiny and for near-square matrices
+    (max(m, n) < 1.25·min(m, n)), where the float64 eigendecomposition saves nothing.
     """
     _check_matrix(x, "polar_factor")
     dtype = _compute_dtype(x)
     a = x.to(dtype)
-    if a.numel() == 0 or _is_small(a):
-        return _polar_svd(a)
-    wide = a.shape[0] < a.shape[1]
+    rows, cols = a.shape
+    if a.numel() == 0 or _is_small(a) or max(rows, cols) < _POLAR_MIN_ASPECT * min(rows, cols):
+        return _polar_svd(a)  # near-square: the float64 eigh + products cost what the fp32 SVD does
+    wide = rows < cols
     view = _Float64Rows(a.mT if wide else a)
     g = view.gram()
     if not _all_finite(g):

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from freemerge_pl.errors import check_range
+from freemerge_pl.merging import linalg
 from freemerge_pl.merging.base import DenseDeltaTaskModule
 from freemerge_pl.merging.fourier import matrix_shape
 from freemerge_pl.merging.method import Context, Finalized, KeyOutput, KeyTensors, MergeMethod
@@ -86,12 +87,6 @@ class LowRankTaskModule(DenseDeltaTaskModule):
         return self.delta(key).to(device)
 
 
-def truncated_svd_factors(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """(U_r·S_r, V_rᵀ) of the rank-``rank`` truncated SVD of a 2-D fp32 matrix."""
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return (u[:, :rank] * s[:rank]).contiguous(), vh[:rank].contiguous()
-
-
 def twin_rank(shape: Sequence[int], rank_fraction: float) -> int:
     """r = ⌈rank_fraction · min(m, n)⌉ of the matrix view of ``shape``."""
     m, n = matrix_shape(tuple(shape))
@@ -123,7 +118,7 @@ class Twin(MergeMethod):
         for k in range(x.num_tasks):
             diff = stacked[k] - shared
             if diff.dim() >= 2 and diff.numel() > 0:
-                factors = truncated_svd_factors(diff.reshape(matrix_shape(diff.shape)),
+                factors = linalg.truncated_svd_factors(diff.reshape(matrix_shape(diff.shape)),
                                                 twin_rank(diff.shape, self.rank_fraction))
                 pieces.append(("lowrank", factors))
             else:
