@@ -188,7 +188,7 @@ def key_kind(key: str) -> str:
     return re.sub(r"^model\.layers\.\d+\.", "layers.*.", key)
 
 
-OTHER = "other (Σλv, expert gathers, bookkeeping)"
+OTHER = "other (not in a traced step: Σλv, expert gathers, θ_pre + delta, bookkeeping)"
 
 
 class Tracer:
@@ -338,18 +338,44 @@ class TracedSource(TensorSource):
         return out
 
 
-def instrument(tracer: Tracer, stream_module) -> None:
-    """Wrap the engine's per-tensor steps in this (child) process so the tracer times them."""
-    from freemerge_pl.merging import experts, fourier, fr, method
+#: engine steps the tracer times, where they exist in the running engine: (module, attribute, label); a
+#: function is wrapped wherever the package holds it (also where another module imported it by name)
+TRACED_STEPS = [
+    ("freemerge_pl.merging.method", "KeyTensors.vector", "task vector θ_k − θ_pre (+ θ_pre → fp32)"),
+    ("freemerge_pl.merging.engine", "all_finite", "finite check"),
+    ("torch", "isfinite", "finite check (torch.isfinite)"),
+    ("freemerge_pl.merging.fr", "abs_sum", "Σ|v| (λ)"),
+    ("freemerge_pl.merging.experts", "topk_flat_indices", "expert top-k (torch.topk)"),
+    ("freemerge_pl.merging.experts", "topk_selection", "expert threshold (k-th largest |v|)"),
+    ("freemerge_pl.merging.experts", "selection_indices", "expert cut (indices ≥ threshold)"),
+    ("freemerge_pl.merging.fourier", "Spectrum.highpass", "FFT high-pass"),
+    ("freemerge_pl.merging.engine", "apply_key", "θ_pre + delta → out dtype"),
+]
 
-    method.KeyTensors.vector = tracer.traced(method.KeyTensors.vector, "task vector θ_k − θ_pre")
-    torch.isfinite = tracer.traced(torch.isfinite, "finite check (torch.isfinite)")
-    fr.abs_sum = tracer.traced(fr.abs_sum, "Σ|v| (λ)")
-    experts.topk_flat_indices = tracer.traced(experts.topk_flat_indices, "top-k selection (experts)")
-    fourier.Spectrum.highpass = tracer.traced(fourier.Spectrum.highpass, "FFT high-pass")
-    stream_module.apply_key = tracer.traced(stream_module.apply_key, "θ_pre + delta → bf16")
+
+def instrument(tracer: Tracer, stream_module) -> list[str]:
+    """Wrap the engine's per-tensor steps (``TRACED_STEPS``) in this child process; returns those found."""
+    import importlib
+
+    found = []
+    for module_name, attr, label in TRACED_STEPS:
+        module = importlib.import_module(module_name)
+        owner_name, _, name = attr.rpartition(".")
+        owner = getattr(module, owner_name, None) if owner_name else module
+        fn = getattr(owner, name, None) if owner is not None else None
+        if fn is None:
+            continue
+        wrapped = tracer.traced(fn, label)
+        if owner_name:  # a method: patch the class
+            setattr(owner, name, wrapped)
+        else:  # a function: patch every package module (and torch) holding this very object
+            holders = [m for n, m in list(sys.modules.items()) if n.startswith("freemerge_pl") and m]
+            for holder in [*holders, module]:
+                for key, value in list(vars(holder).items()):
+                    if value is fn:
+                        setattr(holder, key, wrapped)
+        found.append(label)
     base_sink = stream_module.ShardedSafetensorsSink
-
     write = tracer.traced(base_sink.write, "sink write (incl. fsync)")
 
     class TimedSink(base_sink):
@@ -358,6 +384,7 @@ def instrument(tracer: Tracer, stream_module) -> None:
             tracer.write_bytes += tensor.numel() * tensor.element_size()
 
     stream_module.ShardedSafetensorsSink = TimedSink
+    return [*found, "sink write (incl. fsync)", "read (file → tensor)"]
 
 
 def child_main(spec_path: str) -> None:
@@ -373,7 +400,7 @@ def child_main(spec_path: str) -> None:
     tracer = None
     if spec["trace"]:
         tracer = Tracer(first_key=open_checkpoint(spec["base"]).keys()[0])
-        instrument(tracer, stream_module)
+        traced_steps = instrument(tracer, stream_module)
 
     start = time.perf_counter()
     base = open_checkpoint(spec["base"])
@@ -402,7 +429,7 @@ def child_main(spec_path: str) -> None:
     }
     if tracer is not None:
         shapes = {k: tuple(base.info(k).shape) for k in base}
-        out["trace"] = tracer.summary(shapes)
+        out["trace"] = {**tracer.summary(shapes), "traced_steps": traced_steps}
     write_json_atomic(out, spec["result"])
 
 
@@ -414,7 +441,9 @@ def run_child(spec: dict, workdir: Path, tag: str) -> dict:
     sys.stdout.flush()
     start = time.perf_counter()
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)]
-    pid = os.posix_spawn(sys.executable, argv, os.environ)
+    path = os.pathsep.join(filter(None, [spec["code"], os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}  # the frozen engine (``snapshot_code``) comes first
+    pid = os.posix_spawn(sys.executable, argv, env)
     _, status, usage = os.wait4(pid, 0)
     wall = time.perf_counter() - start
     code = os.waitstatus_to_exitcode(status)
@@ -429,15 +458,43 @@ def run_child(spec: dict, workdir: Path, tag: str) -> dict:
 # ---------------------------------------------------------------------------------------------- main
 
 
-def package_sources_sha256() -> str:
-    """sha256 over the imported package's .py files (names and bytes): which engine code a process ran."""
+def package_sources_sha256(root: Path | None = None) -> str:
+    """sha256 over the package's .py files (names and bytes; default: the imported package's): which engine
+    code a process ran."""
     import hashlib
 
-    root = Path(freemerge_pl.__file__).resolve().parent
+    root = root or Path(freemerge_pl.__file__).resolve().parent
     h = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
         h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
+
+
+def snapshot_code(dest: Path, mode: str) -> dict:
+    """Freeze the engine the merge children import: ``head``, the package as committed at git HEAD
+    (``git archive``), or ``worktree``, the checkout's files now; edits made during the run cannot reach
+    them."""
+    import io
+    import tarfile
+
+    repo = Path(freemerge_pl.__file__).resolve().parent.parent
+    state = git_state()
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    if mode == "head" and state["commit"]:
+        data = subprocess.run(["git", "archive", "--format=tar", state["commit"], "freemerge_pl"], cwd=repo,
+                              capture_output=True, check=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            tar.extractall(dest, filter="data")
+        source = f"git commit {state['commit'][:10]} (committed files only)"
+    else:
+        shutil.copytree(repo / "freemerge_pl", dest / "freemerge_pl",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        dirty = " plus uncommitted package changes" if state["package_uncommitted_changes"] else ""
+        source = f"working tree at commit {(state['commit'] or 'unknown')[:10]}{dirty}"
+    return {**state, "mode": mode, "source": source,
+            "package_sources_sha256": package_sources_sha256(dest / "freemerge_pl")}
 
 
 def git_state() -> dict:
@@ -487,6 +544,8 @@ def main() -> None:
     parser.add_argument("--cache", choices=["warm", "cold"], default="warm")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
+    parser.add_argument("--code", choices=["head", "worktree"], default="head",
+                        help="engine the merges run: the package at git HEAD, or the checkout's files now")
     parser.add_argument("--tasks", type=int, default=3)
     parser.add_argument("--shard-mib", type=int, default=None,
                         help="input and output shard size (default 2048, 64 with --small)")
@@ -517,13 +576,15 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(workdir / "models", ignore_errors=True)
             shutil.rmtree(workdir / "outputs", ignore_errors=True)
+            shutil.rmtree(workdir / "code", ignore_errors=True)
             if created:
                 shutil.rmtree(workdir, ignore_errors=True)
     report(args, result)
 
 
 def run(args, shape, plan, n_params, largest_key, largest, shard_bytes, workdir: Path) -> dict:
-    code = {**git_state(), "package_sources_sha256": package_sources_sha256()}
+    code = snapshot_code(workdir / "code", args.code)
+    print(f"merge children import the engine from {code['source']}", flush=True)
     start = time.perf_counter()
     dirs = write_models(workdir / "models", plan, llama_config(**shape), args.tasks, shard_bytes)
     gen_seconds = time.perf_counter() - start
@@ -537,7 +598,8 @@ def run(args, shape, plan, n_params, largest_key, largest, shard_bytes, workdir:
     assert read_bytes == input_bytes
     print(f"sequential read: {read_seconds:.2f} s, {input_bytes / read_seconds / GiB:.2f} GiB/s", flush=True)
 
-    spec = {"base": str(dirs[0]), "finetuned": [str(d) for d in dirs[1:]], "threads": args.threads,
+    spec = {"code": str(workdir / "code"), "base": str(dirs[0]), "finetuned": [str(d) for d in dirs[1:]],
+            "threads": args.threads,
             "max_shard_bytes": shard_bytes, "progress": True, "trace": False}
     methods = ["free_merging"] + (["task_arithmetic"] if args.also_task_arithmetic else [])
     runs = {}
@@ -648,10 +710,9 @@ def report(args, res: dict) -> None:
              f"each measurement (fincore): {resident or 'n/a'}. Throughput = input bytes (4 models) / wall "
              f"time of the stream_merge call (header parsing included, interpreter start and imports not).")
     code = res["code"]
-    setup += (f" Engine code: commit {(code['commit'] or 'unknown')[:10]}"
-              f"{' plus uncommitted package changes' if code['package_uncommitted_changes'] else ''}; "
+    setup += (f" Engine the merges ran: {code['source']}, frozen at the start; "
               + ("every merge child ran these sources." if code["same_sources_in_every_child"] else
-                 "**the package sources changed during the run: the merge children ran different code**."))
+                 "**the merge children ran different sources**."))
     title = "# Streaming merge memory and throughput" + (" (--small)" if res["small"] else "")
     table = [f"| {a} | {b} |" for a, b in rows]
     lines = [title, "", setup, "", "| measure | value |", "|---|---|", *table, ""]
