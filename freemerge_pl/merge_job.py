@@ -41,7 +41,13 @@ from torch import Tensor
 import freemerge_pl
 from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError
 from freemerge_pl.io import DEFAULT_SHARD_BYTES, open_checkpoint, sha256_file, write_json_atomic
-from freemerge_pl.merging.engine import CheckpointInputs, check_prefilter, prefilter_transform, preflight
+from freemerge_pl.merging.engine import (
+    CheckpointInputs,
+    all_finite,
+    check_prefilter,
+    prefilter_transform,
+    preflight,
+)
 from freemerge_pl.merging.merge import save_task_modules
 from freemerge_pl.merging.method import check_fields
 from freemerge_pl.merging.registry import build_method
@@ -343,7 +349,7 @@ def scan_finite(prepared: Prepared, progress: bool = False) -> None:
     for key in keys:
         for name, src in sources:
             t = src.get(key)
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 n_bad = int((~torch.isfinite(t)).sum())
                 raise FreeMergeError(f"checkpoint {name!r} ({src.info(key).file}) key {key!r} (shape "
                                      f"{tuple(t.shape)}) holds {n_bad} NaN/Inf value(s)")
@@ -390,6 +396,9 @@ def run_merge_job(config: MergeJobConfig, *, output_dir: str | None = None, dry_
                             max_shard_bytes=config.shard_bytes, fingerprint=fingerprint,
                             strict_dtypes=not config.allow_mixed_dtypes, progress=progress)
     files = list(streamed.files)
+    for stale in set(partial.iterdir()) - set(files):  # left by an interrupted run with other settings
+        if stale.is_file():
+            stale.unlink()
     modules = streamed.result.task_modules or []
     if modules or streamed.result.shared_modules:
         files += save_task_modules(modules, streamed.result.shared_modules, partial, names=config.names,
