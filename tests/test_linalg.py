@@ -31,7 +31,7 @@ def _one_blas_thread():
         yield
 
 
-# ---------------------------------------------------------------- references (baselines.py / twin.py as of 7ce34e9)
+# ------------------------------------------------- references (baselines.py / twin.py as of 7ce34e9)
 
 def ref_polar_factor(x):
     p, _, qh = torch.linalg.svd(x, full_matrices=False)
@@ -99,8 +99,9 @@ def randn(*shape, seed=0):
 
 
 def close_to_truth(got, ref, truth, atol):
-    """``got`` within ``atol`` of the float64 ``truth``, or no farther than twice the fp32 reference ``ref`` is
-    (on the ``auto`` path small matrices use the reference SVD itself, with its own ~ε₃₂·σ₁/gap error)."""
+    """``got`` within ``atol`` of the float64 ``truth``, or no farther than twice the fp32 reference
+    ``ref`` is (on the ``auto`` path small matrices use the reference SVD itself, with its own
+    ~ε₃₂·σ₁/gap error)."""
     truth = truth.double().numpy() if isinstance(truth, torch.Tensor) else np.asarray(truth)
     err = float(np.abs(got.double().numpy() - truth).max())
     ref_err = float(np.abs(ref.double().numpy() - truth).max())
@@ -150,7 +151,8 @@ def test_triplets_match_numpy_and_torch(shape, path):
         close((u * s) @ vh, ref, atol=2e-6 * S[0])
         # factors: numpy's up to the sign of each pair, which follows the largest-|u| convention here
         sign = np.sign(U[np.abs(U[:, :rank]).argmax(0), np.arange(rank)])
-        ref_sign = torch.from_numpy(np.sign(np.einsum("ij,ij->j", ur[:, :rank].double().numpy(), U[:, :rank])))
+        ref_sign = np.sign(np.einsum("ij,ij->j", ur[:, :rank].double().numpy(), U[:, :rank]))
+        ref_sign = torch.from_numpy(ref_sign)
         close_to_truth(u, ur[:, :rank] * ref_sign, U[:, :rank] * sign, atol=2e-7)
         close_to_truth(vh, vhr[:rank] * ref_sign[:, None], Vh[:rank] * sign[:, None], atol=2e-7)
         close(u.mT @ u, np.eye(rank), atol=3e-6)  # the fp32 reference's own level (``auto``, small sizes)
@@ -162,7 +164,7 @@ def test_full_rank_reconstructs(shape, path):
     x = randn(*shape, seed=sum(shape))
     u, s, vh = top_singular_triplets(x, min(shape))
     close((u * s) @ vh, x, atol=2e-6 * float(x.abs().max()))
-    u2, s2, vh2 = top_singular_triplets(x, 10 * max(shape))  # a rank above min(m, n) is clamped, as slicing is
+    u2, s2, vh2 = top_singular_triplets(x, 10 * max(shape))  # rank > min(m, n) is clamped, as slicing is
     assert torch.equal(u, u2) and torch.equal(s, s2) and torch.equal(vh, vh2)
     us, v = truncated_svd_factors(x, min(shape))
     close(us @ v, x, atol=2e-6 * float(x.abs().max()))
@@ -258,7 +260,7 @@ def test_dtypes(path):
     assert u16.dtype == torch.float32
     close((u16 * s16) @ vh16, np_truncation(x.bfloat16().float(), 3), atol=1e-5)
     assert polar_factor(x.double()).dtype == torch.float64
-    assert tsv_merge_matrix([x.double(), x.double()], 2).dtype == torch.float32  # as the reference (m.float())
+    assert tsv_merge_matrix([x.double(), x.double()], 2).dtype == torch.float32  # as the reference: m.float()
 
 
 def test_chunked_float64_rows(monkeypatch):
