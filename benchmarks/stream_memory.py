@@ -10,10 +10,12 @@ measured alone. Page cache: every input file is read once, untimed, before the t
 both the read and the merge start with warm caches (``--cache cold`` drops the inputs' pages with
 ``posix_fadvise(DONTNEED)`` before each instead); ``fincore`` residency is recorded before each. The
 sequential read is repeated after the merge(s) as a check. ``--trace`` adds a second, instrumented merge
-(per-key RSS sampling, read/write/compute split). Results go to benchmarks/results/stream_memory.{json,md}.
+(per-key and per-step time and RSS). The merge children import the package as committed at git HEAD,
+frozen at the start (``--code worktree``: the checkout's files), so edits made during a run cannot reach
+them. Results go to benchmarks/results/stream_memory.{json,md}.
 
-    python benchmarks/stream_memory.py [--small] [--workdir DIR] [--keep] [--also-task-arithmetic] [--trace]
-        [--cache warm|cold] [--threads 2]
+    python benchmarks/stream_memory.py [--small] [--layers N] [--workdir DIR] [--keep] [--trace]
+        [--also-task-arithmetic] [--cache warm|cold] [--code head|worktree] [--threads 2] [--no-save]
 """
 
 from __future__ import annotations
