@@ -218,10 +218,6 @@ class _Entry:
     end: int
 
 
-def _nbytes_of(info: TensorInfo) -> int:
-    return info.numel * info.dtype.itemsize
-
-
 def _damaged(path, detail: str) -> FreeMergeError:
     return FreeMergeError(f"safetensors file {path} is damaged or truncated: {detail}")
 
@@ -266,8 +262,8 @@ def _parse_entry(path, key: str, spec: Any, base: int) -> tuple[str, _Entry]:
         raise FreeMergeError(f"{path}: tensor {key!r} has dtype {dtype_name!r}, which is not supported "
                              f"(supported: {sorted(SAFETENSORS_DTYPES)})")
     info = TensorInfo(shape, SAFETENSORS_DTYPES[dtype_name], str(path))
-    if end - start != _nbytes_of(info):
-        raise _damaged(path, f"tensor {key!r} ({dtype_name} {list(shape)}) needs {_nbytes_of(info)} bytes, "
+    if end - start != info.nbytes:
+        raise _damaged(path, f"tensor {key!r} ({dtype_name} {list(shape)}) needs {info.nbytes} bytes, "
                              f"its offsets span {end - start}")
     return key, _Entry(info, base + start, base + end)
 
@@ -493,7 +489,7 @@ def safetensors_prefix(entries: list[tuple[str, TensorInfo]], metadata: Mapping[
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for key, info in entries:
-        n = _nbytes_of(info)
+        n = info.nbytes
         header[key] = {"dtype": _SAFETENSORS_NAMES[info.dtype], "shape": list(info.shape),
                        "data_offsets": [offset, offset + n]}
         offset += n
@@ -601,12 +597,12 @@ class ShardedSafetensorsSink(TensorSink):
         return dict(sorted({**meta, "format": "pt"}.items()))
 
     def _layout(self) -> list[_Shard]:
-        groups = _greedy_split(((k, _nbytes_of(i)) for k, i in self.plan), self.max_shard_bytes)
+        groups = _greedy_split(((k, i.nbytes) for k, i in self.plan), self.max_shard_bytes)
         shards, begin = [], 0
         for name, keys in zip(shard_names(len(groups)), groups):
             entries = self.plan[begin:begin + len(keys)]
             prefix = safetensors_prefix(entries, self.metadata)
-            size = len(prefix) + sum(_nbytes_of(i) for _, i in entries)
+            size = len(prefix) + sum(i.nbytes for _, i in entries)
             shards.append(_Shard(name, begin, begin + len(keys), prefix, size))
             begin += len(keys)
         return shards
@@ -761,7 +757,7 @@ class ShardedSafetensorsSink(TensorSink):
                 raise FreeMergeError(f"shard {path} is missing or has the wrong size at close()")
         if len(self._shards) > 1:
             weight_map = {k: s.name for s in self._shards for k in self._keys[s.begin:s.end]}  # plan order
-            total = sum(_nbytes_of(i) for _, i in self.plan)
+            total = sum(i.nbytes for _, i in self.plan)
             params = sum(i.numel for _, i in self.plan)
             _write_json_durable({"metadata": {"total_size": total, "total_parameters": params},
                                  "weight_map": weight_map}, self.directory / INDEX_NAME)

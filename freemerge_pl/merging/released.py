@@ -88,7 +88,6 @@ from freemerge_pl.merging.experts import SparseExpert, index_dtype
 from freemerge_pl.merging.method import Context, Finalized, KeyOutput, KeyTensors, MergeMethod, Scan
 from freemerge_pl.merging.registry import functional, register
 
-PROFILES = ("vit", "glue")
 RELEASED_REFERENCE = "Zheng & Wang 2025, released code github.com/Zhengsh123/FREE-Merging@36c0f41"
 # Per-profile defaults of released_fr_merge where the two scripts differ.
 FR_PROFILE_DEFAULTS = {"vit": {"align": True, "scaling": 0.7}, "glue": {"align": False, "scaling": 0.5}}

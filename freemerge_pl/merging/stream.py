@@ -8,9 +8,8 @@ vectors (plus what a method keeps: expert entries, low-rank factors), never a wh
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,7 +34,6 @@ class StreamResult:
     files: list[Path]
     result: MergeResult
     resumed_keys: int = 0
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 def output_plan(inputs: CheckpointInputs, dtype: torch.dtype | None) -> list[tuple[str, TensorInfo]]:
