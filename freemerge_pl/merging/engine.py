@@ -167,25 +167,53 @@ class CheckpointInputs(MergeInputs):
 
         def loader(k: int) -> Callable[[], Tensor]:
             def load() -> Tensor:
-                base = pre_fp32()
+                base = pre()
                 theta = self.finetuned[k].get(key).to(base.device)
                 if self.check_finite and (key, k) not in self._finite and not all_finite(theta):
                     raise_nonfinite(self.names[k], self.finetuned[k].info(key).file, key, theta)
                 self._finite.add((key, k))
-                return torch.sub(theta, base) if theta.dtype != torch.float64 else theta.float() - base
+                if base.dtype in WIDEN_EXACTLY:  # fp32(θ_k) − fp32(θ_pre), θ_pre widened block by block
+                    return blockwise_(theta.to(torch.float32, copy=True), base, torch.Tensor.sub_)
+                return theta.float() - pre_fp32()
             return load
 
         return KeyTensors(key, self.shapes[key], self.dtypes[key], [loader(k) for k in range(self.num_tasks)],
                           pretrained=pre, pretrained_fp32=pre_fp32, transform=self.transform)
 
 
+#: dtypes whose values float32 holds exactly: an in-place float32 op with such an operand widens it on the fly
+WIDEN_EXACTLY = (torch.float32, torch.bfloat16, torch.float16)
+
+
+_BLOCK = 1 << 22  # elements per block of the widening in-place ops (16 MiB of float32)
+
+
+def blockwise_(out: Tensor, other: Tensor, op) -> Tensor:
+    """``op(out, other)`` in place, in row blocks: an in-place op whose operand has another dtype casts the
+    whole operand first (a float32 temporary of ``out``'s size); per block that temporary stays small."""
+    if out.dim() == 0 or out.numel() <= _BLOCK:
+        return op(out, other)
+    rows = max(1, _BLOCK // max(1, out[0].numel()))
+    for i in range(0, out.shape[0], rows):
+        op(out[i:i + rows], other[i:i + rows])
+    return out
+
+
+def add_pretrained_(delta: Tensor, pretrained: Tensor) -> Tensor:
+    """``delta += fp32(θ_pre)`` in place (``apply_key``'s sum), without an fp32 copy of a bf16/fp16 θ_pre."""
+    pretrained = pretrained.to(delta.device)
+    if pretrained.dtype not in WIDEN_EXACTLY:
+        return delta.add_(pretrained.float())
+    return blockwise_(delta, pretrained.reshape(delta.shape), torch.Tensor.add_)
+
+
 def all_finite(t: Tensor) -> bool:
-    """No NaN/Inf in ``t``: the sum is finite (one read) unless a value is not, or the sum overflows (then
-    checked entry by entry)."""
+    """No NaN/Inf in ``t``: one ``aminmax`` read (NaN propagates into both, ±Inf shows in one), no temporary;
+    ``t.sum(dtype=float32)`` of a bf16 tensor made a float32 copy of it first."""
     if not t.is_floating_point() or t.numel() == 0:
         return True
-    return bool(torch.isfinite(t.sum(dtype=torch.float32 if t.dtype != torch.float64 else None))) or \
-        bool(torch.isfinite(t).all())
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def raise_nonfinite(name: str, file: str, key: str, t: Tensor) -> None:
@@ -266,6 +294,7 @@ def execute(
             pieces[key] = piece
         if key not in skip:
             emit(key, x, delta, ctx.rng_state())
+        del x, out, delta, piece  # not held while the next key is computed
     finalized = method.finalize(pieces, stats, ctx)
     finalized.info = {**ctx.info, **finalized.info}
     return finalized

@@ -158,7 +158,8 @@ class FRMerging(MergeMethod):
         """s·G(Σ_k λ_k v_k) of one key (the spectrum and each ratio's inverse are memoised when tuning)."""
         def spectrum(keep: bool = True) -> Spectrum:
             c = combined if combined is not None else fr_combine(x.vectors(), stats.lambdas_of(x.key))
-            return Spectrum(c, cutoff_mode=self.cutoff_mode, filter_1d=self.filter_1d, keep=keep)
+            return Spectrum(c, cutoff_mode=self.cutoff_mode, filter_1d=self.filter_1d, keep=keep,
+                            overwrite=not keep)  # one ratio: Σλv (built here) may take the result
 
         if ctx.cache is None:  # the result is this call's own tensor: scale in place
             out = spectrum(keep=False).highpass(self.filter_ratio)
@@ -212,7 +213,8 @@ class FREEMerging(FRMerging):
 
             def fold(x: KeyTensors) -> None:
                 total, top, cut = [], [], []
-                for k, v in enumerate(x.vectors()):
+                for k in range(x.num_tasks):  # (enumerate's cached (k, v) tuple would keep v_k alive)
+                    v = x.vector(k)
                     mags = v.reshape(-1).abs()
                     total.append(float(mags.sum()) if mags.numel() else 0.0)
                     if thresholds is None:  # per tensor: the ⌈d·n⌉-th largest, remembered for the merge pass
@@ -221,6 +223,7 @@ class FREEMerging(FRMerging):
                         t, ties = float(thresholds[k]), -1
                     cut.append((t, ties))
                     top.append(float(mags[mags >= t].sum()) if ties < 0 else float(mags[mags > t].sum()) + ties * t)
+                    del v, mags  # freed before v_{k+1} is loaded
                 sums[x.key] = torch.tensor(total, dtype=torch.float64)
                 tops[x.key] = torch.tensor(top, dtype=torch.float64)
                 cuts[x.key] = cut
@@ -236,7 +239,7 @@ class FREEMerging(FRMerging):
         return getattr(torch, self.expert_dtype) if self.expert_dtype else ctx.dtypes.get(key, torch.float32)
 
     def _entries(self, k: int, v: Tensor, stats: FRStats, ctx: Context, key: str) -> tuple[Tensor, Tensor]:
-        idx = selection_indices(v.reshape(-1).abs(), *stats.cuts[key][k])
+        idx = selection_indices(v, *stats.cuts[key][k], absolute=True)
         scale = self.expert_scale * stats.mu_of(key, k)
         values = (v.reshape(-1)[idx].double() * scale).to(torch.float32).to(self._value_dtype(ctx, key))
         return idx.to(index_dtype(v.numel())), values
@@ -251,13 +254,15 @@ class FREEMerging(FRMerging):
         # one pass over the K task vectors: accumulate Σλv for the filter and cut each expert
         lam = stats.lambdas_of(key).to(dtype=torch.float32).tolist()
         combined, entries = None, []
-        for k, v in enumerate(x.vectors()):
+        for k in range(x.num_tasks):  # (enumerate's cached (k, v) tuple would keep v_k alive)
+            v = x.vector(k)
             if combined is None:
                 combined = v.float() * lam[k]
             else:
                 combined.add_(v.float(), alpha=lam[k])
             if not cached:
                 entries.append(self._entries(k, v, stats, ctx, key))
+            del v  # freed before v_{k+1} is loaded
         entries = ctx.cache[entries_key] if cached else ctx.memo(entries_key, lambda: entries)
         return KeyOutput(self.filtered(x, stats, ctx, combined), entries)
 

@@ -18,6 +18,7 @@ from freemerge_pl.io import DEFAULT_SHARD_BYTES, ShardedSafetensorsSink
 from freemerge_pl.merging.base import MergeResult
 from freemerge_pl.merging.engine import (
     CheckpointInputs,
+    add_pretrained_,
     apply_key,
     check_prefilter,
     execute,
@@ -25,6 +26,26 @@ from freemerge_pl.merging.engine import (
 )
 from freemerge_pl.merging.method import KeyTensors, MergeMethod
 from freemerge_pl.sources import TensorInfo, TensorSource
+
+
+def _malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def release_free_heap() -> None:
+    """Give the heap's free pages back to the OS (glibc ``malloc_trim(0)``; a no-op elsewhere). Tensors under
+    glibc's mmap threshold (up to 32 MiB) come from the heap, where the long-lived expert entries pin freed
+    chunks: without a trim per key, RSS grew by ~0.3 GiB of freed memory over a 1.45 B-parameter merge."""
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 @dataclass
@@ -84,8 +105,10 @@ def stream_merge(
         if x is None:
             tensor = apply_key(pretrained.get(key), None, out_dtypes[key])
         else:  # θ_pre + delta in fp32 (as ``apply_key``), accumulated into the delta: nothing else holds it
-            tensor = delta.add_(x.pretrained_fp32().to(delta.device)).to(out_dtypes[key])
+            tensor = add_pretrained_(delta, x.pretrained()).to(out_dtypes[key])
         sink.write(key, tensor.to("cpu"), {"rng": rng_state})
+        del tensor
+        release_free_heap()
 
     try:
         fin = execute(method, inputs, emit, seed=seed, skip_keys=done, resume_rng=state.get("rng"),
