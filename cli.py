@@ -1,6 +1,8 @@
-"""``python cli.py fit|validate|test|predict|merge --config configs/....yaml``"""
+"""``python cli.py fit|validate|test|tune|merge --config configs/....yaml`` (``--help`` lists them)."""
 
-from freemerge_pl.cli import main
+import sys
+
+from freemerge_pl.cli import cli_main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli_main())

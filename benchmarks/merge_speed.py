@@ -31,8 +31,8 @@ import torch
 import freemerge_pl
 from freemerge_pl.io import write_json_atomic, write_text_atomic
 from freemerge_pl.merging import apply_delta, energy_lambdas, extract_experts, list_methods
-from freemerge_pl.merging.fourier import full_highpass_mask, matrix_shape
-from freemerge_pl.merging.fr import fr_merging
+from freemerge_pl.merging.fourier import Spectrum, full_highpass_mask, matrix_shape
+from freemerge_pl.merging.fr import fr_combine, fr_merging
 from freemerge_pl.merging.registry import get_method
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -95,6 +95,25 @@ def naive_fr_delta(tvs, filter_ratio: float, masks: dict):
             acc += float(lam) * torch.fft.ifft2(torch.fft.ifftshift(spec)).real
         delta[key] = acc.reshape(v0.shape)
     return delta
+
+
+def fr_stages(tvs, filter_ratio: float) -> dict[str, callable]:
+    """FR-Merging's three stages, each timed alone: the λ statistics pass (Σ|v_k| of every tensor: one
+    read of every task vector), the combination Σ_k λ_k v_k (a second read, as task arithmetic's one),
+    and the band high-pass of the combined tensors (inputs prepared untimed)."""
+    lambdas = energy_lambdas(tvs).float()
+    combined = {key: fr_combine([tv[key] for tv in tvs], lambdas) for key in tvs[0]}
+
+    def highpass_all():
+        for c in combined.values():
+            Spectrum(c.clone(), keep=False, overwrite=True).highpass(filter_ratio)
+
+    return {
+        "fr_stage_lambda_statistics": lambda: energy_lambdas(tvs),
+        "fr_stage_combine": lambda: {key: fr_combine([tv[key] for tv in tvs], lambdas) for key in tvs[0]},
+        "fr_stage_highpass": highpass_all,
+        "clone_only": lambda: [c.clone() for c in combined.values()],
+    }
 
 
 def timed(fn) -> tuple[float, float, object]:
@@ -180,6 +199,12 @@ def main() -> None:
             "naive_fr_over_task_arithmetic": m["naive_fr"] / m["task_arithmetic"],
         }
 
+    stage_runs = fr_stages(tvs, args.filter_ratio)
+    stage_wall = {name: statistics.median([timed(fn)[0] for _ in range(args.repeats)])
+                  for name, fn in stage_runs.items()}
+    stage_wall["fr_stage_highpass"] -= stage_wall.pop("clone_only")  # the stage works on copies
+    two_reads = stage_wall["fr_stage_lambda_statistics"] + stage_wall["fr_stage_combine"]
+
     method_names = (list_methods() if args.methods == "all" else [] if args.methods == "none"
                     else args.methods.split(","))
     method_seconds: dict[str, float] = {}
@@ -218,6 +243,8 @@ def main() -> None:
         **ratios(median),
         "cpu_ratios": ratios(median_cpu),
         "fr_vs_naive_max_rel_diff": agreement,
+        "fr_stage_seconds": stage_wall,
+        "fr_two_reads_over_task_arithmetic": two_reads / median["task_arithmetic"],
         "method_seconds_once": method_seconds,
         "method_over_task_arithmetic": {n: s / median["task_arithmetic"] for n, s in method_seconds.items()},
         "expert_extraction_seconds_per_task": expert_seconds / args.tasks,
@@ -247,6 +274,10 @@ def main() -> None:
         ("naive FR (fft2 per task and tensor)", *sec("naive_fr")),
         ("**FR / task arithmetic** (goal ≤ 2.0)", *(f"**{x}**" for x in ratio("fr_over_task_arithmetic"))),
         ("FR / task arithmetic (in-place loop)", *ratio("fr_over_task_arithmetic_loop")),
+        *((f"FR stage alone: {name.removeprefix('fr_stage_').replace('_', ' ')}", f"{t:.3f} s", "")
+          for name, t in stage_wall.items()),
+        ("FR's two reads of the task vectors (λ pass + combination) / task arithmetic",
+         f"{result['fr_two_reads_over_task_arithmetic']:.2f}", ""),
         ("naive FR / FR", *ratio("naive_fr_over_fr")),
         ("naive FR / task arithmetic", *ratio("naive_fr_over_task_arithmetic")),
         ("FR vs naive FR deltas, max difference / max entry", f"{agreement:.1e}", ""),

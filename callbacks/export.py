@@ -9,13 +9,19 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 
 class ExportMerged(Callback):
-    """After ``fit`` (rank 0): ``pl_module.export(dirpath)``; dirpath defaults to ``<root>/merged``."""
+    """After ``fit`` (rank 0): ``pl_module.export(dirpath, overwrite)``; dirpath defaults to ``<root>/merged``.
 
-    def __init__(self, dirpath: str | None = None) -> None:
+    The export is built in ``.<name>.partial`` beside ``dirpath`` and renamed into place whole with its manifest
+    (``merge_info.json``, every file with size and sha256): a previous export there is replaced, a non-empty
+    directory that is not an export is refused unless ``overwrite``. ``freemerge_pl.load_merged`` reads it back.
+    """
+
+    def __init__(self, dirpath: str | None = None, overwrite: bool = False) -> None:
         self.dirpath = dirpath
+        self.overwrite = overwrite
 
     @rank_zero_only
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         root = Path(self.dirpath or Path(trainer.default_root_dir) / "merged")
-        written = pl_module.export(root)
+        written = pl_module.export(root, overwrite=self.overwrite)
         rank_zero_info(f"exported {len(written)} files to {root}")

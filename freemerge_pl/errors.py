@@ -2,7 +2,13 @@
 
 
 class FreeMergeError(ValueError):
-    """Base class of every error raised for bad input."""
+    """Base class of every error raised for bad input. ``python cli.py`` prints one as a single line
+    (``one_line``), exit status 2; ``--debug`` / ``FREEMERGE_DEBUG=1`` adds the traceback."""
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (line breaks and runs of spaces collapsed)."""
+    return " ".join(str(err).split())
 
 
 class CheckpointMismatchError(FreeMergeError):

@@ -12,19 +12,22 @@ import json
 import os
 import pickle
 import re
+import shutil
 import struct
 import tempfile
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from freemerge_pl.errors import CheckpointMismatchError, FreeMergeError
+from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError
 from freemerge_pl.sources import TensorInfo, TensorSink, TensorSource
 
 DEFAULT_SHARD_BYTES = 4 * 1024**3
@@ -149,15 +152,18 @@ def save_state_dict(
 
 
 def load_state_dict(path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
-    """Load a ``.safetensors`` file, a directory holding one or a sharded index, or a torch ``.pt/.bin``."""
+    """Load a ``.safetensors`` file, a directory holding one or a sharded index, or a torch ``.pt/.bin``.
+
+    A file that cannot be read raises ``FreeMergeError`` naming it (damaged, truncated, not a checkpoint);
+    one holding pickled objects raises ``PickledObjectsError`` (see ``read_pickled_state_dict``)."""
     path = Path(path)
     if path.is_dir():
         index = path / INDEX_NAME
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_weight_map(index)
             out: dict[str, Tensor] = {}
             for name in dict.fromkeys(weight_map.values()):
-                out.update(load_file(str(path / name), device=str(device)))
+                out.update(_load_safetensors(path / name, device))
             return out
         single = path / "model.safetensors"
         if not single.exists():
@@ -166,13 +172,78 @@ def load_state_dict(path, device: str | torch.device = "cpu") -> dict[str, Tenso
     if not path.exists():
         raise FreeMergeError(f"checkpoint file {path} does not exist")
     if path.suffix == ".safetensors":
+        return _load_safetensors(path, device)
+    return dict(_unwrap_state_dict(path, _torch_load(path, map_location=device)))
+
+
+def _load_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """``safetensors.torch.load_file`` whose errors name the file (missing, damaged or truncated)."""
+    try:
         return load_file(str(path), device=str(device))
-    obj = torch.load(path, map_location=device, weights_only=True)
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise FreeMergeError(f"{path} does not hold a state dict (found {type(obj).__name__})")
-    return obj
+    except FileNotFoundError:
+        raise FreeMergeError(f"checkpoint file {path} does not exist") from None
+    except SafetensorError as err:
+        raise _damaged(path, str(err)) from None
+    except OSError as err:
+        raise FreeMergeError(f"safetensors file {path} cannot be read: {err}") from err
+
+
+# ------------------------------------------------------------------------------------------ verified files
+#: per-process memo of file digests: resolved path -> (stat signature, sha256)
+_DIGESTS: dict[str, tuple[tuple[int, ...], str]] = {}
+
+
+def _signature(st: os.stat_result) -> tuple[int, ...]:
+    """What changes when a file's bytes may have changed: size, mtime, ctime, inode, device."""
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
+
+
+def file_signature(path) -> tuple:
+    """A value that changes whenever the file (or any file of the directory) at ``path`` may have changed: its
+    size, mtime, ctime and inode; for a directory, those of every file in it. For invalidating caches."""
+    path = Path(path)
+    if path.is_dir():
+        return tuple((p.relative_to(path).as_posix(), _signature(p.stat())) for p in sorted(path.rglob("*"))
+                     if p.is_file())
+    return _signature(path.stat())
+
+
+def cached_sha256(path) -> str:
+    """``sha256_file(path)``, memoised per process until the file's size, mtime, ctime or inode changes."""
+    path = Path(path)
+    key, stamp = str(path.resolve()), _signature(path.stat())
+    seen = _DIGESTS.get(key)
+    if seen is None or seen[0] != stamp:
+        seen = (stamp, sha256_file(path))
+        _DIGESTS[key] = seen
+    return seen[1]
+
+
+def verify_manifest(root, files: Mapping[str, Mapping[str, Any]], *, remedy: str,
+                    names: Iterable[str] | None = None) -> None:
+    """Check files of ``root`` against a manifest's file table ``{relative path: {"bytes", "sha256"}}`` (the
+    layout ``file_records`` writes): every call compares the size; the sha256 is computed the first time this
+    process sees the file and again whenever its size, mtime, ctime or inode changed (``cached_sha256``).
+    ``names`` restricts the check to those entries. A missing, resized or modified file raises
+    ``FreeMergeError`` naming it, with ``remedy`` (how to rebuild) appended."""
+    root = Path(root)
+    for name in (sorted(files) if names is None else names):
+        record = files.get(name)
+        path = root / name
+        if not isinstance(record, Mapping) or not {"bytes", "sha256"} <= set(record):
+            raise FreeMergeError(f"{path}: the manifest of {root} has no size and sha256 for this file; {remedy}")
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise FreeMergeError(f"{path} is missing (listed in the manifest of {root}); {remedy}") from None
+        if st.st_size != record["bytes"]:
+            raise FreeMergeError(f"{path} is damaged or truncated: {st.st_size} bytes, its manifest records "
+                                 f"{record['bytes']}; {remedy}")
+        digest = cached_sha256(path)
+        if digest != record["sha256"]:
+            raise FreeMergeError(f"{path} is damaged: its sha256 {digest[:16]}… differs from the "
+                                 f"{str(record['sha256'])[:16]}… its manifest records (modified or corrupted after "
+                                 f"it was written); {remedy}")
 
 
 def read_pickled_state_dict(path, role: str = "checkpoint") -> dict[str, Tensor]:
@@ -187,6 +258,11 @@ def read_pickled_state_dict(path, role: str = "checkpoint") -> dict[str, Tensor]
         raise FreeMergeError(
             f"{role} checkpoint {path}: unpickling needs the classes it was saved with ({err}); run from "
             f"the task_vectors repository root or put it on PYTHONPATH") from err
+    except FileNotFoundError:
+        raise FreeMergeError(f"{role} checkpoint {path} does not exist") from None
+    except Exception as err:  # truncated zip / pickle stream: RuntimeError, EOFError, UnpicklingError, ...
+        raise FreeMergeError(f"{role} checkpoint {path} cannot be read: it is damaged, truncated or not a torch "
+                             f"file ({type(err).__name__}: {err})") from err
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -401,7 +477,7 @@ class _DictSource(TensorSource):
         self._sd = {}
 
 
-class _PickledObjectsError(FreeMergeError):
+class PickledObjectsError(FreeMergeError):
     """``weights_only`` loading refused the file: it holds pickled Python objects, not a plain state dict."""
 
 
@@ -418,6 +494,22 @@ def _is_weights_only_refusal(err: BaseException) -> bool:
     return isinstance(err, pickle.UnpicklingError) or "weights_only" in str(err) or "Weights only" in str(err)
 
 
+def _torch_load(path: Path, **kwargs) -> Any:
+    """``torch.load(weights_only=True)`` whose errors name the file: missing, pickled objects, damaged."""
+    try:
+        return torch.load(path, weights_only=True, **{"map_location": "cpu", **kwargs})
+    except FileNotFoundError:
+        raise FreeMergeError(f"checkpoint file {path} does not exist") from None
+    except Exception as err:
+        if _is_weights_only_refusal(err):
+            raise PickledObjectsError(
+                f"{path} holds pickled Python objects (e.g. a whole module saved with torch.save(model)), "
+                f"not a plain state dict; loading it would execute code from the file. Convert it to a "
+                f"state dict, or pass allow_pickle=True for files you trust") from None
+        raise FreeMergeError(f"{path} cannot be read as a torch checkpoint: it is damaged, truncated or not a "
+                             f"torch file ({type(err).__name__}: {err})") from err
+
+
 class TorchFileSource(_DictSource):
     """A ``.bin``/``.pt``/``.pth`` state dict: ``torch.load(mmap=True, weights_only=True)``, ``get`` clones.
 
@@ -430,20 +522,10 @@ class TorchFileSource(_DictSource):
 
     def __init__(self, path) -> None:
         path = Path(path)
+        if not path.exists():
+            raise FreeMergeError(f"checkpoint file {path} does not exist")
         mmap = zipfile.is_zipfile(path)  # legacy non-zip files cannot be memory-mapped: loaded whole
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except FileNotFoundError:
-            raise FreeMergeError(f"checkpoint file {path} does not exist") from None
-        except Exception as err:
-            if _is_weights_only_refusal(err):
-                raise _PickledObjectsError(
-                    f"{path} holds pickled Python objects (e.g. a whole module saved with torch.save(model)), "
-                    f"not a plain state dict; loading it would execute code from the file. Convert it to a "
-                    f"state dict, or pass allow_pickle=True for files you trust") from None
-            raise FreeMergeError(f"{path} cannot be read as a torch checkpoint (damaged, truncated or not a "
-                                 f"torch file): {err}") from err
-        super().__init__(path, _unwrap_state_dict(path, obj))
+        super().__init__(path, _unwrap_state_dict(path, _torch_load(path, mmap=mmap)))
 
 
 class PickledModuleSource(_DictSource):
@@ -464,7 +546,7 @@ def open_checkpoint(path, *, allow_pickle: bool = False) -> TensorSource:
         return SafetensorsSource(path)
     try:
         return TorchFileSource(path)
-    except _PickledObjectsError:
+    except PickledObjectsError:
         if not allow_pickle:
             raise
     return PickledModuleSource(path)
@@ -778,3 +860,139 @@ class ShardedSafetensorsSink(TensorSink):
             self.close()
         else:
             self.abort()
+
+
+# ------------------------------------------------------------------------------------------ publishing
+#: the manifest every published directory carries: the writer's record plus ``files`` (name -> bytes, sha256)
+MANIFEST_NAME = "merge_info.json"
+#: the files an export wrote before manifests listed them (recognised so such a directory can be replaced)
+_LEGACY_EXPORT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|"
+                                 r"(task_module_\d+|shared_\w+|heads|router)\.safetensors|task_modules\.json|"
+                                 r"merge_info\.json|\..+\.tmp")
+
+
+def staging_dir(dest) -> Path:
+    """The hidden sibling ``.<name>.partial`` in which ``dest`` is built before it is published."""
+    dest = Path(dest)
+    return dest.parent / f".{dest.name}.partial"
+
+
+def file_records(directory, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """``{name: {"bytes": size, "sha256": digest}}`` of files of ``directory``, names sorted."""
+    directory = Path(directory)
+    return {n: {"bytes": (directory / n).stat().st_size, "sha256": sha256_file(directory / n)} for n in sorted(names)}
+
+
+def read_manifest(directory, manifest_name: str = MANIFEST_NAME) -> dict[str, Any] | None:
+    """The manifest of ``directory`` as a dict; None when it is absent or is not a JSON object."""
+    try:
+        manifest = json.loads((Path(directory) / manifest_name).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def is_own_export(directory, manifest_name: str = MANIFEST_NAME) -> bool:
+    """Whether ``directory`` is a directory this package published: its manifest lists files and the directory
+    holds nothing it does not list (or, written before manifests had ``files``, a manifest with ``method`` and
+    only file names an export uses)."""
+    manifest = read_manifest(directory, manifest_name)
+    if manifest is None:
+        return False
+    present = {p.name for p in Path(directory).iterdir()} - {manifest_name}
+    if isinstance(manifest.get("files"), dict):
+        return present <= set(manifest["files"])
+    return "method" in manifest and all(_LEGACY_EXPORT_FILE.fullmatch(n) for n in present)
+
+
+def check_output_dir(dest, *, overwrite: bool = False, replace_export: bool = True,
+                     manifest_name: str = MANIFEST_NAME) -> None:
+    """Raise ConfigError unless ``dest`` may be (re)placed: it is absent or empty, or ``overwrite`` is set, or
+    ``replace_export`` is set and it holds a previous export of ours (``is_own_export``). Never replaces the
+    current working directory, one above it, or the home directory."""
+    dest = Path(dest)
+    if not dest.exists() and not dest.is_symlink():
+        return
+    if not dest.is_dir() or dest.is_symlink():
+        raise ConfigError(f"output path {dest} exists and is not a directory; choose another output directory")
+    if not any(dest.iterdir()):
+        return
+    here = Path.cwd().resolve()
+    if dest.resolve() in (here, *here.parents, Path.home().resolve()):
+        raise ConfigError(f"output directory {dest} is the working directory, one above it or the home "
+                          f"directory; an export replaces its output directory whole, choose a new one")
+    ours = is_own_export(dest, manifest_name)
+    if overwrite or (ours and replace_export):
+        return
+    why = ("it holds a previous export" if ours else
+           f"it is not empty and is not an export of freemerge_pl (no {manifest_name} listing its files)")
+    raise ConfigError(f"output directory {dest} already exists; pass --overwrite to replace it whole "
+                      f"(overwrite=True in Python): {why}")
+
+
+@contextmanager
+def staged_directory(dest, *, overwrite: bool = False, replace_export: bool = True,
+                     manifest_name: str = MANIFEST_NAME) -> Iterator[Path]:
+    """A fresh, empty staging directory (``staging_dir(dest)``) to build ``dest`` in; publish it with
+    ``publish_directory`` inside the block. ``dest`` is checked first (``check_output_dir``); if the block
+    raises, the staging directory is removed and ``dest`` is untouched. A staging directory left by a killed
+    process is discarded at the next start (use ``publish_directory`` alone for a resumable build)."""
+    dest = Path(dest)
+    check_output_dir(dest, overwrite=overwrite, replace_export=replace_export, manifest_name=manifest_name)
+    staging = staging_dir(dest)
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def publish_directory(staging, dest, record: Mapping[str, Any], *, files: Iterable[str | Path] | None = None,
+                      overwrite: bool = False, replace_export: bool = True,
+                      manifest_name: str = MANIFEST_NAME) -> dict[str, Any]:
+    """Publish the finished ``staging`` directory as ``dest``, whole; returns the manifest written.
+
+    1. Every entry of ``staging`` not named in ``files`` is removed (leftovers of an interrupted run with other
+       settings); ``files=None`` keeps every file. A listed file that is absent is an error.
+    2. The manifest ``{**record, "files": {name: {"bytes", "sha256"}}}`` (every file left) is written last.
+    3. ``dest`` is checked again (``check_output_dir``), moved aside to ``.<name>.old`` if it exists, the staging
+       directory is renamed to ``dest`` and the old one removed (put back if that rename fails). Nothing ever
+       mixes files of two exports: a kill before the renames leaves the previous ``dest`` byte-identical; a
+       kill between them leaves no ``dest`` (the previous one in ``.<name>.old``, the new one complete in the
+       staging directory), which readers report.
+    """
+    staging, dest = Path(staging), Path(dest)
+    keep = None if files is None else {Path(f).name for f in files}
+    for entry in list(staging.iterdir()):
+        if entry.name == manifest_name or (keep is not None and entry.name not in keep):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        elif not entry.is_file() or entry.is_symlink():
+            raise FreeMergeError(f"{entry} is not a plain file; a published directory holds files only")
+    names = [p.name for p in staging.iterdir()]
+    missing = sorted((keep or set()) - set(names))
+    if missing:
+        raise FreeMergeError(f"{staging}: file(s) {missing} to publish are missing")
+    manifest = {**record, "files": file_records(staging, names)}
+    write_json_atomic(manifest, staging / manifest_name)
+    check_output_dir(dest, overwrite=overwrite, replace_export=replace_export, manifest_name=manifest_name)
+    old = dest.parent / f".{dest.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if dest.exists():
+        os.replace(dest, old)
+    try:
+        os.replace(staging, dest)
+    except BaseException:
+        if old.exists() and not dest.exists():  # put the previous export back
+            os.replace(old, dest)
+        raise
+    _fsync_dir(dest.parent)
+    if old.exists():
+        shutil.rmtree(old)
+    return manifest

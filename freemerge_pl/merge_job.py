@@ -40,7 +40,14 @@ from torch import Tensor
 
 import freemerge_pl
 from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError
-from freemerge_pl.io import DEFAULT_SHARD_BYTES, open_checkpoint, sha256_file, write_json_atomic
+from freemerge_pl.io import (
+    DEFAULT_SHARD_BYTES,
+    check_output_dir,
+    open_checkpoint,
+    publish_directory,
+    staging_dir,
+    write_json_atomic,
+)
 from freemerge_pl.merging.engine import (
     CheckpointInputs,
     all_finite,
@@ -320,7 +327,7 @@ def _check_device(device: str) -> None:
 
 
 def _partial_dir(output: Path) -> Path:
-    return output.parent / f".{output.name}.partial"
+    return staging_dir(output)
 
 
 def _fingerprint(config: MergeJobConfig, sources: Sequence[TensorSource]) -> str:
@@ -342,9 +349,9 @@ def scan_finite(prepared: Prepared, progress: bool = False) -> None:
     """Read every merged tensor once and fail on NaN/Inf naming checkpoint and key (before any output)."""
     keys = prepared.inputs.keys
     if progress:
-        from tqdm.auto import tqdm
+        from freemerge_pl.progress import progress_iter
 
-        keys = tqdm(keys, desc="checking inputs for NaN/Inf", unit="tensor", leave=False)
+        keys = progress_iter(keys, "checking inputs for NaN/Inf", unit="tensor")
     sources = [("base_model", prepared.base)] + list(zip(prepared.config.names, prepared.finetuned))
     for key in keys:
         for name, src in sources:
@@ -382,8 +389,8 @@ def run_merge_job(config: MergeJobConfig, *, output_dir: str | None = None, dry_
     """Check, merge (streaming, resumable), write task modules, support files and the manifest, publish."""
     prepared = prepare(config, output_dir)
     output = prepared.output
-    if output.exists() and not overwrite and not dry_run:
-        raise ConfigError(f"output directory {output} already exists; pass --overwrite to replace it")
+    if not dry_run:  # a previous export is replaced only when asked (the in-memory export replaces its own)
+        check_output_dir(output, overwrite=overwrite, replace_export=False)
     if dry_run:
         return {"dry_run": True, **prepared.report}
     if config.check_finite:
@@ -396,9 +403,6 @@ def run_merge_job(config: MergeJobConfig, *, output_dir: str | None = None, dry_
                             max_shard_bytes=config.shard_bytes, fingerprint=fingerprint,
                             strict_dtypes=not config.allow_mixed_dtypes, progress=progress)
     files = list(streamed.files)
-    for stale in set(partial.iterdir()) - set(files):  # left by an interrupted run with other settings
-        if stale.is_file():
-            stale.unlink()
     modules = streamed.result.task_modules or []
     if modules or streamed.result.shared_modules:
         files += save_task_modules(modules, streamed.result.shared_modules, partial, names=config.names,
@@ -410,30 +414,15 @@ def run_merge_job(config: MergeJobConfig, *, output_dir: str | None = None, dry_
                                        partial / TASK_MODULES_MANIFEST))
     if config.copy_files:
         files += copy_support_files(Path(config.base_model), partial, prepared.dtype)
-    manifest = {
+    record = {
         "config": config.record(), "method": prepared.method.name, "reference": prepared.method.reference,
         "hyperparameters": prepared.method.hyperparameters(), "info": streamed.result.info,
         "package_version": freemerge_pl.__version__, "resumed_tensors": streamed.resumed_keys,
-        "files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files},
     }
-    write_json_atomic(manifest, partial / MANIFEST)
-    _publish(partial, output, overwrite)
+    # files of an interrupted run with other settings are dropped; the manifest is written last, then renamed
+    manifest = publish_directory(partial, output, record, files=files, overwrite=overwrite, replace_export=False,
+                                 manifest_name=MANIFEST)
     return {"output": str(output), "files": sorted(manifest["files"]), **prepared.report}
-
-
-def _publish(partial: Path, output: Path, overwrite: bool) -> None:
-    """Rename the finished ``partial`` directory to ``output`` (replacing an old one only if asked)."""
-    old = None
-    if output.exists():
-        if not overwrite:
-            raise ConfigError(f"output directory {output} already exists; pass --overwrite to replace it")
-        old = output.parent / f".{output.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(output, old)
-    os.replace(partial, output)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 # ---------------------------------------------------------------------------------------------- task modules
@@ -482,7 +471,9 @@ def job_main(argv: Sequence[str]) -> dict[str, Any]:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(list(argv))
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from freemerge_pl.progress import setup_logging
+
+    setup_logging()
     log = logging.getLogger("freemerge_pl.merge")
     config = MergeJobConfig.from_yaml(args.config)
     report = run_merge_job(config, output_dir=args.output_dir, dry_run=args.dry_run, overwrite=args.overwrite,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,12 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from freemerge_pl.errors import ConfigError
+from freemerge_pl.errors import ConfigError, HyperparameterError, check_range
 from freemerge_pl.merging import MergeMethod, build_method, merge
 from freemerge_pl.merging.engine import check_prefilter
+from freemerge_pl.merging.fourier import check_filter_ratio
 from freemerge_pl.merging.merge import write_export
+from freemerge_pl.merging.method import check_fields
 from freemerge_pl.metrics import REGRESSION_METRICS, task_metrics
 from freemerge_pl.models.base import ModelAdapter
 from freemerge_pl.router import FEATURE_SOURCES, Router, RouterConfig
@@ -38,6 +41,47 @@ def state_digest(module: nn.Module) -> str:
         h.update(k.encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def _checked_method(method: str | MergeMethod, method_args: dict[str, Any] | None,
+                    fr_filter_ratio: float) -> MergeMethod:
+    """The method's checked configuration; an error names the setting (``model.method_args``, ...)."""
+    where = "model.method" if not isinstance(method, str) else f"model.method_args (method {method!r})"
+    if method_args is not None and not isinstance(method_args, dict):
+        raise ConfigError(f"model.method_args={method_args!r} must be a mapping of hyperparameter → value")
+    try:
+        config = build_method(method, method_args)
+    except ConfigError:
+        raise  # an unknown method: the message names it and lists the known ones
+    except (TypeError, ValueError) as err:  # HyperparameterError, or a value a range check tripped over
+        message = str(err)
+        if isinstance(method, str) and message.startswith(f"{method}: "):
+            message = message[len(method) + 2:]
+        raise HyperparameterError(f"{where}: {message}") from err
+    if isinstance(fr_filter_ratio, bool) or not isinstance(fr_filter_ratio, (int, float)):
+        raise HyperparameterError(f"model.fr_filter_ratio={fr_filter_ratio!r} must be a number in [0, 1)")
+    try:
+        check_filter_ratio(fr_filter_ratio)
+        check_prefilter(config, fr_filter_ratio)
+    except HyperparameterError as err:
+        raise HyperparameterError(f"model.fr_filter_ratio: {err}") from err
+    return config
+
+
+def _checked_router(config: RouterConfig) -> RouterConfig:
+    """``model.router`` checked: field types, feature source, positive sizes, a finite learning rate."""
+    check_fields(config, "model.router")
+    if config.feature_source not in FEATURE_SOURCES:
+        raise ConfigError(f"model.router.feature_source={config.feature_source!r}; "
+                          f"accepted: {list(FEATURE_SOURCES)}")
+    for name in ("hidden_dim", "pool_size", "batch_size"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"model.router.{name}={getattr(config, name)} must be ≥ 1")
+    if config.epochs < 0:
+        raise ConfigError(f"model.router.epochs={config.epochs} must be ≥ 0")
+    check_range("model.router.lr", config.lr, 0.0, math.inf, low_open=True, high_open=True)
+    check_range("model.router.weight_decay", config.weight_decay, 0.0, math.inf, high_open=True)
+    return config
 
 
 class MergedModule(LightningModule):
@@ -76,18 +120,18 @@ class MergedModule(LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["adapter"])
-        self.method_config = build_method(method, method_args)
-        check_prefilter(self.method_config, fr_filter_ratio)
+        # Every setting is checked here, at construction: before any data set or checkpoint is read.
+        self.method_config = _checked_method(method, method_args, fr_filter_ratio)
         if routing not in ROUTINGS:
-            raise ConfigError(f"routing={routing!r}; accepted: {list(ROUTINGS)}")
+            raise ConfigError(f"model.routing={routing!r}; accepted: {list(ROUTINGS)}")
         if head_selection not in HEAD_SELECTIONS:
-            raise ConfigError(f"head_selection={head_selection!r}; accepted: {list(HEAD_SELECTIONS)}")
-        self.router_config = router or RouterConfig()
-        if self.router_config.feature_source not in FEATURE_SOURCES:
-            raise ConfigError(f"router.feature_source={self.router_config.feature_source!r}; "
-                              f"accepted: {list(FEATURE_SOURCES)}")
+            raise ConfigError(f"model.head_selection={head_selection!r}; accepted: {list(HEAD_SELECTIONS)}")
+        self.router_config = _checked_router(router or RouterConfig())
+        for name, value in (("top_k", top_k), ("merge_seed", merge_seed)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"model.{name}={value!r} must be a whole number")
         if top_k < 1:
-            raise ConfigError(f"top_k={top_k} must be ≥ 1")
+            raise ConfigError(f"model.top_k={top_k} must be ≥ 1")
         self.adapter = adapter
         self.method = self.method_config.name
         self.method_args = dict(method_args or {}) if isinstance(method, str) else self.method_config.hyperparameters()
@@ -118,6 +162,7 @@ class MergedModule(LightningModule):
         if names != data_names:
             raise ConfigError(f"the model adapter has {len(names)} task(s) {names} but the data module has "
                               f"{len(data_names)} {data_names}; they must match in number and order")
+        self._data_metrics = {cfg.name: list(cfg.metrics) for cfg in getattr(datamodule, "tasks", [])}
         for task in names:
             expected = datamodule.num_classes(task) if hasattr(datamodule, "num_classes") else None
             have = self.adapter.num_classes(task)
@@ -143,7 +188,7 @@ class MergedModule(LightningModule):
         finetuned = [self.adapter.finetuned_state_dict(t) for t in self.task_names]
         out = merge(pretrained, finetuned, self.method_config, names=self.task_names,
                     exclude_keys=list(self.adapter.exclude_keys), fr_filter_ratio=self.fr_filter_ratio,
-                    seed=self.merge_seed)
+                    seed=self.merge_seed, progress=True)
         del finetuned
         backbone = self.adapter.build_backbone()
         backbone.load_state_dict(out.state_dict, strict=True)
@@ -194,7 +239,10 @@ class MergedModule(LightningModule):
             for cfg in dm.tasks:
                 if cfg.name == task:
                     return list(cfg.metrics)
-        return ["accuracy"]
+        known = getattr(self, "_data_metrics", {}).get(task)  # outside a Trainer: as ``_check_data`` saw them
+        if known:
+            return known
+        return ["pearson_spearman"] if self.adapter.num_classes(task) == 1 else ["accuracy"]
 
     def task_module_bytes(self) -> int:
         return sum(m.nbytes for m in self.task_modules)
@@ -298,21 +346,60 @@ class MergedModule(LightningModule):
                 torch.distributed.broadcast(p.data, src=0)
         self.router_trained.fill_(True)
 
-    def load_merge(self, state_dict: dict[str, Tensor], task_modules=None, shared_modules=None) -> None:
+    def load_merge(self, state_dict: dict[str, Tensor], task_modules=None, shared_modules=None, *,
+                   heads: dict[str, Tensor] | None = None, router: dict[str, Tensor] | None = None,
+                   router_in_features: int | None = None) -> None:
         """Swap in another merge result (same adapter) without rebuilding: backbone weights are copied in
-        place, task modules replaced (used by hyperparameter tuning)."""
+        place, task modules replaced (used by hyperparameter tuning).
+
+        On a module not built yet (no ``setup``/``build``) it first assembles backbone, heads, a fresh router
+        of input width ``router_in_features`` and the metrics from the adapter, without merging
+        (``freemerge_pl.load_merged`` loads an export this way). ``heads`` (``<task>.<param>`` tensors, as
+        ``export`` writes them) replace the heads' weights; ``router`` (a trained router's state dict) replaces
+        the router's and marks it trained."""
+        if self.backbone is None:
+            if router_in_features is None:
+                raise ConfigError("load_merge on a module that is not built needs router_in_features (the "
+                                  "router's input width; an export's manifest records it)")
+            self.task_names = list(self.adapter.task_names)
+            self.backbone = self.adapter.build_backbone().requires_grad_(False).eval()
+            self.heads = nn.ModuleDict({_slot(t): self.adapter.build_head(t) for t in self.task_names})
+            self.heads.requires_grad_(False).eval()
+            self._router_in = int(router_in_features)
+            self.register_buffer("router_trained", torch.zeros((), dtype=torch.bool))
+            self.reset_router()
+            self._build_metrics()
         self.backbone.load_state_dict(state_dict, strict=True)
         self.task_modules = nn.ModuleList(task_modules or []).to(self.device)
         self.shared_modules = nn.ModuleDict(shared_modules or {}).to(self.device)
+        if heads is not None:
+            used = set()
+            for t in self.task_names:
+                head = self.heads[_slot(t)]
+                wanted = [f"{t}.{n}" for n in head.state_dict()]
+                missing = [k for k in wanted if k not in heads]
+                if missing:
+                    raise ConfigError(f"head weights {missing} are missing (task {t!r})")
+                head.load_state_dict({k[len(t) + 1:]: heads[k] for k in wanted}, strict=True)
+                used.update(wanted)
+            if set(heads) - used:
+                raise ConfigError(f"head weights {sorted(set(heads) - used)} belong to no head of the tasks "
+                                  f"{self.task_names}")
+        if router is not None:
+            self.router.load_state_dict(router, strict=True)
+            self.router_trained.fill_(True)
         self.backbone_digest = state_digest(self.backbone)
 
     def load_task_modules(self, directory: str | Path) -> None:
-        """Use the experts a merge job wrote beside its backbone (``task_modules.json``, one per task, named
-        as this module's tasks) instead of the task modules built in ``setup``."""
-        from freemerge_pl.merge_job import load_task_modules
+        """Use the task modules an export or a merge job wrote beside its backbone (verified against its
+        manifest, one per task, named as this module's tasks) instead of the task modules built in ``setup``."""
+        from freemerge_pl.loading import read_export
         from freemerge_pl.merging.base import resolve_tensor
 
-        modules = load_task_modules(directory)
+        export = read_export(directory)
+        if not export.task_modules:
+            raise ConfigError(f"{directory} holds no task modules: the merge wrote none")
+        modules = dict(zip(export.task_names, export.task_modules))
         if list(modules) != self.task_names:
             raise ConfigError(f"{directory}: task modules for {list(modules)}, but this module's tasks are "
                               f"{self.task_names} (same names, same order)")
@@ -323,7 +410,8 @@ class MergedModule(LightningModule):
                 except KeyError as err:
                     raise ConfigError(f"{directory}: the expert of task {name!r} changes {key!r}, which the "
                                       f"backbone does not have") from err
-        self.task_modules = nn.ModuleList(list(modules.values())).to(self.device)
+        self.task_modules = nn.ModuleList(export.task_modules).to(self.device)
+        self.shared_modules = nn.ModuleDict(export.shared_modules).to(self.device)
 
     # ------------------------------------------------------------------ evaluation
     def _ensure_router(self) -> None:
@@ -426,12 +514,23 @@ class MergedModule(LightningModule):
         self.val_results = self._collect("val")
 
     # ------------------------------------------------------------------ export
-    def export(self, directory: str | Path) -> list[Path]:
-        """Write backbone, task modules, heads and router as safetensors plus ``merge_info.json``."""
+    def export(self, directory: str | Path, overwrite: bool = False) -> list[Path]:
+        """Publish backbone, task modules, heads and, when trained, the router as safetensors plus the manifest
+        ``merge_info.json`` (every file with size and sha256, and the module settings ``load_merged`` needs).
+        Built beside ``directory`` and renamed into place whole (``write_export``): a previous export there is
+        replaced, any other non-empty directory refused unless ``overwrite``. Load it back with
+        ``freemerge_pl.load_merged(directory, adapter)``."""
+        from dataclasses import asdict
+
         heads = {f"{t}.{n}": p for t in self.task_names for n, p in self.heads[_slot(t)].state_dict().items()}
+        trained = bool(self.router_trained)
+        module = {"method_args": self.method_args, "fr_filter_ratio": self.fr_filter_ratio,
+                  "merge_seed": self.merge_seed, "routing": self.routing, "head_selection": self.head_selection,
+                  "top_k": self.top_k, "router": asdict(self.router_config), "auto_fit_router": self.auto_fit_router,
+                  "metric_suffix": self.metric_suffix, "router_in_features": self._router_in}
         record = {**self.merge_record, "task_names": self.task_names, "backbone_digest": self.backbone_digest,
-                  "router_trained": bool(self.router_trained)}
+                  "router_trained": trained, "module": module}
+        extra = {"heads.safetensors": heads, **({"router.safetensors": self.router.state_dict()} if trained else {})}
         return write_export(directory, self.backbone.state_dict(), list(self.task_modules),
                             dict(self.shared_modules), record, names=self.task_names, method=self.method,
-                            inputs=self.adapter.checkpoint_paths(),
-                            extra_files={"heads.safetensors": heads, "router.safetensors": self.router.state_dict()})
+                            inputs=self.adapter.checkpoint_paths(), extra_files=extra, overwrite=overwrite)

@@ -1,6 +1,6 @@
 """The router (paper §5, Alg. 1): a small MLP from cheap input features to K task scores.
 
-Feature sources (DESIGN §5; measured in ``benchmarks/inference_overhead.py``):
+Feature sources (semantics §5; measured in ``benchmarks/inference_overhead.py``):
 
 * ``"input"`` (default): the input image average-pooled to ``pool_size × pool_size`` (non-image inputs
   are flattened), then the MLP. Costs a pooling and a tiny MLP, independent of the backbone.

@@ -21,6 +21,7 @@ from freemerge_pl.merging.base import MergeResult, StateDict
 from freemerge_pl.merging.engine import check_prefilter, prefilter_transform
 from freemerge_pl.merging.merge import merge
 from freemerge_pl.merging.registry import get_method
+from freemerge_pl.progress import Ticker
 
 
 def grid_candidates(space: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
@@ -84,11 +85,14 @@ def candidate_config(method: str, base_args: dict[str, Any], fr_filter_ratio: fl
 def check_candidates(method: str, base_args: dict[str, Any] | None, fr_filter_ratio: float,
                      candidates: list[dict[str, Any]]) -> None:
     """Build every candidate's configuration up front, so a bad value fails before any work, naming it."""
-    for params in candidates:
+    for i, params in enumerate(candidates):
         try:
             candidate_config(method, dict(base_args or {}), fr_filter_ratio, params)
         except FreeMergeError as err:
-            raise ConfigError(f"tune candidate {params}: {err}") from err
+            raise ConfigError(f"tune space (--space): candidate {i + 1}/{len(candidates)} {params}: {err}") from err
+        except (TypeError, ValueError) as err:  # a value of the wrong kind that a range check tripped over
+            raise ConfigError(f"tune space (--space): candidate {i + 1}/{len(candidates)} {params}: "
+                              f"{type(err).__name__}: {err}") from err
 
 
 def tune(
@@ -98,17 +102,25 @@ def tune(
     objective: Callable[[dict[str, Any]], float],
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate every candidate; returns ``{"candidates": [...], "best": {...}}`` (ties: the first)."""
-    from tqdm.auto import tqdm
+    """Evaluate every candidate; returns ``{"candidates": [...], "best": {...}}`` (ties: the first).
 
-    rows = []
-    for params in tqdm(candidates, desc="tune", disable=not progress):
+    ``progress``: one log line per candidate (``tune: i/N, elapsed, eta · params → score``). A candidate
+    that fails raises a ``ConfigError`` naming it (the settings were checked up front by
+    ``check_candidates``; what remains are checks that need the checkpoints' keys, shapes or task count)."""
+    rows: list[dict[str, Any]] = []
+    ticker = Ticker("tune candidates", len(candidates), interval=0) if progress else None
+    for params in candidates:
         start = time.perf_counter()
-        state_dict, result = merger.merge(params)
+        try:
+            state_dict, result = merger.merge(params)
+        except FreeMergeError as err:
+            raise ConfigError(f"tune candidate {len(rows) + 1}/{len(candidates)} {params}: {err}") from err
         merge_seconds = time.perf_counter() - start
         scores = evaluate(state_dict, result)
         rows.append({"params": params, "score": objective(scores), "scores": scores,
                      "merge_seconds": merge_seconds, "seconds": time.perf_counter() - start})
+        if ticker is not None:
+            ticker.update(len(rows), f"{params} → {rows[-1]['score']:.4f}")
     best = max(rows, key=lambda r: r["score"])  # max keeps the first of equal scores
     return {"candidates": rows, "best": best}
 

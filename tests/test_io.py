@@ -167,3 +167,59 @@ def test_save_merge_writes_backbone_experts_and_sidecar(tmp_path):
             assert torch.equal(expert.entries(key)[1], out.task_modules[k].entries(key)[1])
     assert all(p.exists() for p in written)
     assert not [p for p in dest.iterdir() if p.name.endswith(".tmp")]
+
+
+# ------------------------------------------------------------------------------------------ damaged files
+@pytest.mark.parametrize("kind", ["safetensors", "zip_pt", "legacy_pt", "empty_pt"])
+def test_damaged_files_are_named(tmp_path, kind):
+    """A truncated checkpoint raises FreeMergeError naming the file and saying it is damaged or truncated
+    (not safetensors' bare SafetensorError, torch's RuntimeError/EOFError or struct.error)."""
+    sd = small_state_dict()
+    path = tmp_path / ("m.safetensors" if kind == "safetensors" else "m.pt")
+    if kind == "safetensors":
+        save_safetensors_atomic(sd, path)
+    else:
+        torch.save(sd, path, _use_new_zipfile_serialization=kind != "legacy_pt")
+    os.truncate(path, 0 if kind == "empty_pt" else path.stat().st_size // 2)
+    with pytest.raises(FreeMergeError, match=rf"{path}.*(damaged|truncated)"):
+        load_state_dict(path)
+    with pytest.raises(FreeMergeError, match=rf"{path}.*(damaged|truncated)"):
+        fio.open_checkpoint(path)
+
+
+def test_truncated_shard_is_named(tmp_path):
+    save_state_dict(small_state_dict(), tmp_path, max_shard_bytes=100)
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    os.truncate(shard, shard.stat().st_size - 4)
+    with pytest.raises(FreeMergeError, match=rf"{shard} is damaged or truncated"):
+        load_state_dict(tmp_path)
+
+
+def test_pickled_objects_are_refused_with_their_own_error(tmp_path):
+    path = tmp_path / "module.pt"
+    torch.save(torch.nn.Linear(2, 2), path)
+    with pytest.raises(fio.PickledObjectsError, match=rf"{path} holds pickled Python objects"):
+        load_state_dict(path)
+
+
+def test_verify_manifest(tmp_path, monkeypatch):
+    for name, text in (("a.txt", "alpha"), ("sub/b.txt", "beta")):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    table = fio.file_records(tmp_path, ["a.txt", "sub/b.txt"])
+    assert table["sub/b.txt"] == {"bytes": 4, "sha256": hashlib.sha256(b"beta").hexdigest()}
+    fio.verify_manifest(tmp_path, table, remedy="rebuild it")
+    # same size, other bytes: found by the sha256 (the file is new to this process's memo)
+    (tmp_path / "sub" / "b.txt").write_text("BETA")
+    os.utime(tmp_path / "sub" / "b.txt", ns=(0, 10**9))
+    with pytest.raises(FreeMergeError, match=r"sub/b\.txt is damaged: its sha256 .* differs.*; rebuild it"):
+        fio.verify_manifest(tmp_path, table, remedy="rebuild it")
+    fio.verify_manifest(tmp_path, table, remedy="rebuild it", names=["a.txt"])  # a subset only
+    with pytest.raises(FreeMergeError, match=r"a\.txt is damaged or truncated: 3 bytes, its manifest records 5"):
+        (tmp_path / "a.txt").write_text("alp")
+        fio.verify_manifest(tmp_path, table, remedy="rebuild it", names=["a.txt"])
+    (tmp_path / "a.txt").unlink()
+    with pytest.raises(FreeMergeError, match=r"a\.txt is missing .*; rebuild it"):
+        fio.verify_manifest(tmp_path, table, remedy="rebuild it", names=["a.txt"])
+    with pytest.raises(FreeMergeError, match=r"c\.txt: the manifest .* has no size and sha256"):
+        fio.verify_manifest(tmp_path, table, remedy="rebuild it", names=["c.txt"])

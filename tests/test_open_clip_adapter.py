@@ -16,7 +16,7 @@ from freemerge_pl.merging import merge
 from freemerge_pl.models.open_clip_adapter import NormalizedLinear, OpenCLIPAdapter
 
 REPO = Path(__file__).resolve().parents[1]
-PAPER_CONFIGS = sorted((REPO / "configs" / "paper").glob("*.yaml"))
+PAPER_CONFIGS = sorted((REPO / "configs" / "paper").glob("vit_*.yaml"))  # the OpenCLIP ones (Table 2)
 TINY = {"embed_dim": 16, "image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "heads": 2}
 TASKS = ("alpha", "beta")
 CLASSES = {"alpha": 3, "beta": 5}
@@ -257,3 +257,34 @@ def test_tiny_open_clip_end_to_end(ckpt, tmp_path):
     trainer.test(module, datamodule=dm, verbose=False)
     assert set(module.test_results["tasks"]) == set(TASKS)
     assert all(0 <= r["accuracy"] <= 1 for r in module.test_results["tasks"].values())
+
+
+@pytest.mark.parametrize("kind", ["pt", "st"])
+def test_truncated_checkpoint_and_head_are_named(ckpt, tmp_path, kind):
+    src = Path(ckpt["paths"][kind]["zeroshot"])
+    bad = tmp_path / src.name
+    bad.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    with pytest.raises(FreeMergeError, match=rf"{bad}.*(damaged|truncated)"):
+        tiny_adapter(pretrained=str(bad)).pretrained_state_dict()
+    head_src = Path(ckpt["heads"]["alpha" if kind == "pt" else "beta"])
+    head = tmp_path / head_src.name
+    head.write_bytes(head_src.read_bytes()[:-8])
+    with pytest.raises(FreeMergeError, match=rf"{head}.*(damaged|truncated)"):
+        tiny_adapter(heads={"alpha": str(head), "beta": str(head)}).num_classes("alpha")
+
+
+def test_head_cache_is_refreshed_when_the_file_changes(tmp_path):
+    """The in-memory head cache never serves a head file's old contents after the file was replaced."""
+    path = tmp_path / "head.safetensors"
+    first = torch.randn(3, TINY["embed_dim"])
+    save_file({"weight": first}, str(path))
+    adapter = tiny_adapter(heads={"alpha": str(path), "beta": str(path)})
+    assert torch.equal(adapter.head_state_dict("alpha")["weight"], first)
+    assert adapter.head_state_dict("alpha") is adapter.head_state_dict("alpha")  # cached while unchanged
+    second = torch.randn(5, TINY["embed_dim"])
+    save_file({"weight": second}, str(path))
+    assert torch.equal(adapter.head_state_dict("alpha")["weight"], second)
+    assert adapter.num_classes("alpha") == 5
+    path.unlink()
+    with pytest.raises(FreeMergeError, match=rf"head \(alpha\) checkpoint {path} does not exist"):
+        adapter.head_state_dict("alpha")

@@ -177,3 +177,24 @@ def test_tune_under_ddp_equals_single_process(toy_root, tmp_path):
     assert one["best"]["params"] == two["best"]["params"]
     assert yamls[1]["model"]["method_args"] == yamls[2]["model"]["method_args"]
     assert one["tune_samples"] == two["tune_samples"] and sum(one["tune_samples"].values()) == 60
+
+
+def test_tune_reports_one_line_per_candidate_and_no_bars(toy_root, tmp_path, capsys):
+    """`cli.py tune` on a non-terminal stderr: one progress display, the candidate lines (i/N, elapsed, eta,
+    params → score), and the scores in them are the report's."""
+    from freemerge_pl.cli import cli_main
+
+    cfg = config(toy_root, tmp_path / "run", method="task_arithmetic")
+    cfg["data"]["tune_fraction"] = 0.5
+    del cfg["trainer"]["enable_progress_bar"]
+    out = tmp_path / "tuned"
+    assert cli_main(["tune", "--config", str(write_config(tmp_path / "cfg.yaml", cfg)), "--output_dir", str(out),
+                     "--space", json.dumps({"scaling": [0.2, 0.6]}), "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    report = json.loads((out / "tune_report.json").read_text())
+    lines = [ln for ln in err.splitlines() if "tune candidates:" in ln]
+    assert len(lines) == 2, err
+    for i, (line, row) in enumerate(zip(lines, report["candidates"])):
+        assert f"tune candidates: {i + 1}/2, elapsed " in line and ", eta " in line
+        assert line.endswith(f"{row['params']} → {row['score']:.4f}")
+    assert "it/s" not in err and "━" not in err and "validate: task" not in err

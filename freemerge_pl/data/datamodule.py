@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +15,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from freemerge_pl.errors import ConfigError
+from freemerge_pl.metrics import make_metric
 
 
 @dataclass
@@ -38,6 +41,57 @@ def import_class(path: str):
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as err:
         raise ConfigError(f"cannot import dataset class {path!r}: {err}") from err
+
+
+def check_number(name: str, value: Any, low: float, high: float, *, low_open: bool = False,
+                 high_open: bool = False) -> None:
+    """A finite real number inside the interval (a ConfigError naming the setting otherwise)."""
+    lb, hb = "(" if low_open else "[", ")" if high_open else "]"
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
+        (value > low if low_open else value >= low) and (value < high if high_open else value <= high))
+    if not ok:
+        raise ConfigError(f"{name}={value!r} is outside its accepted range {lb}{low}, {high}{hb}")
+
+
+def check_task(task: TaskConfig | dict[str, Any], index: int) -> TaskConfig:
+    """``data.tasks[index]`` as a TaskConfig, checked without building the data set: the class imports,
+    the metrics are known, and the class takes ``dataset_args`` plus each split's args."""
+    where = f"data.tasks[{index}]"
+    if not isinstance(task, TaskConfig):
+        if not isinstance(task, dict):
+            raise ConfigError(f"{where}={task!r} must be a mapping with name, dataset, dataset_args, ...")
+        accepted = [f.name for f in dataclasses.fields(TaskConfig)]
+        unknown = sorted(set(task) - set(accepted))
+        missing = [k for k in ("name", "dataset") if k not in task]
+        if unknown or missing:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}, missing {missing}; accepted: {accepted}")
+        task = TaskConfig(**task)
+    where = f"{where} ({task.name!r})"
+    if not task.metrics:
+        raise ConfigError(f"{where}.metrics is empty; accepted: accuracy, f1, matthews, pearson, spearman")
+    for metric in task.metrics:
+        try:
+            make_metric(metric, 2)
+        except ConfigError as err:
+            raise ConfigError(f"{where}.metrics: {err}") from err
+    if task.num_classes is not None and task.num_classes < 1:
+        raise ConfigError(f"{where}.num_classes={task.num_classes} must be ≥ 1")
+    try:
+        cls = import_class(task.dataset)
+    except ConfigError as err:
+        raise ConfigError(f"{where}.dataset: {err}") from err
+    try:
+        signature = inspect.signature(cls)
+    except (TypeError, ValueError):
+        return task  # a class without an inspectable signature: its own errors will tell
+    for split, args in (("train_args", task.train_args), ("test_args", task.test_args)):
+        try:
+            signature.bind(**{**task.dataset_args, **args})
+        except TypeError as err:
+            params = [p for p in signature.parameters if p not in ("self", "args", "kwargs")]
+            raise ConfigError(f"{where}: {task.dataset} does not accept dataset_args + {split} "
+                              f"{sorted({**task.dataset_args, **args})}: {err}; accepted: {params}") from err
+    return task
 
 
 class TaskIdDataset(Dataset):
@@ -90,18 +144,26 @@ class MultiTaskDataModule(LightningDataModule):
         tune_fraction: float = 0.0,
     ) -> None:
         super().__init__()
+        # Every setting is checked here, at construction: before any data set is built or read.
         if not tasks:
-            raise ConfigError("MultiTaskDataModule needs at least one task")
-        if not 0 < router_fraction <= 1:
-            raise ConfigError(f"router_fraction={router_fraction} is outside (0, 1]")
-        self.tasks = [t if isinstance(t, TaskConfig) else TaskConfig(**t) for t in tasks]
+            raise ConfigError("data.tasks: MultiTaskDataModule needs at least one task")
+        check_number("data.router_fraction", router_fraction, 0, 1, low_open=True)
+        check_number("data.tune_fraction", tune_fraction, 0, 1, high_open=True)
+        for name, value, low in (("min_router_samples", min_router_samples, 1), ("batch_size", batch_size, 1),
+                                 ("num_workers", num_workers, 0), ("seed", seed, None)):
+            if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
+                raise ConfigError(f"data.{name}={value!r} must be a whole number"
+                                  f"{f' ≥ {low}' if low is not None else ''}")
+        self.tasks = [check_task(t, i) for i, t in enumerate(tasks)]
+        names = [t.name for t in self.tasks]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ConfigError(f"data.tasks: task name(s) {repeated} appear more than once; names must be unique")
         self.router_fraction = router_fraction
         self.min_router_samples = min_router_samples
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
-        if not 0 <= tune_fraction < 1:
-            raise ConfigError(f"tune_fraction={tune_fraction} is outside [0, 1)")
         self.tune_fraction = tune_fraction
         self.tune_indices: dict[str, list[int]] = {}
         self._train: dict[str, Dataset] = {}

@@ -1,4 +1,4 @@
-"""Cost-free baselines (DESIGN §6): weight averaging, task arithmetic, TIES, DARE, Breadcrumbs, DELLA,
+"""Cost-free baselines (semantics §6): weight averaging, task arithmetic, TIES, DARE, Breadcrumbs, DELLA,
 PCB-Merging and TSV-Merging here; EMR-Merging in ``emr.py`` and Twin-Merging in ``twin.py``.
 
 Every method is a typed configuration (``MergeMethod``) with a per-tensor kernel ``merge_key`` on one key's
@@ -58,7 +58,7 @@ def model_trim_thresholds(scan: Scan, values_of: Callable[[KeyTensors], Sequence
 
 # ---------------------------------------------------------------- weight averaging, task arithmetic
 
-@register("weight_averaging", reference="Wortsman et al. 2022 (model soups); DESIGN §6")
+@register("weight_averaging", reference="Wortsman et al. 2022 (model soups); semantics §6")
 @dataclass
 class WeightAveraging(MergeMethod):
     """Weight averaging: θ_m = (1/K) Σ_k θ_k, i.e. delta = (1/K) Σ_k v_k."""

@@ -1,6 +1,6 @@
 """EMR-Merging (Huang et al. 2024): a unified task vector plus, per task, a bit-packed mask and a rescaler.
 
-Symbols (DESIGN §6; the paper's Elect, Mask and Rescale steps): ε = sgn(Σ_k v_k) (``flag``; a zero sum
+Symbols (semantics §6; the paper's Elect, Mask and Rescale steps): ε = sgn(Σ_k v_k) (``flag``; a zero sum
 gives 0, so that entry stays θ_pre; the authors' code maps it to −1, which differs only where the sum is
 exactly 0); M_k = (v_k ⊙ ε > 0) (``mask_k``); τ_uni = ε ⊙ max_k |v_k ⊙ M_k|;
 λ_k = Σ_tensors mean|v_k| / Σ_tensors mean|τ_uni ⊙ M_k| (``rescaler_k``, sums of per-tensor means as in the
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from freemerge_pl.errors import CheckpointMismatchError
 from freemerge_pl.merging.base import DenseDeltaTaskModule
 from freemerge_pl.merging.method import Context, Finalized, KeyOutput, KeyTensors, MergeMethod, Scan
 from freemerge_pl.merging.ops import packbits, unpackbits
@@ -44,7 +45,7 @@ class EMRUnified(nn.Module):
 
     def set_extra_state(self, state) -> None:
         if list(state["keys"]) != self._keys:
-            raise ValueError(f"EMR unified-vector checkpoint keys {state['keys'][:3]}... differ from "
+            raise CheckpointMismatchError(f"EMR unified-vector checkpoint keys {state['keys'][:3]}... differ from "
                              f"this module's {self._keys[:3]}...")
 
 
@@ -105,7 +106,7 @@ class EMRTaskModule(DenseDeltaTaskModule):
 
     def set_extra_state(self, state) -> None:
         if list(state["keys"]) != self._keys:
-            raise ValueError(f"EMR task-module checkpoint keys {state['keys'][:3]}... differ from this "
+            raise CheckpointMismatchError(f"EMR task-module checkpoint keys {state['keys'][:3]}... differ from this "
                              f"module's {self._keys[:3]}...")
 
     def change(self, key: str, device: torch.device) -> Tensor:

@@ -228,12 +228,17 @@ def raise_nonfinite(name: str, file: str, key: str, t: Tensor) -> None:
 # ---------------------------------------------------------------------------------------------- core
 
 
-def _progress(enabled: bool):
+def _progress(enabled):
+    """``progress`` of ``execute``: False/None (silent), True (a tqdm bar on a terminal, periodic lines
+    otherwise), or a callable ``(keys, desc) ->
+    iterable`` (e.g. ``freemerge_pl.progress.progress_iter``: periodic lines when stderr is not a terminal)."""
+    if callable(enabled):
+        return enabled
     if not enabled:
         return None
-    from tqdm.auto import tqdm
+    from freemerge_pl.progress import progress_iter
 
-    return lambda keys, desc: tqdm(keys, desc=desc, unit="tensor", leave=False)
+    return lambda keys, desc: progress_iter(keys, desc, unit="tensor")
 
 
 def preflight(method: MergeMethod, inputs: MergeInputs, *, generator: torch.Generator | None = None,

@@ -3,7 +3,7 @@
 Symbols: ``expert_density`` d, the paper's M(v, d) keeps the top ⌈d·numel⌉ entries of v by |value|
 (per tensor; ``expert_scope="model"`` uses one global threshold instead), and
 ``μ_k = −E(M(v_k, d)) · ln(d) / (λ_k · E(v_k))`` with ``E(x) = mean|x|`` over all entries (zeros of the
-sparsified tensor included), computed at the scope of λ (DESIGN §8).
+sparsified tensor included), computed at the scope of λ (semantics §8).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from freemerge_pl.errors import HyperparameterError, check_range
+from freemerge_pl.errors import CheckpointMismatchError, HyperparameterError, check_range
 from freemerge_pl.merging.base import StateDict, TaskModule, resolve_tensor
 from freemerge_pl.merging.quantile import magnitude_thresholds
 
@@ -148,7 +148,7 @@ class SparseExpert(TaskModule):
         self._shapes: dict[str, list[int]] = {}
         for key, (indices, values) in (entries or {}).items():
             if indices.shape != values.shape or indices.dim() != 1:
-                raise ValueError(f"expert key {key!r}: indices {tuple(indices.shape)} and values "
+                raise CheckpointMismatchError(f"expert key {key!r}: indices {tuple(indices.shape)} and values "
                                  f"{tuple(values.shape)} must be equal-length vectors")
             j = len(self._keys)
             self._keys.append(key)
@@ -173,7 +173,7 @@ class SparseExpert(TaskModule):
 
     def set_extra_state(self, state) -> None:
         if list(state["keys"]) != self._keys:
-            raise ValueError(f"expert checkpoint keys {state['keys'][:3]}... differ from this expert's "
+            raise CheckpointMismatchError(f"expert checkpoint keys {state['keys'][:3]}... differ from this expert's "
                              f"{self._keys[:3]}...")
 
     def apply_(self, target: nn.Module | StateDict, weight: float = 1.0) -> None:

@@ -1,6 +1,6 @@
 """The FR-Merging high-pass filter G (paper Eq. 1-2) as small tensor functions.
 
-Symbols: the paper's cutoff ``D0`` is set by ``filter_ratio`` r (FILTER-DEF, DESIGN §8):
+Symbols: the paper's cutoff ``D0`` is set by ``filter_ratio`` r (FILTER-DEF, docs/semantics.md §8):
 
 * ``cutoff_mode="fraction"`` (default): with k = ⌈r·N⌉ over the spectrum's N coefficients, D0 is the
   (k+1)-th smallest centred distance (the smallest distance not among the k smallest; D0 = +inf when
@@ -10,10 +10,7 @@ Symbols: the paper's cutoff ``D0`` is set by ``filter_ratio`` r (FILTER-DEF, DES
   share of the spectrum removed; r = 0 removes nothing, and the DC term (distance 0, the unique
   smallest) is removed by every r > 0, so a constant task vector vanishes under any positive cutoff.
 
-  This refines DESIGN §8 FILTER-DEF, which takes D0 = the k-th smallest distance: with ties kept at
-  D0 that removes fewer than k coefficients in general, and nothing at all when r ≤ 1/N (k = 1 gives
-  D0 = 0), violating the issue's acceptance "a constant task vector is removed entirely by any
-  positive cutoff" (the issue is newer than DESIGN, so it wins).
+  (docs/semantics.md §8 FILTER-DEF.)
 * ``cutoff_mode="radius"``: D0 = r × the largest centred distance of that shape.
 
 Distances are in frequency-index units: the centred (fftshifted) index (i − H//2) of row i is the

@@ -1,4 +1,4 @@
-"""FR-Merging (Eq. 1-3) and FREE-Merging (FR backbone + Eq. 4 experts), paper semantics (DESIGN §3/§4/§8).
+"""FR-Merging (Eq. 1-3) and FREE-Merging (FR backbone + Eq. 4 experts), the paper's text (docs/semantics.md §3/§4/§8).
 
 Symbols: λ_k (``lambdas``) = E(v_k) / Σ_j E(v_j) with E = mean|·| (LAMBDA-DEF); ``scaling`` s;
 ``filter_ratio`` r; ``expert_density`` d. The backbone is ``θ_pre + s·Σ_k λ_k G(v_k)``, computed as

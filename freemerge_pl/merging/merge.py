@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,13 +64,15 @@ def merge(
     seed: int = 0,
     device: str | torch.device | None = None,
     cache: dict | None = None,
+    progress: bool | Callable = False,
     **hyperparameters: Any,
 ) -> MergeOutput:
     """Merge ``finetuned`` into ``pretrained`` with ``method`` (a registry name plus ``hyperparameters``, or a
     configured ``MergeMethod``): the engine run with in-memory sources and sink.
 
     ``exclude_keys`` (regexes) are never merged (task-specific heads); ``fr_filter_ratio`` > 0 applies the
-    FR high-pass to every task vector before the method runs; ``seed`` drives random methods (DARE).
+    FR high-pass to every task vector before the method runs; ``seed`` drives random methods (DARE);
+    ``progress`` as ``engine.execute``'s (True: a bar on a terminal, periodic lines otherwise).
     """
     config = build_method(method, hyperparameters)
     check_prefilter(config, fr_filter_ratio)
@@ -88,7 +91,7 @@ def merge(
             delta[key] = d
         state_dict[key] = apply_key(pretrained[key], d) if d is not None else pretrained[key].clone()
 
-    fin = execute(config, inputs, emit, seed=seed, cache=cache)
+    fin = execute(config, inputs, emit, seed=seed, cache=cache, progress=progress)
     result = MergeResult(delta, fin.task_modules, fin.info, fin.shared_modules)
     seconds = time.perf_counter() - start
     record = merge_record(config, fr_filter_ratio=fr_filter_ratio, seed=seed, exclude_keys=exclude_keys,
@@ -103,32 +106,49 @@ def merge_record(config: MergeMethod, **fields: Any) -> dict[str, Any]:
 
 
 def save_merge(output: MergeOutput, directory, *, inputs: Sequence[str | Path] = (),
-               max_shard_bytes: int | None = None) -> list[Path]:
-    """Write the backbone (sharded when large), each task module, and ``merge_info.json`` (inputs + sha256)."""
+               max_shard_bytes: int | None = None, overwrite: bool = False) -> list[Path]:
+    """Write the backbone (sharded when large), each task module, and ``merge_info.json`` (inputs + sha256,
+    every file with its size and sha256); published whole as ``write_export`` does."""
     return write_export(directory, output.state_dict, output.task_modules or [], output.result.shared_modules,
                         output.record, names=output.record.get("names"), method=output.method, inputs=inputs,
-                        max_shard_bytes=max_shard_bytes)
+                        max_shard_bytes=max_shard_bytes, overwrite=overwrite)
 
 
 def write_export(directory, state_dict: StateDict, task_modules, shared_modules, record: dict[str, Any], *,
                  names: Sequence[str] | None, method: str, inputs: Sequence[str | Path] = (),
-                 extra_files: dict[str, StateDict] | None = None, max_shard_bytes: int | None = None) -> list[Path]:
+                 extra_files: dict[str, StateDict] | None = None, max_shard_bytes: int | None = None,
+                 overwrite: bool = False) -> list[Path]:
     """The one export writer (``save_merge``, ``MergedModule.export``): task modules, ``extra_files`` (name →
-    tensors: heads, router), the backbone (sharded when large) and ``merge_info.json`` with the inputs'
-    sha256 and the task-module files."""
-    from freemerge_pl.io import DEFAULT_SHARD_BYTES, save_safetensors_atomic, save_state_dict, sha256_file
+    tensors: heads, router), the backbone (sharded when large) and, last, the manifest ``merge_info.json``:
+    ``record``, the inputs' sha256, ``task_module_files`` and ``files`` (every file: bytes, sha256).
+
+    Everything is written into ``.<name>.partial`` beside ``directory`` and renamed into place whole
+    (``freemerge_pl.io.staged_directory`` / ``publish_directory``): a previous export of ours there is replaced
+    whole (none of its files survive), any other non-empty directory is refused unless ``overwrite``; an
+    error or a kill midway leaves the previous export byte-identical. Returns the published files' paths.
+    """
+    from freemerge_pl.io import (
+        DEFAULT_SHARD_BYTES,
+        MANIFEST_NAME,
+        publish_directory,
+        save_safetensors_atomic,
+        save_state_dict,
+        sha256_file,
+        staged_directory,
+    )
 
     directory = Path(directory)
     record = dict(record)
     record["inputs"] = [{"path": str(p), "sha256": sha256_file(p) if Path(p).is_file() else None}
                         for p in inputs]
-    written = save_task_modules(task_modules, shared_modules, directory, names=names, method=method)
-    record["task_module_files"] = [p.name for p in written]
-    for name, tensors in (extra_files or {}).items():
-        written.append(save_safetensors_atomic(tensors, directory / name))
-    written += save_state_dict(state_dict, directory, metadata=record,
-                               max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES)
-    return written
+    with staged_directory(directory, overwrite=overwrite) as staging:
+        written = save_task_modules(task_modules, shared_modules, staging, names=names, method=method)
+        record["task_module_files"] = [p.name for p in written]
+        for name, tensors in (extra_files or {}).items():
+            written.append(save_safetensors_atomic(tensors, staging / name))
+        written += save_state_dict(state_dict, staging, max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES)
+        publish_directory(staging, directory, record, files=written, overwrite=overwrite)
+    return [directory / p.name for p in written] + [directory / MANIFEST_NAME]
 
 
 def task_module_tensors(module) -> dict[str, torch.Tensor]:
@@ -139,19 +159,30 @@ def task_module_tensors(module) -> dict[str, torch.Tensor]:
     return {n: t for n, t in module.state_dict().items() if isinstance(t, torch.Tensor)}
 
 
+def task_module_metadata(module) -> dict[str, str]:
+    """The safetensors metadata that, with the tensors, rebuilds ``module`` (``freemerge_pl.loading``): its
+    type and, as JSON, its ``get_extra_state()`` (tensor keys, shapes, kinds) when it defines one."""
+    meta = {"type": type(module).__name__}
+    if type(module).get_extra_state is not torch.nn.Module.get_extra_state:
+        meta["extra_state"] = json.dumps(module.get_extra_state(), sort_keys=True)
+    return meta
+
+
 def save_task_modules(task_modules, shared_modules, directory, *, names=None, method: str = "") -> list[Path]:
-    """Write ``task_module_<k>.safetensors`` per task and ``shared_<name>.safetensors`` (atomic writes)."""
+    """Write ``task_module_<k>.safetensors`` per task and ``shared_<name>.safetensors`` (atomic writes; the
+    metadata names the task, the type and what ``freemerge_pl.loading`` needs to rebuild the module)."""
     from freemerge_pl.io import save_safetensors_atomic
 
     directory = Path(directory)
     written = []
     for k, module in enumerate(task_modules):
-        meta = {"task_index": str(k), "type": type(module).__name__, "method": method}
+        meta = {"task_index": str(k), "method": method, **task_module_metadata(module)}
         if names:
             meta["task"] = str(names[k])
         written.append(save_safetensors_atomic(task_module_tensors(module),
                                                directory / f"task_module_{k:02d}.safetensors", metadata=meta))
     for name, module in (shared_modules or {}).items():
+        meta = {"name": name, "method": method, **task_module_metadata(module)}
         written.append(save_safetensors_atomic(task_module_tensors(module),
-                                               directory / f"shared_{name}.safetensors"))
+                                               directory / f"shared_{name}.safetensors", metadata=meta))
     return written

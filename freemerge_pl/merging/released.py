@@ -1,4 +1,4 @@
-"""FR-/FREE-Merging as the authors' released code computes it (``semantics: released_code``, DESIGN §9).
+"""FR-/FREE-Merging as the authors' released code computes it (docs/semantics.md §9).
 
 Source: github.com/Zhengsh123/FREE-Merging, commit 36c0f41. ViT path (profile ``vit``):
 ``merge_vit/src/task_vectors.py``, ``utils.py``, ``eval.py``, ``main_merging.py``,

@@ -5,7 +5,7 @@ Symbols (the paper's shared-expert and exclusive-knowledge steps): θ_shared = �
 (λ = ``scaling``); the twin vector of task k is v_k − λ Σ_j v_j = θ_k − θ_shared, compressed per ≥2-D
 tensor (viewed as ``(shape[0], -1)``) to its rank-r truncated SVD, r = ⌈``rank_fraction``·min(m, n)⌉ (default 0.1: the released scripts' svd
 mask rate 0.9; they floor, we take the ceiling so every tensor keeps at least one triplet); 1-D and
-0-D tensors are stored dense. The router (DESIGN §5) mixes the twins per input.
+0-D tensors are stored dense. The router (semantics §5) mixes the twins per input.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from freemerge_pl.errors import check_range
+from freemerge_pl.errors import CheckpointMismatchError, check_range
 from freemerge_pl.merging import linalg
 from freemerge_pl.merging.base import DenseDeltaTaskModule
 from freemerge_pl.merging.fourier import matrix_shape
@@ -80,7 +80,7 @@ class LowRankTaskModule(DenseDeltaTaskModule):
 
     def set_extra_state(self, state) -> None:
         if list(state["keys"]) != self._keys:
-            raise ValueError(f"low-rank task-module checkpoint keys {state['keys'][:3]}... differ from this "
+            raise CheckpointMismatchError(f"low-rank task-module checkpoint keys {state['keys'][:3]}... differ from this "
                              f"module's {self._keys[:3]}...")
 
     def change(self, key: str, device: torch.device) -> Tensor:

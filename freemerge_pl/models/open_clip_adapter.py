@@ -23,7 +23,6 @@ other key (the text tower's remnants, ``logit_scale``) is dropped. Nothing is re
 from __future__ import annotations
 
 import dataclasses
-import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError
-from freemerge_pl.io import load_state_dict, read_pickled_state_dict
+from freemerge_pl.io import PickledObjectsError, file_signature, load_state_dict, read_pickled_state_dict
 from freemerge_pl.models.base import ModelAdapter, StateDict
 
 #: prefixes tried, in this order, when ``key_prefix`` is None (the best-matching one wins)
@@ -140,7 +139,7 @@ class OpenCLIPAdapter(ModelAdapter):
         self._embed_dim, self._vision_cfg, self._quick_gelu = _vision_config(model_name, self.model_config,
                                                                              quick_gelu)
         self._spec: dict[str, tuple[torch.Size, torch.dtype]] | None = None
-        self._head_cache: dict[str, StateDict] = {}
+        self._head_cache: dict[str, tuple[tuple, StateDict]] = {}
 
     # ------------------------------------------------------------------ modules
     def build_backbone(self) -> nn.Module:
@@ -177,17 +176,14 @@ class OpenCLIPAdapter(ModelAdapter):
             raise FreeMergeError(f"OpenCLIPAdapter: {len(missing)} file(s) do not exist: {missing}")
 
     def _read(self, path: str, role: str) -> StateDict:
-        """A state dict from ``path`` (safetensors, directory, torch state dict; pickled modules if allowed)."""
+        """A state dict from ``path`` (safetensors, directory, torch state dict; pickled modules if allowed).
+        A damaged or truncated file raises ``FreeMergeError`` naming it."""
         p = Path(path)
         if not p.exists():
             raise FreeMergeError(f"{role} checkpoint {path} does not exist")
-        if p.is_dir() or p.suffix == ".safetensors":
-            return load_state_dict(p)
         try:
             return load_state_dict(p)
-        except (pickle.UnpicklingError, RuntimeError) as err:
-            if "weights_only" not in str(err) and "Weights only" not in str(err):
-                raise FreeMergeError(f"{role} checkpoint {path} cannot be read: {err}") from err
+        except PickledObjectsError:
             if not self.allow_pickle:
                 raise FreeMergeError(
                     f"{role} checkpoint {path} holds pickled Python objects (task_vectors saves whole modules "
@@ -244,9 +240,18 @@ class OpenCLIPAdapter(ModelAdapter):
 
     # ------------------------------------------------------------------ heads
     def head_state_dict(self, task: str) -> StateDict:
-        """The task's head as ``{weight: [C, D], bias: [C]}`` (bias zeros when the file has none)."""
-        if task not in self._head_cache:
-            path = self._path(self.heads, task)
+        """The task's head as ``{weight: [C, D], bias: [C]}`` (bias zeros when the file has none).
+
+        Read once and kept in memory; read again when the file changed since (size, mtime, inode: a replaced
+        or rewritten head file is never served from the cache)."""
+        path = self._path(self.heads, task)
+        try:
+            stamp = file_signature(path)
+        except FileNotFoundError:
+            self._head_cache.pop(task, None)
+            raise FreeMergeError(f"head ({task}) checkpoint {path} does not exist") from None
+        cached = self._head_cache.get(task)
+        if cached is None or cached[0] != stamp:
             sd = self._read(path, f"head ({task})")
             if "weight" not in sd or set(sd) - {"weight", "bias"}:
                 raise CheckpointMismatchError(f"head ({task}) file {path}: expected keys 'weight' [C, D] and "
@@ -262,8 +267,8 @@ class OpenCLIPAdapter(ModelAdapter):
             elif tuple(bias.shape) != (weight.shape[0],):
                 raise CheckpointMismatchError(f"head ({task}) file {path}: bias has shape {tuple(bias.shape)}, "
                                               f"expected ({weight.shape[0]},)")
-            self._head_cache[task] = {"weight": weight, "bias": bias}
-        return self._head_cache[task]
+            self._head_cache[task] = (stamp, {"weight": weight, "bias": bias})
+        return self._head_cache[task][1]
 
     def build_head(self, task: str) -> nn.Linear:
         sd = self.head_state_dict(task)

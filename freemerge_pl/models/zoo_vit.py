@@ -10,16 +10,26 @@ from __future__ import annotations
 from pathlib import Path
 
 from open_clip.transformer import VisionTransformer
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from freemerge_pl.errors import ConfigError, FreeMergeError
+from freemerge_pl.io import load_state_dict
 from freemerge_pl.models.base import ModelAdapter, StateDict
-from freemerge_pl.zoo.build import build_vit, ensure_zoo, read_manifest, resolve_zoo_root
+from freemerge_pl.zoo.build import (
+    build_vit,
+    ensure_zoo,
+    read_manifest,
+    rebuild_hint,
+    resolve_zoo_root,
+    verify_zoo,
+)
 
 
 class ZooViTAdapter(ModelAdapter):
     """The zoo's pre-trained and fine-tuned ViTs (built on first use by ``prepare`` / ``ensure_zoo``).
+
+    Every file is checked against the zoo's manifest before it is read (``verify_zoo``: a damaged file raises
+    an error naming it and the rebuild command).
 
     ``tasks`` selects and orders a subset of the zoo's tasks (default: all, in the zoo's order).
     """
@@ -73,8 +83,9 @@ class ZooViTAdapter(ModelAdapter):
     def _load(self, rel: str) -> StateDict:
         path = self.zoo_root / rel
         if not path.is_file():
-            raise FreeMergeError(f"zoo checkpoint {path} does not exist; rebuild the zoo (delete {self.zoo_root})")
-        return load_file(str(path))
+            raise FreeMergeError(f"zoo checkpoint {path} does not exist; {rebuild_hint(self.zoo_root, self.manifest)}")
+        verify_zoo(self.zoo_root, names=[rel])
+        return load_state_dict(path)
 
     def pretrained_state_dict(self) -> StateDict:
         return self._load("pretrained/model.safetensors")

@@ -1,6 +1,7 @@
 """The offline model zoo: a small CLIP-style ViT pre-trained on procedural scenes, fine-tuned on 8 tasks.
 
-``ensure_zoo(root, size, seed)`` builds it once (deterministically) and caches it; ``ZooTaskDataset``
+``ensure_zoo(root, size, seed)`` builds it once (deterministically for a given thread count, which is part of
+its cache key) and caches it, checking every file against the manifest before use; ``ZooTaskDataset``
 reads a task's split; ``freemerge_pl.models.zoo_vit.ZooViTAdapter`` reads the checkpoints. The recipe is
 recorded in ``freemerge_pl/zoo/README.md``.
 """
@@ -14,11 +15,13 @@ from freemerge_pl.zoo.build import (
     normalize_images,
     read_manifest,
     resolve_zoo_root,
+    verify_zoo,
 )
 from freemerge_pl.zoo.dataset import ZooTaskDataset
 from freemerge_pl.zoo.recipe import (
     ZOO_MEAN,
     ZOO_STD,
+    build_threads,
     default_zoo_root,
     recipe_hash,
     zoo_recipe,
@@ -29,6 +32,7 @@ __all__ = [
     "ZOO_MEAN",
     "ZOO_STD",
     "ZooTaskDataset",
+    "build_threads",
     "build_vit",
     "build_zoo",
     "default_zoo_root",
@@ -39,6 +43,7 @@ __all__ = [
     "read_manifest",
     "recipe_hash",
     "resolve_zoo_root",
+    "verify_zoo",
     "zoo_recipe",
     "zoo_task_names",
 ]

@@ -1,17 +1,20 @@
-"""``python -m freemerge_pl.zoo --size tiny --root DIR``: build (or reuse) a zoo and print its summary."""
+"""``python -m freemerge_pl.zoo --size tiny --root DIR [--rebuild]``: build (or reuse, after checking every file
+against the manifest) a zoo and print its summary; ``--rebuild`` builds it again even when it is current."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 
+from freemerge_pl.progress import setup_logging
 from freemerge_pl.zoo.build import ensure_zoo, read_manifest
 from freemerge_pl.zoo.recipe import SIZES
 
 
 def summary(manifest: dict) -> str:
+    env = manifest["recipe"]["environment"]
     head = (f"zoo {manifest['size']} seed {manifest['seed']}  recipe {manifest['recipe_hash'][:12]}  "
-            f"built in {manifest['build']['seconds']:.1f} s on {manifest['build']['threads']} threads")
+            f"built in {manifest['build']['seconds']:.1f} s on {env['threads']} threads "
+            f"(torch {env['torch']}, {env['cpu_capability']})")
     lines = [head,
              f"backbone {manifest['backbone']['class']} {manifest['backbone']['config']}",
              f"{'task':<12} {'classes':>7} {'train':>6} {'test':>5} {'probe':>7} {'finetuned':>9}"]
@@ -31,9 +34,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--root", default=None, help="zoo directory (default: $FREEMERGE_ZOO_ROOT/<size>-seed<seed> "
                                                 "or ~/.cache/freemerge_pl/zoo/<size>-seed<seed>)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rebuild", action="store_true", help="build the zoo again even if it is current (e.g. after "
+                                                          "a file was reported damaged)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    root = ensure_zoo(args.root, args.size, args.seed)
+    setup_logging()  # the build's progress lines (freemerge_pl.zoo, INFO) to stderr
+    root = ensure_zoo(args.root, args.size, args.seed, rebuild=args.rebuild)
     print(root)
     print(summary(read_manifest(root)))
 

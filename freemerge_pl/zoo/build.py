@@ -3,13 +3,17 @@
 Layout of a zoo directory (every file written atomically; the whole directory is built under a temporary
 name next to its destination and renamed into place, so an interrupted build never leaves a half zoo)::
 
-    manifest.json                          recipe, recipe_hash, backbone config, per-task results, sha256s
+    manifest.json                          recipe (build environment included), recipe_hash, backbone config,
+                                           per-task results, every file's size and sha256 (``files``)
     pretrained/model.safetensors           θ_pre: the backbone's state dict (VisionTransformer keys)
     pretrained/config.json
     finetuned/<task>/model.safetensors     θ_k: backbone keys only
     finetuned/<task>/head.safetensors      weight [C, D], bias [C]
     finetuned/<task>/config.json
     data/<task>.safetensors                {train,router,test}_x uint8 [N,3,32,32], {…}_y int64 [N]
+
+Every file is checked against the manifest before use (``verify_zoo``: size always, sha256 once per process and
+again when the file changes); a damaged file raises an error naming it and the rebuild command.
 """
 
 from __future__ import annotations
@@ -23,20 +27,28 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from open_clip.transformer import VisionTransformer
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 import freemerge_pl
 from freemerge_pl.errors import ConfigError, FreeMergeError
-from freemerge_pl.io import save_safetensors_atomic, sha256_file, write_json_atomic
+from freemerge_pl.io import (
+    file_records,
+    load_state_dict,
+    save_safetensors_atomic,
+    verify_manifest,
+    write_json_atomic,
+)
+from freemerge_pl.progress import format_seconds
 from freemerge_pl.zoo import generators
+from freemerge_pl.zoo.progress import BuildProgress, rough_duration
 from freemerge_pl.zoo.recipe import (
     ADAMW_BETAS,
     EVAL_BATCH_SIZE,
@@ -48,10 +60,22 @@ from freemerge_pl.zoo.recipe import (
     zoo_recipe,
 )
 
-log = logging.getLogger(__name__)
+#: the zoo's logger: the build's progress lines (INFO), why a zoo is rebuilt
+log = logging.getLogger("freemerge_pl.zoo")
 
 MANIFEST = "manifest.json"
-FORMAT = "freemerge_pl.zoo/1"
+FORMAT = "freemerge_pl.zoo/2"  # 2: the ``files`` table (size + sha256 of every file), the recipe's environment
+
+#: seconds per unit of work on 2 threads (2 shared cores), per size: one generated task image (``data``) or
+#: pre-training scene (``scenes``), one training sample (forward + backward), one inference sample (with the
+#: probes' L-BFGS). tiny: a whole build's ``seconds_by_kind`` / ``units_by_kind``; default: each kind timed
+#: alone, which over the plan sums to 417 s (a full build: 405 s). Only the first estimate uses them; later
+#: progress lines use the rates measured during the build.
+REFERENCE_THREADS = 2
+REFERENCE_SECONDS_PER_UNIT: dict[str, dict[str, float]] = {
+    "tiny": {"data": 2.3e-3, "scenes": 1.6e-3, "train": 6e-3, "infer": 4e-3},
+    "default": {"data": 2.6e-3, "scenes": 1.0e-3, "train": 2.1e-3, "infer": 7e-4},
+}
 BACKBONE_CLASS = "open_clip.transformer.VisionTransformer"
 
 
@@ -127,9 +151,10 @@ def _pretext_loss(logits: Tensor, target: Tensor) -> Tensor:
 
 
 def pretrain(model: VisionTransformer, images: Tensor, targets: Tensor, patch_labels: Tensor,
-             cfg: dict[str, Any], seed: int) -> float:
+             cfg: dict[str, Any], seed: int, progress: Callable[[int], None] | None = None) -> float:
     """Train the backbone with throwaway pretext heads: scene attributes from the pooled output and the
-    per-patch primitive map from the output tokens. Returns the mean loss of the last tenth of steps."""
+    per-patch primitive map from the output tokens. Returns the mean loss of the last tenth of steps.
+    ``progress(batch_size)`` is called after each step."""
     head = nn.Linear(model.output_dim, generators.PRETEXT_DIM)
     patch_head = nn.Linear(model.ln_post.normalized_shape[0], generators.PATCH_CLASSES)
     steps = cfg["epochs"] * math.ceil(len(images) / cfg["batch_size"])
@@ -148,6 +173,8 @@ def pretrain(model: VisionTransformer, images: Tensor, targets: Tensor, patch_la
             opt.step()
             sched.step()
             losses.append(loss.item())
+            if progress is not None:
+                progress(len(idx))
     finally:
         model.output_tokens = False
         model.eval()
@@ -187,8 +214,9 @@ def linear_probe(features: Tensor, labels: Tensor, num_classes: int, cfg: dict[s
 
 
 def finetune(model: VisionTransformer, head: nn.Linear, images: Tensor, labels: Tensor, cfg: dict[str, Any],
-             seed: int) -> None:
-    """Full fine-tuning of the backbone (in place) with the task's head frozen or trained (``cfg['head']``)."""
+             seed: int, progress: Callable[[int], None] | None = None) -> None:
+    """Full fine-tuning of the backbone (in place) with the task's head frozen or trained (``cfg['head']``);
+    ``progress(batch_size)`` is called after each step."""
     train_head = cfg["head"] == "probe_init_trained"
     head.requires_grad_(train_head)
     params = list(model.parameters()) + (list(head.parameters()) if train_head else [])
@@ -202,24 +230,14 @@ def finetune(model: VisionTransformer, head: nn.Linear, images: Tensor, labels: 
         loss.backward()
         opt.step()
         sched.step()
+        if progress is not None:
+            progress(len(idx))
     model.eval()
     head.eval()
     head.requires_grad_(True)
 
 
 # ----------------------------------------------------------------------------------------------- building
-def build_threads() -> int:
-    """CPU threads used by a build: ``$FREEMERGE_ZOO_THREADS`` or the CPUs this process may use (≤ 8)."""
-    env = os.environ.get("FREEMERGE_ZOO_THREADS")
-    if env:
-        return max(1, int(env))
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        n = os.cpu_count() or 1
-    return max(1, min(n, 8))
-
-
 @contextlib.contextmanager
 def _deterministic(threads: int):
     prev = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), \
@@ -234,21 +252,18 @@ def _deterministic(threads: int):
         torch.use_deterministic_algorithms(prev[1], warn_only=prev[2])
 
 
-def _rel_sha(root: Path, paths: list[Path]) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): sha256_file(p) for p in paths}
-
-
 def _meta(**fields) -> dict[str, str]:
     """safetensors metadata as ONE key: the format stores a hash map, so several keys come out in a
     per-process random order and the file bytes would differ between identical builds."""
     return {"freemerge_pl.zoo": json.dumps(fields, sort_keys=True)}
 
 
-def _task_data(tmp: Path, task: str, data_cfg: dict[str, int], seed: int) -> dict[str, Tensor]:
+def _task_data(tmp: Path, task: str, data_cfg: dict[str, int], seed: int,
+               progress: Callable[[int], None] | None = None) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     seen: set[bytes] = set()
     for split in generators.SPLITS:
-        x, y = generators.generate_split(task, split, data_cfg[f"n_{split}"], seed, exclude=seen)
+        x, y = generators.generate_split(task, split, data_cfg[f"n_{split}"], seed, exclude=seen, progress=progress)
         seen.update(generators.row_hash(r) for r in x)
         out[f"{split}_x"] = torch.from_numpy(x)
         out[f"{split}_y"] = torch.from_numpy(y)
@@ -258,81 +273,133 @@ def _task_data(tmp: Path, task: str, data_cfg: dict[str, int], seed: int) -> dic
     return out
 
 
-def _write_zoo(tmp: Path, size: str, seed: int) -> dict[str, Any]:
+def build_plan(recipe: dict[str, Any]) -> dict[str, float]:
+    """Units of work of a build per kind: task images and pre-training scenes generated, training samples
+    (forward + backward), inference samples (probe features, probe and fine-tuned evaluation)."""
+    k, d, pre, ft = len(recipe["tasks"]), recipe["data"], recipe["pretrain"], recipe["finetune"]
+    return {"data": k * (d["n_train"] + d["n_router"] + d["n_test"]), "scenes": pre["n_images"],
+            "train": pre["n_images"] * pre["epochs"] + k * ft["epochs"] * d["n_train"],
+            "infer": k * (d["n_train"] + 2 * d["n_test"])}
+
+
+def _prior_seconds_per_unit(size: str, threads: int) -> dict[str, float]:
+    """``REFERENCE_SECONDS_PER_UNIT`` scaled to ``threads`` (training and inference only; roughly)."""
+    ratio = REFERENCE_THREADS / max(1, threads)
+    scale = ratio if threads <= REFERENCE_THREADS else ratio ** 0.5
+    return {k: v * (scale if k in ("train", "infer") else 1.0) for k, v in REFERENCE_SECONDS_PER_UNIT[size].items()}
+
+
+def estimate_build_seconds(size: str = "default", threads: int | None = None) -> float:
+    """A rough duration of a build of ``size`` on ``threads`` threads (default ``build_threads()``)."""
+    recipe = zoo_recipe(size, threads)
+    prior = _prior_seconds_per_unit(size, recipe["environment"]["threads"])
+    return sum(units * prior[k] for k, units in build_plan(recipe).items())
+
+
+def _write_zoo(tmp: Path, recipe: dict[str, Any], seed: int, progress: BuildProgress) -> dict[str, Any]:
     """Everything of a build, written under ``tmp``; returns the manifest."""
     start = time.perf_counter()
-    recipe = zoo_recipe(size)
     bcfg = recipe["backbone"]
     normalisation = {"mean": list(ZOO_MEAN), "std": list(ZOO_STD), "scale": "uint8/255"}
+    names = list(recipe["tasks"])
+    n_tasks = len(names)
+    d_cfg = recipe["data"]
 
-    log.info("zoo %s seed %d: generating data for %d tasks", size, seed, len(recipe["tasks"]))
-    data = {t: _task_data(tmp, t, recipe["data"], seed) for t in recipe["tasks"]}
+    data = {}
+    for i, task in enumerate(names):
+        progress.stage(f"generating the data of task {i + 1}/{n_tasks} ({task})", "data",
+                       sum(d_cfg[f"n_{split}"] for split in generators.SPLITS))
+        data[task] = _task_data(tmp, task, d_cfg, seed, progress.advance)
 
     n_pre = recipe["pretrain"]["n_images"]
-    log.info("zoo %s: pre-training on %d procedural scenes", size, n_pre)
-    px, pt, pp = generators.pretext_batch(n_pre, seed, patch_grid=bcfg["image_size"] // bcfg["patch_size"])
+    progress.stage(f"generating {n_pre} pre-training scenes", "scenes", n_pre)
+    px, pt, pp = generators.pretext_batch(n_pre, seed, patch_grid=bcfg["image_size"] // bcfg["patch_size"],
+                                          progress=progress.advance)
+    progress.stage("pre-training the backbone", "train", n_pre * recipe["pretrain"]["epochs"])
     torch.manual_seed(_derived_seed(seed, 1))
     model = build_vit(bcfg)
     pretext_loss = pretrain(model, torch.from_numpy(px), torch.from_numpy(pt), torch.from_numpy(pp),
-                            recipe["pretrain"], _derived_seed(seed, 2))
+                            recipe["pretrain"], _derived_seed(seed, 2), progress=progress.advance)
     pre_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     backbone_info = {"class": BACKBONE_CLASS, "config": bcfg}
-    pre_files = [save_safetensors_atomic(pre_state, tmp / "pretrained" / "model.safetensors",
-                                         metadata=_meta(role="pretrained")),
-                 write_json_atomic({"backbone": backbone_info, "normalisation": normalisation,
-                                    "pretext": {"final_loss": pretext_loss, "n_images": n_pre}},
-                                   tmp / "pretrained" / "config.json")]
+    save_safetensors_atomic(pre_state, tmp / "pretrained" / "model.safetensors", metadata=_meta(role="pretrained"))
+    write_json_atomic({"backbone": backbone_info, "normalisation": normalisation,
+                       "pretext": {"final_loss": pretext_loss, "n_images": n_pre}}, tmp / "pretrained" / "config.json")
+    pre_files = ["pretrained/model.safetensors", "pretrained/config.json"]
 
     tasks = []
-    for k, task in enumerate(recipe["tasks"]):
+    for k, task in enumerate(names):
         spec = generators.TASKS[task]
         d = data[task]
-        log.info("zoo %s: task %s (%d classes): probe + fine-tune", size, task, spec.num_classes)
         model.load_state_dict(pre_state)
-        head = linear_probe(_features(model, d["train_x"]), d["train_y"], spec.num_classes, recipe["probe"])
+        progress.stage(f"linear probe of task {k + 1}/{n_tasks} ({task})", "infer", len(d["train_y"]) + len(d["test_y"]))
+        features = _features(model, d["train_x"])
+        progress.advance(len(d["train_y"]))
+        head = linear_probe(features, d["train_y"], spec.num_classes, recipe["probe"])
         probe_acc = evaluate_accuracy(model, head, d["test_x"], d["test_y"])
-        finetune(model, head, d["train_x"], d["train_y"], recipe["finetune"], _derived_seed(seed, 3, k))
+        progress.advance(len(d["test_y"]))
+        progress.stage(f"fine-tuning task {k + 1}/{n_tasks} ({task})", "train",
+                       recipe["finetune"]["epochs"] * len(d["train_y"]))
+        finetune(model, head, d["train_x"], d["train_y"], recipe["finetune"], _derived_seed(seed, 3, k),
+                 progress=progress.advance)
+        progress.stage(f"evaluating fine-tuned task {k + 1}/{n_tasks} ({task})", "infer", len(d["test_y"]))
         acc = evaluate_accuracy(model, head, d["test_x"], d["test_y"])
+        progress.advance(len(d["test_y"]))
         fdir = tmp / "finetuned" / task
-        files = [
-            save_safetensors_atomic(model.state_dict(), fdir / "model.safetensors",
-                                    metadata=_meta(role="finetuned", task=task)),
-            save_safetensors_atomic({"weight": head.weight, "bias": head.bias}, fdir / "head.safetensors",
-                                    metadata=_meta(role="head", task=task)),
-            write_json_atomic({"task": task, "num_classes": spec.num_classes, "class_names": list(spec.class_names),
-                               "backbone": backbone_info, "normalisation": normalisation,
-                               "head_protocol": recipe["finetune"]["head"], "individual_test_acc": acc,
-                               "pretrained_probe_acc": probe_acc}, fdir / "config.json"),
-            tmp / "data" / f"{task}.safetensors",
-        ]
+        save_safetensors_atomic(model.state_dict(), fdir / "model.safetensors",
+                                metadata=_meta(role="finetuned", task=task))
+        save_safetensors_atomic({"weight": head.weight, "bias": head.bias}, fdir / "head.safetensors",
+                                metadata=_meta(role="head", task=task))
+        write_json_atomic({"task": task, "num_classes": spec.num_classes, "class_names": list(spec.class_names),
+                           "backbone": backbone_info, "normalisation": normalisation,
+                           "head_protocol": recipe["finetune"]["head"], "individual_test_acc": acc,
+                           "pretrained_probe_acc": probe_acc}, fdir / "config.json")
         tasks.append({"name": task, "num_classes": spec.num_classes, "class_names": list(spec.class_names),
                       "n_train": len(d["train_y"]), "n_router": len(d["router_y"]), "n_test": len(d["test_y"]),
                       "individual_test_acc": acc, "pretrained_probe_acc": probe_acc,
-                      "files": _rel_sha(tmp, files)})
+                      "files": [f"finetuned/{task}/{n}" for n in ("model.safetensors", "head.safetensors",
+                                                                  "config.json")] + [f"data/{task}.safetensors"]})
 
+    progress.stage("recording sizes and sha256s", "infer", 0)
+    records = file_records(tmp, pre_files + [f for t in tasks for f in t["files"]])
+    for t in tasks:
+        t["files"] = {f: records[f]["sha256"] for f in t["files"]}
+    progress.finish()
     return {
-        "format": FORMAT, "size": size, "seed": seed, "package_version": freemerge_pl.__version__,
+        "format": FORMAT, "size": recipe["size"], "seed": seed, "package_version": freemerge_pl.__version__,
         "recipe": recipe, "recipe_hash": recipe_hash(recipe, seed), "backbone": backbone_info,
         "normalisation": normalisation,
-        "pretrained": {"pretext_final_loss": pretext_loss, "files": _rel_sha(tmp, pre_files)},
+        "pretrained": {"pretext_final_loss": pretext_loss, "files": {f: records[f]["sha256"] for f in pre_files}},
         "tasks": tasks,
+        "files": records,
         "build": {"seconds": round(time.perf_counter() - start, 2), "threads": torch.get_num_threads(),
+                  "seconds_by_kind": progress.seconds_by_kind(), "units_by_kind": build_plan(recipe),
                   "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
                   "machine": platform.machine()},
     }
 
 
-def build_zoo(dest: str | Path, size: str = "default", seed: int = 0) -> Path:
-    """Build a zoo at ``dest`` (replacing an out-of-date one) via a temporary directory and one rename."""
+def build_zoo(dest: str | Path, size: str = "default", seed: int = 0, reason: str | None = None) -> Path:
+    """Build a zoo at ``dest`` (replacing an out-of-date one) via a temporary directory and one rename.
+
+    Logs (logger ``freemerge_pl.zoo``, INFO) where and roughly how long first, then a line per stage and one
+    at least every ``$FREEMERGE_PROGRESS_SECONDS`` (10 s) with the elapsed time and the time left."""
     check_size(size)
     dest = Path(dest).expanduser().absolute()
     if dest.exists() and any(dest.iterdir()) and not (dest / MANIFEST).exists():
         raise ConfigError(f"zoo root {dest} exists, is not empty and holds no {MANIFEST}: refusing to replace it")
+    recipe = zoo_recipe(size)
+    threads = recipe["environment"]["threads"]
+    progress = BuildProgress(build_plan(recipe), _prior_seconds_per_unit(size, threads), log)
+    log.info("building the offline zoo (size %s, seed %d) at %s%s; built once, later runs reuse it; expect %s on "
+             "%d thread%s (a progress line every %s)", size, seed, dest, f" ({reason})" if reason else "",
+             rough_duration(progress.estimate_total_s()), threads, "" if threads == 1 else "s",
+             f"{progress.interval_s:g} s")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
-        with _deterministic(build_threads()):
-            manifest = _write_zoo(tmp, size, seed)
+        with _deterministic(threads), progress:
+            manifest = _write_zoo(tmp, recipe, seed, progress)
         write_json_atomic(manifest, tmp / MANIFEST)
         old = None
         if dest.exists():
@@ -344,27 +411,84 @@ def build_zoo(dest: str | Path, size: str = "default", seed: int = 0) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("zoo %s seed %d built at %s in %.1f s", size, seed, dest, manifest["build"]["seconds"])
+    log.info("zoo %s seed %d built at %s in %s", size, seed, dest, format_seconds(manifest["build"]["seconds"]))
     return dest
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:
     path = Path(root) / MANIFEST
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise FreeMergeError(f"{path} does not exist: build the zoo first (ensure_zoo)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FreeMergeError(f"{path} is damaged (not valid JSON: {err}); delete {Path(root)} to rebuild the "
+                             f"zoo") from None
+    if not isinstance(manifest, dict):
+        raise FreeMergeError(f"{path} is damaged (a JSON {type(manifest).__name__}, not an object); delete "
+                             f"{Path(root)} to rebuild the zoo")
+    return manifest
 
 
-def _is_current(root: Path, want_hash: str) -> bool:
+def rebuild_hint(root: str | Path, manifest: dict[str, Any] | None = None) -> str:
+    """How to rebuild the zoo at ``root`` (the command line, with its size and seed when known)."""
+    m = manifest or {}
+    size, seed = m.get("size", "default"), m.get("seed", 0)
+    return (f"rebuild the zoo: python -m freemerge_pl.zoo --size {size} --seed {seed} --root {Path(root)} "
+            f"--rebuild (or delete {Path(root)})")
+
+
+def verify_zoo(root: str | Path, names: Iterable[str] | None = None) -> dict[str, Any]:
+    """Check the zoo's files (``names``: relative paths; default all) against its manifest's ``files`` table
+    (``freemerge_pl.io.verify_manifest``: size always, sha256 once per process and when a file changes);
+    returns the manifest. A damaged or missing file raises ``FreeMergeError`` naming it and the rebuild."""
+    root = Path(root)
+    m = read_manifest(root)
+    if m.get("format") != FORMAT or not isinstance(m.get("files"), dict):
+        raise FreeMergeError(f"{root / MANIFEST} has format {m.get('format')!r}; this version reads {FORMAT!r}; "
+                             f"{rebuild_hint(root, m)}")
+    verify_manifest(root, m["files"], remedy=rebuild_hint(root, m), names=names)
+    return m
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out if out else {prefix: d}
+
+
+def recipe_changes(old: Any, new: dict[str, Any], limit: int = 4) -> str:
+    """What differs between two recipes, as ``key: old -> new`` (at most ``limit`` entries)."""
+    a, b = _flat(old if isinstance(old, dict) else {}), _flat(new)
+    diff = [f"{k.rstrip('.')}: {a.get(k, '(absent)')} -> {b.get(k, '(absent)')}" for k in sorted(set(a) | set(b))
+            if a.get(k, "(absent)") != b.get(k, "(absent)")]
+    return "; ".join(diff[:limit]) + (f"; {len(diff) - limit} more" if len(diff) > limit else "") if diff \
+        else "same recipe, another seed or hash"
+
+
+def stale_reason(root: Path, recipe: dict[str, Any], want_hash: str) -> str | None:
+    """Why the zoo at ``root`` must be (re)built for ``recipe`` (hash ``want_hash``), or None if it is current:
+    no zoo, an unreadable or older manifest, another recipe or build environment, or missing files."""
+    if not (root / MANIFEST).exists():
+        return "no zoo there yet"
     try:
         m = read_manifest(root)
-    except (FreeMergeError, json.JSONDecodeError, OSError):
-        return False
-    if m.get("format") != FORMAT or m.get("recipe_hash") != want_hash:
-        return False
-    files = list(m["pretrained"]["files"]) + [f for t in m["tasks"] for f in t["files"]]
-    return all((root / f).is_file() for f in files)
+    except FreeMergeError as err:
+        return str(err)
+    if m.get("format") != FORMAT:
+        return f"its manifest has format {m.get('format')!r}, this version writes {FORMAT!r}"
+    if m.get("recipe_hash") != want_hash:
+        return f"it was built with another recipe or build environment: {recipe_changes(m.get('recipe'), recipe)}"
+    files = m.get("files")
+    if not isinstance(files, dict):
+        return "its manifest lists no files"
+    missing = [f for f in files if not (root / f).is_file()]
+    if missing:
+        return f"{len(missing)} of its files are missing ({missing[0]}{', ...' if len(missing) > 1 else ''})"
+    return None
 
 
 @contextlib.contextmanager
@@ -388,21 +512,28 @@ def resolve_zoo_root(root: str | Path | None, size: str = "default", seed: int =
     return Path(root).expanduser().absolute() if root else default_zoo_root(size, seed).absolute()
 
 
-def ensure_zoo(root: str | Path | None = None, size: str = "default", seed: int = 0) -> Path:
-    """The zoo directory, built first if it is missing, incomplete or of another recipe (hash differs)."""
+def ensure_zoo(root: str | Path | None = None, size: str = "default", seed: int = 0, rebuild: bool = False) -> Path:
+    """The zoo directory, built first if it is missing, incomplete, or of another recipe or build environment
+    (its recipe hash differs), or when ``rebuild``; then every file is checked against the manifest
+    (``verify_zoo``): a damaged file raises an error naming it instead of giving wrong accuracies."""
     dest = resolve_zoo_root(root, size, seed)
-    want = recipe_hash(zoo_recipe(size), seed)
-    if _is_current(dest, want):
-        return dest
-    with _build_lock(dest):
-        if not _is_current(dest, want):
-            build_zoo(dest, size, seed)
+    recipe = zoo_recipe(size)
+    want = recipe_hash(recipe, seed)
+    if rebuild or stale_reason(dest, recipe, want) is not None:
+        with _build_lock(dest):
+            reason = "a rebuild was asked for" if rebuild else stale_reason(dest, recipe, want)
+            if reason is not None:
+                build_zoo(dest, size, seed, reason=reason)
+    verify_zoo(dest)
     return dest
 
 
 def load_task_data(root: str | Path, task: str) -> dict[str, Tensor]:
-    """The task's tensors (``{train,router,test}_x`` uint8 [N,3,32,32], ``…_y`` int64)."""
-    path = Path(root) / "data" / f"{task}.safetensors"
-    if not path.is_file():
-        raise FreeMergeError(f"zoo data file {path} does not exist (task {task!r})")
-    return load_file(str(path))
+    """The task's tensors (``{train,router,test}_x`` uint8 [N,3,32,32], ``…_y`` int64), checked against the
+    manifest first (``verify_zoo``)."""
+    root = Path(root)
+    rel = f"data/{task}.safetensors"
+    if not (root / rel).is_file():
+        raise FreeMergeError(f"zoo data file {root / rel} does not exist (task {task!r}); {rebuild_hint(root)}")
+    verify_zoo(root, names=[rel])
+    return load_state_dict(root / rel)

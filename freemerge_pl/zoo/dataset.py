@@ -20,8 +20,9 @@ class ZooTaskDataset(Dataset):
     """``(image float32 [3,32,32] normalised with CLIP's mean/std, label int)`` of one zoo task and split.
 
     ``split`` is ``train``, ``router`` (a small held-out set for router training) or ``test``. The zoo is
-    built (``ensure_zoo``) on first access if it is missing or out of date. ``images`` (uint8) and
-    ``labels`` expose the whole split as tensors.
+    built (``ensure_zoo``) on first access if it is missing or out of date, and its files are checked against
+    the manifest (a damaged file raises an error naming it). ``images`` (uint8) and ``labels`` expose the
+    whole split as tensors.
     """
 
     def __init__(self, root: str | None = None, task: str | None = None, split: str = "train",

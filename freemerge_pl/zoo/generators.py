@@ -513,11 +513,12 @@ def row_hash(image: np.ndarray) -> bytes:
     return hashlib.sha256(np.ascontiguousarray(image).tobytes()).digest()
 
 
-def generate_split(task: str, split: str, n: int, seed: int,
-                   exclude: set[bytes] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def generate_split(task: str, split: str, n: int, seed: int, exclude: set[bytes] | None = None,
+                   progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``n`` class-balanced samples (counts differ by at most one) of ``task``: uint8 [n,3,32,32], int64 [n].
 
     Rows whose content hash is in ``exclude`` (the other splits) or repeats within the split are redrawn.
+    ``progress(1)`` is called after each sample (it does not change the samples).
     """
     spec = TASKS[task]
     task_id = BASE_TASKS.index(task) if task in BASE_TASKS else 99
@@ -537,6 +538,8 @@ def generate_split(task: str, split: str, n: int, seed: int,
             raise RuntimeError(f"task {task!r} split {split!r}: could not draw a new image of class {c}")
         seen.add(h)
         images[i] = img
+        if progress is not None:
+            progress(1)
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2)), labels
 
 
@@ -664,15 +667,20 @@ def _pretext_scene(rng: np.random.Generator, glyphs: tuple[np.ndarray, ...], pat
     return _finish(img, rng, (0.0, 10.0)), target, patch
 
 
-def pretext_batch(n: int, seed: int, patch_grid: int = PATCH_GRID) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pretext_batch(n: int, seed: int, patch_grid: int = PATCH_GRID, progress: Callable[[int], None] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``n`` pre-training scenes: uint8 [n,3,32,32], attribute targets float32 [n, PRETEXT_DIM] (laid out as
     ``PRETEXT_SLICES``) and per-patch labels int64 [n, patch_grid²] (the object covering most of each cell of
     a ``patch_grid``×``patch_grid`` grid over the image — the ViT's token grid — if it covers ≥ 1/4 of it,
-    else background)."""
+    else background). ``progress(1)`` is called after each scene (it does not change the scenes)."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 1000]))
     glyphs = _pseudo_glyph_table(seed)
     if patch_grid < 1 or CANVAS % patch_grid:
         raise ConfigError(f"pretext_batch: patch_grid={patch_grid} must divide the {CANVAS}-pixel canvas")
-    triples = [_pretext_scene(rng, glyphs, patch_grid) for _ in range(n)]
+    triples = []
+    for _ in range(n):
+        triples.append(_pretext_scene(rng, glyphs, patch_grid))
+        if progress is not None:
+            progress(1)
     x = np.stack([t[0] for t in triples]).transpose(0, 3, 1, 2)
     return np.ascontiguousarray(x), np.stack([t[1] for t in triples]), np.stack([t[2] for t in triples])

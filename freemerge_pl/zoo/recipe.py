@@ -1,4 +1,5 @@
-"""The zoo recipe: every hyperparameter of a build, per size, and its hash (a changed recipe ⇒ a rebuild)."""
+"""The zoo recipe: every hyperparameter of a build, per size, the build environment that changes its bits (thread
+count, torch version, CPU kernels), and its hash (a changed recipe ⇒ a rebuild)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from freemerge_pl.errors import ConfigError
+from freemerge_pl.progress import usable_cpus
 from freemerge_pl.zoo.generators import HAS_FREETYPE, available_tasks
 
 #: bump when the generators or the training code change what a recipe produces
@@ -51,8 +55,29 @@ def check_size(size: str) -> None:
         raise ConfigError(f"unknown zoo size {size!r}; accepted: {sorted(SIZES)}")
 
 
-def zoo_recipe(size: str = "default") -> dict[str, Any]:
-    """The full recipe of a zoo size (a fresh copy): hyperparameters, task list, generator facts."""
+def build_threads() -> int:
+    """CPU threads a build uses: ``$FREEMERGE_ZOO_THREADS`` or the CPUs this process may use (≤ 8)."""
+    env = os.environ.get("FREEMERGE_ZOO_THREADS")
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise ConfigError(f"FREEMERGE_ZOO_THREADS={env!r} is not an integer (the zoo build's thread count)") from None
+    return max(1, min(usable_cpus(), 8))
+
+
+def build_environment(threads: int | None = None) -> dict[str, Any]:
+    """What besides the hyperparameters changes a build's bits, hence its accuracies: the intra-op thread count
+    (it changes how reductions and matrix products are split: a 1- and a 2-thread build of the default size
+    differ by up to 2 points on a task), torch's major.minor version and the CPU kernels it dispatches to."""
+    major_minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    return {"threads": int(threads) if threads is not None else build_threads(), "torch": major_minor,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def zoo_recipe(size: str = "default", threads: int | None = None) -> dict[str, Any]:
+    """The full recipe of a zoo size (a fresh copy): hyperparameters, task list, generator facts and the build
+    environment (``threads``: the build's thread count, default ``build_threads()``)."""
     check_size(size)
     r = copy.deepcopy(SIZES[size])
     if r["finetune"]["head"] not in HEAD_PROTOCOLS:
@@ -65,11 +90,13 @@ def zoo_recipe(size: str = "default") -> dict[str, Any]:
         "normalisation": {"mean": list(ZOO_MEAN), "std": list(ZOO_STD)},
         "optimizer": {"name": "AdamW", "betas": list(ADAMW_BETAS), "schedule": "linear warmup, cosine to 0"},
         "eval_batch_size": EVAL_BATCH_SIZE,
+        "environment": build_environment(threads),
     })
     return r
 
 
 def recipe_hash(recipe: dict[str, Any], seed: int) -> str:
+    """The zoo's cache key: SHA-256 of the recipe (environment included) and the seed."""
     blob = json.dumps({"recipe": recipe, "seed": seed}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
