@@ -43,7 +43,7 @@ from freemerge_pl.data.tasks import TaskInfo, task_info
 from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError
 from freemerge_pl.io import (
     INDEX_NAME,
-    file_signature,
+    cached_sha256,
     open_checkpoint,
     save_safetensors_atomic,
     sha256_file,
@@ -51,6 +51,7 @@ from freemerge_pl.io import (
     write_json_atomic,
 )
 from freemerge_pl.models.base import ModelAdapter, StateDict
+from freemerge_pl.models.checks import meta_state_spec
 
 #: vision-config fields every checkpoint must share with the pre-trained one (the architecture)
 VISION_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
@@ -63,23 +64,12 @@ VISION_MODEL_TYPES = ("clip", "clip_vision_model")
 PROJECTION_KEY = "visual_projection.weight"
 VISION_PREFIX = "vision_model."
 HEAD_CACHE_VERSION = 1
-_DIGESTS: dict[str, tuple[tuple, str]] = {}  # resolved path -> (file_signature, sha256): per-process memo
 
 
 def default_head_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/freemerge_pl/clip_heads`` (``~/.cache/freemerge_pl/clip_heads`` without it)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base).expanduser() / "freemerge_pl" / "clip_heads"
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file, memoised per process until its size, mtime, ctime or inode changes."""
-    key, stamp = str(path.resolve()), file_signature(path)
-    seen = _DIGESTS.get(key)
-    if seen is None or seen[0] != stamp:
-        seen = (stamp, sha256_file(path))
-        _DIGESTS[key] = seen
-    return seen[1]
 
 
 def weight_files(directory: Path, role: str) -> list[Path]:
@@ -209,6 +199,7 @@ class HFCLIPAdapter(ModelAdapter):
     """
 
     exclude_keys: tuple[str, ...] = (r"^visual_projection\.",)
+    input_kind = "image"
 
     def __init__(
         self,
@@ -383,9 +374,7 @@ class HFCLIPAdapter(ModelAdapter):
     def backbone_spec(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
         """Key → (shape, dtype) of the backbone's state dict (built on the meta device: no memory)."""
         if self._spec is None:
-            with torch.device("meta"):
-                encoder = self.build_backbone()
-            self._spec = {k: (v.shape, v.dtype) for k, v in encoder.state_dict().items()}
+            self._spec = meta_state_spec(self.build_backbone)
         return self._spec
 
     def _read_vision(self, directory: Path, role: str) -> StateDict:
@@ -449,7 +438,7 @@ class HFCLIPAdapter(ModelAdapter):
         files += [directory / n for n in TOKENIZER_FILES if (directory / n).is_file()]
         info = self._info(task)
         record = {"version": HEAD_CACHE_VERSION,
-                  "files": {f.name: {"bytes": f.stat().st_size, "sha256": file_digest(f)} for f in files},
+                  "files": {f.name: {"bytes": f.stat().st_size, "sha256": cached_sha256(f)} for f in files},
                   "classnames": list(info.classnames), "templates": list(info.templates)}
         blob = json.dumps(record, sort_keys=True, ensure_ascii=False).encode()
         return hashlib.sha256(blob).hexdigest(), record

@@ -38,6 +38,7 @@ from freemerge_pl.data.text import unpack_text_inputs
 from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError
 from freemerge_pl.io import INDEX_NAME, open_checkpoint
 from freemerge_pl.models.base import ModelAdapter, StateDict
+from freemerge_pl.models.checks import meta_state_spec
 
 #: model types whose sequence-classification head was checked to take only the first token or the pooler
 SUPPORTED_MODEL_TYPES = ("roberta", "xlm-roberta", "camembert", "bert", "deberta", "deberta-v2", "distilbert",
@@ -123,6 +124,7 @@ class HFSequenceClassificationAdapter(ModelAdapter):
     """
 
     exclude_keys: tuple[str, ...] = ()  # the heads are not part of the backbone's state dict
+    input_kind = "tokens"
 
     def __init__(
         self,
@@ -247,9 +249,7 @@ class HFSequenceClassificationAdapter(ModelAdapter):
     def backbone_spec(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
         """Key → (shape, dtype) of the backbone's state dict (built on the meta device: no memory)."""
         if self._spec is None:
-            with torch.device("meta"):
-                backbone = self.build_backbone()
-            self._spec = {k: (v.shape, v.dtype) for k, v in backbone.state_dict().items()}
+            self._spec = meta_state_spec(self.build_backbone)
         return self._spec
 
     @property

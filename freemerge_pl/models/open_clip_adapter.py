@@ -32,7 +32,8 @@ from torch import Tensor, nn
 
 from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError
 from freemerge_pl.io import PickledObjectsError, file_signature, load_state_dict, read_pickled_state_dict
-from freemerge_pl.models.base import ModelAdapter, StateDict
+from freemerge_pl.models.base import ModelAdapter, StateDict, open_clip_vit_prefix_features
+from freemerge_pl.models.checks import linear_head_tensors
 
 #: prefixes tried, in this order, when ``key_prefix`` is None (the best-matching one wins)
 AUTO_PREFIXES = ("model.visual.", "visual.", "model.", "")
@@ -109,6 +110,8 @@ class OpenCLIPAdapter(ModelAdapter):
     """
 
     exclude_keys: tuple[str, ...] = ()
+    input_kind = "image"
+    prefix_features = open_clip_vit_prefix_features
 
     def __init__(
         self,
@@ -253,21 +256,9 @@ class OpenCLIPAdapter(ModelAdapter):
         cached = self._head_cache.get(task)
         if cached is None or cached[0] != stamp:
             sd = self._read(path, f"head ({task})")
-            if "weight" not in sd or set(sd) - {"weight", "bias"}:
-                raise CheckpointMismatchError(f"head ({task}) file {path}: expected keys 'weight' [C, D] and "
-                                              f"optional 'bias' [C], found {sorted(sd)[:10]}")
-            weight = sd["weight"]
-            if weight.dim() != 2 or weight.shape[1] != self._embed_dim:
-                raise CheckpointMismatchError(
-                    f"head ({task}) file {path}: weight has shape {tuple(weight.shape)}, expected "
-                    f"[num_classes, {self._embed_dim}] (the {self.model_name} image embedding size)")
-            bias = sd.get("bias")
-            if bias is None:
-                bias = torch.zeros(weight.shape[0], dtype=weight.dtype)
-            elif tuple(bias.shape) != (weight.shape[0],):
-                raise CheckpointMismatchError(f"head ({task}) file {path}: bias has shape {tuple(bias.shape)}, "
-                                              f"expected ({weight.shape[0]},)")
-            self._head_cache[task] = (stamp, {"weight": weight, "bias": bias})
+            head = linear_head_tensors(sd, self._embed_dim, f"head ({task}) file {path}",
+                                       f"the {self.model_name} image embedding size")
+            self._head_cache[task] = (stamp, head)
         return self._head_cache[task][1]
 
     def build_head(self, task: str) -> nn.Linear:

@@ -24,6 +24,7 @@ from torch import nn
 from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError
 from freemerge_pl.io import PickledObjectsError, load_state_dict, open_checkpoint
 from freemerge_pl.models.base import ModelAdapter, StateDict
+from freemerge_pl.models.checks import linear_head_tensors
 
 #: prefixes tried, in this order, when ``key_prefix`` is None (the best-matching one wins)
 AUTO_PREFIXES = ("", "module.", "model.")
@@ -47,6 +48,7 @@ class TimmViTAdapter(ModelAdapter):
     """
 
     exclude_keys: tuple[str, ...] = ()  # the classifier is split off before merging (see the module docstring)
+    input_kind = "image"
 
     def __init__(
         self,
@@ -196,23 +198,10 @@ class TimmViTAdapter(ModelAdapter):
 
     # ------------------------------------------------------------------ heads
     def _checked_head(self, sd: StateDict, path: str, task: str) -> StateDict:
-        role = f"head ({task})"
-        if "weight" not in sd or set(sd) - {"weight", "bias"}:
-            raise CheckpointMismatchError(f"{role}: {path} must hold {self.head_prefix}weight [C, "
-                                          f"{self.num_features}] and optional {self.head_prefix}bias [C]; found "
-                                          f"{sorted(self.head_prefix + k for k in sd)[:8]}")
-        weight = sd["weight"]
-        if weight.dim() != 2 or weight.shape[1] != self.num_features:
-            raise CheckpointMismatchError(f"{role}: {path} {self.head_prefix}weight has shape "
-                                          f"{tuple(weight.shape)}, expected [num_classes, {self.num_features}] "
-                                          f"(the features of timm {self.model_name})")
-        bias = sd.get("bias")
-        if bias is None:
-            bias = torch.zeros(weight.shape[0], dtype=weight.dtype)
-        elif tuple(bias.shape) != (weight.shape[0],):
-            raise CheckpointMismatchError(f"{role}: {path} {self.head_prefix}bias has shape {tuple(bias.shape)}, "
-                                          f"expected ({weight.shape[0]},)")
-        return {"weight": weight, "bias": bias}
+        sd = {k.removeprefix(self.head_prefix): v for k, v in sd.items()}
+        return linear_head_tensors(sd, self.num_features, f"head ({task}): {path} ({self.head_prefix}weight, "
+                                   f"{self.head_prefix}bias)",
+                                   f"the features of timm {self.model_name}")
 
     def head_state_dict(self, task: str) -> StateDict:
         """The task's classifier ``{weight [C, D], bias [C]}``: from ``heads[task]`` or the fine-tuned file."""
