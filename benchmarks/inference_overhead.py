@@ -2,13 +2,15 @@
 
     python benchmarks/inference_overhead.py [--config configs/zoo/free_merging.yaml] [--batches 20]
 
-Measured in one run on the same batches, the two taking turns: images/s of the model with experts
-(router + grouped sparse expert apply/restore + backbone) divided by images/s of the backbone alone
-(goal ≥ 0.90; the paper reports 31.0 s vs 32.2 s, 0.96), for the ``input`` and ``backbone`` router
-features, on mixed-task batches (a task-agnostic deployment) and per-task batches (the paper's
-evaluation), plus oracle routing on per-task batches (one expert apply/restore per batch: the experts'
-own cost); and the router's training time on the router split. A router that splits a batch into G
-groups runs G smaller forward passes. Writes ``benchmarks/results/inference_overhead.{json,md}``.
+Measured in one run on the same batches, the functions taking turns: images/s of the model with experts
+(router + experts + backbone) divided by images/s of the merged backbone alone (goal ≥ 0.90; the paper reports
+31.0 s vs 32.2 s, 0.96). The config's (default) router, on mixed-task batches (a task-agnostic deployment) with
+both expert paths (``expert_path``: ``activation``, one backbone pass with each sample's sparse expert added as
+a layer correction; ``weight_swap``, one pass per routed group with the experts applied in place and restored)
+and ``auto`` (what the model does by default), and on per-task batches (the paper's evaluation); oracle routing
+on per-task batches (one expert apply/restore per batch: the experts' own cost); and the router's training time.
+Writes ``benchmarks/results/inference_overhead.{json,md}``; the last line printed is
+``default router, mixed batches: routed/merged throughput X.XX`` (``auto``).
 """
 
 from __future__ import annotations
@@ -61,29 +63,43 @@ def throughput(fns, batches, repeats: int = 5) -> list[float]:
     return [n / b for b in best]
 
 
+def _with_path(model, path: str, routing: str):
+    """``fn(x, task_ids)``: the routed model with ``expert_path=path`` (oracle: the true task ids)."""
+    def fn(x, t):
+        model.expert_path = path
+        return model(x) if routing == "router" else model(x, t)
+
+    return fn
+
+
 def run(config: str, n_batches: int, batch_size: int) -> dict:
+    model, dm = build_from_config(["--config", config])
+    model.eval()
+    start = time.perf_counter()
+    model.fit_router(dm.router_dataset())
+    router_seconds = time.perf_counter() - start
+    source = model.router_config.feature_source
     rows = {}
-    for source in ("input", "backbone"):
-        model, dm = build_from_config(["--config", config, "--model.router.feature_source", source])
-        model.eval()
-        start = time.perf_counter()
-        model.fit_router(dm.router_dataset())
-        router_seconds = time.perf_counter() - start
-        runs = [("router", False), ("router", True)] + ([("oracle", True)] if source == "input" else [])
-        for routing, per_task in runs:
-            batches = mixed_batches(dm, n_batches, batch_size, per_task)
-            # oracle: the true task, one group per per-task batch — the expert's apply/restore cost alone
-            with_experts = (lambda x, t, m=model: m(x)) if routing == "router" else (lambda x, t, m=model: m(x, t))
-            backbone, routed = throughput([lambda x, t, m=model: m.backbone(x), with_experts], batches)
-            label = (f"{routing} on {source} features" if routing == "router" else "oracle") + \
-                f", {'per-task' if per_task else 'mixed'} batches"
+    # (routing, per-task batches, expert paths measured against the backbone in the same interleaved run)
+    runs = [("router", False, ("activation", "weight_swap", "auto")), ("router", True, ("auto",)),
+            ("oracle", True, ("auto",))]
+    for routing, per_task, paths in runs:
+        batches = mixed_batches(dm, n_batches, batch_size, per_task)
+        fns = [lambda x, t, m=model: m.backbone(x)] + [_with_path(model, p, routing) for p in paths]
+        speeds = throughput(fns, batches)
+        model.expert_path = "auto"
+        for path, routed in zip(paths, speeds[1:]):
+            label = (f"router on {source} features" if routing == "router" else "oracle") + \
+                f", {'per-task' if per_task else 'mixed'} batches, {path}"
             rows[label] = {
-                "backbone_images_per_s": backbone, "routed_images_per_s": routed, "ratio": routed / backbone,
-                "router_fit_seconds": router_seconds if routing == "router" else None,
+                "backbone_images_per_s": speeds[0], "routed_images_per_s": routed, "ratio": routed / speeds[0],
+                "expert_path": path, "router_fit_seconds": router_seconds if routing == "router" else None,
                 "router_samples": len(dm.router_dataset()), "method": model.method,
                 "task_modules": len(model.task_modules)}
+    mixed = rows[f"router on {source} features, mixed batches, auto"]["ratio"]
     return {"config": config, "batches": n_batches, "batch_size": batch_size,
-            "threads": torch.get_num_threads(), "results": rows}
+            "threads": torch.get_num_threads(), "default_router": source, "default_router_mixed_ratio": mixed,
+            "results": rows}
 
 
 def main() -> None:
@@ -91,21 +107,24 @@ def main() -> None:
     parser.add_argument("--config", default="configs/zoo/free_merging.yaml")
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="directory for the .json/.md results")
     args = parser.parse_args()
     report = run(args.config, args.batches, args.batch_size)
     header = (f"config `{report['config']}`, {report['batches']} batches of {report['batch_size']} test images "
               f"(mixed: tasks interleaved within a batch; per-task: one task per batch), {report['threads']} threads")
     lines = [header, "",
-             "| routing, batches | backbone img/s | with experts img/s | ratio (goal ≥ 0.90) | router fit s |",
+             ("| routing, batches, expert path | backbone img/s | with experts img/s | ratio (goal ≥ 0.90) "
+              "| router fit s |"),
              "|---|---|---|---|---|"]
     for label, r in report["results"].items():
         fit = f"{r['router_fit_seconds']:.2f}" if r["router_fit_seconds"] is not None else ""
         lines.append(f"| {label} | {r['backbone_images_per_s']:.0f} | {r['routed_images_per_s']:.0f} | "
                      f"{r['ratio']:.3f} | {fit} |")
     md = "\n".join(lines) + "\n"
-    write_json_atomic(report, RESULTS / "inference_overhead.json")
-    write_text_atomic(md, RESULTS / "inference_overhead.md")
+    write_json_atomic(report, args.results / "inference_overhead.json")
+    write_text_atomic(md, args.results / "inference_overhead.md")
     print(md)
+    print(f"default router, mixed batches: routed/merged throughput {report['default_router_mixed_ratio']:.2f}")
 
 
 if __name__ == "__main__":

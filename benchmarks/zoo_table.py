@@ -1,11 +1,13 @@
-"""The method comparison on the offline zoo: every method at its paper defaults, the protocol variants,
+"""The method comparison on an offline zoo: every method at its paper defaults, the protocol variants,
 the tuned-on-router-split rows, and the filter-ratio / expert-density sweeps.
 
-    python benchmarks/zoo_table.py [--size default|tiny] [--only NAME ...] [--skip-sweeps] [--skip-tuned]
+    python benchmarks/zoo_table.py [--zoo vision|text] [--size default|tiny] [--only NAME ...] [--skip-sweeps]
+                                   [--skip-tuned]
 
-Writes ``benchmarks/results/zoo_vision{,_tiny}.{md,json}``. Every row is built from the zoo config
-``configs/zoo/<method>.yaml`` (same zoo, same router split, same router recipe) with the overrides shown;
-nothing here is tuned on the test split, and the zoo recipe was fixed before any method was measured.
+Writes ``benchmarks/results/zoo_{vision,text}{,_tiny}.{md,json}``. Every row is built from the zoo's config
+``configs/zoo/<method>.yaml`` (vision: the procedural ViT zoo) or ``configs/text/<method>.yaml`` (text: the
+all-MiniLM-L6-v2 text zoo) — same zoo, same router split, same router recipe — with the overrides shown;
+nothing here is tuned on the test split, and the zoo recipes were fixed before any method was measured.
 "Individual" and "Pre-trained" evaluate each fine-tuned (resp. the pre-trained) backbone with the task's
 own head on its own test set.
 """
@@ -29,14 +31,22 @@ from freemerge_pl.io import write_json_atomic, write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
+#: per zoo: its config folder, output name, title, what a sample is, and how its default router sees inputs
+ZOOS: dict[str, dict[str, str]] = {
+    "vision": {"configs": "zoo", "name": "zoo_vision", "title": "Offline zoo", "samples": "img",
+               "router": "MLP on 8×8-pooled pixels"},
+    "text": {"configs": "text", "name": "zoo_text", "title": "Text zoo", "samples": "text",
+             "router": "MLP on the merged encoder's pooled [CLS] features"},
+}
 
 
-def rows_spec() -> list[dict[str, Any]]:
-    """(label, config method, method_args, model overrides) of every headline row."""
+def rows_spec(zoo: str = "vision") -> list[dict[str, Any]]:
+    """(label, config method, method_args, model overrides) of every headline row (on the text zoo the default
+    router already reads the backbone's features, so that variant is not repeated)."""
     router = {"routing": "router", "head_selection": "dataset"}
     oracle = {"routing": "oracle", "head_selection": "dataset"}
     routed_heads = {"routing": "router", "head_selection": "routed"}
-    return [
+    rows = [
         {"label": "Weight Averaging", "method": "weight_averaging"},
         {"label": "Task Arithmetic", "method": "task_arithmetic"},
         {"label": "TIES", "method": "ties"},
@@ -58,6 +68,9 @@ def rows_spec() -> list[dict[str, Any]]:
         {"label": "FREE-Merging (released code, router)", "method": "free_merging_released", "model": router},
         {"label": "FREE-Merging (released code, oracle)", "method": "free_merging_released", "model": oracle},
     ]
+    if zoo == "text":
+        rows = [r for r in rows if r["label"] != "FREE-Merging (router on backbone features)"]
+    return rows
 
 
 def sweep_spec() -> list[dict[str, Any]]:
@@ -73,9 +86,10 @@ TUNED = [("Task Arithmetic", "task_arithmetic"), ("TIES", "ties"), ("FR-Merging 
          ("FREE-Merging (router)", "free_merging")]
 
 
-def build(size: str, method: str, args: dict | None = None, model: dict | None = None):
-    """The merged module and data of ``configs/zoo/<method>.yaml`` with the zoo size and overrides applied."""
-    cfg = yaml.safe_load((REPO / "configs" / "zoo" / f"{method}.yaml").read_text())
+def build(size: str, method: str, args: dict | None = None, model: dict | None = None, zoo: str = "vision"):
+    """The merged module and data of the zoo's ``configs/<zoo folder>/<method>.yaml`` with the zoo size and
+    overrides applied."""
+    cfg = yaml.safe_load((REPO / "configs" / ZOOS[zoo]["configs"] / f"{method}.yaml").read_text())
     cfg["model"]["adapter"]["init_args"]["size"] = size
     for task in cfg["data"]["tasks"]:
         task["dataset_args"]["size"] = size
@@ -134,8 +148,8 @@ def row(label: str, tasks: dict[str, float], individual: dict[str, float] | None
     return {"label": label, "tasks": tasks, "avg": avg, "normalised_avg": norm, **extra}
 
 
-def markdown(rows: list[dict], tasks: list[str], title: str, tuning: bool = False) -> str:
-    head = ["method", *tasks, "avg", "norm. avg", "extra storage / task", "merge s", "img/s", "routing acc"]
+def markdown(rows: list[dict], tasks: list[str], title: str, tuning: bool = False, samples: str = "img") -> str:
+    head = ["method", *tasks, "avg", "norm. avg", "extra storage / task", "merge s", f"{samples}/s", "routing acc"]
     if tuning:
         head += ["tuning s", "tune-val images"]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
@@ -155,10 +169,10 @@ def markdown(rows: list[dict], tasks: list[str], title: str, tuning: bool = Fals
     return "\n".join(lines) + "\n"
 
 
-def run_tuned(size: str, label: str, method: str, individual) -> dict[str, Any]:
+def run_tuned(size: str, label: str, method: str, individual, zoo: str = "vision") -> dict[str, Any]:
     from freemerge_pl.cli import DEFAULT_SPACES, FreeMergeTrainer
 
-    module, dm = build(size, method)
+    module, dm = build(size, method, zoo=zoo)
     dm.tune_fraction = 0.5
     dm._train.clear()
     dm.setup()
@@ -166,10 +180,11 @@ def run_tuned(size: str, label: str, method: str, individual) -> dict[str, Any]:
                                enable_model_summary=False, enable_checkpointing=False)
     start = time.perf_counter()
     module.backbone = None  # tune builds it itself
-    report = trainer.tune(module, dm, DEFAULT_SPACES[method], output_dir=str(RESULTS / "tune" / f"{size}-{method}"))
+    out = RESULTS / "tune" / (f"{size}-{method}" if zoo == "vision" else f"{zoo}-{size}-{method}")
+    report = trainer.tune(module, dm, DEFAULT_SPACES[method], output_dir=str(out))
     tune_seconds = time.perf_counter() - start
     best = report["best"]["params"]
-    tuned, dm2 = build(size, method, args=best)
+    tuned, dm2 = build(size, method, args=best, zoo=zoo)
     dm2.tune_fraction = 0.5
     dm2._train.clear()
     dm2.setup()
@@ -183,6 +198,7 @@ def run_tuned(size: str, label: str, method: str, individual) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--zoo", default="vision", choices=sorted(ZOOS), help="which zoo's configs and table")
     parser.add_argument("--size", default="default")
     parser.add_argument("--only", nargs="*", default=None, help="labels (substring match) to run")
     parser.add_argument("--skip-sweeps", action="store_true")
@@ -190,23 +206,24 @@ def main() -> None:
     parser.add_argument("--skip-main", action="store_true", help="only Individual/Pre-trained + what is not skipped")
     parser.add_argument("--merge-json", nargs="*", default=[],
                         help="earlier JSON outputs whose rows/tuned/sweeps are merged into this table")
-    parser.add_argument("--name", default=None, help="output name (default zoo_vision[_<size>])")
+    parser.add_argument("--name", default=None, help="output name (default zoo_<zoo>[_<size>])")
     args = parser.parse_args()
     torch.manual_seed(0)
     start = time.perf_counter()
 
-    base, dm = build(args.size, "weight_averaging")
+    zoo = ZOOS[args.zoo]
+    base, dm = build(args.size, "weight_averaging", zoo=args.zoo)
     router_per_task = len(dm.router_indices[dm.task_names[0]])
     adapter = base.adapter
     tasks = base.task_names
     individual = own_model_accuracy(base, dm, {t: adapter.finetuned_state_dict(t) for t in tasks})
     pretrained = own_model_accuracy(base, dm, {t: adapter.pretrained_state_dict() for t in tasks})
     rows = [row("Individual", individual, individual), row("Pre-trained", pretrained, individual)]
-    specs = [] if args.skip_main else rows_spec()
+    specs = [] if args.skip_main else rows_spec(args.zoo)
     if args.only:
         specs = [s for s in specs if any(o in s["label"] for o in args.only)]
     for spec in specs:
-        module, dm = build(args.size, spec["method"], spec.get("args"), spec.get("model"))
+        module, dm = build(args.size, spec["method"], spec.get("args"), spec.get("model"), zoo=args.zoo)
         ev = evaluate(module, dm)
         rows.append(row(spec["label"], ev["tasks"], individual, **{k: v for k, v in ev.items() if k != "tasks"},
                         method=spec["method"], method_args=spec.get("args", {}), model=spec.get("model", {})))
@@ -214,12 +231,12 @@ def main() -> None:
     tuned_rows = []
     if not args.skip_tuned:
         for label, method in TUNED:
-            tuned_rows.append(run_tuned(args.size, label, method, individual))
+            tuned_rows.append(run_tuned(args.size, label, method, individual, zoo=args.zoo))
             print(f"{tuned_rows[-1]['label']}: avg {100 * tuned_rows[-1]['avg']:.1f}", flush=True)
     sweep_rows = []
     if not args.skip_sweeps:
         for spec in sweep_spec():
-            module, dm = build(args.size, spec["method"], spec.get("args"), spec.get("model"))
+            module, dm = build(args.size, spec["method"], spec.get("args"), spec.get("model"), zoo=args.zoo)
             ev = evaluate(module, dm)
             sweep_rows.append(row(spec["label"], ev["tasks"], individual,
                                   **{k: v for k, v in ev.items() if k != "tasks"}, sweep=spec["sweep"]))
@@ -229,28 +246,37 @@ def main() -> None:
         rows += [r for r in earlier["rows"] if r["label"] not in {x["label"] for x in rows}]
         tuned_rows += earlier["tuned"]
         sweep_rows += earlier["sweeps"]
-    name = args.name or ("zoo_vision" if args.size == "default" else f"zoo_vision_{args.size}")
+    name = args.name or (zoo["name"] if args.size == "default" else f"{zoo['name']}_{args.size}")
     manifest = adapter.manifest
-    report = {"size": args.size, "zoo_recipe_hash": manifest.get("recipe_hash"), "tasks": tasks,
+    report = {"zoo": args.zoo, "size": args.size, "zoo_recipe_hash": manifest.get("recipe_hash"), "tasks": tasks,
               "rows": rows, "tuned": tuned_rows, "sweeps": sweep_rows,
               "seconds": time.perf_counter() - start, "torch": torch.__version__,
               "threads": torch.get_num_threads()}
-    md = [f"## Offline zoo ({args.size}): 8 tasks, accuracy (%) on each task's test split",
+    unit = zoo["samples"]
+    if args.zoo == "vision":
+        router_split = f"1% of each task's training data ({router_per_task} images per task)"
+    else:
+        sizes = sorted({len(dm.router_indices[t]) for t in tasks})
+        router_split = (f"held out of fine-tuning ({'–'.join(map(str, sizes[::max(1, len(sizes) - 1)]))} texts "
+                        f"per task, the same count of each class)")
+    title = zoo["title"] + (f", {manifest['encoder']['kind']}" if "encoder" in manifest else "")
+    md = [f"## {title} ({args.size}): {len(tasks)} tasks, accuracy (%) on each task's test split",
           "", f"zoo recipe hash `{str(manifest.get('recipe_hash'))[:12]}`, CPU, {report['seconds']:.0f} s in all.",
-          ("Heads: each dataset's own head unless a row says *routed heads*. Router: MLP on 8×8-pooled "
-           f"pixels (unless a row says otherwise) trained on the router split, 1% of each task's training data "
-           f"({router_per_task} images per task). *routing acc* is the share of test images routed to their own "
-           "task (shown where there are task modules to route to). Extra storage per task is what a task adds "
-           "to the one merged backbone (sparse experts store an index and a value per entry)."), "",
-          markdown(rows, tasks, "Paper-default hyperparameters")]
+          (f"Heads: each dataset's own head unless a row says *routed heads*. Router: {zoo['router']} (unless a "
+           f"row says otherwise) trained on the router split, {router_split}. *routing acc* is the share of test "
+           f"{unit}s routed to their own task (shown where there are task modules to route to). Extra storage per "
+           "task is what a task adds to the one merged backbone (sparse experts store an index and a value per "
+           "entry)."), "",
+          markdown(rows, tasks, "Paper-default hyperparameters", samples=unit)]
     if tuned_rows:
         md.append(markdown(tuned_rows, tasks, "Tuned on a held-out half of the router split (never the test split)",
-                           tuning=True))
+                           tuning=True, samples=unit))
         md.append("Tuned rows: the router trains on the other half of the router split; each candidate is scored "
                   "by mean accuracy on tune-val (`cli.DEFAULT_SPACES`); the chosen values are then evaluated once "
                   "on the test split. *tuning s* is the whole search.\n")
     if sweep_rows:
-        md.append(markdown(sweep_rows, tasks, "Sweeps: filter ratio (Table 14 analogue) and expert density"))
+        md.append(markdown(sweep_rows, tasks, "Sweeps: filter ratio (Table 14 analogue) and expert density",
+                           samples=unit))
     write_json_atomic(report, RESULTS / f"{name}.json")
     write_text_atomic("\n".join(md), RESULTS / f"{name}.md")
     print("\n".join(md))

@@ -1,4 +1,5 @@
-"""Regenerates the method configs under configs/zoo/ (one per registry method, same settings otherwise).
+"""Regenerates the method configs under configs/zoo/ and configs/text/ (one per registry method, same settings
+otherwise).
 
     python configs/make_configs.py
 """
@@ -10,10 +11,12 @@ from pathlib import Path
 import yaml
 
 from freemerge_pl.merging import get_method, list_methods
+from freemerge_pl.textzoo import text_zoo_task_names
 from freemerge_pl.zoo import zoo_task_names
 
 HERE = Path(__file__).resolve().parent
 ZOO_TASKS = ["digits", "letters", "signs", "textures", "counting", "orientation", "layout", "handwritten"]
+TEXT_TASKS = ["language", "sentiment", "unicode_category", "stdlib_topic"]
 
 
 def zoo_config(method: str, size: str = "default", method_args: dict | None = None, **model) -> dict:
@@ -33,7 +36,7 @@ def zoo_config(method: str, size: str = "default", method_args: dict | None = No
             "method_args": method_args or {},
             "routing": "router",
             "head_selection": "dataset",
-            "router": {"feature_source": "input", "epochs": 20},
+            "router": {"epochs": 20},  # feature_source auto: the merged backbone's first blocks
             **model,
         },
         "data": {
@@ -42,6 +45,58 @@ def zoo_config(method: str, size: str = "default", method_args: dict | None = No
                        "dataset_args": {"task": t, "size": size, "seed": 0}} for t in ZOO_TASKS],
         },
     }
+
+
+def text_config(method: str, size: str = "default", method_args: dict | None = None, **model) -> dict:
+    """The text zoo (MiniLM fine-tuned on 4 text tasks): the router reads the merged encoder's features (token
+    ids are no input features) and trains on each task's held-out router split (never fine-tuned on)."""
+    out = f"outputs/text{'' if size == 'default' else '_' + size}/{method}"
+    return {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "auto", "devices": 1, "max_epochs": 20, "logger": False,
+            "default_root_dir": out, "enable_checkpointing": True,
+            "callbacks": [{"class_path": "freemerge_pl.callbacks.ResultsTable"},
+                          {"class_path": "freemerge_pl.callbacks.RoutingStats"}],
+        },
+        "model": {
+            "adapter": {"class_path": "freemerge_pl.models.text_zoo.TextZooAdapter",
+                        "init_args": {"size": size, "seed": 0, "tasks": TEXT_TASKS}},
+            "method": method,
+            "method_args": method_args or {},
+            "routing": "router",
+            "head_selection": "dataset",
+            "router": {"feature_source": "backbone", "epochs": 20},
+            **model,
+        },
+        "data": {
+            "router_fraction": 1.0, "min_router_samples": 1, "batch_size": 128, "seed": 0,
+            "tasks": [{"name": t, "dataset": "freemerge_pl.textzoo.TextZooTaskDataset",
+                       "dataset_args": {"task": t, "size": size, "seed": 0},
+                       "train_args": {"split": "router"}} for t in TEXT_TASKS],
+        },
+    }
+
+
+#: The data-dependent rows (issue 20) on the zoo: the statistics/training budgets sized for 2 CPU cores (the
+#: classes' defaults are the papers': AdaMerging trains 500 steps). Training cost is reported beside accuracy.
+DATA_DEPENDENT_ZOO_ARGS = {
+    "fisher": {"fisher_batches": 8, "batch_size": 16, "fisher_target": "predicted"},
+    "regmean": {"gram_batches": 8, "batch_size": 16, "alpha": 0.9},
+    "adamerging": {"granularity": "layer", "steps": 100, "lr": 0.01, "init": 0.3, "batch_size": 16},
+    "adamerging_pp": {"granularity": "layer", "steps": 100, "lr": 0.01, "init": 0.3, "batch_size": 16,
+                      "density": 0.2},
+    "mtl": {"data_split": "router", "epochs": 10, "lr": 1e-4, "batch_size": 32},
+}
+
+
+def write_data_dependent_zoo_configs(size: str = "default") -> None:
+    """configs/zoo/{fisher,regmean,adamerging,adamerging_pp,mtl}.yaml: statistics from the router split."""
+    for method, args in DATA_DEPENDENT_ZOO_ARGS.items():
+        spec = get_method(method)
+        write(HERE / "zoo" / f"{method}.yaml", zoo_config(method, size=size, method_args=args),
+              f"{method} ({spec.reference}) on the offline zoo; data statistics / training from the router split "
+              "(1% of each task's training data), never the test split.")
 
 
 def write(path: Path, cfg: dict, comment: str) -> None:
@@ -55,8 +110,16 @@ def main() -> None:
         spec = get_method(method)
         write(HERE / "zoo" / f"{method}.yaml", zoo_config(method),
               f"{method} ({spec.reference}) on the offline zoo, the method's default hyperparameters.")
+    write_data_dependent_zoo_configs()
     write(HERE / "zoo" / "tiny" / "free_merging.yaml", zoo_config("free_merging", size="tiny"),
           "FREE-Merging on the tiny zoo (seconds; what CI runs end to end).")
+    assert text_zoo_task_names("default") == TEXT_TASKS
+    for method in list_methods():
+        spec = get_method(method)
+        write(HERE / "text" / f"{method}.yaml", text_config(method),
+              f"{method} ({spec.reference}) on the text zoo (all-MiniLM-L6-v2, 4 tasks), the method's defaults.")
+    write(HERE / "text" / "tiny" / "free_merging.yaml", text_config("free_merging", size="tiny"),
+          "FREE-Merging on the tiny text zoo (a tiny random BERT; seconds; for tests).")
 
 if __name__ == "__main__":
     main()

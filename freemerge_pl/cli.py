@@ -38,7 +38,14 @@ from freemerge_pl.progress import (
     silence_known_noise,
     stderr_is_terminal,
 )
-from freemerge_pl.tuning import CandidateMerger, check_candidates, grid_candidates, mean_objective, tune
+from freemerge_pl.tuning import (
+    CandidateMerger,
+    check_candidates,
+    grid_candidates,
+    mean_objective,
+    tune,
+    tune_val_record,
+)
 
 
 def import_adapters() -> list[str]:
@@ -72,7 +79,7 @@ def prepare_and_build(model: MergedModule, datamodule: MultiTaskDataModule, stag
     datamodule.setup(stage)
     model.prepare_data()
     model._check_data(datamodule)
-    model.build(datamodule.router_dataset()[0][0].unsqueeze(0))
+    model.build(datamodule.router_dataset()[0][0].unsqueeze(0), datamodule=datamodule)
 
 
 class FreeMergeTrainer(Trainer):
@@ -171,7 +178,7 @@ class FreeMergeTrainer(Trainer):
         merger = CandidateMerger(adapter.pretrained_state_dict(), finetuned, model.method, model.method_args,
                                  names=names, exclude_keys=list(adapter.exclude_keys),
                                  fr_filter_ratio=model.fr_filter_ratio, seed=model.merge_seed)
-        retrain_router = model.router_config.feature_source == "backbone"
+        retrain_router = model.router_reads_merged_backbone
         if model.routing == "router" and not retrain_router:
             model.fit_router(router_data)
 
@@ -200,6 +207,7 @@ class FreeMergeTrainer(Trainer):
             "method": model.method, "base_args": model.method_args, "space": space, "metric": metric,
             "normalised": normalised, "individual": individual, "search": search,
             "tune_samples": {t: len(datamodule.tune_indices[t]) for t in names},
+            "tune_val": tune_val_record(datamodule),
             "router_samples": {t: len(datamodule.router_indices[t]) for t in names},
         })
         return report
@@ -255,8 +263,10 @@ def tune_markdown(report: dict[str, Any]) -> str:
     rows = sorted(report["candidates"], key=lambda r: -r["score"])
     tasks = list(rows[0]["scores"]["tasks"])
     metric = report["metric"]
+    kinds = sorted({v["source"] for v in report.get("tune_val", {}).values()})
     header = (f"method `{report['method']}` · objective: mean {metric}"
-              f"{' (normalised)' if report['normalised'] else ''} on tune-val · {report['seconds']:.1f}s")
+              f"{' (normalised)' if report['normalised'] else ''} on tune-val"
+              f"{' (' + ', '.join(kinds) + ')' if kinds else ''} · {report['seconds']:.1f}s")
     lines = [header, "",
              "| params | score | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 2) + "|"]
     for r in rows:
@@ -364,6 +374,10 @@ def main(args=None, run: bool = True) -> FreeMergeCLI:
         from freemerge_pl.merge_job import job_main
 
         return job_main(argv[1:])
+    if run and argv[:1] == ["analyze"]:
+        from freemerge_pl.analysis.cli import analyze_main
+
+        return analyze_main(argv[1:])
     list_methods()  # import every method class, so ``class_path: TIES`` and ``--model.method.help TIES`` resolve
     import_adapters()
     set_parsing_settings(subclasses_enabled=[MergeMethod])

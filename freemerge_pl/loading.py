@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from freemerge_pl.errors import ConfigError, FreeMergeError
+from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError
 from freemerge_pl.io import (
     INDEX_NAME,
     MANIFEST_NAME,
@@ -192,9 +192,10 @@ def read_task_module(path, shared: dict[str, nn.Module]) -> nn.Module:
 def _sparse_expert(tensors, extra, shared):
     from freemerge_pl.merging.experts import SparseExpert
 
-    keys = extra["keys"] if extra else [k[: -len("::indices")] for k in tensors if k.endswith("::indices")]
-    return SparseExpert({k: (tensors[f"{k}::indices"], tensors[f"{k}::values"]) for k in keys},
-                        extra["shapes"] if extra else None)
+    try:  # extra None or without index codes: flat indices (files written before compact storage)
+        return SparseExpert.from_state_dict(tensors, extra)
+    except CheckpointMismatchError as err:  # an unknown index code, a stream that does not match its values
+        raise KeyError(str(err)) from None  # read_task_module names the file
 
 
 def _emr_unified(tensors, extra, shared):

@@ -3,27 +3,33 @@
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from freemerge_pl.errors import ConfigError, HyperparameterError, check_range
+from freemerge_pl.activation_experts import EXPERT_PATHS, ActivationExperts, UnsupportedCall
+from freemerge_pl.errors import ConfigError, HyperparameterError
 from freemerge_pl.merging import MergeMethod, build_method, merge
 from freemerge_pl.merging.engine import check_prefilter
 from freemerge_pl.merging.fourier import check_filter_ratio
 from freemerge_pl.merging.merge import write_export
 from freemerge_pl.merging.method import check_fields
 from freemerge_pl.metrics import REGRESSION_METRICS, task_metrics
-from freemerge_pl.models.base import ModelAdapter
-from freemerge_pl.router import FEATURE_SOURCES, Router, RouterConfig
+from freemerge_pl.models.base import ModelAdapter, has_prefix_features
+from freemerge_pl.router import (
+    Router,
+    RouterConfig,
+    RoutingConfusionMatrix,
+    check_router_config,
+    resolve_feature_source,
+    routing_accuracy_metric,
+)
 
 ROUTINGS = ("router", "oracle")
 HEAD_SELECTIONS = ("dataset", "routed")
@@ -68,19 +74,21 @@ def _checked_method(method: str | MergeMethod, method_args: dict[str, Any] | Non
     return config
 
 
-def _checked_router(config: RouterConfig) -> RouterConfig:
-    """``model.router`` checked: field types, feature source, positive sizes, a finite learning rate."""
+def _checked_router(config: RouterConfig, adapter: ModelAdapter | None = None) -> RouterConfig:
+    """``model.router`` checked: field types, choices, sizes and ranges, and (given the adapter) that its feature
+    source can read the adapter's inputs (``input`` on token ids is refused) and that an adapter asked for a
+    backbone prefix can run one. The split point against the backbone's depth is checked when it is built."""
     check_fields(config, "model.router")
-    if config.feature_source not in FEATURE_SOURCES:
-        raise ConfigError(f"model.router.feature_source={config.feature_source!r}; "
-                          f"accepted: {list(FEATURE_SOURCES)}")
-    for name in ("hidden_dim", "pool_size", "batch_size"):
-        if getattr(config, name) < 1:
-            raise ConfigError(f"model.router.{name}={getattr(config, name)} must be ≥ 1")
-    if config.epochs < 0:
-        raise ConfigError(f"model.router.epochs={config.epochs} must be ≥ 0")
-    check_range("model.router.lr", config.lr, 0.0, math.inf, low_open=True, high_open=True)
-    check_range("model.router.weight_decay", config.weight_decay, 0.0, math.inf, high_open=True)
+    check_router_config(config)
+    if adapter is not None:
+        name = type(adapter).__name__
+        source = resolve_feature_source(config, getattr(adapter, "input_kind", "other"), name,
+                                        has_prefix_features(adapter))
+        needs_prefix = source == "backbone_prefix" or (source == "pretrained_backbone" and config.split_block > 0)
+        if needs_prefix and not has_prefix_features(adapter):
+            raise ConfigError(f"model.router.feature_source={config.feature_source!r} (→ {source!r}, split_block="
+                              f"{config.split_block}) needs {name}.prefix_features, which {name} does not "
+                              "implement; use 'backbone', or 'pretrained_backbone' with split_block 0")
     return config
 
 
@@ -102,6 +110,12 @@ class MergedModule(LightningModule):
         auto_fit_router: when testing with an untrained router, train it first on the router split.
         metric_suffix: appended to metric names (``test/<task>/<metric><suffix>``); None → the protocol,
             e.g. ``[router,dataset]`` unless it is the default pair.
+        expert_path: how a batch whose samples route to different experts runs (``activation_experts``):
+            ``activation`` one backbone pass with each sample's sparse expert added as a correction of the
+            layers it touches; ``weight_swap`` one backbone pass per group of samples with the group's
+            experts applied in place and restored; ``auto`` (default) the weight swap for a batch that forms
+            one group, the activation path otherwise. A model whose experts touch a layer the activation
+            path does not cover uses the weight swap for every batch (said once in the log).
     """
 
     def __init__(
@@ -117,6 +131,7 @@ class MergedModule(LightningModule):
         router: RouterConfig | None = None,
         auto_fit_router: bool = True,
         metric_suffix: str | None = None,
+        expert_path: Literal["auto", "activation", "weight_swap"] = "auto",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["adapter"])
@@ -126,7 +141,7 @@ class MergedModule(LightningModule):
             raise ConfigError(f"model.routing={routing!r}; accepted: {list(ROUTINGS)}")
         if head_selection not in HEAD_SELECTIONS:
             raise ConfigError(f"model.head_selection={head_selection!r}; accepted: {list(HEAD_SELECTIONS)}")
-        self.router_config = _checked_router(router or RouterConfig())
+        self.router_config = _checked_router(router or RouterConfig(), adapter)
         for name, value in (("top_k", top_k), ("merge_seed", merge_seed)):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"model.{name}={value!r} must be a whole number")
@@ -141,6 +156,10 @@ class MergedModule(LightningModule):
         self.head_selection = head_selection
         self.top_k = top_k
         self.auto_fit_router = auto_fit_router
+        if expert_path not in EXPERT_PATHS:
+            raise ConfigError(f"model.expert_path={expert_path!r}; accepted: {list(EXPERT_PATHS)}")
+        self.expert_path = expert_path
+        self._activation: tuple[tuple, ActivationExperts] | None = None
         default_protocol = (routing, head_selection) == ("router", "dataset")
         self.metric_suffix = metric_suffix if metric_suffix is not None else (
             "" if default_protocol else f"[{routing},{head_selection}]")
@@ -180,13 +199,17 @@ class MergedModule(LightningModule):
             example = datamodule.router_dataset()[0][0].unsqueeze(0)
         self.build(example)
 
-    def build(self, example_input: Tensor | None = None) -> None:
-        """Merge the checkpoints and build backbone, task modules, heads and router (deterministic)."""
+    def build(self, example_input: Tensor | None = None, datamodule=None) -> None:
+        """Merge the checkpoints and build backbone, task modules, heads and router (deterministic).
+
+        A data-dependent method (Fisher, RegMean, AdaMerging, MTL) first collects its statistics from the router
+        split of ``datamodule`` (default: the trainer's) with ``freemerge_pl.activation_stats``."""
         self.task_names = list(self.adapter.task_names)
         start = time.perf_counter()
         pretrained = self.adapter.pretrained_state_dict()
         finetuned = [self.adapter.finetuned_state_dict(t) for t in self.task_names]
-        out = merge(pretrained, finetuned, self.method_config, names=self.task_names,
+        method = self._method_with_data(pretrained, finetuned, datamodule)
+        out = merge(pretrained, finetuned, method, names=self.task_names,
                     exclude_keys=list(self.adapter.exclude_keys), fr_filter_ratio=self.fr_filter_ratio,
                     seed=self.merge_seed, progress=True)
         del finetuned
@@ -198,7 +221,8 @@ class MergedModule(LightningModule):
         self.shared_modules = nn.ModuleDict(out.result.shared_modules)
         self.heads = nn.ModuleDict({_slot(t): self.adapter.build_head(t) for t in self.task_names})
         self.heads.requires_grad_(False).eval()
-        self.merge_record = {**out.record, "build_seconds": time.perf_counter() - start}
+        self.merge_record = {**out.record, "build_seconds": time.perf_counter() - start,
+                             **self._data_statistics_record(method)}
         self.backbone_digest = state_digest(self.backbone)
         self._router_in = self._router_in_features(example_input)
         self.register_buffer("router_trained", torch.zeros((), dtype=torch.bool))
@@ -229,9 +253,8 @@ class MergedModule(LightningModule):
             for t in self.task_names
         })
         K = len(self.task_names)
-        self.routing_accuracy = nn.ModuleDict({_slot(t): MulticlassAccuracy(num_classes=K, average="micro")
-                                               for t in self.task_names})
-        self.routing_confusion = MulticlassConfusionMatrix(num_classes=K)
+        self.routing_accuracy = nn.ModuleDict({_slot(t): routing_accuracy_metric(K) for t in self.task_names})
+        self.routing_confusion = RoutingConfusionMatrix(K)
 
     def _metric_names(self, task: str) -> list[str]:
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
@@ -248,13 +271,49 @@ class MergedModule(LightningModule):
         return sum(m.nbytes for m in self.task_modules)
 
     # ------------------------------------------------------------------ routing and forward
-    def _router_features_raw(self, x: Tensor) -> Tensor:
-        if self.router_config.feature_source == "backbone":
-            with torch.no_grad():
-                return self.backbone(x).float()
-        from freemerge_pl.router import InputPool
+    @property
+    def router_feature_source(self) -> str:
+        """The feature source in use (``auto`` resolved from the adapter's ``input_kind``; ``auto`` on a built
+        backbone no deeper than ``split_block`` reads the whole backbone)."""
+        source = resolve_feature_source(self.router_config, getattr(self.adapter, "input_kind", "other"),
+                                        type(self.adapter).__name__, has_prefix_features(self.adapter))
+        if source == "backbone_prefix" and self.router_config.feature_source == "auto" and self.backbone is not None:
+            depth = self.adapter.backbone_depth(self.backbone)
+            if depth is not None and self.router_config.split_block >= depth:
+                return "backbone"
+        return source
 
-        return InputPool(self.router_config.pool_size)(x)
+    @property
+    def router_reads_merged_backbone(self) -> bool:
+        """Whether the router's features depend on the merged weights (retrain it after another merge)."""
+        return self.router_feature_source in ("backbone", "backbone_prefix")
+
+    def _pretrained_router_backbone(self, device: torch.device) -> nn.Module:
+        """θ_pre's backbone for the ``pretrained_backbone`` source: built once from the adapter, frozen, kept out
+        of the module tree (not in checkpoints or exports: the adapter reads it again)."""
+        backbone = self.__dict__.get("_router_pretrained")
+        if backbone is None:
+            backbone = self.adapter.build_backbone()
+            backbone.load_state_dict(self.adapter.pretrained_state_dict(), strict=True)
+            backbone.requires_grad_(False).eval()
+            self.__dict__["_router_pretrained"] = backbone
+        return backbone.to(device)
+
+    def _router_features_raw(self, x: Tensor) -> Tensor:
+        source, split = self.router_feature_source, self.router_config.split_block
+        if source == "input":
+            from freemerge_pl.router import InputPool
+
+            return InputPool(self.router_config.pool_size)(x)
+        with torch.no_grad():
+            if source == "backbone":
+                return self.backbone(x).float()
+            if source == "backbone_prefix":
+                return self.adapter.prefix_features(self.backbone, x, split).float()
+            pretrained = self._pretrained_router_backbone(x.device)
+            if split == 0:
+                return pretrained(x).float()
+            return self.adapter.prefix_features(pretrained, x, split).float()
 
     def router_logits(self, x: Tensor) -> Tensor:
         return self.router(self._router_features_raw(x))
@@ -269,18 +328,47 @@ class MergedModule(LightningModule):
 
     @torch.no_grad()
     def features(self, x: Tensor, ids: Tensor | None = None, weights: Tensor | None = None) -> Tensor:
-        """Backbone features with each sample's task modules applied (grouped, applied in place, restored)."""
+        """Backbone features with each sample's task modules applied: in one pass as activation corrections,
+        or grouped with the modules applied in place and restored (``expert_path``)."""
         if ids is None or len(self.task_modules) == 0:
             return self.backbone(x)
         if weights is None:
             weights = torch.ones_like(ids, dtype=torch.float32)
-        if ids.shape[1] == 1:
-            groups = [((g,), (1.0,), (ids[:, 0] == g).nonzero().flatten()) for g in ids[:, 0].unique().tolist()]
+        if ids.shape[1] == 1:  # weight 0 = no expert (the router's confidence fallback), else the expert whole
+            key = torch.where(weights[:, 0] == 0, -1, ids[:, 0])
+            groups = [(() if g < 0 else (g,), () if g < 0 else (1.0,), (key == g).nonzero().flatten())
+                      for g in key.unique().tolist()]
         else:
             combos: dict[tuple, list[int]] = {}
             for i, (row, w) in enumerate(zip(ids.tolist(), weights.tolist())):
                 combos.setdefault((tuple(row), tuple(w)), []).append(i)
             groups = [(r, w, torch.tensor(s, device=x.device)) for (r, w), s in combos.items()]
+        if self.expert_path == "activation" or (self.expert_path == "auto" and len(groups) > 1):
+            activation = self._activation_experts()
+            if activation is not None:
+                try:
+                    return activation(x, ids, weights)
+                except UnsupportedCall as err:  # a layer called otherwise than covered: weight swap from now on
+                    rank_zero_info(f"activation-space experts: {err}; using the weight swap")
+                    self._activation = (self._activation[0], None)
+        return self._features_weight_swap(x, groups)
+
+    def _activation_experts(self) -> ActivationExperts | None:
+        """The activation path for the current backbone and task modules (rebuilt when either is replaced or
+        moved); None when an expert touches a key it does not cover."""
+        device = next(self.backbone.parameters()).device
+        ident = (id(self.backbone), device, tuple(id(m) for m in self.task_modules))
+        if self._activation is None or self._activation[0] != ident:
+            activation = ActivationExperts(self.backbone, list(self.task_modules))
+            if not activation.supported:
+                rank_zero_info(f"activation-space experts: not covered {activation.unsupported[:3]}"
+                               f"{'...' if len(activation.unsupported) > 3 else ''}; mixed batches use the "
+                               f"weight swap")
+            self._activation = (ident, activation if activation.supported else None)
+        return self._activation[1]
+
+    def _features_weight_swap(self, x: Tensor, groups: list) -> Tensor:
+        """One backbone pass per group ``(task ids, weights, rows)`` with its modules applied and restored."""
         out = None
         for task_ids, task_weights, sel in groups:
             applied = []
@@ -325,25 +413,41 @@ class MergedModule(LightningModule):
         cfg = self.router_config
         return torch.optim.AdamW(self.router.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
+    @torch.no_grad()
+    def router_features(self, dataset, batch_size: int | None = None) -> tuple[Tensor, Tensor]:
+        """The router's input features ``[N, D]`` and task ids ``[N]`` of a dataset of ``(x, y, task_id)``
+        (computed once, in order: the features are frozen, so training the head needs no further pass)."""
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size or self.router_config.batch_size)
+        feats, ids = [], []
+        for x, _, t in loader:
+            feats.append(self._router_features_raw(x.to(self.device)))
+            ids.append(torch.as_tensor(t).long().to(self.device))
+        return torch.cat(feats), torch.cat(ids)
+
     def fit_router(self, dataset) -> None:
-        """Train the router on ``dataset`` of ``(x, y, task_id)`` with a plain, seeded loop (every rank
-        trains the same router; under DDP rank 0's weights are broadcast to be safe)."""
+        """Fit the router on ``dataset`` of ``(x, y, task_id)``: features are computed once; ``ncm`` takes the
+        task means, ``linear``/``mlp`` train with a plain, seeded loop over them (every rank trains the same
+        router; under DDP rank 0's weights are broadcast to be safe)."""
         cfg = self.router_config
-        g = torch.Generator().manual_seed(cfg.seed)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=g)
-        opt = torch.optim.AdamW(self.router.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        with torch.inference_mode(False), torch.enable_grad():
-            self.router.train()
-            for _ in range(cfg.epochs):
-                for x, _, t in loader:
-                    x, t = x.to(self.device).clone(), t.to(self.device).clone()
-                    opt.zero_grad()
-                    self.router_loss(x, t).backward()
-                    opt.step()
-            self.router.eval()
+        feats, ids = self.router_features(dataset)
+        if not self.router.trainable:
+            self.router.fit_means(feats, ids)
+        else:
+            g = torch.Generator().manual_seed(cfg.seed)
+            loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(feats, ids),
+                                                 batch_size=cfg.batch_size, shuffle=True, generator=g)
+            opt = torch.optim.AdamW(self.router.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            with torch.inference_mode(False), torch.enable_grad():
+                self.router.train()
+                for _ in range(cfg.epochs):
+                    for f, t in loader:
+                        opt.zero_grad()
+                        F.cross_entropy(self.router(f.clone()), t.clone()).backward()
+                        opt.step()
+                self.router.eval()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            for p in self.router.parameters():
-                torch.distributed.broadcast(p.data, src=0)
+            for b in self.router.state_dict().values():
+                torch.distributed.broadcast(b.data, src=0)
         self.router_trained.fill_(True)
 
     def load_merge(self, state_dict: dict[str, Tensor], task_modules=None, shared_modules=None, *,
@@ -484,7 +588,8 @@ class MergedModule(LightningModule):
             for k, v in values.items():
                 sums.setdefault(k, []).append(v)
         results["avg"] = {k: sum(v) / len(v) for k, v in sums.items()}
-        results["routing_confusion"] = self.routing_confusion.compute().tolist()
+        K = len(self.task_names)  # torchmetrics squeezes a 1×1 matrix (one task) to a scalar
+        results["routing_confusion"] = self.routing_confusion.compute().reshape(K, K).tolist()
         suffix = self.metric_suffix
         for name, values in results["tasks"].items():
             for k, v in values.items():
@@ -527,10 +632,36 @@ class MergedModule(LightningModule):
         module = {"method_args": self.method_args, "fr_filter_ratio": self.fr_filter_ratio,
                   "merge_seed": self.merge_seed, "routing": self.routing, "head_selection": self.head_selection,
                   "top_k": self.top_k, "router": asdict(self.router_config), "auto_fit_router": self.auto_fit_router,
-                  "metric_suffix": self.metric_suffix, "router_in_features": self._router_in}
+                  "metric_suffix": self.metric_suffix, "router_in_features": self._router_in,
+                  "expert_path": self.expert_path}
         record = {**self.merge_record, "task_names": self.task_names, "backbone_digest": self.backbone_digest,
                   "router_trained": trained, "module": module}
         extra = {"heads.safetensors": heads, **({"router.safetensors": self.router.state_dict()} if trained else {})}
         return write_export(directory, self.backbone.state_dict(), list(self.task_modules),
                             dict(self.shared_modules), record, names=self.task_names, method=self.method,
                             inputs=self.adapter.checkpoint_paths(), extra_files=extra, overwrite=overwrite)
+
+    # ------------------------------------------------------------------ data-dependent methods (build)
+    def _method_with_data(self, pretrained: dict[str, Tensor], finetuned: list[dict[str, Tensor]], datamodule):
+        """The configured method, bound to its statistics from the router split when it needs data."""
+        from freemerge_pl.merging.data_dependent import needs_data
+
+        if not needs_data(self.method_config):
+            return self.method_config
+        from freemerge_pl.activation_stats import collect_statistics
+
+        if datamodule is None and self._trainer is not None:
+            datamodule = getattr(self._trainer, "datamodule", None)
+        device = self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        stats = collect_statistics(self.method_config, self.adapter, pretrained, finetuned, datamodule,
+                                   exclude_keys=list(self.adapter.exclude_keys),
+                                   fr_filter_ratio=self.fr_filter_ratio, device=device)
+        rank_zero_info(f"{self.method}: {stats.info['kind']} statistics from {stats.info.get('samples')} router-split "
+                       f"samples in {stats.info['seconds']:.1f}s")
+        return self.method_config.with_data(stats)
+
+    @staticmethod
+    def _data_statistics_record(method: MergeMethod) -> dict[str, Any]:
+        """The cost of a data-dependent method's statistics (samples, seconds, steps) for the merge record."""
+        data = method.__dict__.get("_data")
+        return {"data_statistics": dict(data.info)} if data is not None else {}

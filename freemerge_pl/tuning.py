@@ -137,3 +137,11 @@ def mean_objective(metric: str = "accuracy", individual: dict[str, float] | None
         return float(sum(values) / len(values))
 
     return score
+
+
+def tune_val_record(datamodule) -> dict[str, dict[str, Any]]:
+    """Per task, where the tune-val data came from and how many samples it holds, for the tune report:
+    ``{"source": "validation split" | "router split", "samples": n}`` (``router split`` means data the
+    fine-tuned models trained on: scores there overrate settings that recall memorised data)."""
+    sources = datamodule.tune_val_sources
+    return {t: {"source": sources[t], "samples": len(datamodule.tune_indices[t])} for t in sources}

@@ -17,6 +17,7 @@ CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
 def test_there_is_a_zoo_config_for_every_method():
     assert {p.stem for p in (REPO / "configs" / "zoo").glob("*.yaml")} >= set(list_methods())
+    assert {p.stem for p in (REPO / "configs" / "text").glob("*.yaml")} >= set(list_methods())
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(REPO)) for p in CONFIGS])
@@ -28,10 +29,11 @@ def test_config_parses_and_instantiates(path, tmp_path, monkeypatch):
         assert config.method().name in list_methods() and len(config.models) >= 2
         return
     monkeypatch.setenv("FREEMERGE_ZOO_ROOT", str(tmp_path / "zoo"))  # nothing may be built here
+    monkeypatch.setenv("FREEMERGE_TEXT_ZOO_ROOT", str(tmp_path / "textzoo"))
     cli = main(["--config", str(path)], run=False)
     assert cli.model.method in list_methods()
-    assert len(cli.datamodule.tasks) == 8
-    assert not (tmp_path / "zoo").exists()
+    assert len(cli.datamodule.tasks) == (4 if "text" in path.relative_to(REPO).parts else 8)
+    assert not (tmp_path / "zoo").exists() and not (tmp_path / "textzoo").exists()
 
 
 @pytest.mark.slow

@@ -289,3 +289,133 @@ def test_free_model_scope_experts_keep_every_tie_at_the_global_threshold():
     assert experts.entries("a")[0].tolist() == [0, 1] and experts.entries("b")[0].tolist() == [0, 1]
     per_tensor = free_merging(tvs, expert_density=1 / 3).task_modules[0]  # ⌈1⌉ per tensor, first tie by index
     assert per_tensor.entries("a")[0].tolist() == [0] and per_tensor.entries("b")[0].tolist() == [0]
+
+
+# ---------------------------------------------------------------------------------------------- compact storage
+def _index_sets(numel: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random and adversarial sorted index sets of a tensor of ``numel`` entries."""
+    sets = {"empty": torch.zeros(0, dtype=torch.long), "full": torch.arange(numel), "first": torch.tensor([0]),
+            "last": torch.tensor([numel - 1]), "first_and_last": torch.tensor(sorted({0, numel - 1}))}
+    for d in (0.001, 0.01, 0.1, 0.5):
+        k = max(1, int(d * numel))
+        sets[f"random_{d}"] = torch.randperm(numel, generator=g)[:k].sort().values
+    # gaps on each side of the uint8 / uint16 escape boundaries (255/256, 65535/65536/65537, 2·65535)
+    gaps = torch.tensor([1, 254, 255, 256, 257, 510, 511, 65534, 65535, 65536, 65537, 131070, 131071])
+    edges = torch.cumsum(gaps, 0) - 1
+    sets["escape_edges"] = edges[edges < numel]
+    return sets
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (300,), (3, 70_000), (200_001,)])
+def test_index_codes_round_trip_exactly_with_their_byte_count(shape):
+    from freemerge_pl.merging.experts import INDEX_CODES, decode_indices, encode_indices, encoded_nbytes
+
+    numel = math.prod(shape)
+    g = torch.Generator().manual_seed(numel)
+    for name, idx in _index_sets(numel, g).items():
+        for code in INDEX_CODES:
+            stream = encode_indices(idx, numel, code)
+            back = decode_indices(stream, numel, code, idx.numel())
+            assert back.dtype == torch.int32 and torch.equal(back.long(), idx), (name, code)
+            assert stream.numel() * stream.element_size() == encoded_nbytes(idx, numel, code), (name, code)
+
+
+def test_compact_expert_chooses_the_fewest_bytes_per_tensor_and_applies_bit_identically(tmp_path):
+    from freemerge_pl.merging.experts import INDEX_CODES, encoded_nbytes
+
+    g = torch.Generator().manual_seed(1)
+    shapes = {"dense": [40, 30], "sparse": [300, 400], "wide": [2, 70_000], "bias": [30], "empty": [5, 5]}
+    picks = {"dense": 0.6, "sparse": 0.01, "wide": 0.002, "bias": 0.1, "empty": 0.0}
+    entries = {}
+    for key, shape in shapes.items():
+        n = math.prod(shape)
+        idx = torch.randperm(n, generator=g)[:int(picks[key] * n)].sort().values
+        entries[key] = (idx.int(), torch.randn(idx.numel(), generator=g).to(torch.bfloat16))
+    flat = SparseExpert(entries, shapes)
+    compact = SparseExpert(entries, shapes, "compact")
+    for key, (idx, vals) in entries.items():
+        sizes = {c: encoded_nbytes(idx, math.prod(shapes[key]), c) for c in INDEX_CODES}
+        assert sizes[compact.index_code(key)] == min(sizes.values()), key
+        i, v = compact.entries(key)
+        assert torch.equal(i, idx) and torch.equal(bits(v), bits(vals))
+    assert compact.index_code("dense") == "bitmap" and compact.index_code("sparse") == "delta8"
+    assert compact.nbytes == sum(b.numel() * b.element_size() for b in compact.buffers()) < flat.nbytes
+    target_a = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    target_b = {k: t.clone() for k, t in target_a.items()}
+    flat.apply_(target_a, 0.3)
+    compact.apply_(target_b, 0.3)
+    for key in shapes:
+        assert torch.equal(bits(target_a[key]), bits(target_b[key]))
+    # save / load (SparseExpert.save, and the export path: save_task_modules → read_task_module)
+    from freemerge_pl.loading import read_task_module
+    from freemerge_pl.merging.merge import save_task_modules
+
+    compact.save(tmp_path / "e.safetensors")
+    (written,) = save_task_modules([compact], {}, tmp_path / "export", names=["t"], method="free_merging")
+    for loaded in (SparseExpert.load(tmp_path / "e.safetensors"), read_task_module(written, {})):
+        assert loaded.nbytes == compact.nbytes and loaded.keys == compact.keys
+        for key in shapes:
+            assert loaded.index_code(key) == compact.index_code(key)
+            assert torch.equal(loaded.entries(key)[0], entries[key][0])
+            assert torch.equal(bits(loaded.entries(key)[1]), bits(entries[key][1]))
+
+
+def test_expert_files_without_index_codes_load_as_flat(tmp_path):
+    """Files written before compact storage: ``extra_state`` with keys and shapes only, or no metadata."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from freemerge_pl.loading import read_task_module
+
+    idx, vals = torch.tensor([1, 5, 6], dtype=torch.int32), torch.tensor([0.5, -1.0, 2.0])
+    tensors = {"w::indices": idx, "w::values": vals}
+    extra = json.dumps({"keys": ["w"], "shapes": {"w": [2, 4]}})
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={"type": "SparseExpert", "extra_state": extra})
+    save_file(tensors, str(tmp_path / "older.safetensors"), metadata={"type": "SparseExpert"})
+    for module in (read_task_module(tmp_path / "old.safetensors", {}), SparseExpert.load(tmp_path / "older.safetensors")):
+        assert module.index_code("w") == "flat" and torch.equal(module.entries("w")[0], idx)
+        target = {"w": torch.zeros(2, 4)}
+        module.apply_(target)
+        assert target["w"].reshape(-1)[[1, 5, 6]].tolist() == [0.5, -1.0, 2.0]
+
+
+def test_a_damaged_index_stream_is_an_error_naming_the_file(tmp_path):
+    from freemerge_pl.errors import FreeMergeError
+    from freemerge_pl.loading import read_task_module
+    from freemerge_pl.merging.merge import save_task_modules
+
+    idx = torch.arange(0, 3000, 7)
+    expert = SparseExpert({"w": (idx.int(), torch.ones(idx.numel()))}, {"w": [3000]}, "compact")
+    (path,) = save_task_modules([expert], {}, tmp_path, method="free_merging")
+    from safetensors.torch import load_file, save_file
+
+    from freemerge_pl.io import read_safetensors_header
+
+    meta = read_safetensors_header(path)[0]
+    tensors = load_file(str(path))
+    tensors["w::indices"] = tensors["w::indices"][:-1]  # one code short: one entry fewer than values
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(FreeMergeError, match=r"task_module_00\.safetensors.*holds 428 entries"):
+        read_task_module(path, {})
+    with pytest.raises(HyperparameterError, match="index_encoding='zip'"):
+        SparseExpert({}, index_encoding="zip")
+
+
+@pytest.mark.parametrize("dtype,limit", [("bfloat16", 0.01), ("float16", 0.01), (None, 0.021)])
+def test_free_merging_storage_at_one_percent_density(dtype, limit):
+    """Compact indices + 16-bit values: ≤ 1.0 % of the float32 backbone per task at d = 1 % (≈ 3.1 bytes an
+    entry); float32 values with compact indices ≈ 5.1 bytes an entry."""
+    g = torch.Generator().manual_seed(0)
+    pre = {"a": torch.randn(768, 192, generator=g), "b": torch.randn(192, 768, generator=g),
+           "bias": torch.randn(768, generator=g)}
+    fts = [{k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in pre.items()} for _ in range(2)]
+    out = merge(pre, fts, "free_merging", expert_density=0.01, expert_dtype=dtype)
+    flat = merge(pre, fts, "free_merging", expert_density=0.01, expert_dtype=dtype, expert_index_encoding="flat")
+    backbone_bytes = sum(t.numel() * 4 for t in pre.values())
+    for compact, plain in zip(out.task_modules, flat.task_modules):
+        assert compact.nbytes / backbone_bytes <= limit
+        assert compact.nbytes < plain.nbytes
+        for key in pre:
+            assert torch.equal(compact.entries(key)[0], plain.entries(key)[0])
+            assert torch.equal(bits(compact.entries(key)[1]), bits(plain.entries(key)[1]))

@@ -201,6 +201,10 @@ def test_oracle_and_head_selection_identities(toy_root, tmp_path):
 def test_every_registry_method_runs_through_the_module(toy_root, tmp_path, method):
     # the released-code methods change only keys matching key_pattern (ViT's attn|mlp); the toy MLP's are fc*
     args = {"key_pattern": "fc"} if method.endswith("_released") else None
+    if method.startswith("adamerging"):  # a few steps: the method's own tests check what training does
+        args = {"steps": 5}
+    elif method == "mtl":
+        args = {"epochs": 1}
     cfg = config(toy_root, tmp_path / "run", method=method, method_args=args, routing="oracle")
     main(["test", "--config", str(write_config(tmp_path / "cfg.yaml", cfg))])
     res = json.loads((tmp_path / "run" / "results" / "results.json").read_text())

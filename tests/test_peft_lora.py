@@ -376,7 +376,7 @@ def test_cli_merge_router_test(lora, tmp_path):
                               "init_args": {"base_model": str(lora["base"]),
                                             "adapters": {t: str(lora["dirs"][t]) for t in tasks}}},
                   "method": "free_merging", "method_args": {"expert_density": 0.05},
-                  "router": {"feature_source": "input", "epochs": 5}},
+                  "router": {"feature_source": "auto", "epochs": 5}},
         "data": {"router_fraction": 0.5, "min_router_samples": 4, "batch_size": 8,
                  "tasks": [{"name": t, "dataset": "tests.test_peft_lora.TokenTask",
                             "dataset_args": {"task_index": i, "num_classes": ADAPTERS[t][0]}}

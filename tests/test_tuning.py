@@ -198,3 +198,31 @@ def test_tune_reports_one_line_per_candidate_and_no_bars(toy_root, tmp_path, cap
         assert f"tune candidates: {i + 1}/2, elapsed " in line and ", eta " in line
         assert line.endswith(f"{row['params']} → {row['score']:.4f}")
     assert "it/s" not in err and "━" not in err and "validate: task" not in err
+
+
+def test_tune_val_comes_from_the_tasks_own_validation_split(toy_root, recwarn):
+    """A task with a validation split (``val_args``) tunes on it whole and keeps its router split; one without
+    falls back to a share of the router split, with a warning; the record says which kind each task used."""
+    from freemerge_pl.data import MultiTaskDataModule, TaskConfig
+    from freemerge_pl.errors import ConfigError
+    from freemerge_pl.tuning import tune_val_record
+
+    def task(name, **kw):
+        return TaskConfig(name=name, dataset="freemerge_pl.models.toy.ToyTaskDataset",
+                          dataset_args={"root": str(toy_root), "task": name}, **kw)
+
+    dm = MultiTaskDataModule([task("task0", val_args={"split": "test"}), task("task1")], router_fraction=0.1,
+                             tune_fraction=0.5)
+    dm.setup()
+    assert dm.tune_val_sources == {"task0": "validation split", "task1": "router split"}
+    assert len(dm.router_indices["task0"]) == 40 and len(dm.router_indices["task1"]) == 20
+    val = dm.tune_dataset("task0")
+    assert len(val) == len(dm._test["task0"]) and torch.equal(val[3][0], dm._test["task0"][3][0])
+    held = dm.tune_dataset("task1")
+    assert set(dm.tune_indices["task1"]).isdisjoint(dm.router_indices["task1"]) and len(held) == 20
+    assert any("task1" in str(w.message) and "router split" in str(w.message) for w in recwarn.list)
+    assert not any("'task0'" in str(w.message) for w in recwarn.list)
+    assert tune_val_record(dm) == {"task0": {"source": "validation split", "samples": 200},
+                                   "task1": {"source": "router split", "samples": 20}}
+    with pytest.raises(ConfigError, match=r"val_args"):
+        MultiTaskDataModule([task("task0", val_args={"fold": 1})], tune_fraction=0.5)

@@ -218,8 +218,8 @@ def test_dataset(tiny_zoo):
     std = torch.tensor(recipe.ZOO_STD).view(3, 1, 1)
     torch.testing.assert_close(x * std + mean, ds.images[0].float() / 255)
     assert len(ZooTaskDataset(str(tiny_zoo), "signs", "router", "tiny", SEED)) == zoo_recipe("tiny")["data"]["n_router"]
-    with pytest.raises(ConfigError, match="split"):
-        ZooTaskDataset(str(tiny_zoo), "signs", "val", "tiny", SEED)
+    with pytest.raises(ConfigError, match="split='valid'.*'val'"):
+        ZooTaskDataset(str(tiny_zoo), "signs", "valid", "tiny", SEED)
     with pytest.raises(ConfigError, match="not in the zoo"):
         len(ZooTaskDataset(str(tiny_zoo), "cars", "test", "tiny", SEED))
 
@@ -314,3 +314,40 @@ def test_fashion_task_from_installed_idx_files(tmp_path, monkeypatch):
     test = generators._BasePool(generators.TASKS["fashion"], "test", 0)
     assert len(train.y) == 180 and len(router.y) == 20 and len(test.y) == 50
     assert not {r.tobytes() for r in train.x} & {r.tobytes() for r in router.x}
+
+
+def test_val_split_is_held_out_before_fine_tuning(tiny_zoo):
+    """``val``: n_val images per task, class-balanced, disjoint from train/router/test and the pre-training
+    corpus; the manifest records it and ``ZooTaskDataset`` serves it (the datamodule's tune-val)."""
+    from freemerge_pl.zoo import ZooTaskDataset
+
+    cfg = zoo_recipe("tiny")["data"]
+    assert recipe.RECIPE_VERSION >= 3 and cfg["n_val"] > 0
+    m = read_manifest(tiny_zoo)
+    for task in zoo_task_names("tiny"):
+        data = zoo_build.load_task_data(tiny_zoo, task)
+        x, y = data["val_x"], data["val_y"]
+        assert x.shape == (cfg["n_val"], 3, 32, 32) and x.dtype == torch.uint8
+        h = _hashes(x)
+        assert len(h) == len(x)
+        for split in generators.SPLITS:
+            assert not (h & _hashes(data[f"{split}_x"])), f"{task}: val overlaps {split}"
+        counts = torch.bincount(y, minlength=generators.TASKS[task].num_classes)
+        assert counts.max() - counts.min() <= 1
+        assert next(t for t in m["tasks"] if t["name"] == task)["n_val"] == cfg["n_val"]
+    ds = ZooTaskDataset(str(tiny_zoo), "signs", "val", "tiny", SEED)
+    assert len(ds) == cfg["n_val"] and ZooTaskDataset.validation_args == {"split": "val"}
+    torch.testing.assert_close(ds[0][0], zoo_build.normalize_images(ds.images[0]))
+
+
+def test_holdout_split_is_balanced_disjoint_and_seeded():
+    labels = torch.randint(0, 7, (250,), generator=torch.Generator().manual_seed(1)).numpy()
+    kept, held = zoo_build.holdout_split(labels, 40, seed=5)
+    assert len(held) == 40 and len(kept) == 210 and not set(kept.tolist()) & set(held.tolist())
+    counts = torch.bincount(torch.from_numpy(labels[held]), minlength=7)
+    assert counts.max() - counts.min() <= 1
+    held_again = zoo_build.holdout_split(labels, 40, seed=5)[1]
+    assert (held_again == held).all()
+    assert not (zoo_build.holdout_split(labels, 40, seed=6)[1] == held).all()
+    with pytest.raises(ConfigError, match="cannot hold out 300 of 250"):
+        zoo_build.holdout_split(labels, 300, seed=5)

@@ -87,7 +87,7 @@ def test_zeroed_region_is_named_before_any_evaluation(copy):
 
 def test_damaged_data_file_is_named_when_loaded(copy):
     data = copy / "data" / "signs.safetensors"
-    assert set(load_task_data(copy, "signs")) == {f"{s}_{v}" for s in ("train", "router", "test") for v in "xy"}
+    assert set(load_task_data(copy, "signs")) == {f"{s}_{v}" for s in ("train", "router", "val", "test") for v in "xy"}
     time.sleep(0.05)
     _zero_region(data, 256)
     with pytest.raises(FreeMergeError, match=rf"{data}.*damaged"):

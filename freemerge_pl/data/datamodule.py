@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from freemerge_pl.errors import ConfigError
@@ -23,7 +24,10 @@ class TaskConfig:
     """One task: a dataset class path with shared ``dataset_args`` plus per-split args, and its metrics.
 
     ``metrics`` names torchmetrics entries (see ``freemerge_pl.metrics``); ``num_classes`` defaults to the
-    dataset's ``num_classes`` attribute when it has one.
+    dataset's ``num_classes`` attribute when it has one. ``val_args``: the args of the task's own validation
+    split (data no fine-tuned model trained on), used as tune-val; None → the dataset class's
+    ``validation_args`` when it declares one (``ZooTaskDataset``: ``{"split": "val"}``), else tune-val falls
+    back to a share of the router split (with a warning: that is training data of the fine-tuned models).
     """
 
     name: str
@@ -31,6 +35,7 @@ class TaskConfig:
     dataset_args: dict[str, Any] = field(default_factory=dict)
     train_args: dict[str, Any] = field(default_factory=lambda: {"split": "train"})
     test_args: dict[str, Any] = field(default_factory=lambda: {"split": "test"})
+    val_args: dict[str, Any] | None = None
     metrics: list[str] = field(default_factory=lambda: ["accuracy"])
     num_classes: int | None = None
 
@@ -84,7 +89,11 @@ def check_task(task: TaskConfig | dict[str, Any], index: int) -> TaskConfig:
         signature = inspect.signature(cls)
     except (TypeError, ValueError):
         return task  # a class without an inspectable signature: its own errors will tell
-    for split, args in (("train_args", task.train_args), ("test_args", task.test_args)):
+    if task.val_args is not None and not isinstance(task.val_args, dict):
+        raise ConfigError(f"{where}.val_args={task.val_args!r} must be a mapping (e.g. {{'split': 'val'}}) or null")
+    val_args = validation_args(task)
+    splits = [("train_args", task.train_args), ("test_args", task.test_args)]
+    for split, args in splits + ([("val_args", val_args)] if val_args is not None else []):
         try:
             signature.bind(**{**task.dataset_args, **args})
         except TypeError as err:
@@ -92,6 +101,15 @@ def check_task(task: TaskConfig | dict[str, Any], index: int) -> TaskConfig:
             raise ConfigError(f"{where}: {task.dataset} does not accept dataset_args + {split} "
                               f"{sorted({**task.dataset_args, **args})}: {err}; accepted: {params}") from err
     return task
+
+
+def validation_args(task: TaskConfig) -> dict[str, Any] | None:
+    """The split args of ``task``'s own validation split: ``val_args``, else the dataset class's
+    ``validation_args`` attribute (None: the task has no validation split)."""
+    if task.val_args is not None:
+        return dict(task.val_args)
+    declared = getattr(import_class(task.dataset), "validation_args", None)
+    return dict(declared) if declared is not None else None
 
 
 class TaskIdDataset(Dataset):
@@ -129,8 +147,12 @@ def split_off(indices: list[int], fraction: float, seed: int) -> tuple[list[int]
 class MultiTaskDataModule(LightningDataModule):
     """Train loader: the router split of every task, mixed, with task ids. Test: one loader per task.
 
-    The router split is ⌈router_fraction·n⌉ seeded training indices per task; with ``tune_fraction`` > 0 a
-    seeded share of it is held out as tune-val (``val_dataloader``) and the router trains on the rest.
+    The router split is ⌈router_fraction·n⌉ seeded training indices per task. ``tune_fraction`` > 0 turns on
+    tune-val (``val_dataloader``, for ``tune``/``validate``): a task's own validation split where it has one
+    (``TaskConfig.val_args`` or the dataset class's ``validation_args``; the router split is then not
+    reduced), else a seeded ``tune_fraction`` share of its router split, held out (the router trains on the
+    rest), with a warning: the fine-tuned models trained on it, so scores there favour memorised data.
+    ``tune_val_sources`` says which kind each task uses.
     """
 
     def __init__(
@@ -166,6 +188,7 @@ class MultiTaskDataModule(LightningDataModule):
         self.seed = seed
         self.tune_fraction = tune_fraction
         self.tune_indices: dict[str, list[int]] = {}
+        self._val: dict[str, Dataset] = {}
         self._train: dict[str, Dataset] = {}
         self._test: dict[str, Dataset] = {}
         self.router_indices: dict[str, list[int]] = {}
@@ -184,14 +207,34 @@ class MultiTaskDataModule(LightningDataModule):
             if callable(prepare):
                 prepare(**task.dataset_args)
 
+    @property
+    def tune_val_sources(self) -> dict[str, str]:
+        """Per task, where tune-val comes from: ``validation split`` (data no fine-tuned model trained on) or
+        ``router split`` (a held-out share of training data; the fallback). Empty without ``tune_fraction``."""
+        if self.tune_fraction == 0:
+            return {}
+        return {t.name: "validation split" if validation_args(t) is not None else "router split"
+                for t in self.tasks}
+
     def setup(self, stage: str | None = None) -> None:
+        sources = self.tune_val_sources
         for i, task in enumerate(self.tasks):
             if task.name not in self._train:
                 ds = self._make(task, task.train_args)
                 self._train[task.name] = ds
                 split = router_split(len(ds), self.router_fraction, self.seed, i, self.min_router_samples)
-                self.router_indices[task.name], self.tune_indices[task.name] = split_off(
-                    split, self.tune_fraction, self.seed + 7919 * (i + 1))
+                if sources.get(task.name) == "validation split":
+                    self._val[task.name] = self._make(task, validation_args(task))
+                    self.router_indices[task.name] = split
+                    self.tune_indices[task.name] = list(range(len(self._val[task.name])))
+                else:
+                    if sources:
+                        rank_zero_warn(f"data.tasks ({task.name!r}): no validation split (val_args, or the "
+                                       f"dataset class's validation_args), so tune-val is a share of the router "
+                                       f"split, which the fine-tuned models trained on: tune scores there "
+                                       f"overrate settings that recall memorised data")
+                    self.router_indices[task.name], self.tune_indices[task.name] = split_off(
+                        split, self.tune_fraction, self.seed + 7919 * (i + 1))
             if task.name not in self._test:
                 self._test[task.name] = self._make(task, task.test_args)
 
@@ -203,9 +246,12 @@ class MultiTaskDataModule(LightningDataModule):
         return getattr(self._test[task], "num_classes", None)
 
     def tune_dataset(self, task: str) -> Dataset:
-        """The held-out part of ``task``'s router split (``tune_fraction`` > 0), for choosing hyperparameters."""
+        """``task``'s tune-val (``tune_fraction`` > 0) for choosing hyperparameters: its validation split, else
+        the held-out part of its router split (``tune_val_sources``)."""
         self.setup()
         i = self.task_names.index(task)
+        if task in self._val:
+            return TaskIdDataset(self._val[task], i)
         return TaskIdDataset(Subset(self._train[task], self.tune_indices[task]), i)
 
     def val_dataloader(self) -> list[DataLoader]:

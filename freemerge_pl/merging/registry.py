@@ -101,6 +101,7 @@ def register(
 # Modules whose import fills the registry with the builtin methods.
 _BUILTIN_MODULES: tuple[str, ...] = (
     "freemerge_pl.merging.baselines",
+    "freemerge_pl.merging.data_dependent",
     "freemerge_pl.merging.emr",
     "freemerge_pl.merging.fr",
     "freemerge_pl.merging.released",

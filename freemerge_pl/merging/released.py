@@ -394,7 +394,8 @@ class FREEMergingReleased(_ReleasedBase):
     ``glue``: backbone ``glue_shared_scale``·S on every key, expert ``glue_expert_scale``·v_i at the
     per-row top-``int(glue_expert_density·W)`` entries after removing the top
     ``int(glue_expert_remove·W)`` (added, no μ). Each profile's settings are errors under the other.
-    Expert values are float32 (float64 for float64 task vectors) unless ``expert_dtype`` is set.
+    Expert values are float32 (float64 for float64 task vectors) unless ``expert_dtype`` is set; indices are
+    stored in the fewest bytes (``expert_index_encoding`` "compact", loss-free) or as flat int32 ("flat").
     """
 
     produces_task_modules = True
@@ -411,6 +412,7 @@ class FREEMergingReleased(_ReleasedBase):
     glue_expert_density: float | None = None
     glue_expert_remove: float | None = None
     expert_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
+    expert_index_encoding: Literal["compact", "flat"] = "compact"
 
     def check(self) -> None:
         check_released_filter_ratio(self.filter_ratio)
@@ -494,7 +496,8 @@ class FREEMergingReleased(_ReleasedBase):
             entries = {key: p[0][i] for key, p in with_entries.items()}
             if self.expert_dtype is not None:
                 entries = {key: (idx, vals.to(getattr(torch, self.expert_dtype))) for key, (idx, vals) in entries.items()}
-            experts.append(SparseExpert(entries, {key: list(ctx.shapes[key]) for key in entries}))
+            experts.append(SparseExpert(entries, {key: list(ctx.shapes[key]) for key in entries},
+                                        self.expert_index_encoding))
         factors = {k: p[1] for k, p in with_entries.items() if p[1] is not None}
         info = self._info(ctx, self.align, factors)
         summed = [k for k in ctx.keys if k in with_entries]

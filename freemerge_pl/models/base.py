@@ -8,9 +8,14 @@ interface; the merge maths only ever sees state dicts.
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 from torch import Tensor, nn
 
+from freemerge_pl.errors import ConfigError
+
 StateDict = dict[str, Tensor]
+InputKind = Literal["image", "tokens", "other"]
 
 
 class ModelAdapter:
@@ -18,6 +23,9 @@ class ModelAdapter:
 
     #: regexes of state-dict keys that are never merged (each task keeps its own)
     exclude_keys: tuple[str, ...] = ()
+    #: what the backbone's inputs are: ``image`` (float ``[B, C, H, W]``), ``tokens`` (integer token ids) or
+    #: ``other``; the router's ``feature_source: auto`` is chosen from it (``freemerge_pl.router``)
+    input_kind: ClassVar[InputKind] = "other"
 
     def prepare(self) -> None:
         """Create or download-free-check anything on disk (called once, on rank 0, before setup)."""
@@ -48,3 +56,54 @@ class ModelAdapter:
     def checkpoint_paths(self) -> list[str]:
         """Files read (recorded with their sha256 in merge sidecars)."""
         return []
+
+    def prefix_features(self, backbone: nn.Module, x: Tensor, n_blocks: int) -> Tensor:
+        """Optional: features ``[B, D]`` of ``x`` after the first ``n_blocks`` blocks of ``backbone`` (a
+        module from ``build_backbone``), for the router's ``backbone_prefix`` / ``pretrained_backbone``
+        feature sources. ``n_blocks`` beyond the backbone's depth raises a ConfigError naming both."""
+        raise ConfigError(f"{type(self).__name__} cannot run a prefix of its backbone (no prefix_features): "
+                          "use model.router.feature_source 'backbone', or 'pretrained_backbone' with split_block 0")
+
+    def backbone_depth(self, backbone: nn.Module) -> int | None:
+        """Optional: how many blocks ``prefix_features`` can run on ``backbone`` (None: unknown)."""
+        return None
+
+
+def has_prefix_features(adapter: ModelAdapter) -> bool:
+    """Whether ``adapter`` implements ``prefix_features`` (the router's backbone-prefix feature sources)."""
+    method = getattr(type(adapter), "prefix_features", None)
+    return method is not None and method is not ModelAdapter.prefix_features
+
+
+def open_clip_vit_prefix_features(adapter: ModelAdapter, backbone: nn.Module, x: Tensor, n_blocks: int) -> Tensor:
+    """``prefix_features`` of an open_clip ``VisionTransformer`` (the zoo's and the open_clip adapters'):
+    assign it as ``prefix_features = open_clip_vit_prefix_features`` in an adapter whose backbone is one."""
+    return vit_prefix_features(backbone, x, n_blocks)
+
+
+def vit_depth(adapter: ModelAdapter, backbone: nn.Module) -> int | None:
+    """``backbone_depth`` of an open_clip ``VisionTransformer``: its number of residual blocks."""
+    blocks = getattr(getattr(backbone, "transformer", None), "resblocks", None)
+    return None if blocks is None else len(blocks)
+
+
+def vit_prefix_features(backbone: nn.Module, x: Tensor, n_blocks: int) -> Tensor:
+    """Class-token features ``[B, width]`` of an open_clip ``VisionTransformer`` after patch embedding and its
+    first ``n_blocks`` residual blocks (the prefix of its own forward pass)."""
+    transformer = getattr(backbone, "transformer", None)
+    blocks = getattr(transformer, "resblocks", None)
+    if blocks is None or not hasattr(backbone, "_embeds"):
+        raise ConfigError(f"the backbone {type(backbone).__name__} is no open_clip VisionTransformer, so no "
+                          "prefix of its blocks can be run; use model.router.feature_source 'backbone'")
+    if not 0 <= n_blocks <= len(blocks):
+        raise ConfigError(f"model.router.split_block={n_blocks} is beyond the backbone's depth: "
+                          f"{type(backbone).__name__} has {len(blocks)} blocks (accepted: 1..{len(blocks)})")
+    h = backbone._embeds(x)
+    batch_first = getattr(transformer, "batch_first", True)
+    if not batch_first:
+        h = h.transpose(0, 1)
+    for block in blocks[:n_blocks]:
+        h = block(h)
+    if not batch_first:
+        h = h.transpose(0, 1)
+    return h[:, 0]

@@ -656,6 +656,8 @@ class PeftLoRAAdapter(ModelAdapter):
     Supported model types: BERT, RoBERTa, XLM-RoBERTa (``SUPPORTED_MODEL_TYPES``).
     """
 
+    input_kind = "tokens"
+
     def __init__(self, base_model: str, adapters: dict[str, str]) -> None:
         if not adapters:
             raise ConfigError("PeftLoRAAdapter needs at least one LoRA adapter (adapters: {task: directory})")

@@ -14,7 +14,13 @@ from torch import Tensor, nn
 
 from freemerge_pl.errors import ConfigError, FreeMergeError
 from freemerge_pl.io import load_state_dict
-from freemerge_pl.models.base import ModelAdapter, StateDict
+from freemerge_pl.models.base import (
+    ModelAdapter,
+    StateDict,
+    open_clip_vit_prefix_features,
+    vit_depth,
+    vit_prefix_features,
+)
 from freemerge_pl.zoo.build import (
     build_vit,
     ensure_zoo,
@@ -35,6 +41,9 @@ class ZooViTAdapter(ModelAdapter):
     """
 
     exclude_keys: tuple[str, ...] = ()
+    input_kind = "image"
+    prefix_features = open_clip_vit_prefix_features
+    backbone_depth = vit_depth
 
     def __init__(self, root: str | None = None, size: str = "default", seed: int = 0,
                  tasks: list[str] | None = None):
@@ -137,17 +146,7 @@ class ZooViTAdapter(ModelAdapter):
 def vit_early_features(backbone: VisionTransformer, x: Tensor, num_blocks: int = 2) -> Tensor:
     """Class-token features ``[B, width]`` after the first ``num_blocks`` residual blocks of an open_clip
     ``VisionTransformer`` (the prefix of its own forward pass; a cheap router feature source)."""
-    blocks = backbone.transformer.resblocks
-    if not 0 <= num_blocks <= len(blocks):
-        raise ConfigError(f"vit_early_features: num_blocks={num_blocks} is outside [0, {len(blocks)}]")
-    h = backbone._embeds(x)
-    if not backbone.transformer.batch_first:
-        h = h.transpose(0, 1)
-    for block in blocks[:num_blocks]:
-        h = block(h)
-    if not backbone.transformer.batch_first:
-        h = h.transpose(0, 1)
-    return h[:, 0]
+    return vit_prefix_features(backbone, x, num_blocks)
 
 
 __all__ = ["ZooViTAdapter", "vit_early_features"]

@@ -10,7 +10,10 @@ name next to its destination and renamed into place, so an interrupted build nev
     finetuned/<task>/model.safetensors     θ_k: backbone keys only
     finetuned/<task>/head.safetensors      weight [C, D], bias [C]
     finetuned/<task>/config.json
-    data/<task>.safetensors                {train,router,test}_x uint8 [N,3,32,32], {…}_y int64 [N]
+    data/<task>.safetensors                {train,val,router,test}_x uint8 [N,3,32,32], {…}_y int64 [N]
+
+``val`` is held out of the generated training images before fine-tuning (``holdout_split``): no fine-tuned model
+trained on it, nor the router (``router``), so it is the honest data for choosing hyperparameters (tune-val).
 
 Every file is checked against the manifest before use (``verify_zoo``: size always, sha256 once per process and
 again when the file changes); a damaged file raises an error naming it and the rebuild command.
@@ -258,15 +261,38 @@ def _meta(**fields) -> dict[str, str]:
     return {"freemerge_pl.zoo": json.dumps(fields, sort_keys=True)}
 
 
+def holdout_split(labels: np.ndarray, n_held: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted indices ``(kept, held)`` of a class-balanced, seeded hold-out of ``n_held`` of ``labels``: the
+    held-out count of every class differs by at most one where the classes allow it (each class's members in
+    a seeded random order, taken round-robin over the classes)."""
+    n = len(labels)
+    if not 0 <= n_held <= n:
+        raise ConfigError(f"holdout_split: cannot hold out {n_held} of {n} samples")
+    perm = np.random.default_rng(np.random.SeedSequence([seed, 4])).permutation(n)
+    order = perm[np.argsort(labels[perm], kind="stable")]  # grouped by class, random within a class
+    sorted_labels = labels[order]
+    starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
+    rank = np.arange(n) - starts  # position of each sample within its class
+    held = np.sort(order[np.lexsort((sorted_labels, rank))[:n_held]])
+    kept = np.setdiff1d(np.arange(n), held)
+    return kept, held
+
+
 def _task_data(tmp: Path, task: str, data_cfg: dict[str, int], seed: int,
                progress: Callable[[int], None] | None = None) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     seen: set[bytes] = set()
+    n_val = data_cfg.get("n_val", 0)
     for split in generators.SPLITS:
-        x, y = generators.generate_split(task, split, data_cfg[f"n_{split}"], seed, exclude=seen, progress=progress)
+        n = data_cfg[f"n_{split}"] + (n_val if split == "train" else 0)
+        x, y = generators.generate_split(task, split, n, seed, exclude=seen, progress=progress)
         seen.update(generators.row_hash(r) for r in x)
-        out[f"{split}_x"] = torch.from_numpy(x)
-        out[f"{split}_y"] = torch.from_numpy(y)
+        if split == "train":  # the validation split: held out of the training images, before any fine-tuning
+            kept, held = holdout_split(y, n_val, seed)
+            out["val_x"], out["val_y"] = torch.from_numpy(x[held]), torch.from_numpy(y[held])
+            x, y = x[kept], y[kept]
+        out[f"{split}_x"] = torch.from_numpy(np.ascontiguousarray(x))
+        out[f"{split}_y"] = torch.from_numpy(np.ascontiguousarray(y))
     spec = generators.TASKS[task]
     save_safetensors_atomic(out, tmp / "data" / f"{task}.safetensors",
                             metadata=_meta(role="data", task=task, class_names=list(spec.class_names)))
@@ -277,7 +303,7 @@ def build_plan(recipe: dict[str, Any]) -> dict[str, float]:
     """Units of work of a build per kind: task images and pre-training scenes generated, training samples
     (forward + backward), inference samples (probe features, probe and fine-tuned evaluation)."""
     k, d, pre, ft = len(recipe["tasks"]), recipe["data"], recipe["pretrain"], recipe["finetune"]
-    return {"data": k * (d["n_train"] + d["n_router"] + d["n_test"]), "scenes": pre["n_images"],
+    return {"data": k * (d["n_train"] + d.get("n_val", 0) + d["n_router"] + d["n_test"]), "scenes": pre["n_images"],
             "train": pre["n_images"] * pre["epochs"] + k * ft["epochs"] * d["n_train"],
             "infer": k * (d["n_train"] + 2 * d["n_test"])}
 
@@ -308,7 +334,7 @@ def _write_zoo(tmp: Path, recipe: dict[str, Any], seed: int, progress: BuildProg
     data = {}
     for i, task in enumerate(names):
         progress.stage(f"generating the data of task {i + 1}/{n_tasks} ({task})", "data",
-                       sum(d_cfg[f"n_{split}"] for split in generators.SPLITS))
+                       sum(d_cfg[f"n_{split}"] for split in generators.SPLITS) + d_cfg.get("n_val", 0))
         data[task] = _task_data(tmp, task, d_cfg, seed, progress.advance)
 
     n_pre = recipe["pretrain"]["n_images"]
@@ -355,7 +381,8 @@ def _write_zoo(tmp: Path, recipe: dict[str, Any], seed: int, progress: BuildProg
                            "head_protocol": recipe["finetune"]["head"], "individual_test_acc": acc,
                            "pretrained_probe_acc": probe_acc}, fdir / "config.json")
         tasks.append({"name": task, "num_classes": spec.num_classes, "class_names": list(spec.class_names),
-                      "n_train": len(d["train_y"]), "n_router": len(d["router_y"]), "n_test": len(d["test_y"]),
+                      "n_train": len(d["train_y"]), "n_val": len(d["val_y"]), "n_router": len(d["router_y"]),
+                      "n_test": len(d["test_y"]),
                       "individual_test_acc": acc, "pretrained_probe_acc": probe_acc,
                       "files": [f"finetuned/{task}/{n}" for n in ("model.safetensors", "head.safetensors",
                                                                   "config.json")] + [f"data/{task}.safetensors"]})
@@ -529,7 +556,7 @@ def ensure_zoo(root: str | Path | None = None, size: str = "default", seed: int 
 
 
 def load_task_data(root: str | Path, task: str) -> dict[str, Tensor]:
-    """The task's tensors (``{train,router,test}_x`` uint8 [N,3,32,32], ``…_y`` int64), checked against the
+    """The task's tensors (``{train,val,router,test}_x`` uint8 [N,3,32,32], ``…_y`` int64), checked against the
     manifest first (``verify_zoo``)."""
     root = Path(root)
     rel = f"data/{task}.safetensors"

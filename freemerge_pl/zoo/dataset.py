@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -15,20 +17,27 @@ from freemerge_pl.zoo.build import (
 )
 from freemerge_pl.zoo.generators import SPLITS
 
+#: the splits of a zoo task: the generated ones plus ``val``, held out of the training images before fine-tuning
+ZOO_SPLITS = (*SPLITS, "val")
+
 
 class ZooTaskDataset(Dataset):
     """``(image float32 [3,32,32] normalised with CLIP's mean/std, label int)`` of one zoo task and split.
 
-    ``split`` is ``train``, ``router`` (a small held-out set for router training) or ``test``. The zoo is
+    ``split`` is ``train``, ``val`` (held out before fine-tuning: tune-val), ``router`` (a small held-out set
+    for router training) or ``test``. The zoo is
     built (``ensure_zoo``) on first access if it is missing or out of date, and its files are checked against
     the manifest (a damaged file raises an error naming it). ``images`` (uint8) and ``labels`` expose the
     whole split as tensors.
     """
 
+    #: the split ``MultiTaskDataModule`` uses as tune-val (data no fine-tuned model trained on)
+    validation_args: ClassVar[dict[str, Any]] = {"split": "val"}
+
     def __init__(self, root: str | None = None, task: str | None = None, split: str = "train",
                  size: str = "default", seed: int = 0):
-        if split not in SPLITS:
-            raise ConfigError(f"ZooTaskDataset: split={split!r}; accepted: {list(SPLITS)}")
+        if split not in ZOO_SPLITS:
+            raise ConfigError(f"ZooTaskDataset: split={split!r}; accepted: {list(ZOO_SPLITS)}")
         self.root = root
         self.task = task
         self.split = split

@@ -17,7 +17,7 @@ from freemerge_pl.progress import usable_cpus
 from freemerge_pl.zoo.generators import HAS_FREETYPE, available_tasks
 
 #: bump when the generators or the training code change what a recipe produces
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3  # 3: a validation split (``n_val``) held out of the training images before fine-tuning
 
 #: input normalisation of every zoo model: OpenAI CLIP's mean and std (the real adapters' code path)
 ZOO_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -27,7 +27,7 @@ SIZES: dict[str, dict[str, Any]] = {
     "tiny": {
         "backbone": {"image_size": 32, "patch_size": 4, "width": 32, "layers": 2, "heads": 2,
                      "mlp_ratio": 2.0, "output_dim": 32},
-        "data": {"n_train": 96, "n_router": 16, "n_test": 64},
+        "data": {"n_train": 96, "n_val": 32, "n_router": 16, "n_test": 64},
         "pretrain": {"n_images": 512, "epochs": 1, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.05,
                      "warmup_fraction": 0.1},
         "probe": {"l2": 1e-3, "max_iter": 50},
@@ -37,7 +37,7 @@ SIZES: dict[str, dict[str, Any]] = {
     "default": {
         "backbone": {"image_size": 32, "patch_size": 8, "width": 192, "layers": 6, "heads": 3,
                      "mlp_ratio": 4.0, "output_dim": 128},
-        "data": {"n_train": 2000, "n_router": 100, "n_test": 600},
+        "data": {"n_train": 2000, "n_val": 200, "n_router": 100, "n_test": 600},
         "pretrain": {"n_images": 24000, "epochs": 3, "batch_size": 128, "lr": 1e-3, "weight_decay": 0.05,
                      "warmup_fraction": 0.05},
         "probe": {"l2": 1e-3, "max_iter": 100},

@@ -1,0 +1,187 @@
+"""Routers compared on the default zoo: routing accuracy and routed FREE-Merging accuracy vs oracle FREE.
+
+    python benchmarks/router_compare.py [--size default] [--threshold-grid 0,0.5,0.7,0.9]
+
+One FREE-Merging merge (the zoo config's defaults); for each feature source × head a router is fitted on the
+zoo's ``router`` split (100 images per task that no fine-tuned model trained on) and scored on the ``val``
+split (held out before fine-tuning: the data the default is chosen on) and on ``test`` (reported, never used to
+choose). Per router: routing accuracy, routed FREE accuracy (dataset heads, top-1, Alg. 1), the gap to
+oracle FREE (true task → its expert), and the merged backbone alone (no expert). The confidence fallback
+(``fallback_threshold``, no expert below it) is scanned on val for the chosen router. Writes
+``benchmarks/results/router_compare.{json,md}`` and the chosen router's routing confusion matrix
+(``router_compare_confusion.{md,png}``, test split).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from freemerge_pl.callbacks.routing import plot_routing_confusion
+
+from freemerge_pl.data import MultiTaskDataModule, TaskConfig
+from freemerge_pl.io import write_json_atomic, write_text_atomic
+from freemerge_pl.models.zoo_vit import ZooViTAdapter
+from freemerge_pl.module import MergedModule
+from freemerge_pl.router import RouterConfig, routing_confusion_markdown
+from freemerge_pl.zoo.build import normalize_images
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROUTERS: list[dict] = [
+    *({"feature_source": "input", "head": h} for h in ("linear", "mlp", "ncm")),
+    *({"feature_source": "backbone_prefix", "split_block": b, "head": h} for b in (1, 2, 3)
+      for h in ("linear", "mlp", "ncm")),
+    *({"feature_source": "backbone", "head": h} for h in ("linear", "mlp", "ncm")),
+    *({"feature_source": "pretrained_backbone", "split_block": b, "head": h} for b in (0, 2)
+      for h in ("linear", "mlp", "ncm")),
+]
+
+
+def split_tensors(dm: MultiTaskDataModule, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images, labels and task ids of every task's ``split`` (``val`` = tune-val, ``test``)."""
+    xs, ys, ts = [], [], []
+    for i, name in enumerate(dm.task_names):
+        ds = dm.tune_dataset(name).dataset if split == "val" else dm._test[name]
+        xs.append(normalize_images(ds.images))
+        ys.append(ds.labels)
+        ts.append(torch.full((len(ds.labels),), i))
+    return torch.cat(xs), torch.cat(ys), torch.cat(ts)
+
+
+@torch.no_grad()
+def scores(module: MergedModule, data, ids=None, weights=None, batch: int = 512) -> dict[str, float]:
+    """Accuracy with the dataset's head (mean over tasks) for given routing ``ids``/``weights`` (None: the
+    router's own; ``"oracle"``: the true task; ``"none"``: the backbone alone), and routing accuracy."""
+    x, y, t = data
+    correct = torch.zeros(len(y), dtype=torch.bool)
+    routed = torch.empty(len(y), dtype=torch.long)
+    for s in range(0, len(y), batch):
+        xb, tb = x[s:s + batch], t[s:s + batch]
+        if ids == "oracle":
+            i, w = tb[:, None], torch.ones(len(tb), 1)
+        else:
+            i, w = module.route(xb) if ids is None else (tb[:, None], torch.zeros(len(tb), 1))
+        feats = module.backbone(xb) if ids == "none" else module.features(xb, i, w)
+        routed[s:s + batch] = i[:, 0]
+        for task in tb.unique().tolist():
+            sel = tb == task
+            pred = module.head_outputs(feats[sel], task).argmax(-1)
+            correct[s:s + batch][sel] = pred == y[s:s + batch][sel]
+    per_task = [float(correct[t == k].float().mean()) for k in range(int(t.max()) + 1)]
+    route_acc = [float((routed[t == k] == k).float().mean()) for k in range(int(t.max()) + 1)]
+    return {"accuracy": sum(per_task) / len(per_task), "routing_accuracy": sum(route_acc) / len(route_acc),
+            "routed": routed}
+
+
+def use_router(module: MergedModule, config: RouterConfig, router_data, example) -> float:
+    module.router_config = config
+    module._router_in = module._router_in_features(example)
+    module.reset_router()
+    start = time.perf_counter()
+    module.fit_router(router_data)
+    return time.perf_counter() - start
+
+
+def label(r: dict) -> str:
+    split = f"[{r['split_block']}]" if "split_block" in r else ""
+    return f"{r['feature_source']}{split} + {r['head']}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="default")
+    parser.add_argument("--threshold-grid", default="0,0.3,0.5,0.7,0.9")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    adapter = ZooViTAdapter(size=args.size)
+    tasks = [TaskConfig(name=t, dataset="freemerge_pl.zoo.ZooTaskDataset",
+                        dataset_args={"task": t, "size": args.size}, train_args={"split": "router"})
+             for t in adapter.task_names]
+    dm = MultiTaskDataModule(tasks, router_fraction=1.0, min_router_samples=1, tune_fraction=0.5)
+    dm.setup()
+    module = MergedModule(adapter, router=RouterConfig(feature_source="input"))
+    router_data = dm.router_dataset()
+    example = router_data[0][0][None]
+    module.build(example)
+    if hasattr(module, "expert_path"):  # the weight swap honours weight-0 (fallback) rows on every batch
+        module.expert_path = "weight_swap"
+    data = {s: split_tensors(dm, s) for s in ("val", "test")}
+    base = {s: {"oracle_free": scores(module, d, "oracle")["accuracy"],
+                "backbone_alone": scores(module, d, "none")["accuracy"]} for s, d in data.items()}
+    rows = []
+    for r in ROUTERS:
+        config = RouterConfig(**r)
+        seconds = use_router(module, config, router_data, example)
+        row = {"router": label(r), "config": r, "fit_seconds": seconds}
+        for s, d in data.items():
+            out = scores(module, d)
+            row[s] = {"routing_accuracy": out["routing_accuracy"], "routed_free": out["accuracy"],
+                      "gap_to_oracle": base[s]["oracle_free"] - out["accuracy"]}
+        rows.append(row)
+        print(f"{row['router']:36s} val routing {row['val']['routing_accuracy']:.3f} free "
+              f"{row['val']['routed_free']:.4f} | test routing {row['test']['routing_accuracy']:.3f} free "
+              f"{row['test']['routed_free']:.4f}", flush=True)
+    # the default: best routed FREE on val (ties: higher routing accuracy, then the cheaper: listed first)
+    best = max(rows, key=lambda r: (round(r["val"]["routed_free"], 4), r["val"]["routing_accuracy"]))
+    thresholds = [float(v) for v in args.threshold_grid.split(",")]
+    scan = []
+    for th in thresholds:
+        cfg = RouterConfig(**{**best["config"], "fallback_threshold": th})
+        use_router(module, cfg, router_data, example)
+        scan.append({"fallback_threshold": th, **{s: {k: v for k, v in scores(module, d).items() if k != "routed"}
+                                                 for s, d in data.items()}})
+    chosen_th = max(scan, key=lambda r: r["val"]["accuracy"])["fallback_threshold"]
+    use_router(module, RouterConfig(**{**best["config"], "fallback_threshold": chosen_th}), router_data, example)
+    test_out = scores(module, data["test"])
+    K = len(dm.task_names)
+    confusion = torch.zeros(K, K, dtype=torch.long)
+    confusion.index_put_((data["test"][2], test_out["routed"]), torch.ones(len(test_out["routed"]),
+                                                                          dtype=torch.long), accumulate=True)
+    report = {"size": args.size, "method": module.method, "task_names": dm.task_names,
+              "router_data": "zoo router split (100/task, never fine-tuned on)", "choose_on": "val",
+              "baselines": base, "routers": rows,
+              "chosen": {"router": best["router"], "config": asdict(RouterConfig(**{**best["config"],
+                                                                                     "fallback_threshold": chosen_th}))},
+              "fallback_scan": scan,
+              "chosen_test": {"routing_accuracy": test_out["routing_accuracy"], "routed_free": test_out["accuracy"],
+                              "gap_to_oracle": base["test"]["oracle_free"] - test_out["accuracy"]},
+              "routing_confusion_test": confusion.tolist()}
+    lines = [f"# Routers on the {args.size} zoo (FREE-Merging, top-1)", "",
+             (f"router fitted on the zoo's router split; default chosen on val; oracle FREE val "
+              f"{base['val']['oracle_free']:.4f} / test {base['test']['oracle_free']:.4f}; merged backbone alone "
+              f"val {base['val']['backbone_alone']:.4f} / test {base['test']['backbone_alone']:.4f}"), "",
+             "| router | val routing | val routed FREE | val gap | test routing | test routed FREE | test gap | fit s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['router']} | {r['val']['routing_accuracy']:.3f} | {r['val']['routed_free']:.4f} | "
+                     f"{r['val']['gap_to_oracle']:+.4f} | {r['test']['routing_accuracy']:.3f} | "
+                     f"{r['test']['routed_free']:.4f} | {r['test']['gap_to_oracle']:+.4f} | {r['fit_seconds']:.1f} |")
+    lines += ["", f"fallback scan for {best['router']} (no expert below the threshold):", "",
+              "| threshold | val routed FREE | test routed FREE |", "|---|---|---|"]
+    lines += [f"| {s['fallback_threshold']} | {s['val']['accuracy']:.4f} | {s['test']['accuracy']:.4f} |" for s in scan]
+    c = report["chosen_test"]
+    lines += ["", (f"chosen: {best['router']}, fallback_threshold {chosen_th} → test routing accuracy "
+                   f"{c['routing_accuracy']:.4f}, routed FREE {c['routed_free']:.4f}, gap to oracle "
+                   f"{c['gap_to_oracle']:+.4f} (goals: routing ≥ 0.90, gap ≤ 0.01)"), "",
+              "routing confusion (test):", "", routing_confusion_markdown(confusion.tolist(), dm.task_names)]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(report, RESULTS / "router_compare.json")
+    write_text_atomic("\n".join(lines) + "\n", RESULTS / "router_compare.md")
+    write_text_atomic(routing_confusion_markdown(confusion.tolist(), dm.task_names),
+                      RESULTS / "router_compare_confusion.md")
+    fig = plot_routing_confusion(confusion.tolist(), dm.task_names, RESULTS / "router_compare_confusion.png",
+                                 title=best["router"])
+    if fig is not None:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    print("\n".join(lines[-(K + 8):]))
+    print(f"default router {best['router']}: test routing accuracy {c['routing_accuracy']:.3f}, "
+          f"routed FREE {c['routed_free']:.4f} vs oracle {base['test']['oracle_free']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
