@@ -20,10 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import platform
 import shutil
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -41,7 +39,6 @@ from freemerge_pl.io import (
     load_state_dict,
     save_safetensors_atomic,
     verify_manifest,
-    write_json_atomic,
     write_text_atomic,
 )
 from freemerge_pl.progress import format_seconds
@@ -60,6 +57,7 @@ from freemerge_pl.zoo.build import (
     _derived_seed,
     _deterministic,
     _optimizer,
+    build_atomically,
     read_manifest,
     recipe_changes,
 )
@@ -328,22 +326,11 @@ def build_text_zoo(dest: str | Path, size: str = "default", seed: int = 0, reaso
     log.info("building the text zoo (size %s, seed %d) at %s%s; built once, later runs reuse it; expect %s on "
              "%d thread%s", size, seed, dest, f" ({reason})" if reason else "",
              rough_duration(progress.estimate_total_s()), threads, "" if threads == 1 else "s")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+    def write(tmp: Path) -> dict[str, Any]:
         with _deterministic(threads), progress:
-            manifest = _write_text_zoo(tmp, recipe, seed, progress)
-        write_json_atomic(manifest, tmp / MANIFEST)
-        old = None
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-            os.replace(dest, old / "zoo")
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            return _write_text_zoo(tmp, recipe, seed, progress)
+
+    manifest = build_atomically(dest, write)
     log.info("text zoo %s seed %d built at %s in %s", size, seed, dest, format_seconds(manifest["build"]["seconds"]))
     return dest
 

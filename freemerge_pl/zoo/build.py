@@ -422,11 +422,23 @@ def build_zoo(dest: str | Path, size: str = "default", seed: int = 0, reason: st
              "%d thread%s (a progress line every %s)", size, seed, dest, f" ({reason})" if reason else "",
              rough_duration(progress.estimate_total_s()), threads, "" if threads == 1 else "s",
              f"{progress.interval_s:g} s")
+    def write(tmp: Path) -> dict[str, Any]:
+        with _deterministic(threads), progress:
+            return _write_zoo(tmp, recipe, seed, progress)
+
+    manifest = build_atomically(dest, write)
+    log.info("zoo %s seed %d built at %s in %s", size, seed, dest, format_seconds(manifest["build"]["seconds"]))
+    return dest
+
+
+def build_atomically(dest: Path, write: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """``write(tmp)`` into a fresh hidden sibling of ``dest``, then its returned manifest (``MANIFEST``, last),
+    then ``dest`` replaced by it whole (a previous build moved aside and removed after the rename); on any error
+    or interrupt the sibling is removed and ``dest`` is untouched. Returns the manifest. (Zoo and text zoo.)"""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
-        with _deterministic(threads), progress:
-            manifest = _write_zoo(tmp, recipe, seed, progress)
+        manifest = write(tmp)
         write_json_atomic(manifest, tmp / MANIFEST)
         old = None
         if dest.exists():
@@ -438,8 +450,7 @@ def build_zoo(dest: str | Path, size: str = "default", seed: int = 0, reason: st
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("zoo %s seed %d built at %s in %s", size, seed, dest, format_seconds(manifest["build"]["seconds"]))
-    return dest
+    return manifest
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:
