@@ -17,8 +17,17 @@ from torch import Tensor
 
 from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError, HyperparameterError
 from freemerge_pl.merging.base import MergeResult, StateDict
+from freemerge_pl.merging.experts import flat_chunks
 from freemerge_pl.merging.fourier import check_filter_ratio, highpass
-from freemerge_pl.merging.method import Context, Finalized, KeyOutput, KeyTensors, MergeMethod, Scan
+from freemerge_pl.merging.method import (
+    Context,
+    Finalized,
+    KeyOutput,
+    KeyTensors,
+    MergeMethod,
+    Scan,
+    VectorChunks,
+)
 from freemerge_pl.merging.task_vectors import compile_patterns
 from freemerge_pl.sources import TensorSource
 
@@ -165,20 +174,38 @@ class CheckpointInputs(MergeInputs):
                 cache["fp32"] = pre().float()
             return cache["fp32"]
 
+        def theta(k: int) -> Tensor:
+            t = self.finetuned[k].get(key).to(pre().device)
+            if self.check_finite and (key, k) not in self._finite and not all_finite(t):
+                raise_nonfinite(self.names[k], self.finetuned[k].info(key).file, key, t)
+            self._finite.add((key, k))
+            return t
+
         def loader(k: int) -> Callable[[], Tensor]:
             def load() -> Tensor:
-                base = pre()
-                theta = self.finetuned[k].get(key).to(base.device)
-                if self.check_finite and (key, k) not in self._finite and not all_finite(theta):
-                    raise_nonfinite(self.names[k], self.finetuned[k].info(key).file, key, theta)
-                self._finite.add((key, k))
+                base, t = pre(), theta(k)
                 if base.dtype in WIDEN_EXACTLY:  # fp32(θ_k) − fp32(θ_pre), θ_pre widened block by block
-                    return blockwise_(theta.to(torch.float32, copy=True), base, torch.Tensor.sub_)
-                return theta.float() - pre_fp32()
+                    return blockwise_(t.to(torch.float32, copy=True), base, torch.Tensor.sub_)
+                return t.float() - pre_fp32()
+            return load
+
+        def chunk_loader(k: int) -> Callable[[], VectorChunks]:
+            def load() -> VectorChunks:
+                base = pre()
+                if base.dtype not in WIDEN_EXACTLY:  # float64 θ_pre: the whole-vector path
+                    v = loader(k)()
+                    return VectorChunks(v.numel(), lambda: flat_chunks(v))
+                t, b = theta(k).reshape(-1), base.reshape(-1)
+
+                def chunks():  # fp32(θ_k) − fp32(θ_pre) per chunk: the same values as ``loader``'s
+                    for s, part in flat_chunks(t):
+                        yield s, part.to(torch.float32, copy=True).sub_(b[s:s + part.numel()])
+                return VectorChunks(t.numel(), chunks)
             return load
 
         return KeyTensors(key, self.shapes[key], self.dtypes[key], [loader(k) for k in range(self.num_tasks)],
-                          pretrained=pre, pretrained_fp32=pre_fp32, transform=self.transform)
+                          pretrained=pre, pretrained_fp32=pre_fp32, transform=self.transform,
+                          chunk_loaders=[chunk_loader(k) for k in range(self.num_tasks)])
 
 
 #: dtypes whose values float32 holds exactly: an in-place float32 op with such an operand widens it on the fly

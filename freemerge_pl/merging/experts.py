@@ -9,7 +9,7 @@ sparsified tensor included), computed at the scope of λ (semantics §8).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -35,6 +35,19 @@ def topk_count(numel: int, density: float) -> int:
 _CHUNK = 1 << 22  # elements per chunk (16 MiB of float32) of the large-tensor threshold and cut
 
 
+def flat_chunks(v: Tensor) -> Iterator[tuple[int, Tensor]]:
+    """``(offset, v.flatten()[offset:offset + _CHUNK])`` over a tensor (views, not copies)."""
+    flat = v.reshape(-1)
+    for s in range(0, flat.numel(), _CHUNK):
+        yield s, flat[s:s + _CHUNK]
+
+
+def chunked_abs_sum(chunks: Iterable[tuple[int, Tensor]]) -> float:
+    """Σ|v| over ``flat_chunks``-style chunks: one float32 sum per chunk, added in float64 (so the same
+    value whether v is whole in memory or computed chunk by chunk from checkpoints)."""
+    return sum(float(c.abs().sum()) for _, c in chunks)
+
+
 def topk_selection(magnitudes: Tensor, count: int) -> tuple[float, int]:
     """``(t, ties)``: the ``count``-th largest of a flat tensor of magnitudes, and how many entries equal to
     t belong to the top ``count`` (the first ones by index). Enough to cut the same entries again later.
@@ -42,32 +55,48 @@ def topk_selection(magnitudes: Tensor, count: int) -> tuple[float, int]:
     Float32 tensors of ``_CHUNK`` elements or more: t from two radix-histogram passes over the float bits
     (non-negative floats order like their bit patterns), chunk by chunk, the same t as ``kthvalue``, which
     copies the tensor with int64 indices (3× its bytes) and took twice as long on 65 M elements."""
+    return topk_selection_chunks(lambda: flat_chunks(magnitudes), magnitudes.numel(), count, absolute=False)
+
+
+def topk_selection_chunks(chunks: Callable[[], Iterable[tuple[int, Tensor]]], numel: int, count: int, *,
+                          absolute: bool = True) -> tuple[float, int]:
+    """``topk_selection`` of the values (``absolute``: their magnitudes) that ``chunks()`` yields, never
+    holding more than one chunk's magnitudes when the tensor is large (``chunks`` is called once per pass)."""
     if count <= 0:
         return math.inf, 0
-    if magnitudes.numel() >= _CHUNK and magnitudes.dtype == torch.float32:
-        found = _radix_kth_largest(magnitudes, count)
+
+    def mags() -> Iterator[Tensor]:
+        for _, c in chunks():
+            yield c.abs() if absolute else c
+
+    if numel >= _CHUNK:
+        found = _radix_kth_largest(mags, count)
         if found is not None:
             return found
-    t = magnitudes.kthvalue(magnitudes.numel() - count + 1).values
-    return float(t), count - int((magnitudes > t).sum())
+    m = torch.cat([c.reshape(-1) for c in mags()])
+    t = m.kthvalue(m.numel() - count + 1).values
+    return float(t), count - int((m > t).sum())
 
 
-def _radix_kth_largest(magnitudes: Tensor, count: int) -> tuple[float, int] | None:
-    """``topk_selection`` of finite non-negative float32 values by their bit patterns; None when a value is
-    negative, infinite or NaN (left to ``kthvalue``)."""
-    n, buckets = magnitudes.numel(), 1 << 16
-    coarse = torch.zeros(buckets, dtype=torch.int64, device=magnitudes.device)
-    for s in range(0, n, _CHUNK):
-        bits = magnitudes[s:s + _CHUNK].view(torch.int32)
-        coarse += torch.bincount(torch.bitwise_and(bits >> 16, buckets - 1), minlength=buckets)
-    if int(coarse[0x7F80:].sum()):  # Inf/NaN (0x7F80...) or a sign bit set (0x8000...)
+def _radix_kth_largest(mags: Callable[[], Iterable[Tensor]], count: int) -> tuple[float, int] | None:
+    """``topk_selection`` of finite non-negative float32 values (``mags()``: their chunks, one pass per call)
+    by their bit patterns; None when a value is negative, infinite or NaN, or not float32 (left to ``kthvalue``)."""
+    buckets = 1 << 16
+    coarse = None
+    for m in mags():
+        if m.dtype != torch.float32:
+            return None
+        bits = m.reshape(-1).view(torch.int32)
+        hist = torch.bincount(torch.bitwise_and(bits >> 16, buckets - 1), minlength=buckets)
+        coarse = hist if coarse is None else coarse.add_(hist)
+    if coarse is None or int(coarse[0x7F80:].sum()):  # Inf/NaN (0x7F80...) or a sign bit set (0x8000...)
         return None
     at_least = coarse.flip(0).cumsum(0).flip(0)  # [b]: how many values have high bits ≥ b
     high = int(torch.nonzero(at_least >= count).max())
     greater = int(at_least[high + 1])  # values in higher buckets (bucket 0x7F80 and up are empty)
-    fine = torch.zeros(buckets, dtype=torch.int64, device=magnitudes.device)
-    for s in range(0, n, _CHUNK):
-        bits = magnitudes[s:s + _CHUNK].view(torch.int32)
+    fine = torch.zeros(buckets, dtype=torch.int64, device=coarse.device)
+    for m in mags():
+        bits = m.reshape(-1).view(torch.int32)
         fine += torch.bincount(torch.bitwise_and(bits[(bits >> 16) == high], buckets - 1), minlength=buckets)
     fine_at_least = fine.flip(0).cumsum(0).flip(0)
     low = int(torch.nonzero(fine_at_least >= count - greater).max())
@@ -76,28 +105,46 @@ def _radix_kth_largest(magnitudes: Tensor, count: int) -> tuple[float, int] | No
     return t, count - greater
 
 
+def top_abs_sum(chunks: Iterable[tuple[int, Tensor]], threshold: float, ties: int) -> float:
+    """Σ|v| of the entries ``selection_entries`` keeps: those above ``threshold`` plus ``ties`` × threshold (every
+    |v| ≥ threshold when ``ties`` is negative); one float32 sum per chunk, added in float64."""
+    total = 0.0
+    for _, c in chunks:
+        m = c.abs()
+        total += float(m[m >= threshold].sum()) if ties < 0 else float(m[m > threshold].sum())
+    return total if ties < 0 else total + ties * threshold
+
+
+def selection_entries(chunks: Iterable[tuple[int, Tensor]], threshold: float, ties: int, *,
+                      absolute: bool = True) -> tuple[Tensor, Tensor]:
+    """Sorted flat indices, and the values there, of the entries whose magnitude (``absolute``; else the value)
+    is above ``threshold`` plus the first ``ties`` (by index) equal to it — every entry equal to it when
+    ``ties`` is negative (a model-wide threshold keeps all ties); chunk by chunk (no full-size masks)."""
+    idx, vals = [], []
+    budget = ties
+    for s, c in chunks:
+        c = c.reshape(-1)
+        m = c.abs() if absolute else c
+        hit = torch.nonzero(m >= threshold).flatten()
+        if ties >= 0:
+            at = m[hit]
+            equal = hit[at == threshold][:max(budget, 0)]
+            budget -= equal.numel()
+            hit = hit[at > threshold]
+            if equal.numel():
+                hit = torch.cat([hit, equal]).sort().values
+        idx.append(hit + s)
+        vals.append(c[hit])
+    if not idx:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0)
+    return torch.cat(idx), torch.cat(vals)
+
+
 def selection_indices(magnitudes: Tensor, threshold: float, ties: int, *, absolute: bool = False) -> Tensor:
     """Sorted flat indices of the entries above ``threshold`` plus the first ``ties`` equal to it (every
     entry equal to it when ``ties`` is negative: a model-wide threshold keeps all ties). ``absolute``: the
     magnitudes are ``|magnitudes|`` (taken chunk by chunk, never for the whole tensor)."""
-    flat = magnitudes.reshape(-1)
-    above, equal = [], []
-    for s in range(0, flat.numel(), _CHUNK):  # chunks: no full-size masks, no int64 cumsum over the tensor
-        m = flat[s:s + _CHUNK].abs() if absolute else flat[s:s + _CHUNK]
-        hit = torch.nonzero(m >= threshold).flatten()
-        if ties < 0:
-            above.append(hit + s)
-            continue
-        values = m[hit]
-        above.append(hit[values > threshold] + s)
-        if ties > 0:
-            equal.append(hit[values == threshold] + s)
-    if not above:
-        return torch.zeros(0, dtype=torch.long, device=flat.device)
-    idx = torch.cat(above)
-    if equal:
-        idx = torch.cat([idx, torch.cat(equal)[:ties]]).sort().values
-    return idx
+    return selection_entries(flat_chunks(magnitudes), threshold, ties, absolute=absolute)[0]
 
 
 def topk_flat_indices(v: Tensor, density: float) -> Tensor:

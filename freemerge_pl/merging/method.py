@@ -27,8 +27,20 @@ from torch import Tensor, nn
 
 from freemerge_pl.errors import HyperparameterError
 from freemerge_pl.merging.base import TaskModule
+from freemerge_pl.merging.experts import flat_chunks
 
 # ---------------------------------------------------------------------------------------- inputs of a key
+
+
+class VectorChunks:
+    """A task vector as ``(offset, flat float32 chunk)`` pairs, re-iterable (each iteration is one pass)."""
+
+    def __init__(self, numel: int, chunks: Callable[[], Iterator[tuple[int, Tensor]]]) -> None:
+        self.numel = numel
+        self._chunks = chunks
+
+    def __iter__(self) -> Iterator[tuple[int, Tensor]]:
+        return self._chunks()
 
 
 class KeyTensors:
@@ -49,6 +61,7 @@ class KeyTensors:
         pretrained: Callable[[], Tensor] | None = None,
         pretrained_fp32: Callable[[], Tensor] | None = None,
         transform: Callable[[Tensor], Tensor] | None = None,
+        chunk_loaders: Sequence[Callable[[], VectorChunks]] | None = None,
     ) -> None:
         self.key = key
         self.shape = tuple(shape)
@@ -57,6 +70,7 @@ class KeyTensors:
         self._pretrained = pretrained
         self._pretrained_fp32 = pretrained_fp32
         self._transform = transform
+        self._chunk_loaders = list(chunk_loaders) if chunk_loaders is not None and transform is None else None
         self._stack: Tensor | None = None
 
     @property
@@ -76,6 +90,16 @@ class KeyTensors:
     def vectors(self) -> Iterator[Tensor]:
         for k in range(self.num_tasks):
             yield self.vector(k)
+
+    def vector_chunks(self, k: int) -> VectorChunks:
+        """v_k as flat float32 chunks (``VectorChunks``: iterate it once per pass): from checkpoints, θ_k is
+        read once and each chunk of θ_k − θ_pre is computed when reached, so a pass over a large tensor holds
+        θ_k and one chunk instead of a float32 v_k; otherwise views of ``vector(k)``. The values equal
+        ``vector(k)``'s element for element."""
+        if self._stack is None and self._chunk_loaders is not None:
+            return self._chunk_loaders[k]()
+        v = self.vector(k)
+        return VectorChunks(v.numel(), lambda: flat_chunks(v))
 
     def stacked(self) -> Tensor:
         if self._stack is None:

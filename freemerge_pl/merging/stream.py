@@ -28,16 +28,18 @@ from freemerge_pl.merging.method import KeyTensors, MergeMethod
 from freemerge_pl.sources import TensorInfo, TensorSource
 
 
-def _malloc_trim():
+def _glibc():
     try:
         import ctypes
 
-        return ctypes.CDLL("libc.so.6").malloc_trim
+        libc = ctypes.CDLL("libc.so.6")
+        return libc.malloc_trim, libc.mallopt
     except (OSError, AttributeError):  # not glibc
-        return None
+        return None, None
 
 
-_TRIM = _malloc_trim()
+_TRIM, _MALLOPT = _glibc()
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
 def release_free_heap() -> None:
@@ -46,6 +48,16 @@ def release_free_heap() -> None:
     chunks: without a trim per key, RSS grew by ~0.3 GiB of freed memory over a 1.45 B-parameter merge."""
     if _TRIM is not None:
         _TRIM(0)
+
+
+def map_large_allocations(threshold: int = 1 << 20) -> None:
+    """Serve allocations of ``threshold`` bytes or more with their own mappings, returned to the OS when freed
+    (glibc ``mallopt(M_MMAP_THRESHOLD)``; a no-op elsewhere). glibc raises that threshold dynamically up to
+    32 MiB as large blocks are freed, after which the streaming kernels' 16 MiB chunk buffers came from the
+    heap and fragmented it: measured on one 32000×2048 tensor, peak RSS 1.46 GiB with the default, 1.26 GiB
+    with this. Process-wide; set once per streaming merge."""
+    if _MALLOPT is not None:
+        _MALLOPT(_M_MMAP_THRESHOLD, threshold)
 
 
 @dataclass
@@ -92,6 +104,7 @@ def stream_merge(
     ``dtype`` None keeps θ_pre's dtypes; ``device`` is where the maths runs (``cuda``: tensor by tensor).
     """
     check_prefilter(method, fr_filter_ratio)
+    map_large_allocations()
     inputs = CheckpointInputs(pretrained, finetuned, names=names, exclude_keys=exclude_keys, device=device,
                               transform=prefilter_transform(fr_filter_ratio), check_finite=True,
                               strict_dtypes=strict_dtypes)
