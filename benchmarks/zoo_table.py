@@ -34,7 +34,7 @@ RESULTS = REPO / "benchmarks" / "results"
 #: per zoo: its config folder, output name, title, what a sample is, and how its default router sees inputs
 ZOOS: dict[str, dict[str, str]] = {
     "vision": {"configs": "zoo", "name": "zoo_vision", "title": "Offline zoo", "samples": "img",
-               "router": "MLP on 8×8-pooled pixels"},
+               "router": "MLP on the merged backbone's first 3 blocks (feature_source auto)"},
     "text": {"configs": "text", "name": "zoo_text", "title": "Text zoo", "samples": "text",
              "router": "MLP on the merged encoder's pooled [CLS] features"},
 }
@@ -63,13 +63,19 @@ def rows_spec(zoo: str = "vision") -> list[dict[str, Any]]:
         {"label": "FREE-Merging (router)", "method": "free_merging", "model": router},
         {"label": "FREE-Merging (oracle)", "method": "free_merging", "model": oracle},
         {"label": "FREE-Merging (router, routed heads)", "method": "free_merging", "model": routed_heads},
-        {"label": "FREE-Merging (router on backbone features)", "method": "free_merging",
+        {"label": "FREE-Merging (router on the whole merged backbone)", "method": "free_merging",
          "model": {**router, "router": {"feature_source": "backbone", "epochs": 20}}},
         {"label": "FREE-Merging (released code, router)", "method": "free_merging_released", "model": router},
         {"label": "FREE-Merging (released code, oracle)", "method": "free_merging_released", "model": oracle},
+        # data-dependent baselines: statistics / training on the router split (configs/zoo/<method>.yaml settings)
+        {"label": "Fisher merging", "method": "fisher"},
+        {"label": "RegMean", "method": "regmean"},
+        {"label": "AdaMerging (layer-wise)", "method": "adamerging"},
+        {"label": "AdaMerging++ (layer-wise)", "method": "adamerging_pp"},
+        {"label": "MTL (joint fine-tuning on the router split)", "method": "mtl"},
     ]
     if zoo == "text":
-        rows = [r for r in rows if r["label"] != "FREE-Merging (router on backbone features)"]
+        rows = [r for r in rows if r["label"] != "FREE-Merging (router on the whole merged backbone)"]
     return rows
 
 
@@ -123,6 +129,7 @@ def evaluate(module, dm) -> dict[str, Any]:
             if module.task_modules else 0,
             "backbone_bytes": res["backbone_bytes"], "merge_seconds": module.merge_record.get("seconds"),
             "router_fit_seconds": module.merge_record.get("router_fit_seconds"),
+            "data_statistics": module.merge_record.get("data_statistics"),
             "images_per_s": n_images / seconds}
 
 
@@ -148,6 +155,14 @@ def row(label: str, tasks: dict[str, float], individual: dict[str, float] | None
     return {"label": label, "tasks": tasks, "avg": avg, "normalised_avg": norm, **extra}
 
 
+def merge_cell(r: dict[str, Any]) -> str:
+    """Merge seconds; for a data-dependent method also its statistics / training time and samples."""
+    data = r.get("data_statistics")
+    if not data:
+        return f"{r['merge_seconds']:.2f}"
+    return f"{r['merge_seconds'] + data.get('seconds', 0.0):.1f} (data: {data.get('samples', '?')} samples)"
+
+
 def markdown(rows: list[dict], tasks: list[str], title: str, tuning: bool = False, samples: str = "img") -> str:
     head = ["method", *tasks, "avg", "norm. avg", "extra storage / task", "merge s", f"{samples}/s", "routing acc"]
     if tuning:
@@ -160,7 +175,7 @@ def markdown(rows: list[dict], tasks: list[str], title: str, tuning: bool = Fals
         cells = [r["label"], *(f"{100 * r['tasks'][t]:.1f}" for t in tasks), f"**{100 * r['avg']:.1f}**",
                  f"{100 * r['normalised_avg']:.1f}" if r.get("normalised_avg") is not None else "",
                  (f"{storage / 1024:.0f} KiB ({pct:.2f}%)" if storage else "0") if merged else "",
-                 f"{r['merge_seconds']:.2f}" if merged else "",
+                 merge_cell(r) if merged else "",
                  f"{r['images_per_s']:.0f}" if r.get("images_per_s") else "",
                  f"{100 * r['routing_accuracy']:.1f}" if r.get("routing_accuracy") is not None else ""]
         if tuning:
