@@ -61,6 +61,7 @@ from freemerge_pl.zoo.build import (
     read_manifest,
     recipe_changes,
 )
+from freemerge_pl.zoo.build import rebuild_hint as zoo_rebuild_hint
 from freemerge_pl.zoo.progress import BuildProgress, rough_duration
 
 log = logging.getLogger("freemerge_pl.textzoo")
@@ -337,10 +338,7 @@ def build_text_zoo(dest: str | Path, size: str = "default", seed: int = 0, reaso
 
 # ----------------------------------------------------------------------------------------------- cache
 def rebuild_hint(root: str | Path, manifest: Mapping[str, Any] | None = None) -> str:
-    m = manifest or {}
-    size, seed = m.get("size", "default"), m.get("seed", 0)
-    return (f"rebuild the text zoo: python -m freemerge_pl.textzoo --size {size} --seed {seed} --root {Path(root)} "
-            f"--rebuild (or delete {Path(root)})")
+    return zoo_rebuild_hint(root, manifest, what="text zoo", module="freemerge_pl.textzoo")
 
 
 def verify_text_zoo(root: str | Path, names: Iterable[str] | None = None) -> dict[str, Any]:

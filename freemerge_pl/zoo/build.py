@@ -30,7 +30,7 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -468,11 +468,13 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def rebuild_hint(root: str | Path, manifest: dict[str, Any] | None = None) -> str:
-    """How to rebuild the zoo at ``root`` (the command line, with its size and seed when known)."""
+def rebuild_hint(root: str | Path, manifest: Mapping[str, Any] | None = None, *, what: str = "zoo",
+                 module: str = "freemerge_pl.zoo") -> str:
+    """How to rebuild the ``what`` at ``root`` (the ``python -m module`` command line, with its size and seed
+    when known; the text zoo passes its own)."""
     m = manifest or {}
     size, seed = m.get("size", "default"), m.get("seed", 0)
-    return (f"rebuild the zoo: python -m freemerge_pl.zoo --size {size} --seed {seed} --root {Path(root)} "
+    return (f"rebuild the {what}: python -m {module} --size {size} --seed {seed} --root {Path(root)} "
             f"--rebuild (or delete {Path(root)})")
 
 
