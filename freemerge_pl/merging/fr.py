@@ -286,7 +286,7 @@ class FREEMerging(FRMerging):
             else:  # the cut reads each chunk right after it is accumulated
                 idx, values = selection_entries(accumulate(), *stats.cuts[key][k])
                 entries.append(self._entries(idx, values, v.numel, k, stats, ctx, key))
-            del v  # θ_k freed before θ_{k+1} is read
+            del v, accumulate  # θ_k freed before θ_{k+1} is read (the closure's default held it too)
         combined = out.get("combined", torch.zeros(0)).view(x.shape)
         entries = ctx.cache[entries_key] if cached else ctx.memo(entries_key, lambda: entries)
         return KeyOutput(self.filtered(x, stats, ctx, combined), entries)
