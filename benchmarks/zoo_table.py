@@ -73,6 +73,8 @@ def rows_spec(zoo: str = "vision") -> list[dict[str, Any]]:
         {"label": "AdaMerging (layer-wise)", "method": "adamerging"},
         {"label": "AdaMerging++ (layer-wise)", "method": "adamerging_pp"},
         {"label": "MTL (joint fine-tuning on the router split)", "method": "mtl"},
+        {"label": "MTL (joint fine-tuning on 50% of the training split, 3 epochs: the upper bound)", "method": "mtl",
+         "args": {"data_split": "train", "train_fraction": 0.5, "epochs": 3}},
     ]
     if zoo == "text":
         rows = [r for r in rows if r["label"] != "FREE-Merging (router on the whole merged backbone)"]
