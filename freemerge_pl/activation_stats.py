@@ -124,7 +124,8 @@ def log_likelihood(out: Tensor, label: Tensor, target: str) -> Tensor:
 def fisher_diagonal(backbone: nn.Module, head: nn.Module, dataset: Dataset, method: FisherMerging,
                     device) -> tuple[dict[str, Tensor], int]:
     """Σ over this rank's samples of the per-sample squared gradients of log p(ŷ|x; θ) (float64) and the
-    sample count; per-sample gradients with ``torch.func`` (vmap of grad over a functional call)."""
+    sample count; per-sample gradients with ``torch.func`` (vmap of grad over a functional call, or grad per
+    sample when the model cannot be vmapped, as Hugging Face encoders whose mask code branches on data)."""
     params = {n: p.detach() for n, p in backbone.named_parameters()}
     buffers = {n: b for n, b in backbone.named_buffers()}
 
@@ -134,11 +135,22 @@ def fisher_diagonal(backbone: nn.Module, head: nn.Module, dataset: Dataset, meth
 
     per_sample = vmap(grad(one), in_dims=(None, 0, 0))
     sums = {n: torch.zeros(p.shape, dtype=torch.float64, device=device) for n, p in params.items()}
-    count = 0
+    count, vectorised = 0, True
     for batch in rank_loader(dataset, method.batch_size):
         x, y = (t.to(device) for t in inputs_of(batch))
-        for n, g in per_sample(params, x, y).items():
-            sums[n] += g.double().square().sum(0)
+        if vectorised:
+            try:
+                for n, g in per_sample(params, x, y).items():
+                    sums[n] += g.double().square().sum(0)
+                count += x.shape[0]
+                continue
+            except RuntimeError as err:  # data-dependent control flow (e.g. transformers' attention masks)
+                if "vmap" not in str(err):
+                    raise
+                vectorised = False  # the same gradients, one sample at a time, from here on
+        for i in range(x.shape[0]):
+            for n, g in grad(one)(params, x[i], y[i]).items():
+                sums[n] += g.double().square()
         count += x.shape[0]
     return sums, count
 

@@ -88,7 +88,19 @@ def test_fisher_with_equal_fishers_is_averaging_and_otherwise_the_weighted_mean(
     assert not torch.allclose(weighted.state_dict["fc1.weight"], avg.state_dict["fc1.weight"], atol=1e-4)
 
 
-def test_collected_fisher_is_the_mean_squared_per_sample_gradient(toy_root):
+@pytest.mark.parametrize("vmappable", [True, False])
+def test_collected_fisher_is_the_mean_squared_per_sample_gradient(toy_root, monkeypatch, vmappable):
+    """Also when vmap refuses the model (data-dependent control flow, as Hugging Face encoders' mask code):
+    then the per-sample gradients are taken one sample at a time."""
+    import freemerge_pl.activation_stats as stats_module
+
+    if not vmappable:
+        def refuse(fn, *args, **kwargs):
+            def call(*a, **k):
+                raise RuntimeError("vmap: It looks like you're attempting to use a Tensor in some data-dependent "
+                                   "control flow")
+            return call
+        monkeypatch.setattr(stats_module, "vmap", refuse)
     adapter, pre, fts = toy_checkpoints(toy_root)
     dm = toy_datamodule(toy_root)
     method = FisherMerging(fisher_batches=2, batch_size=8, fisher_target="label")
