@@ -59,9 +59,9 @@ from freemerge_pl.zoo.build import (
     _optimizer,
     build_atomically,
     read_manifest,
-    recipe_changes,
 )
 from freemerge_pl.zoo.build import rebuild_hint as zoo_rebuild_hint
+from freemerge_pl.zoo.build import stale_reason as zoo_stale_reason
 from freemerge_pl.zoo.progress import BuildProgress, rough_duration
 
 log = logging.getLogger("freemerge_pl.textzoo")
@@ -354,22 +354,8 @@ def verify_text_zoo(root: str | Path, names: Iterable[str] | None = None) -> dic
 
 
 def stale_reason(root: Path, recipe: dict[str, Any], want_hash: str) -> str | None:
-    """Why the text zoo at ``root`` must be (re)built, or None when it is current."""
-    if not (root / MANIFEST).exists():
-        return "no text zoo there yet"
-    try:
-        m = read_manifest(root)
-    except FreeMergeError as err:
-        return str(err)
-    if m.get("format") != FORMAT:
-        return f"its manifest has format {m.get('format')!r}, this version writes {FORMAT!r}"
-    if m.get("recipe_hash") != want_hash:
-        return f"it was built with another recipe or environment: {recipe_changes(m.get('recipe'), recipe)}"
-    files = m.get("files")
-    missing = [f for f in files if not (root / f).is_file()] if isinstance(files, dict) else ["(no file table)"]
-    if missing:
-        return f"{len(missing)} of its files are missing ({missing[0]}{', ...' if len(missing) > 1 else ''})"
-    return None
+    """Why the text zoo at ``root`` must be (re)built, or None when it is current (``zoo.build.stale_reason``)."""
+    return zoo_stale_reason(root, recipe, want_hash, what="text zoo", fmt=FORMAT)
 
 
 def ensure_text_zoo(root: str | Path | None = None, size: str = "default", seed: int = 0,

@@ -509,17 +509,19 @@ def recipe_changes(old: Any, new: dict[str, Any], limit: int = 4) -> str:
         else "same recipe, another seed or hash"
 
 
-def stale_reason(root: Path, recipe: dict[str, Any], want_hash: str) -> str | None:
-    """Why the zoo at ``root`` must be (re)built for ``recipe`` (hash ``want_hash``), or None if it is current:
-    no zoo, an unreadable or older manifest, another recipe or build environment, or missing files."""
+def stale_reason(root: Path, recipe: dict[str, Any], want_hash: str, *, what: str = "zoo",
+                 fmt: str = FORMAT) -> str | None:
+    """Why the ``what`` at ``root`` must be (re)built for ``recipe`` (hash ``want_hash``), or None if it is
+    current: none there, an unreadable or older manifest (format ``fmt``), another recipe or build environment,
+    or missing files. (The text zoo passes its own ``what`` and ``fmt``.)"""
     if not (root / MANIFEST).exists():
-        return "no zoo there yet"
+        return f"no {what} there yet"
     try:
         m = read_manifest(root)
     except FreeMergeError as err:
         return str(err)
-    if m.get("format") != FORMAT:
-        return f"its manifest has format {m.get('format')!r}, this version writes {FORMAT!r}"
+    if m.get("format") != fmt:
+        return f"its manifest has format {m.get('format')!r}, this version writes {fmt!r}"
     if m.get("recipe_hash") != want_hash:
         return f"it was built with another recipe or build environment: {recipe_changes(m.get('recipe'), recipe)}"
     files = m.get("files")
