@@ -105,3 +105,17 @@ def test_in_place_band_highpass_equals_the_full_fft(small_chunks, shape, ratio):
     plain = Spectrum(v.clone()).highpass(ratio)
     torch.testing.assert_close(got, plain, rtol=0, atol=1e-6)
     assert got.data_ptr() == work.data_ptr() or len(shape) != 2  # 2-D float32: computed in v's storage
+
+
+def test_cut_inside_a_group_of_ties_keeps_the_first_by_index(small_chunks):
+    """The threshold falls inside a group of equal magnitudes spread over several chunks: only the first
+    ``ties`` of them by index are kept (the budget carries across chunks)."""
+    v = torch.randn(1000, generator=torch.Generator().manual_seed(3))
+    v[::17] = 0.5
+    v[5::13] = -0.5
+    mags = v.abs()
+    count = int((mags > 0.5).sum()) + 5  # 5 of the ~136 entries equal to 0.5, the first 5 by index
+    t, ties = experts.topk_selection(mags, count)
+    assert (t, ties) == (0.5, 5)
+    got = experts.selection_indices(v, t, ties, absolute=True)
+    assert torch.equal(got, naive_selection(mags, count))
