@@ -400,17 +400,52 @@ class MergedModule(LightningModule):
     def router_loss(self, x: Tensor, task_ids: Tensor) -> Tensor:
         return F.cross_entropy(self.router_logits(x), task_ids.long())
 
+    @property
+    def automatic_optimization(self) -> bool:
+        """Lightning's automatic optimisation trains ``linear``/``mlp`` routers; ``ncm`` is fitted from features."""
+        router = self.__dict__.get("_modules", {}).get("router")  # None before setup, or before __init__ set it
+        return router is None or router.trainable
+
+    @automatic_optimization.setter
+    def automatic_optimization(self, value: bool) -> None:
+        if value != self.automatic_optimization:
+            raise ConfigError("MergedModule chooses its optimisation from the router head (ncm: none)")
+
     def training_step(self, batch, batch_idx):
         x, _, t = batch
+        if not self.router.trainable:  # ncm: collect the epoch's features; fitted in on_train_epoch_end
+            with torch.no_grad():
+                self._ncm_batches.append((self._router_features_raw(x).float(), torch.as_tensor(t).long()))
+            return None
         loss = self.router_loss(x, t)
         self.log("train/router_loss", loss, prog_bar=True, batch_size=x.shape[0])
         return loss
 
+    def on_train_epoch_start(self) -> None:
+        self._ncm_batches: list[tuple[Tensor, Tensor]] = []
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.router.trainable:
+            self.router_trained.fill_(True)
+
+    def on_train_epoch_end(self) -> None:
+        """``ncm`` under ``fit``: the task means of the epoch's router features, every rank's gathered (under DDP
+        the sampler's padding repeats a few samples), the same on every rank."""
+        if self.router.trainable or not self._ncm_batches:
+            return
+        feats = torch.cat([f for f, _ in self._ncm_batches])
+        ids = torch.cat([t for _, t in self._ncm_batches]).to(feats.device)
+        self._ncm_batches = []
+        if self.trainer.world_size > 1:
+            feats = self.all_gather(feats).reshape(-1, feats.shape[-1])
+            ids = self.all_gather(ids).reshape(-1)
+        self.router.fit_means(feats, ids)
         self.router_trained.fill_(True)
 
     def configure_optimizers(self):
         cfg = self.router_config
+        if not self.router.trainable:  # ncm has no parameters: fitted from the features (on_train_epoch_end)
+            return None
         return torch.optim.AdamW(self.router.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     @torch.no_grad()

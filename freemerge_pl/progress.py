@@ -37,6 +37,7 @@ NOISY_WARNING_MESSAGES: tuple[str, ...] = (
     r".*does not have many workers",  # the zoo/toy datasets are in memory: num_workers=0 is deliberate
     r".*in eval mode at the start of training",  # the frozen backbone is in eval mode on purpose
     r"LightningCLI's args parameter",
+    r"`LightningModule.configure_optimizers` returned `None`",  # the ncm router is fitted without an optimizer
 )
 #: dependencies whose own DeprecationWarning/FutureWarning say nothing a user can act on
 DEPENDENCY_MODULES = (r"(lightning|pytorch_lightning|lightning_fabric|lightning_utilities|torch|torchvision|"

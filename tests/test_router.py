@@ -263,3 +263,24 @@ def test_routing_confusion_markdown_and_png(tmp_path):
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+def test_ncm_head_fits_under_lightning_fit(toy_root, tmp_path):
+    """``head: ncm`` has no parameters to optimise: ``Trainer.fit`` fits the task means from the epoch's router
+    features, the same means as ``fit_router`` on the router split (independently: the means of the centred,
+    normalised features computed here), and marks the router trained."""
+    from lightning.pytorch import Trainer
+
+    dm = datamodule(toy_root)
+    module = built(ToyAdapter(str(toy_root)), dm, router=RouterConfig(head="ncm"))
+    assert not bool(module.router_trained)
+    trainer = Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
+    trainer.fit(module, datamodule=dm)
+    assert bool(module.router_trained)
+    feats, ids = module.router_features(dm.router_dataset())
+    mean = feats.float().mean(0)
+    z = F.normalize(feats.float() - mean, dim=-1)
+    want = torch.stack([F.normalize(z[ids == k].sum(0), dim=0) for k in range(len(TASKS))])
+    torch.testing.assert_close(module.router.feature_mean, mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(module.router.class_means, want, rtol=1e-5, atol=1e-6)
