@@ -239,25 +239,41 @@ def main() -> None:
     specs = [] if args.skip_main else rows_spec(args.zoo)
     if args.only:
         specs = [s for s in specs if any(o in s["label"] for o in args.only)]
-    for spec in specs:
+    failed: list[dict[str, str]] = []
+
+    def attempt(label: str, out: list, fn) -> None:
+        """``out.append(fn())``; a row that fails is recorded (label and one-line error) and the run goes on."""
+        try:
+            out.append(fn())
+        except Exception as err:  # noqa: BLE001 - a benchmark row's failure is reported, not fatal
+            failed.append({"label": label, "error": f"{type(err).__name__}: {str(err).splitlines()[0]}"})
+            print(f"{label}: FAILED ({failed[-1]['error']})", flush=True)
+            return
+        print(f"{out[-1]['label']}: avg {100 * out[-1]['avg']:.1f}", flush=True)
+
+    def headline(spec):
         module, dm = build(args.size, spec["method"], spec.get("args"), spec.get("model"), zoo=args.zoo)
         ev = evaluate(module, dm)
-        rows.append(row(spec["label"], ev["tasks"], individual, **{k: v for k, v in ev.items() if k != "tasks"},
-                        method=spec["method"], method_args=spec.get("args", {}), model=spec.get("model", {})))
-        print(f"{spec['label']}: avg {100 * rows[-1]['avg']:.1f}", flush=True)
+        return row(spec["label"], ev["tasks"], individual, **{k: v for k, v in ev.items() if k != "tasks"},
+                   method=spec["method"], method_args=spec.get("args", {}), model=spec.get("model", {}))
+
+    def swept(spec):
+        module, dm = build(args.size, spec["method"], spec.get("args"), spec.get("model"), zoo=args.zoo)
+        ev = evaluate(module, dm)
+        return row(spec["label"], ev["tasks"], individual, **{k: v for k, v in ev.items() if k != "tasks"},
+                   sweep=spec["sweep"])
+
+    for spec in specs:
+        attempt(spec["label"], rows, lambda spec=spec: headline(spec))
     tuned_rows = []
     if not args.skip_tuned:
         for label, method in TUNED:
-            tuned_rows.append(run_tuned(args.size, label, method, individual, zoo=args.zoo))
-            print(f"{tuned_rows[-1]['label']}: avg {100 * tuned_rows[-1]['avg']:.1f}", flush=True)
+            attempt(label, tuned_rows,
+                    lambda label=label, method=method: run_tuned(args.size, label, method, individual, zoo=args.zoo))
     sweep_rows = []
     if not args.skip_sweeps:
         for spec in sweep_spec():
-            module, dm = build(args.size, spec["method"], spec.get("args"), spec.get("model"), zoo=args.zoo)
-            ev = evaluate(module, dm)
-            sweep_rows.append(row(spec["label"], ev["tasks"], individual,
-                                  **{k: v for k, v in ev.items() if k != "tasks"}, sweep=spec["sweep"]))
-            print(f"{spec['label']}: avg {100 * sweep_rows[-1]['avg']:.1f}", flush=True)
+            attempt(spec["label"], sweep_rows, lambda spec=spec: swept(spec))
     for path in args.merge_json:
         earlier = json.loads(Path(path).read_text())
         rows += [r for r in earlier["rows"] if r["label"] not in {x["label"] for x in rows}]
@@ -266,7 +282,7 @@ def main() -> None:
     name = args.name or (zoo["name"] if args.size == "default" else f"{zoo['name']}_{args.size}")
     manifest = adapter.manifest
     report = {"zoo": args.zoo, "size": args.size, "zoo_recipe_hash": manifest.get("recipe_hash"), "tasks": tasks,
-              "rows": rows, "tuned": tuned_rows, "sweeps": sweep_rows,
+              "rows": rows, "tuned": tuned_rows, "sweeps": sweep_rows, "failed": failed,
               "seconds": time.perf_counter() - start, "torch": torch.__version__,
               "threads": torch.get_num_threads()}
     unit = zoo["samples"]
@@ -294,6 +310,8 @@ def main() -> None:
     if sweep_rows:
         md.append(markdown(sweep_rows, tasks, "Sweeps: filter ratio (Table 14 analogue) and expert density",
                            samples=unit))
+    if failed:
+        md += ["### Rows that failed", "", *(f"- {f['label']}: `{f['error']}`" for f in failed), ""]
     write_json_atomic(report, RESULTS / f"{name}.json")
     write_text_atomic("\n".join(md), RESULTS / f"{name}.md")
     print("\n".join(md))

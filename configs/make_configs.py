@@ -90,6 +90,11 @@ DATA_DEPENDENT_ZOO_ARGS = {
 }
 
 
+#: the released code's language-model path (merge_lm/merge_roberta_glue.py) for the BERT encoder of the text zoo:
+#: the ViT profile's ``attn|mlp`` key pattern names no BERT tensor (an error)
+TEXT_ARGS = {"fr_merging_released": {"profile": "glue"}, "free_merging_released": {"profile": "glue"}}
+
+
 def write_data_dependent_zoo_configs(size: str = "default") -> None:
     """configs/zoo/{fisher,regmean,adamerging,adamerging_pp,mtl}.yaml: statistics from the router split."""
     for method, args in DATA_DEPENDENT_ZOO_ARGS.items():
@@ -116,8 +121,10 @@ def main() -> None:
     assert text_zoo_task_names("default") == TEXT_TASKS
     for method in list_methods():
         spec = get_method(method)
-        write(HERE / "text" / f"{method}.yaml", text_config(method),
-              f"{method} ({spec.reference}) on the text zoo (all-MiniLM-L6-v2, 4 tasks), the method's defaults.")
+        write(HERE / "text" / f"{method}.yaml", text_config(method, method_args=TEXT_ARGS.get(method)),
+              f"{method} ({spec.reference}) on the text zoo (all-MiniLM-L6-v2, 4 tasks), the method's defaults"
+              + (f" but {TEXT_ARGS[method]} (the released code's language-model path)." if method in TEXT_ARGS
+                 else "."))
     write(HERE / "text" / "tiny" / "free_merging.yaml", text_config("free_merging", size="tiny"),
           "FREE-Merging on the tiny text zoo (a tiny random BERT; seconds; for tests).")
 
