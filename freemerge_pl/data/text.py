@@ -54,7 +54,10 @@ def pack_text_inputs(encoding: dict[str, Any]) -> Tensor:
 
 
 def unpack_text_inputs(x: Tensor | dict[str, Tensor]) -> dict[str, Tensor]:
-    """Model keyword arguments from a packed batch ``[B, F, L]`` (or a dict with input_ids/attention_mask)."""
+    """Model keyword arguments from a packed batch ``[B, F, L]``, a dict with input_ids/attention_mask, or bare
+    token ids ``[B, L]`` (no padding: no attention mask)."""
+    if isinstance(x, Tensor) and x.dim() == 2 and not x.is_floating_point():
+        return {"input_ids": x}
     if isinstance(x, dict) or hasattr(x, "keys"):
         missing = [k for k in ("input_ids", "attention_mask") if k not in x]
         if missing:
@@ -62,7 +65,7 @@ def unpack_text_inputs(x: Tensor | dict[str, Tensor]) -> dict[str, Tensor]:
         return {k: x[k] for k in TEXT_FIELDS if k in x}
     if x.dim() != 3 or not 2 <= x.shape[1] <= len(TEXT_FIELDS) or x.is_floating_point():
         raise ConfigError(f"a packed text batch is an integer tensor [batch, 2 or 3, length] (rows "
-                          f"{list(TEXT_FIELDS)}); got {x.dtype} {tuple(x.shape)}")
+                          f"{list(TEXT_FIELDS)}) or token ids [batch, length]; got {x.dtype} {tuple(x.shape)}")
     return {k: x[:, i] for i, k in enumerate(TEXT_FIELDS[:x.shape[1]])}
 
 

@@ -66,6 +66,7 @@ from freemerge_pl.merging.merge import MergeOutput, merge_record
 from freemerge_pl.merging.method import KeyTensors, MergeMethod
 from freemerge_pl.merging.registry import build_method
 from freemerge_pl.models.base import ModelAdapter
+from freemerge_pl.models.hf_text import TextEncoderBackbone
 from freemerge_pl.sources import StateDictSource, TensorInfo, TensorSource
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -618,22 +619,6 @@ def save_lora_adapter(
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
 
 
-class SequenceFeatures(nn.Module):
-    """The encoder of a HF sequence classifier as a backbone: ``input_ids [B, T] → [B, D]``, the pooler's output
-    when the encoder has a pooler (BERT), else the first token's last hidden state (RoBERTa's head input).
-    The encoder is held under its ``base_model_prefix`` so the state-dict keys are the checkpoint's."""
-
-    def __init__(self, prefix: str, encoder: nn.Module) -> None:
-        super().__init__()
-        self.prefix = prefix
-        self.add_module(prefix, encoder)
-
-    def forward(self, input_ids: Tensor) -> Tensor:
-        out = getattr(self, self.prefix)(input_ids=input_ids)
-        pooled = getattr(out, "pooler_output", None)
-        return pooled if pooled is not None else out.last_hidden_state[:, 0]
-
-
 class FirstTokenHead(nn.Module):
     """A HF head that takes hidden states ``[B, T, D]`` and reads token 0 (RoBERTa's), fed ``[B, D]``."""
 
@@ -754,8 +739,10 @@ class PeftLoRAAdapter(ModelAdapter):
 
     # ------------------------------------------------------------------ modules
     def build_backbone(self) -> nn.Module:
-        model = self._model()
-        return SequenceFeatures(self.prefix, getattr(model, self.prefix))
+        encoder = getattr(self._model(), self.prefix)
+        # BERT's classifier reads the pooler; RoBERTa's classifier (no pooler) the first token's hidden state
+        return TextEncoderBackbone(encoder, self.prefix,
+                                   "pooler" if getattr(encoder, "pooler", None) is not None else "first_token")
 
     def _head_name(self, task: str) -> str:
         adapter = self.adapter(task)
