@@ -9,6 +9,8 @@ both expert paths (``expert_path``: ``activation``, one backbone pass with each 
 a layer correction; ``weight_swap``, one pass per routed group with the experts applied in place and restored)
 and ``auto`` (what the model does by default), and on per-task batches (the paper's evaluation); oracle routing
 on per-task batches (one expert apply/restore per batch: the experts' own cost); and the router's training time.
+Where the adapter can split its backbone, the same router and experts are also timed with ``router.shared_prefix``
+(the router's prefix run once, the experts applied after it; a different model, see the zoo table's rows).
 Writes ``benchmarks/results/inference_overhead.{json,md}``; the last line printed is
 ``default router, mixed batches: routed/merged throughput X.XX`` (``auto``).
 """
@@ -16,6 +18,7 @@ Writes ``benchmarks/results/inference_overhead.{json,md}``; the last line printe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -23,6 +26,7 @@ import torch
 
 from freemerge_pl.cli import build_from_config
 from freemerge_pl.io import write_json_atomic, write_text_atomic
+from freemerge_pl.models.base import has_prefix_features
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -81,21 +85,27 @@ def run(config: str, n_batches: int, batch_size: int) -> dict:
     source = model.router_config.feature_source
     rows = {}
     # (routing, per-task batches, expert paths measured against the backbone in the same interleaved run)
-    runs = [("router", False, ("activation", "weight_swap", "auto")), ("router", True, ("auto",)),
-            ("oracle", True, ("auto",))]
-    for routing, per_task, paths in runs:
+    runs = [("router", False, ("activation", "weight_swap", "auto"), False), ("router", True, ("auto",), False),
+            ("oracle", True, ("auto",), False)]
+    config = model.router_config
+    if has_prefix_features(model.adapter, "suffix") and model.router_feature_source == "backbone_prefix":
+        # the same router and experts with the prefix shared (router.shared_prefix: experts after the prefix)
+        runs += [("router", False, ("activation", "weight_swap", "auto"), True), ("oracle", True, ("auto",), True)]
+    for routing, per_task, paths, shared in runs:
+        model.router_config = dataclasses.replace(config, shared_prefix=shared)
         batches = mixed_batches(dm, n_batches, batch_size, per_task)
         fns = [lambda x, t, m=model: m.backbone(x)] + [_with_path(model, p, routing) for p in paths]
         speeds = throughput(fns, batches)
         model.expert_path = "auto"
         for path, routed in zip(paths, speeds[1:]):
             label = (f"router on {source} features" if routing == "router" else "oracle") + \
-                f", {'per-task' if per_task else 'mixed'} batches, {path}"
+                f", {'per-task' if per_task else 'mixed'} batches, {path}" + (", shared prefix" if shared else "")
             rows[label] = {
                 "backbone_images_per_s": speeds[0], "routed_images_per_s": routed, "ratio": routed / speeds[0],
                 "expert_path": path, "router_fit_seconds": router_seconds if routing == "router" else None,
                 "router_samples": len(dm.router_dataset()), "method": model.method,
-                "task_modules": len(model.task_modules)}
+                "task_modules": len(model.task_modules), "shared_prefix": shared}
+    model.router_config = config
     mixed = rows[f"router on {source} features, mixed batches, auto"]["ratio"]
     return {"config": config, "batches": n_batches, "batch_size": batch_size,
             "threads": torch.get_num_threads(), "default_router": source, "default_router_mixed_ratio": mixed,

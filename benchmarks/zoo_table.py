@@ -42,7 +42,8 @@ ZOOS: dict[str, dict[str, str]] = {
 
 def rows_spec(zoo: str = "vision") -> list[dict[str, Any]]:
     """(label, config method, method_args, model overrides) of every headline row (on the text zoo the default
-    router already reads the backbone's features, so that variant is not repeated)."""
+    router already reads the backbone's features, so that variant is not repeated, and the encoder has no
+    shared-prefix split)."""
     router = {"routing": "router", "head_selection": "dataset"}
     oracle = {"routing": "oracle", "head_selection": "dataset"}
     routed_heads = {"routing": "router", "head_selection": "routed"}
@@ -65,6 +66,10 @@ def rows_spec(zoo: str = "vision") -> list[dict[str, Any]]:
         {"label": "FREE-Merging (router, routed heads)", "method": "free_merging", "model": routed_heads},
         {"label": "FREE-Merging (router on the whole merged backbone)", "method": "free_merging",
          "model": {**router, "router": {"feature_source": "backbone", "epochs": 20}}},
+        {"label": "FREE-Merging (router, shared prefix: experts after block 3)", "method": "free_merging",
+         "model": {**router, "router": {"epochs": 20, "shared_prefix": True}}},
+        {"label": "FREE-Merging (oracle, shared prefix: experts after block 3)", "method": "free_merging",
+         "model": {**oracle, "router": {"epochs": 20, "shared_prefix": True}}},
         {"label": "FREE-Merging (released code, router)", "method": "free_merging_released", "model": router},
         {"label": "FREE-Merging (released code, oracle)", "method": "free_merging_released", "model": oracle},
         # data-dependent baselines: statistics / training on the router split (configs/zoo/<method>.yaml settings)
@@ -76,8 +81,9 @@ def rows_spec(zoo: str = "vision") -> list[dict[str, Any]]:
         {"label": "MTL (joint fine-tuning on 50% of the training split, 3 epochs: the upper bound)", "method": "mtl",
          "args": {"data_split": "train", "train_fraction": 0.5, "epochs": 3}},
     ]
-    if zoo == "text":
-        rows = [r for r in rows if r["label"] != "FREE-Merging (router on the whole merged backbone)"]
+    if zoo == "text":  # no prefix to share on the text encoder (its adapter cannot split it)
+        rows = [r for r in rows if r["label"] != "FREE-Merging (router on the whole merged backbone)"
+                and "shared prefix" not in r["label"]]
     return rows
 
 

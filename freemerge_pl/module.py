@@ -89,6 +89,15 @@ def _checked_router(config: RouterConfig, adapter: ModelAdapter | None = None) -
             raise ConfigError(f"model.router.feature_source={config.feature_source!r} (→ {source!r}, split_block="
                               f"{config.split_block}) needs {name}.prefix_features, which {name} does not "
                               "implement; use 'backbone', or 'pretrained_backbone' with split_block 0")
+        if config.shared_prefix:
+            if source != "backbone_prefix":
+                raise ConfigError(f"model.router.shared_prefix=true needs the merged backbone's prefix as the "
+                                  f"router's features; feature_source {config.feature_source!r} resolves to "
+                                  f"{source!r} for {name}")
+            missing = [m for m in ("prefix_states", "suffix") if not has_prefix_features(adapter, m)]
+            if missing:
+                raise ConfigError(f"model.router.shared_prefix=true needs {name}.{' and .'.join(missing)}, which "
+                                  f"{name} does not implement; set shared_prefix false")
     return config
 
 
@@ -389,8 +398,31 @@ class MergedModule(LightningModule):
 
     def forward(self, x: Tensor, task: int | Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Route, run the backbone with the routed task modules; returns ``(features, routed task ids [B])``."""
-        ids, weights = self.route(x, task)
-        return self.features(x, ids, weights), ids[:, 0]
+        feats, ids, _ = self.routed_features(x, task)
+        return feats, ids[:, 0]
+
+    @property
+    def shares_prefix(self) -> bool:
+        """``router.shared_prefix`` in effect: the router's prefix of the merged backbone is run once and the
+        experts apply after it (``auto`` resolved to the whole backbone on a shallow one turns it off)."""
+        return self.router_config.shared_prefix and self.router_feature_source == "backbone_prefix"
+
+    @torch.no_grad()
+    def routed_features(self, x: Tensor, task: int | Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(features, ids, weights)``: routed (or ``task``: oracle), then the backbone with each sample's task
+        modules. With ``shared_prefix`` the first ``split_block`` blocks run once with the merged weights
+        alone (the router reads their class token, as ``prefix_features``) and the rest with the experts."""
+        if not self.shares_prefix:
+            ids, weights = self.route(x, task)
+            return self.features(x, ids, weights), ids, weights
+        split = self.router_config.split_block
+        states = self.adapter.prefix_states(self.backbone, x, split)
+        if task is not None:
+            ids, weights = self.route(x, task)
+        else:
+            ids, weights = self.router.route(self.router(states[:, 0].float()), self.top_k)
+        with self.adapter.suffix(self.backbone, split):
+            return self.features(states, ids, weights), ids, weights
 
     def head_outputs(self, features: Tensor, task: int) -> Tensor:
         out = self.heads[_slot(self.task_names[task])](features)
@@ -580,9 +612,8 @@ class MergedModule(LightningModule):
         x, y, t = batch
         task = dataloader_idx
         oracle = t if self.routing == "oracle" else None
-        ids, weights = self.route(x, oracle)
+        feats, ids, _ = self.routed_features(x, oracle)
         routed = ids[:, 0]
-        feats = self.features(x, ids, weights)
         name = self.task_names[task]
         metrics = self.task_metric_sets[_slot(name)]
         regression = any(m in REGRESSION_METRICS for m in metrics)

@@ -62,6 +62,10 @@ class RouterConfig:
         ncm_temperature: the NCM head's softmax temperature on cosine similarities.
         fallback_threshold: below this top routing probability the ``fallback`` applies (0 = never).
         fallback: ``none`` (no expert: the merged backbone alone) or ``soft`` (top-k softmax mix).
+        shared_prefix: ``backbone_prefix`` only: run the backbone's first ``split_block`` blocks once, with the
+            merged weights alone; the router reads them and each sample's expert applies from block
+            ``split_block`` on (its changes to the embeddings and those first blocks are not used), so routing
+            costs no extra backbone pass. Oracle routing takes the same path (a like-for-like comparison).
     """
 
     feature_source: Literal["auto", "input", "backbone", "backbone_prefix", "pretrained_backbone"] = "auto"
@@ -77,6 +81,7 @@ class RouterConfig:
     ncm_temperature: float = 0.05
     fallback_threshold: float = 0.0
     fallback: Literal["none", "soft"] = "none"
+    shared_prefix: bool = False
 
     def __post_init__(self) -> None:
         check_router_config(self)
@@ -91,6 +96,11 @@ def check_router_config(config: RouterConfig, owner: str = "model.router") -> Ro
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ConfigError(f"{owner}.{name}={value!r} must be a whole number ≥ {low}")
+    if not isinstance(config.shared_prefix, bool):
+        raise ConfigError(f"{owner}.shared_prefix={config.shared_prefix!r} must be true or false")
+    if config.shared_prefix and config.feature_source not in ("auto", "backbone_prefix"):
+        raise ConfigError(f"{owner}.shared_prefix=true needs feature_source 'backbone_prefix' (or 'auto' on "
+                          f"images), not {config.feature_source!r}: only the merged backbone's own prefix is shared")
     if config.feature_source == "backbone_prefix" and config.split_block < 1:
         raise ConfigError(f"{owner}.split_block={config.split_block} must be ≥ 1 for feature_source "
                           "'backbone_prefix' (the number of leading blocks the router reads)")

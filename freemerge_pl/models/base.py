@@ -8,6 +8,8 @@ interface; the merge maths only ever sees state dicts.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import ClassVar, Literal
 
 from torch import Tensor, nn
@@ -68,11 +70,24 @@ class ModelAdapter:
         """Optional: how many blocks ``prefix_features`` can run on ``backbone`` (None: unknown)."""
         return None
 
+    def prefix_states(self, backbone: nn.Module, x: Tensor, n_blocks: int) -> Tensor:
+        """Optional (the router's ``shared_prefix``): the backbone's hidden states ``[B, ...]`` after its first
+        ``n_blocks`` blocks, batch first; ``prefix_features`` pools them."""
+        raise ConfigError(f"{type(self).__name__} cannot split its backbone into a prefix and the rest (no "
+                          "prefix_states / suffix): set model.router.shared_prefix false")
 
-def has_prefix_features(adapter: ModelAdapter) -> bool:
-    """Whether ``adapter`` implements ``prefix_features`` (the router's backbone-prefix feature sources)."""
-    method = getattr(type(adapter), "prefix_features", None)
-    return method is not None and method is not ModelAdapter.prefix_features
+    def suffix(self, backbone: nn.Module, n_blocks: int):
+        """Optional (the router's ``shared_prefix``): a context manager within which ``backbone(states)`` runs
+        only the blocks after the first ``n_blocks`` (and the pooling/projection) on ``prefix_states``."""
+        raise ConfigError(f"{type(self).__name__} cannot split its backbone into a prefix and the rest (no "
+                          "prefix_states / suffix): set model.router.shared_prefix false")
+
+
+def has_prefix_features(adapter: ModelAdapter, name: str = "prefix_features") -> bool:
+    """Whether ``adapter`` implements ``prefix_features`` (the router's backbone-prefix feature sources), or
+    another optional method ``name`` of the base class."""
+    method = getattr(type(adapter), name, None)
+    return method is not None and method is not getattr(ModelAdapter, name)
 
 
 def open_clip_vit_prefix_features(adapter: ModelAdapter, backbone: nn.Module, x: Tensor, n_blocks: int) -> Tensor:
@@ -87,9 +102,40 @@ def vit_depth(adapter: ModelAdapter, backbone: nn.Module) -> int | None:
     return None if blocks is None else len(blocks)
 
 
-def vit_prefix_features(backbone: nn.Module, x: Tensor, n_blocks: int) -> Tensor:
-    """Class-token features ``[B, width]`` of an open_clip ``VisionTransformer`` after patch embedding and its
-    first ``n_blocks`` residual blocks (the prefix of its own forward pass)."""
+def open_clip_vit_prefix_states(adapter: ModelAdapter, backbone: nn.Module, x: Tensor, n_blocks: int) -> Tensor:
+    """``prefix_states`` of an open_clip ``VisionTransformer`` (assign as ``prefix_states = ...``)."""
+    return vit_prefix_states(backbone, x, n_blocks)
+
+
+@contextmanager
+def open_clip_vit_suffix(adapter: ModelAdapter, backbone: nn.Module, n_blocks: int) -> Iterator[None]:
+    """``suffix`` of an open_clip ``VisionTransformer`` (assign as ``suffix = ...``): for the duration, its
+    ``_embeds`` passes the given states through and its transformer runs only the blocks after ``n_blocks``
+    (instance-level ``forward`` overrides; the module tree and its names are unchanged), so ``backbone(states)``
+    runs the rest of its own forward (blocks, pooling, ``ln_post``, ``proj``) with every hook on those modules."""
+    vit_prefix_states(backbone, None, n_blocks, check_only=True)
+    transformer = backbone.transformer
+    batch_first = getattr(transformer, "batch_first", True)
+
+    def rest(x: Tensor, attn_mask: Tensor | None = None) -> Tensor:  # open_clip Transformer.forward, a suffix
+        if not batch_first:
+            x = x.transpose(0, 1).contiguous()
+        for block in list(transformer.resblocks)[n_blocks:]:
+            x = block(x, attn_mask=attn_mask)
+        return x if batch_first else x.transpose(0, 1)
+
+    transformer.forward = rest
+    backbone._embeds = lambda states: states
+    try:
+        yield
+    finally:
+        transformer.__dict__.pop("forward", None)
+        backbone.__dict__.pop("_embeds", None)
+
+
+def vit_prefix_states(backbone: nn.Module, x: Tensor | None, n_blocks: int, check_only: bool = False) -> Tensor:
+    """The token states ``[B, T, width]`` of an open_clip ``VisionTransformer`` after patch embedding and its
+    first ``n_blocks`` residual blocks (the prefix of its own forward pass), batch first."""
     transformer = getattr(backbone, "transformer", None)
     blocks = getattr(transformer, "resblocks", None)
     if blocks is None or not hasattr(backbone, "_embeds"):
@@ -98,6 +144,8 @@ def vit_prefix_features(backbone: nn.Module, x: Tensor, n_blocks: int) -> Tensor
     if not 0 <= n_blocks <= len(blocks):
         raise ConfigError(f"model.router.split_block={n_blocks} is beyond the backbone's depth: "
                           f"{type(backbone).__name__} has {len(blocks)} blocks (accepted: 1..{len(blocks)})")
+    if check_only:
+        return None
     h = backbone._embeds(x)
     batch_first = getattr(transformer, "batch_first", True)
     if not batch_first:
@@ -106,4 +154,10 @@ def vit_prefix_features(backbone: nn.Module, x: Tensor, n_blocks: int) -> Tensor
         h = block(h)
     if not batch_first:
         h = h.transpose(0, 1)
-    return h[:, 0]
+    return h
+
+
+def vit_prefix_features(backbone: nn.Module, x: Tensor, n_blocks: int) -> Tensor:
+    """Class-token features ``[B, width]`` of an open_clip ``VisionTransformer`` after patch embedding and its
+    first ``n_blocks`` residual blocks (the prefix of its own forward pass)."""
+    return vit_prefix_states(backbone, x, n_blocks)[:, 0]

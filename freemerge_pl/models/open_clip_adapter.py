@@ -32,7 +32,14 @@ from torch import Tensor, nn
 
 from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError
 from freemerge_pl.io import PickledObjectsError, file_signature, load_state_dict, read_pickled_state_dict
-from freemerge_pl.models.base import ModelAdapter, StateDict, open_clip_vit_prefix_features, vit_depth
+from freemerge_pl.models.base import (
+    ModelAdapter,
+    StateDict,
+    open_clip_vit_prefix_features,
+    open_clip_vit_prefix_states,
+    open_clip_vit_suffix,
+    vit_depth,
+)
 from freemerge_pl.models.checks import linear_head_tensors
 
 #: prefixes tried, in this order, when ``key_prefix`` is None (the best-matching one wins)
@@ -112,6 +119,8 @@ class OpenCLIPAdapter(ModelAdapter):
     exclude_keys: tuple[str, ...] = ()
     input_kind = "image"
     prefix_features = open_clip_vit_prefix_features
+    prefix_states = open_clip_vit_prefix_states
+    suffix = open_clip_vit_suffix
     backbone_depth = vit_depth
 
     def __init__(

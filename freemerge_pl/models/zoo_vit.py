@@ -18,6 +18,8 @@ from freemerge_pl.models.base import (
     ModelAdapter,
     StateDict,
     open_clip_vit_prefix_features,
+    open_clip_vit_prefix_states,
+    open_clip_vit_suffix,
     vit_depth,
     vit_prefix_features,
 )
@@ -43,6 +45,8 @@ class ZooViTAdapter(ModelAdapter):
     exclude_keys: tuple[str, ...] = ()
     input_kind = "image"
     prefix_features = open_clip_vit_prefix_features
+    prefix_states = open_clip_vit_prefix_states
+    suffix = open_clip_vit_suffix
     backbone_depth = vit_depth
 
     def __init__(self, root: str | None = None, size: str = "default", seed: int = 0,
