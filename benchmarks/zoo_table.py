@@ -280,16 +280,25 @@ def main() -> None:
     if not args.skip_sweeps:
         for spec in sweep_spec():
             attempt(spec["label"], sweep_rows, lambda spec=spec: swept(spec))
-    for path in args.merge_json:
-        earlier = json.loads(Path(path).read_text())
-        rows += [r for r in earlier["rows"] if r["label"] not in {x["label"] for x in rows}]
-        tuned_rows += earlier["tuned"]
-        sweep_rows += earlier["sweeps"]
-    name = args.name or (zoo["name"] if args.size == "default" else f"{zoo['name']}_{args.size}")
     manifest = adapter.manifest
+    seconds = time.perf_counter() - start
+    total_seconds, runs = seconds, 1
+    for path in args.merge_json:  # rows measured here win; an earlier table of another zoo recipe is refused
+        earlier = json.loads(Path(path).read_text())
+        if earlier.get("zoo_recipe_hash") != manifest.get("recipe_hash"):
+            raise SystemExit(f"{path} was measured on zoo recipe {str(earlier.get('zoo_recipe_hash'))[:12]}, this "
+                             f"zoo is {str(manifest.get('recipe_hash'))[:12]}: its rows cannot be merged")
+        for mine, theirs in ((rows, earlier["rows"]), (tuned_rows, earlier["tuned"]),
+                             (sweep_rows, earlier["sweeps"])):
+            mine += [r for r in theirs if r["label"] not in {x["label"] for x in mine}]
+        total_seconds += earlier.get("seconds", 0.0)
+        runs += earlier.get("runs", 1)
+    order = ["Individual", "Pre-trained"] + [s["label"] for s in rows_spec(args.zoo)]
+    rows.sort(key=lambda r: order.index(r["label"]) if r["label"] in order else len(order))  # stable
+    name = args.name or (zoo["name"] if args.size == "default" else f"{zoo['name']}_{args.size}")
     report = {"zoo": args.zoo, "size": args.size, "zoo_recipe_hash": manifest.get("recipe_hash"), "tasks": tasks,
               "rows": rows, "tuned": tuned_rows, "sweeps": sweep_rows, "failed": failed,
-              "seconds": time.perf_counter() - start, "torch": torch.__version__,
+              "seconds": total_seconds, "runs": runs, "last_run_seconds": seconds, "torch": torch.__version__,
               "threads": torch.get_num_threads()}
     unit = zoo["samples"]
     if args.zoo == "vision":
@@ -300,7 +309,8 @@ def main() -> None:
                         f"per task, the same count of each class)")
     title = zoo["title"] + (f", {manifest['encoder']['kind']}" if "encoder" in manifest else "")
     md = [f"## {title} ({args.size}): {len(tasks)} tasks, accuracy (%) on each task's test split",
-          "", f"zoo recipe hash `{str(manifest.get('recipe_hash'))[:12]}`, CPU, {report['seconds']:.0f} s in all.",
+          "", (f"zoo recipe hash `{str(manifest.get('recipe_hash'))[:12]}`, CPU, {report['seconds']:.0f} s in all"
+               + (f" over {runs} runs merged (`--merge-json`; this one {seconds:.0f} s)." if runs > 1 else ".")),
           (f"Heads: each dataset's own head unless a row says *routed heads*. Router: {zoo['router']} (unless a "
            f"row says otherwise) trained on the router split, {router_split}. *routing acc* is the share of test "
            f"{unit}s routed to their own task (shown where there are task modules to route to). Extra storage per "
