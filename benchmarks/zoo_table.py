@@ -84,6 +84,9 @@ def rows_spec(zoo: str = "vision") -> list[dict[str, Any]]:
     if zoo == "text":  # no prefix to share on the text encoder (its adapter cannot split it)
         rows = [r for r in rows if r["label"] != "FREE-Merging (router on the whole merged backbone)"
                 and "shared prefix" not in r["label"]]
+        for r in rows:  # the text configs' training data is the zoo's router split: name the training split
+            if r["method"] == "mtl" and r.get("args", {}).get("data_split") == "train":
+                r["args"] = {**r["args"], "train_split_args": {"split": "train"}}
     return rows
 
 

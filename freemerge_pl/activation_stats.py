@@ -374,14 +374,17 @@ def collect_coefficients(method: AdaMerging, adapter: ModelAdapter, pretrained: 
 
 
 def mtl_datasets(method: MultiTaskLearning, datamodule, datasets: Sequence[Dataset]) -> list[Dataset]:
-    """The labelled data MTL trains on: the router split, or a seeded ``train_fraction`` of each training split."""
+    """The labelled data MTL trains on: the router split, or a seeded ``train_fraction`` of each training split
+    (``train_split_args`` in place of the data module's ``train_args`` when given)."""
     if method.data_split == "router":
         return list(datasets)
     from freemerge_pl.data.datamodule import TaskIdDataset, import_class, router_split
 
     out = []
+    split_args = method.train_split_args
     for i, task in enumerate(datamodule.tasks):
-        ds = import_class(task.dataset)(**{**task.dataset_args, **task.train_args})
+        ds = import_class(task.dataset)(**{**task.dataset_args, **(task.train_args if split_args is None
+                                                                     else split_args)})
         indices = router_split(len(ds), method.train_fraction, method.seed, i, 1)
         out.append(TaskIdDataset(Subset(ds, indices), i))
     return out

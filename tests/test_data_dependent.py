@@ -300,6 +300,11 @@ def test_mtl_fine_tunes_the_backbone_jointly_and_lowers_the_training_loss(toy_ro
     train = collect_statistics(MultiTaskLearning(epochs=1, data_split="train", train_fraction=0.25), adapter, pre,
                                fts, dm)
     assert train.info["samples"] == 3 * 100  # a quarter of each 400-sample training split
+    other = collect_statistics(MultiTaskLearning(epochs=1, data_split="train", train_fraction=0.25,
+                                                 train_split_args={"split": "test"}), adapter, pre, fts, dm)
+    assert other.info["samples"] == 3 * 50  # a quarter of each 200-sample split named by train_split_args
+    with pytest.raises(ConfigError, match="train_split_args=.*ignored by data_split='router'"):
+        MultiTaskLearning(train_split_args={"split": "train"})
 
 
 # ------------------------------------------------------------------------------------------ DDP

@@ -318,14 +318,17 @@ class MultiTaskLearning(DataDependentMethod):
     ``lr`` / ``weight_decay`` for ``epochs`` passes over shuffled mixed batches of ``batch_size``.
 
     ``data_split``: ``router`` (the router split, the data every row of the table may use) or ``train`` (a
-    seeded ``train_fraction`` of each task's training split). Not a merge: the "merged" backbone is θ_MTL
-    (delta θ_MTL − θ_pre), the reference row that merging methods approach.
+    seeded ``train_fraction`` of each task's training split: the dataset built with the data module's
+    ``train_args``, or with ``train_split_args`` when given — e.g. ``{split: train}`` where the data module's
+    training data is itself a held-out router split, as in the text zoo's configs). Not a merge: the "merged"
+    backbone is θ_MTL (delta θ_MTL − θ_pre), the reference row that merging methods approach.
     """
 
     statistic: ClassVar[StatisticKind] = "delta"
 
     data_split: Literal["router", "train"] = "router"
     train_fraction: float = 0.1
+    train_split_args: dict[str, Any] | None = None
     epochs: int = 5
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -338,6 +341,9 @@ class MultiTaskLearning(DataDependentMethod):
         check_count("batch_size", self.batch_size)
         check_range("lr", self.lr, 0.0, float("inf"), low_open=True)
         check_range("weight_decay", self.weight_decay, 0.0, float("inf"))
+        if self.train_split_args is not None and self.data_split != "train":
+            raise ConfigError(f"mtl: train_split_args={self.train_split_args!r} is ignored by "
+                              f"data_split={self.data_split!r} (it applies to data_split 'train' only)")
 
     def merge_key(self, x: KeyTensors, stats, ctx: Context) -> Tensor:
         if not self.data.has("delta", x.key):
