@@ -87,12 +87,12 @@ def run(config: str, n_batches: int, batch_size: int) -> dict:
     # (routing, per-task batches, expert paths measured against the backbone in the same interleaved run)
     runs = [("router", False, ("activation", "weight_swap", "auto"), False), ("router", True, ("auto",), False),
             ("oracle", True, ("auto",), False)]
-    config = model.router_config
+    router_config = model.router_config
     if has_prefix_features(model.adapter, "suffix") and model.router_feature_source == "backbone_prefix":
         # the same router and experts with the prefix shared (router.shared_prefix: experts after the prefix)
         runs += [("router", False, ("activation", "weight_swap", "auto"), True), ("oracle", True, ("auto",), True)]
     for routing, per_task, paths, shared in runs:
-        model.router_config = dataclasses.replace(config, shared_prefix=shared)
+        model.router_config = dataclasses.replace(router_config, shared_prefix=shared)
         batches = mixed_batches(dm, n_batches, batch_size, per_task)
         fns = [lambda x, t, m=model: m.backbone(x)] + [_with_path(model, p, routing) for p in paths]
         speeds = throughput(fns, batches)
@@ -105,7 +105,7 @@ def run(config: str, n_batches: int, batch_size: int) -> dict:
                 "expert_path": path, "router_fit_seconds": router_seconds if routing == "router" else None,
                 "router_samples": len(dm.router_dataset()), "method": model.method,
                 "task_modules": len(model.task_modules), "shared_prefix": shared}
-    model.router_config = config
+    model.router_config = router_config
     mixed = rows[f"router on {source} features, mixed batches, auto"]["ratio"]
     return {"config": config, "batches": n_batches, "batch_size": batch_size,
             "threads": torch.get_num_threads(), "default_router": source, "default_router_mixed_ratio": mixed,
