@@ -10,13 +10,7 @@ import torch
 from torch import nn
 
 from freemerge_pl.errors import ConfigError
-from freemerge_pl.models.base import (
-    ModelAdapter,
-    open_clip_vit_prefix_features,
-    open_clip_vit_prefix_states,
-    open_clip_vit_suffix,
-    vit_depth,
-)
+from freemerge_pl.models.base import ModelAdapter, OpenCLIPViTSplit
 from freemerge_pl.module import MergedModule
 from freemerge_pl.router import RouterConfig
 from freemerge_pl.zoo.build import build_vit
@@ -27,14 +21,10 @@ TASKS = ["a", "b", "c"]
 SPLIT = 1
 
 
-class TinyViTAdapter(ModelAdapter):
+class TinyViTAdapter(OpenCLIPViTSplit, ModelAdapter):
     """Three synthetic fine-tunes of a seeded 3-block open_clip ViT, in memory."""
 
     input_kind = "image"
-    prefix_features = open_clip_vit_prefix_features
-    prefix_states = open_clip_vit_prefix_states
-    suffix = open_clip_vit_suffix
-    backbone_depth = vit_depth
 
     def __init__(self) -> None:
         torch.manual_seed(0)

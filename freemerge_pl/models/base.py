@@ -161,3 +161,14 @@ def vit_prefix_features(backbone: nn.Module, x: Tensor, n_blocks: int) -> Tensor
     """Class-token features ``[B, width]`` of an open_clip ``VisionTransformer`` after patch embedding and its
     first ``n_blocks`` residual blocks (the prefix of its own forward pass)."""
     return vit_prefix_states(backbone, x, n_blocks)[:, 0]
+
+
+class OpenCLIPViTSplit:
+    """Mixin for an adapter whose backbone is an open_clip ``VisionTransformer``: the router's prefix API
+    (``prefix_features``, ``prefix_states``, ``suffix``, ``backbone_depth``). List it before ``ModelAdapter``."""
+
+    prefix_features = open_clip_vit_prefix_features
+    prefix_states = open_clip_vit_prefix_states
+    suffix = open_clip_vit_suffix
+    backbone_depth = vit_depth
+

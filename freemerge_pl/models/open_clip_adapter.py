@@ -32,14 +32,7 @@ from torch import Tensor, nn
 
 from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError
 from freemerge_pl.io import PickledObjectsError, file_signature, load_state_dict, read_pickled_state_dict
-from freemerge_pl.models.base import (
-    ModelAdapter,
-    StateDict,
-    open_clip_vit_prefix_features,
-    open_clip_vit_prefix_states,
-    open_clip_vit_suffix,
-    vit_depth,
-)
+from freemerge_pl.models.base import ModelAdapter, OpenCLIPViTSplit, StateDict
 from freemerge_pl.models.checks import linear_head_tensors
 
 #: prefixes tried, in this order, when ``key_prefix`` is None (the best-matching one wins)
@@ -91,7 +84,7 @@ def _vision_config(model_name: str, model_config: dict[str, Any] | None, quick_g
     return int(config["embed_dim"]), CLIPVisionCfg(**vision), bool(config.get("quick_gelu", quick_gelu))
 
 
-class OpenCLIPAdapter(ModelAdapter):
+class OpenCLIPAdapter(OpenCLIPViTSplit, ModelAdapter):
     """CLIP image encoders fine-tuned the task_vectors way: θ_pre, one θ_k per task, one head per task.
 
     ``model_name``: an open_clip architecture (``ViT-B-32``, ``ViT-L-14``); built with no download.
@@ -118,10 +111,6 @@ class OpenCLIPAdapter(ModelAdapter):
 
     exclude_keys: tuple[str, ...] = ()
     input_kind = "image"
-    prefix_features = open_clip_vit_prefix_features
-    prefix_states = open_clip_vit_prefix_states
-    suffix = open_clip_vit_suffix
-    backbone_depth = vit_depth
 
     def __init__(
         self,

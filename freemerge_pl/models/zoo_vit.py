@@ -14,15 +14,7 @@ from torch import Tensor, nn
 
 from freemerge_pl.errors import ConfigError, FreeMergeError
 from freemerge_pl.io import load_state_dict
-from freemerge_pl.models.base import (
-    ModelAdapter,
-    StateDict,
-    open_clip_vit_prefix_features,
-    open_clip_vit_prefix_states,
-    open_clip_vit_suffix,
-    vit_depth,
-    vit_prefix_features,
-)
+from freemerge_pl.models.base import ModelAdapter, OpenCLIPViTSplit, StateDict, vit_prefix_features
 from freemerge_pl.zoo.build import (
     build_vit,
     ensure_zoo,
@@ -33,7 +25,7 @@ from freemerge_pl.zoo.build import (
 )
 
 
-class ZooViTAdapter(ModelAdapter):
+class ZooViTAdapter(OpenCLIPViTSplit, ModelAdapter):
     """The zoo's pre-trained and fine-tuned ViTs (built on first use by ``prepare`` / ``ensure_zoo``).
 
     Every file is checked against the zoo's manifest before it is read (``verify_zoo``: a damaged file raises
@@ -44,10 +36,6 @@ class ZooViTAdapter(ModelAdapter):
 
     exclude_keys: tuple[str, ...] = ()
     input_kind = "image"
-    prefix_features = open_clip_vit_prefix_features
-    prefix_states = open_clip_vit_prefix_states
-    suffix = open_clip_vit_suffix
-    backbone_depth = vit_depth
 
     def __init__(self, root: str | None = None, size: str = "default", seed: int = 0,
                  tasks: list[str] | None = None):
