@@ -34,6 +34,8 @@ ROUTERS: list[dict] = [
     *({"feature_source": "input", "head": h} for h in ("linear", "mlp", "ncm")),
     *({"feature_source": "backbone_prefix", "split_block": b, "head": h} for b in (1, 2, 3)
       for h in ("linear", "mlp", "ncm")),
+    *({"feature_source": "backbone_prefix", "split_block": b, "head": h, "prefix_pool": "class_mean_std"}
+      for b in (1, 2, 3) for h in ("linear", "mlp")),
     *({"feature_source": "backbone", "head": h} for h in ("linear", "mlp", "ncm")),
     *({"feature_source": "pretrained_backbone", "split_block": b, "head": h} for b in (0, 2)
       for h in ("linear", "mlp", "ncm")),
@@ -87,7 +89,8 @@ def use_router(module: MergedModule, config: RouterConfig, router_data, example)
 
 def label(r: dict) -> str:
     split = f"[{r['split_block']}]" if "split_block" in r else ""
-    return f"{r['feature_source']}{split} + {r['head']}"
+    pool = f" ({r['prefix_pool']})" if r.get("prefix_pool", "class_token") != "class_token" else ""
+    return f"{r['feature_source']}{split}{pool} + {r['head']}"
 
 
 def main() -> None:

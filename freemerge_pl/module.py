@@ -27,6 +27,7 @@ from freemerge_pl.router import (
     RouterConfig,
     RoutingConfusionMatrix,
     check_router_config,
+    pool_prefix_states,
     resolve_feature_source,
     routing_accuracy_metric,
 )
@@ -89,6 +90,9 @@ def _checked_router(config: RouterConfig, adapter: ModelAdapter | None = None) -
             raise ConfigError(f"model.router.feature_source={config.feature_source!r} (→ {source!r}, split_block="
                               f"{config.split_block}) needs {name}.prefix_features, which {name} does not "
                               "implement; use 'backbone', or 'pretrained_backbone' with split_block 0")
+        if needs_prefix and config.prefix_pool != "class_token" and not has_prefix_features(adapter, "prefix_states"):
+            raise ConfigError(f"model.router.prefix_pool={config.prefix_pool!r} needs {name}.prefix_states (the "
+                              f"prefix's token states), which {name} does not implement; use 'class_token'")
         if config.shared_prefix:
             if source != "backbone_prefix":
                 raise ConfigError(f"model.router.shared_prefix=true needs the merged backbone's prefix as the "
@@ -318,11 +322,17 @@ class MergedModule(LightningModule):
             if source == "backbone":
                 return self.backbone(x).float()
             if source == "backbone_prefix":
-                return self.adapter.prefix_features(self.backbone, x, split).float()
+                return self._prefix_router_features(self.backbone, x, split)
             pretrained = self._pretrained_router_backbone(x.device)
             if split == 0:
                 return pretrained(x).float()
-            return self.adapter.prefix_features(pretrained, x, split).float()
+            return self._prefix_router_features(pretrained, x, split)
+
+    def _prefix_router_features(self, backbone: nn.Module, x: Tensor, split: int) -> Tensor:
+        """The router's features from ``backbone``'s first ``split`` blocks (``router.prefix_pool``)."""
+        if self.router_config.prefix_pool == "class_token":
+            return self.adapter.prefix_features(backbone, x, split).float()
+        return pool_prefix_states(self.adapter.prefix_states(backbone, x, split), self.router_config.prefix_pool)
 
     def router_logits(self, x: Tensor) -> Tensor:
         return self.router(self._router_features_raw(x))
@@ -411,7 +421,7 @@ class MergedModule(LightningModule):
     def routed_features(self, x: Tensor, task: int | Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``(features, ids, weights)``: routed (or ``task``: oracle), then the backbone with each sample's task
         modules. With ``shared_prefix`` the first ``split_block`` blocks run once with the merged weights
-        alone (the router reads their class token, as ``prefix_features``) and the rest with the experts."""
+        alone (the router reads them pooled by ``prefix_pool``, as without sharing) and the rest with the experts."""
         if not self.shares_prefix:
             ids, weights = self.route(x, task)
             return self.features(x, ids, weights), ids, weights
@@ -420,7 +430,8 @@ class MergedModule(LightningModule):
         if task is not None:
             ids, weights = self.route(x, task)
         else:
-            ids, weights = self.router.route(self.router(states[:, 0].float()), self.top_k)
+            ids, weights = self.router.route(self.router(pool_prefix_states(states, self.router_config.prefix_pool)),
+                                             self.top_k)
         with self.adapter.suffix(self.backbone, split):
             return self.features(states, ids, weights), ids, weights
 

@@ -38,6 +38,7 @@ from freemerge_pl.errors import ConfigError
 
 FEATURE_SOURCES = ("auto", "input", "backbone", "backbone_prefix", "pretrained_backbone")
 HEADS = ("linear", "mlp", "ncm")
+PREFIX_POOLS = ("class_token", "class_mean_std")
 FALLBACKS = ("none", "soft")
 INPUT_KINDS = ("image", "tokens", "other")
 #: the feature source ``auto`` picks for image adapters: chosen by ``benchmarks/router_compare.py`` on the
@@ -62,6 +63,9 @@ class RouterConfig:
         ncm_temperature: the NCM head's softmax temperature on cosine similarities.
         fallback_threshold: below this top routing probability the ``fallback`` applies (0 = never).
         fallback: ``none`` (no expert: the merged backbone alone) or ``soft`` (top-k softmax mix).
+        prefix_pool: how a backbone prefix's token states become the router's features: ``class_token`` (the
+            class token, ``prefix_features``) or ``class_mean_std`` (the class token, and the mean and the
+            standard deviation of the other tokens, concatenated: 3× wider; adapters with ``prefix_states``).
         shared_prefix: ``backbone_prefix`` only: run the backbone's first ``split_block`` blocks once, with the
             merged weights alone; the router reads them and each sample's expert applies from block
             ``split_block`` on (its changes to the embeddings and those first blocks are not used), so routing
@@ -81,6 +85,7 @@ class RouterConfig:
     ncm_temperature: float = 0.05
     fallback_threshold: float = 0.0
     fallback: Literal["none", "soft"] = "none"
+    prefix_pool: Literal["class_token", "class_mean_std"] = "class_token"
     shared_prefix: bool = False
 
     def __post_init__(self) -> None:
@@ -89,7 +94,8 @@ class RouterConfig:
 
 def check_router_config(config: RouterConfig, owner: str = "model.router") -> RouterConfig:
     """Choices, sizes and ranges of a RouterConfig; a ConfigError names the setting and the accepted values."""
-    for name, accepted in (("feature_source", FEATURE_SOURCES), ("head", HEADS), ("fallback", FALLBACKS)):
+    for name, accepted in (("feature_source", FEATURE_SOURCES), ("head", HEADS), ("fallback", FALLBACKS),
+                           ("prefix_pool", PREFIX_POOLS)):
         if getattr(config, name) not in accepted:
             raise ConfigError(f"{owner}.{name}={getattr(config, name)!r}; accepted: {list(accepted)}")
     for name, low in (("hidden_dim", 1), ("pool_size", 1), ("batch_size", 1), ("epochs", 0), ("split_block", 0)):
@@ -133,6 +139,14 @@ def resolve_feature_source(config: RouterConfig, input_kind: str, adapter_name: 
                           "token ids, which pooling would read as numbers; use 'auto', 'backbone', "
                           "'backbone_prefix' or 'pretrained_backbone'")
     return source
+
+
+def pool_prefix_states(states: Tensor, mode: str) -> Tensor:
+    """Router features ``[B, D']`` from a prefix's token states ``[B, T, D]`` (``RouterConfig.prefix_pool``)."""
+    if mode == "class_token":
+        return states[:, 0].float()
+    tokens = states[:, 1:].float()
+    return torch.cat([states[:, 0].float(), tokens.mean(1), tokens.std(1, correction=0)], dim=-1)
 
 
 class InputPool(nn.Module):

@@ -126,3 +126,34 @@ def test_shared_prefix_settings_are_checked():
         MergedModule(NoSuffix(), method="free_merging", router=RouterConfig(split_block=SPLIT, shared_prefix=True))
     with pytest.raises(ConfigError, match="split_block=5 is beyond the backbone's depth"):
         built(True, feature_source="backbone_prefix").adapter.suffix(built(False).backbone, 5).__enter__()
+
+
+def test_prefix_pool_class_mean_std_reads_the_prefix_tokens():
+    """``prefix_pool: class_mean_std``: the class token, the mean and the (population) standard deviation of the
+    other tokens after the prefix, computed here from open_clip's own modules; the shared path routes the same."""
+    module = built(False, prefix_pool="class_mean_std")
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        h = module.backbone._embeds(x)
+        for block in module.backbone.transformer.resblocks[:SPLIT]:
+            h = block(h)
+    tokens = h[:, 1:].double()
+    want = torch.cat([h[:, 0].double(), tokens.mean(1), (tokens - tokens.mean(1, keepdim=True)).pow(2).mean(1).sqrt()],
+                     dim=-1)
+    got = module._router_features_raw(x)
+    assert got.shape == (5, 3 * CONFIG["width"]) and module.router.mlp[0].normalized_shape == (3 * CONFIG["width"],)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    want_ids, _ = module.route(x)
+    module.router_config = RouterConfig(split_block=SPLIT, shared_prefix=True, prefix_pool="class_mean_std")
+    assert torch.equal(module.routed_features(x)[1], want_ids)
+
+
+def test_prefix_pool_needs_prefix_states():
+    class ClassTokenOnly(TinyViTAdapter):
+        prefix_states = ModelAdapter.prefix_states
+
+    with pytest.raises(ConfigError, match=r"prefix_pool='class_mean_std' needs ClassTokenOnly\.prefix_states"):
+        MergedModule(ClassTokenOnly(), method="free_merging",
+                     router=RouterConfig(split_block=SPLIT, prefix_pool="class_mean_std"))
+    with pytest.raises(ConfigError, match=r"prefix_pool='max'; accepted: \['class_token', 'class_mean_std'\]"):
+        RouterConfig(prefix_pool="max")
