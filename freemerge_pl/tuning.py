@@ -141,7 +141,8 @@ def mean_objective(metric: str = "accuracy", individual: dict[str, float] | None
 
 def tune_val_record(datamodule) -> dict[str, dict[str, Any]]:
     """Per task, where the tune-val data came from and how many samples it holds, for the tune report:
-    ``{"source": "validation split" | "router split", "samples": n}`` (``router split`` means data the
-    fine-tuned models trained on: scores there overrate settings that recall memorised data)."""
+    ``{"source": "validation split" | "held-out router split" | "router split", "samples": n}`` (``router
+    split`` means data the fine-tuned models trained on: scores there overrate settings that recall memorised
+    data; a ``held-out router split`` was never fine-tuned on)."""
     sources = datamodule.tune_val_sources
     return {t: {"source": sources[t], "samples": len(datamodule.tune_indices[t])} for t in sources}

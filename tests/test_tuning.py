@@ -226,3 +226,24 @@ def test_tune_val_comes_from_the_tasks_own_validation_split(toy_root, recwarn):
                                    "task1": {"source": "router split", "samples": 20}}
     with pytest.raises(ConfigError, match=r"val_args"):
         MultiTaskDataModule([task("task0", val_args={"fold": 1})], tune_fraction=0.5)
+
+
+def test_a_router_split_declared_held_out_is_tune_val_without_a_warning(toy_root, recwarn, monkeypatch):
+    """A dataset class that lists its training split in ``held_out_splits`` (the zoos' ``router`` split: no
+    fine-tuned model trained on it) gives a ``held-out router split`` tune-val, without the memorisation warning."""
+    from freemerge_pl.data import MultiTaskDataModule, TaskConfig
+    from freemerge_pl.models.toy import ToyTaskDataset
+    from freemerge_pl.tuning import tune_val_record
+
+    monkeypatch.setattr(ToyTaskDataset, "held_out_splits", ("test",), raising=False)
+
+    def task(name, split):
+        return TaskConfig(name=name, dataset="freemerge_pl.models.toy.ToyTaskDataset",
+                          dataset_args={"root": str(toy_root), "task": name}, train_args={"split": split})
+
+    dm = MultiTaskDataModule([task("task0", "test"), task("task1", "train")], router_fraction=0.1, tune_fraction=0.5)
+    dm.setup()
+    assert dm.tune_val_sources == {"task0": "held-out router split", "task1": "router split"}
+    assert tune_val_record(dm)["task0"] == {"source": "held-out router split", "samples": 10}
+    warned = [str(w.message) for w in recwarn.list if "tune-val is a share of the router split" in str(w.message)]
+    assert len(warned) == 1 and "'task1'" in warned[0]

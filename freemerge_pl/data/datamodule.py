@@ -27,7 +27,8 @@ class TaskConfig:
     dataset's ``num_classes`` attribute when it has one. ``val_args``: the args of the task's own validation
     split (data no fine-tuned model trained on), used as tune-val; None → the dataset class's
     ``validation_args`` when it declares one (``ZooTaskDataset``: ``{"split": "val"}``), else tune-val falls
-    back to a share of the router split (with a warning: that is training data of the fine-tuned models).
+    back to a share of the router split (with a warning: that is training data of the fine-tuned models, unless
+    the dataset class lists the training split in ``held_out_splits``).
     """
 
     name: str
@@ -126,6 +127,13 @@ class TaskIdDataset(Dataset):
         return x, y, self.task_id
 
 
+def held_out_training(task: TaskConfig) -> bool:
+    """Whether ``task``'s training data (its ``train_args`` split) is one its dataset class declares no
+    fine-tuned model trained on (``held_out_splits``, e.g. the zoos' ``router`` split)."""
+    split = task.train_args.get("split")
+    return split is not None and split in getattr(import_class(task.dataset), "held_out_splits", ())
+
+
 def router_split(n: int, fraction: float, seed: int, task_index: int, min_samples: int = 1) -> list[int]:
     """Seeded indices of the router split of a training set of size ``n`` (⌈fraction·n⌉, ≥ min_samples)."""
     k = min(n, max(min_samples, math.ceil(fraction * n)))
@@ -209,12 +217,14 @@ class MultiTaskDataModule(LightningDataModule):
 
     @property
     def tune_val_sources(self) -> dict[str, str]:
-        """Per task, where tune-val comes from: ``validation split`` (data no fine-tuned model trained on) or
-        ``router split`` (a held-out share of training data; the fallback). Empty without ``tune_fraction``."""
+        """Per task, where tune-val comes from: ``validation split`` (data no fine-tuned model trained on),
+        ``held-out router split`` (a share of a router split the dataset class declares was never fine-tuned on:
+        its ``held_out_splits`` names the split of ``train_args``) or ``router split`` (a share of training data;
+        the fallback). Empty without ``tune_fraction``."""
         if self.tune_fraction == 0:
             return {}
-        return {t.name: "validation split" if validation_args(t) is not None else "router split"
-                for t in self.tasks}
+        return {t.name: "validation split" if validation_args(t) is not None
+                else "held-out router split" if held_out_training(t) else "router split" for t in self.tasks}
 
     def setup(self, stage: str | None = None) -> None:
         sources = self.tune_val_sources
@@ -228,7 +238,7 @@ class MultiTaskDataModule(LightningDataModule):
                     self.router_indices[task.name] = split
                     self.tune_indices[task.name] = list(range(len(self._val[task.name])))
                 else:
-                    if sources:
+                    if sources.get(task.name) == "router split":
                         rank_zero_warn(f"data.tasks ({task.name!r}): no validation split (val_args, or the "
                                        f"dataset class's validation_args), so tune-val is a share of the router "
                                        f"split, which the fine-tuned models trained on: tune scores there "

@@ -8,7 +8,7 @@ the manifest.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -27,6 +27,10 @@ class TextZooTaskDataset(Dataset):
     ``class_names`` expose the split. The zoo is built (``ensure_text_zoo``) on first access if it is missing
     or out of date.
     """
+
+    #: splits no fine-tuned model trained on: the configs' training data is the router split, so tune-val (a
+    #: share of it) is held-out data too (``MultiTaskDataModule.tune_val_sources``)
+    held_out_splits: ClassVar[tuple[str, ...]] = ("router",)
 
     def __init__(self, task: str, split: Literal["train", "router", "test"] = "train", root: str | None = None,
                  size: str = "default", seed: int = 0, max_length: int | None = None) -> None:

@@ -33,6 +33,8 @@ class ZooTaskDataset(Dataset):
 
     #: the split ``MultiTaskDataModule`` uses as tune-val (data no fine-tuned model trained on)
     validation_args: ClassVar[dict[str, Any]] = {"split": "val"}
+    #: splits no fine-tuned model trained on (``MultiTaskDataModule`` does not warn when one is the training data)
+    held_out_splits: ClassVar[tuple[str, ...]] = ("val", "router")
 
     def __init__(self, root: str | None = None, task: str | None = None, split: str = "train",
                  size: str = "default", seed: int = 0):
