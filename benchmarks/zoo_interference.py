@@ -110,7 +110,8 @@ def main() -> None:
     reuse = same and not args.remeasure
     accuracy: dict[str, float] = {}
     sweep: dict[float, float] = {}
-    source = {"methods": "measured here", "sweep": "measured here"}
+    source = ({"methods": "not measured (--skip-accuracy)", "sweep": "not measured (--skip-accuracy)"}
+              if args.skip_accuracy else {"methods": "measured here", "sweep": "measured here"})
     if not args.skip_accuracy:
         for m in report.methods:
             if reuse and m.name in table["methods"]:

@@ -179,6 +179,7 @@ class MergedModule(LightningModule):
         self.task_names: list[str] = []
         self.backbone: nn.Module | None = None
         self.router: Router | None = None
+        self._ncm_batches: list[tuple[Tensor, Tensor]] = []  # ncm under fit: the epoch's router features
         self.merge_record: dict[str, Any] = {}
         self.test_results: dict[str, Any] = {}
         self.val_results: dict[str, Any] = {}
@@ -465,7 +466,7 @@ class MergedModule(LightningModule):
         return loss
 
     def on_train_epoch_start(self) -> None:
-        self._ncm_batches: list[tuple[Tensor, Tensor]] = []
+        self._ncm_batches = []
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.router.trainable:
