@@ -285,7 +285,7 @@ def main() -> None:
             attempt(spec["label"], sweep_rows, lambda spec=spec: swept(spec))
     manifest = adapter.manifest
     seconds = time.perf_counter() - start
-    total_seconds, runs = seconds, 1
+    total_seconds, runs, complete = seconds, 1, True
     for path in args.merge_json:  # rows measured here win; an earlier table of another zoo recipe is refused
         earlier = json.loads(Path(path).read_text())
         if earlier.get("zoo_recipe_hash") != manifest.get("recipe_hash"):
@@ -296,12 +296,15 @@ def main() -> None:
             mine += [r for r in theirs if r["label"] not in {x["label"] for x in mine}]
         total_seconds += earlier.get("seconds", 0.0)
         runs += earlier.get("runs", 1)
+        # tables written before totals were kept hold only their last run's seconds
+        complete = complete and "runs" in earlier and earlier.get("seconds_complete", True)
     order = ["Individual", "Pre-trained"] + [s["label"] for s in rows_spec(args.zoo)]
     rows.sort(key=lambda r: order.index(r["label"]) if r["label"] in order else len(order))  # stable
     name = args.name or (zoo["name"] if args.size == "default" else f"{zoo['name']}_{args.size}")
     report = {"zoo": args.zoo, "size": args.size, "zoo_recipe_hash": manifest.get("recipe_hash"), "tasks": tasks,
               "rows": rows, "tuned": tuned_rows, "sweeps": sweep_rows, "failed": failed,
-              "seconds": total_seconds, "runs": runs, "last_run_seconds": seconds, "torch": torch.__version__,
+              "seconds": total_seconds, "runs": runs, "seconds_complete": complete, "last_run_seconds": seconds,
+              "torch": torch.__version__,
               "threads": torch.get_num_threads()}
     unit = zoo["samples"]
     if args.zoo == "vision":
@@ -312,8 +315,12 @@ def main() -> None:
                         f"per task, the same count of each class)")
     title = zoo["title"] + (f", {manifest['encoder']['kind']}" if "encoder" in manifest else "")
     md = [f"## {title} ({args.size}): {len(tasks)} tasks, accuracy (%) on each task's test split",
-          "", (f"zoo recipe hash `{str(manifest.get('recipe_hash'))[:12]}`, CPU, {report['seconds']:.0f} s in all"
-               + (f" over {runs} runs merged (`--merge-json`; this one {seconds:.0f} s)." if runs > 1 else ".")),
+          "", (f"zoo recipe hash `{str(manifest.get('recipe_hash'))[:12]}`, CPU, "
+               + (f"{seconds:.0f} s in all." if runs == 1 else
+                  f"{report['seconds']:.0f} s in all over {runs} runs merged (`--merge-json`; this one {seconds:.0f} s)."
+                  if complete else
+                  f"this run {seconds:.0f} s; the other rows merged from earlier runs (`--merge-json`), whose times "
+                  "were not all recorded.")),
           (f"Heads: each dataset's own head unless a row says *routed heads*. Router: {zoo['router']} (unless a "
            f"row says otherwise) trained on the router split, {router_split}. *routing acc* is the share of test "
            f"{unit}s routed to their own task (shown where there are task modules to route to). Extra storage per "
