@@ -38,6 +38,7 @@ NOISY_WARNING_MESSAGES: tuple[str, ...] = (
     r".*in eval mode at the start of training",  # the frozen backbone is in eval mode on purpose
     r"LightningCLI's args parameter",
     r"`LightningModule.configure_optimizers` returned `None`",  # the ncm router is fitted without an optimizer
+    r"Total length of `list` across ranks is zero",  # fit without tune-val (data.tune_fraction 0): no val loaders
 )
 #: dependencies whose own DeprecationWarning/FutureWarning say nothing a user can act on
 DEPENDENCY_MODULES = (r"(lightning|pytorch_lightning|lightning_fabric|lightning_utilities|torch|torchvision|"
