@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from freemerge_pl.errors import CheckpointMismatchError
+from freemerge_pl.errors import CheckpointMismatchError, ConfigError
 
 StateDict = dict[str, torch.Tensor]
 
@@ -38,3 +38,19 @@ def linear_head_tensors(sd: StateDict, in_features: int, where: str, what: str) 
         raise CheckpointMismatchError(f"{where}: bias has shape {tuple(bias.shape)}, expected "
                                       f"({weight.shape[0]},)")
     return {"weight": weight, "bias": bias}
+
+
+def task_order(owner: str, finetuned: dict | None, tasks: list | None) -> tuple[dict[str, str], list[str]]:
+    """An adapter's ``finetuned`` ({task: directory}, as strings) and its task order (``tasks``, else
+    ``finetuned``'s): at least one task, no task twice, and no ``finetuned`` entry outside the order."""
+    finetuned = {str(k): str(v) for k, v in (finetuned or {}).items()}
+    order = [str(t) for t in tasks] if tasks is not None else list(finetuned)
+    if not order:
+        raise ConfigError(f"{owner} needs tasks (with checkpoint_root) or finetuned {{task: directory}}")
+    if len(set(order)) != len(order):
+        raise ConfigError(f"{owner}: tasks {order} name a task more than once")
+    stray = [t for t in finetuned if t not in order]
+    if stray:
+        raise ConfigError(f"{owner}: finetuned names task(s) {stray} that are not in tasks {order}")
+    return finetuned, order
+

@@ -51,7 +51,7 @@ from freemerge_pl.io import (
     write_json_atomic,
 )
 from freemerge_pl.models.base import ModelAdapter, StateDict
-from freemerge_pl.models.checks import meta_state_spec
+from freemerge_pl.models.checks import meta_state_spec, task_order
 
 #: vision-config fields every checkpoint must share with the pre-trained one (the architecture)
 VISION_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
@@ -215,16 +215,7 @@ class HFCLIPAdapter(ModelAdapter):
         text_batch_size: int = 256,
         text_device: str = "cpu",
     ) -> None:
-        finetuned = {str(k): str(v) for k, v in (finetuned or {}).items()}
-        order = list(tasks) if tasks is not None else list(finetuned)
-        if not order:
-            raise ConfigError("HFCLIPAdapter needs tasks: give finetuned {task: directory} and/or tasks with "
-                              "checkpoint_root")
-        if len(set(order)) != len(order):
-            raise ConfigError(f"HFCLIPAdapter: tasks {order} name a task more than once")
-        stray = [t for t in finetuned if t not in order]
-        if stray:
-            raise ConfigError(f"HFCLIPAdapter: finetuned names task(s) {stray} that are not in tasks {order}")
+        finetuned, order = task_order("HFCLIPAdapter", finetuned, tasks)
         if text_batch_size < 1:
             raise ConfigError(f"HFCLIPAdapter: text_batch_size={text_batch_size} must be ≥ 1")
         class_names, templates = dict(class_names or {}), dict(templates or {})

@@ -38,7 +38,7 @@ from freemerge_pl.data.text import unpack_text_inputs
 from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError
 from freemerge_pl.io import INDEX_NAME, open_checkpoint
 from freemerge_pl.models.base import ModelAdapter, StateDict
-from freemerge_pl.models.checks import meta_state_spec
+from freemerge_pl.models.checks import meta_state_spec, task_order
 
 #: model types whose sequence-classification head was checked to take only the first token or the pooler
 SUPPORTED_MODEL_TYPES = ("roberta", "xlm-roberta", "camembert", "bert", "deberta", "deberta-v2", "distilbert",
@@ -134,17 +134,7 @@ class HFSequenceClassificationAdapter(ModelAdapter):
         checkpoint_root: str | None = None,
         pattern: str = "{task}",
     ) -> None:
-        finetuned = {str(k): str(v) for k, v in (finetuned or {}).items()}
-        tasks = [str(t) for t in tasks] if tasks is not None else list(finetuned)
-        if not tasks:
-            raise ConfigError("HFSequenceClassificationAdapter needs tasks (with checkpoint_root) or finetuned "
-                              "{task: directory}")
-        if len(set(tasks)) != len(tasks):
-            raise ConfigError(f"HFSequenceClassificationAdapter: tasks {tasks} repeat a name")
-        unknown = sorted(set(finetuned) - set(tasks))
-        if unknown:
-            raise ConfigError(f"HFSequenceClassificationAdapter: finetuned lists {unknown}, which are not in "
-                              f"tasks {tasks}")
+        finetuned, tasks = task_order("HFSequenceClassificationAdapter", finetuned, tasks)
         if "{task}" not in pattern:
             raise ConfigError(f"HFSequenceClassificationAdapter: pattern={pattern!r} must contain '{{task}}'")
         unplaced = [t for t in tasks if t not in finetuned]
