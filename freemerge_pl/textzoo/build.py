@@ -38,7 +38,6 @@ from freemerge_pl.io import (
     file_records,
     load_state_dict,
     save_safetensors_atomic,
-    verify_manifest,
     write_text_atomic,
 )
 from freemerge_pl.progress import format_seconds
@@ -53,12 +52,12 @@ from freemerge_pl.textzoo.recipe import (
 from freemerge_pl.textzoo.sources import package_file, task_examples
 from freemerge_pl.zoo.build import (
     _batches,
-    _build_lock,
     _derived_seed,
     _deterministic,
     _optimizer,
     build_atomically,
-    read_manifest,
+    ensure_built,
+    verify_zoo,
 )
 from freemerge_pl.zoo.build import rebuild_hint as zoo_rebuild_hint
 from freemerge_pl.zoo.build import stale_reason as zoo_stale_reason
@@ -342,15 +341,9 @@ def rebuild_hint(root: str | Path, manifest: Mapping[str, Any] | None = None) ->
 
 
 def verify_text_zoo(root: str | Path, names: Iterable[str] | None = None) -> dict[str, Any]:
-    """Check the text zoo's files (``names``: relative paths; default all) against its manifest
-    (``freemerge_pl.io.verify_manifest``); returns the manifest. A damaged file raises naming it."""
-    root = Path(root)
-    m = read_manifest(root)
-    if m.get("format") != FORMAT or not isinstance(m.get("files"), dict):
-        raise FreeMergeError(f"{root / MANIFEST} has format {m.get('format')!r}; this version reads {FORMAT!r}; "
-                             f"{rebuild_hint(root, m)}")
-    verify_manifest(root, m["files"], remedy=rebuild_hint(root, m), names=names)
-    return m
+    """Check the text zoo's files (``names``: relative paths; default all) against its manifest (the zoo's
+    ``verify_zoo``); returns the manifest. A damaged file raises naming it."""
+    return verify_zoo(root, names, fmt=FORMAT, what="text zoo", module="freemerge_pl.textzoo")
 
 
 def stale_reason(root: Path, recipe: dict[str, Any], want_hash: str) -> str | None:
@@ -364,14 +357,8 @@ def ensure_text_zoo(root: str | Path | None = None, size: str = "default", seed:
     source version, or when ``rebuild``; then every file is checked against the manifest."""
     dest = resolve_text_zoo_root(root, size, seed)
     recipe = text_zoo_recipe(size)
-    want = text_zoo_hash(recipe, seed)
-    if rebuild or stale_reason(dest, recipe, want) is not None:
-        with _build_lock(dest):
-            reason = "a rebuild was asked for" if rebuild else stale_reason(dest, recipe, want)
-            if reason is not None:
-                build_text_zoo(dest, size, seed, reason=reason)
-    verify_text_zoo(dest)
-    return dest
+    return ensure_built(dest, lambda: stale_reason(dest, recipe, text_zoo_hash(recipe, seed)),
+                        lambda reason: build_text_zoo(dest, size, seed, reason=reason), verify_text_zoo, rebuild)
 
 
 def task_entry(manifest: Mapping[str, Any], task: str, root: Path) -> dict[str, Any]:

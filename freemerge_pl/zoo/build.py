@@ -478,16 +478,19 @@ def rebuild_hint(root: str | Path, manifest: Mapping[str, Any] | None = None, *,
             f"--rebuild (or delete {Path(root)})")
 
 
-def verify_zoo(root: str | Path, names: Iterable[str] | None = None) -> dict[str, Any]:
+def verify_zoo(root: str | Path, names: Iterable[str] | None = None, *, fmt: str = FORMAT, what: str = "zoo",
+               module: str = "freemerge_pl.zoo") -> dict[str, Any]:
     """Check the zoo's files (``names``: relative paths; default all) against its manifest's ``files`` table
     (``freemerge_pl.io.verify_manifest``: size always, sha256 once per process and when a file changes);
-    returns the manifest. A damaged or missing file raises ``FreeMergeError`` naming it and the rebuild."""
+    returns the manifest. A damaged or missing file raises ``FreeMergeError`` naming it and the rebuild
+    (``fmt``/``what``/``module``: the manifest format and the names of another zoo, e.g. the text zoo's)."""
     root = Path(root)
     m = read_manifest(root)
-    if m.get("format") != FORMAT or not isinstance(m.get("files"), dict):
-        raise FreeMergeError(f"{root / MANIFEST} has format {m.get('format')!r}; this version reads {FORMAT!r}; "
-                             f"{rebuild_hint(root, m)}")
-    verify_manifest(root, m["files"], remedy=rebuild_hint(root, m), names=names)
+    hint = rebuild_hint(root, m, what=what, module=module)
+    if m.get("format") != fmt or not isinstance(m.get("files"), dict):
+        raise FreeMergeError(f"{root / MANIFEST} has format {m.get('format')!r}; this version reads {fmt!r}; "
+                             f"{hint}")
+    verify_manifest(root, m["files"], remedy=hint, names=names)
     return m
 
 
@@ -560,13 +563,20 @@ def ensure_zoo(root: str | Path | None = None, size: str = "default", seed: int 
     (``verify_zoo``): a damaged file raises an error naming it instead of giving wrong accuracies."""
     dest = resolve_zoo_root(root, size, seed)
     recipe = zoo_recipe(size)
-    want = recipe_hash(recipe, seed)
-    if rebuild or stale_reason(dest, recipe, want) is not None:
+    return ensure_built(dest, lambda: stale_reason(dest, recipe, recipe_hash(recipe, seed)),
+                        lambda reason: build_zoo(dest, size, seed, reason=reason), verify_zoo, rebuild)
+
+
+def ensure_built(dest: Path, stale: Callable[[], str | None], build: Callable[[str], Any],
+                 verify: Callable[[Path], Any], rebuild: bool = False) -> Path:
+    """``dest`` built when ``stale()`` names a reason (or when ``rebuild``), under the build lock and asked again
+    inside it (another process may have built it meanwhile), then ``verify``-ed; shared by both zoos."""
+    if rebuild or stale() is not None:
         with _build_lock(dest):
-            reason = "a rebuild was asked for" if rebuild else stale_reason(dest, recipe, want)
+            reason = "a rebuild was asked for" if rebuild else stale()
             if reason is not None:
-                build_zoo(dest, size, seed, reason=reason)
-    verify_zoo(dest)
+                build(reason)
+    verify(dest)
     return dest
 
 
