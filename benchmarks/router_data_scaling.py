@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 
 from freemerge_pl.io import write_json_atomic, write_text_atomic
 from freemerge_pl.models.zoo_vit import ZooViTAdapter
@@ -39,19 +38,9 @@ def features(module: MergedModule, images: torch.Tensor, pool: str, batch: int =
 
 
 def fit(feats: torch.Tensor, ids: torch.Tensor, num_tasks: int, seed: int) -> Router:
-    """The default MLP head trained as ``MergedModule.fit_router`` trains it (same config, seeded loop)."""
-    cfg = RouterConfig(seed=seed)
+    """The default head, seeded, trained as ``MergedModule.fit_router`` trains it (``Router.fit``)."""
     torch.manual_seed(seed)
-    router = Router(num_tasks, cfg, feats.shape[1])
-    opt = torch.optim.AdamW(router.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    g = torch.Generator().manual_seed(seed)
-    router.train()
-    for _ in range(cfg.epochs):
-        for idx in torch.randperm(len(feats), generator=g).split(cfg.batch_size):
-            opt.zero_grad()
-            F.cross_entropy(router(feats[idx]), ids[idx]).backward()
-            opt.step()
-    return router.eval()
+    return Router(num_tasks, RouterConfig(seed=seed), feats.shape[1]).fit(feats, ids)
 
 
 def main() -> None:

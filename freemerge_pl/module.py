@@ -507,23 +507,7 @@ class MergedModule(LightningModule):
         """Fit the router on ``dataset`` of ``(x, y, task_id)``: features are computed once; ``ncm`` takes the
         task means, ``linear``/``mlp`` train with a plain, seeded loop over them (every rank trains the same
         router; under DDP rank 0's weights are broadcast to be safe)."""
-        cfg = self.router_config
-        feats, ids = self.router_features(dataset)
-        if not self.router.trainable:
-            self.router.fit_means(feats, ids)
-        else:
-            g = torch.Generator().manual_seed(cfg.seed)
-            loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(feats, ids),
-                                                 batch_size=cfg.batch_size, shuffle=True, generator=g)
-            opt = torch.optim.AdamW(self.router.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-            with torch.inference_mode(False), torch.enable_grad():
-                self.router.train()
-                for _ in range(cfg.epochs):
-                    for f, t in loader:
-                        opt.zero_grad()
-                        F.cross_entropy(self.router(f.clone()), t.clone()).backward()
-                        opt.step()
-                self.router.eval()
+        self.router.fit(*self.router_features(dataset))
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             for b in self.router.state_dict().values():
                 torch.distributed.broadcast(b.data, src=0)

@@ -204,6 +204,27 @@ class Router(nn.Module):
         means = torch.zeros_like(self.class_means).index_add_(0, task_ids.long().to(z.device), z)
         self.class_means.copy_(F.normalize(means, dim=-1))
 
+    def fit(self, features: Tensor, task_ids: Tensor) -> Router:
+        """Fit on frozen features ``[N, D]`` and task ids ``[N]``: ``ncm`` takes the task means; ``linear``/``mlp``
+        train with a plain loop seeded by ``config.seed`` (AdamW, ``epochs`` shuffled passes of ``batch_size``)."""
+        if not self.trainable:
+            self.fit_means(features, task_ids)
+            return self
+        cfg = self.config
+        g = torch.Generator().manual_seed(cfg.seed)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(features, task_ids),
+                                             batch_size=cfg.batch_size, shuffle=True, generator=g)
+        opt = torch.optim.AdamW(self.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        with torch.inference_mode(False), torch.enable_grad():
+            self.train()
+            for _ in range(cfg.epochs):
+                for f, t in loader:
+                    opt.zero_grad()
+                    F.cross_entropy(self(f.clone()), t.clone()).backward()
+                    opt.step()
+            self.eval()
+        return self
+
     def forward(self, features: Tensor) -> Tensor:
         if self.config.head == "ncm":
             return self._ncm_features(features) @ self.class_means.T / self.config.ncm_temperature
