@@ -26,7 +26,7 @@ import torch
 
 from freemerge_pl.cli import build_from_config
 from freemerge_pl.io import write_json_atomic, write_text_atomic
-from freemerge_pl.models.base import has_prefix_features
+from freemerge_pl.models.base import implements
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -88,7 +88,7 @@ def run(config: str, n_batches: int, batch_size: int) -> dict:
     runs = [("router", False, ("activation", "weight_swap", "auto"), False), ("router", True, ("auto",), False),
             ("oracle", True, ("auto",), False)]
     router_config = model.router_config
-    if has_prefix_features(model.adapter, "suffix") and model.router_feature_source == "backbone_prefix":
+    if implements(model.adapter, "suffix") and model.router_feature_source == "backbone_prefix":
         # the same router and experts with the prefix shared (router.shared_prefix: experts after the prefix)
         runs += [("router", False, ("activation", "weight_swap", "auto"), True), ("oracle", True, ("auto",), True)]
     for routing, per_task, paths, shared in runs:

@@ -260,20 +260,15 @@ def main() -> None:
             return
         print(f"{out[-1]['label']}: avg {100 * out[-1]['avg']:.1f}", flush=True)
 
-    def headline(spec):
+    def measured(spec, **extra):
+        """The row of one spec: its config built with the spec's overrides, evaluated on the test split."""
         module, dm = build(args.size, spec["method"], spec.get("args"), spec.get("model"), zoo=args.zoo)
         ev = evaluate(module, dm)
-        return row(spec["label"], ev["tasks"], individual, **{k: v for k, v in ev.items() if k != "tasks"},
-                   method=spec["method"], method_args=spec.get("args", {}), model=spec.get("model", {}))
-
-    def swept(spec):
-        module, dm = build(args.size, spec["method"], spec.get("args"), spec.get("model"), zoo=args.zoo)
-        ev = evaluate(module, dm)
-        return row(spec["label"], ev["tasks"], individual, **{k: v for k, v in ev.items() if k != "tasks"},
-                   sweep=spec["sweep"])
+        return row(spec["label"], ev["tasks"], individual, **{k: v for k, v in ev.items() if k != "tasks"}, **extra)
 
     for spec in specs:
-        attempt(spec["label"], rows, lambda spec=spec: headline(spec))
+        attempt(spec["label"], rows, lambda spec=spec: measured(
+            spec, method=spec["method"], method_args=spec.get("args", {}), model=spec.get("model", {})))
     tuned_rows = []
     if not args.skip_tuned:
         for label, method in TUNED:
@@ -282,7 +277,7 @@ def main() -> None:
     sweep_rows = []
     if not args.skip_sweeps:
         for spec in sweep_spec():
-            attempt(spec["label"], sweep_rows, lambda spec=spec: swept(spec))
+            attempt(spec["label"], sweep_rows, lambda spec=spec: measured(spec, sweep=spec["sweep"]))
     manifest = adapter.manifest
     seconds = time.perf_counter() - start
     total_seconds, runs, complete = seconds, 1, True

@@ -21,7 +21,7 @@ from freemerge_pl.merging.fourier import check_filter_ratio
 from freemerge_pl.merging.merge import write_export
 from freemerge_pl.merging.method import check_fields
 from freemerge_pl.metrics import REGRESSION_METRICS, task_metrics
-from freemerge_pl.models.base import ModelAdapter, has_prefix_features
+from freemerge_pl.models.base import ModelAdapter, has_prefix_features, implements
 from freemerge_pl.router import (
     Router,
     RouterConfig,
@@ -90,7 +90,7 @@ def _checked_router(config: RouterConfig, adapter: ModelAdapter | None = None) -
             raise ConfigError(f"model.router.feature_source={config.feature_source!r} (→ {source!r}, split_block="
                               f"{config.split_block}) needs {name}.prefix_features, which {name} does not "
                               "implement; use 'backbone', or 'pretrained_backbone' with split_block 0")
-        if needs_prefix and config.prefix_pool != "class_token" and not has_prefix_features(adapter, "prefix_states"):
+        if needs_prefix and config.prefix_pool != "class_token" and not implements(adapter, "prefix_states"):
             raise ConfigError(f"model.router.prefix_pool={config.prefix_pool!r} needs {name}.prefix_states (the "
                               f"prefix's token states), which {name} does not implement; use 'class_token'")
         if config.shared_prefix:
@@ -98,7 +98,7 @@ def _checked_router(config: RouterConfig, adapter: ModelAdapter | None = None) -
                 raise ConfigError(f"model.router.shared_prefix=true needs the merged backbone's prefix as the "
                                   f"router's features; feature_source {config.feature_source!r} resolves to "
                                   f"{source!r} for {name}")
-            missing = [m for m in ("prefix_states", "suffix") if not has_prefix_features(adapter, m)]
+            missing = [m for m in ("prefix_states", "suffix") if not implements(adapter, m)]
             if missing:
                 raise ConfigError(f"model.router.shared_prefix=true needs {name}.{' and .'.join(missing)}, which "
                                   f"{name} does not implement; set shared_prefix false")
@@ -447,7 +447,7 @@ class MergedModule(LightningModule):
     @property
     def automatic_optimization(self) -> bool:
         """Lightning's automatic optimisation trains ``linear``/``mlp`` routers; ``ncm`` is fitted from features."""
-        router = self.__dict__.get("_modules", {}).get("router")  # None before setup, or before __init__ set it
+        router = getattr(self, "router", None)  # None before setup
         return router is None or router.trainable
 
     @automatic_optimization.setter

@@ -83,11 +83,15 @@ class ModelAdapter:
                           "prefix_states / suffix): set model.router.shared_prefix false")
 
 
-def has_prefix_features(adapter: ModelAdapter, name: str = "prefix_features") -> bool:
-    """Whether ``adapter`` implements ``prefix_features`` (the router's backbone-prefix feature sources), or
-    another optional method ``name`` of the base class."""
+def implements(adapter: ModelAdapter, name: str) -> bool:
+    """Whether ``adapter`` implements the base class's optional method ``name`` (e.g. ``prefix_states``)."""
     method = getattr(type(adapter), name, None)
     return method is not None and method is not getattr(ModelAdapter, name)
+
+
+def has_prefix_features(adapter: ModelAdapter) -> bool:
+    """Whether ``adapter`` implements ``prefix_features`` (the router's backbone-prefix feature sources)."""
+    return implements(adapter, "prefix_features")
 
 
 def open_clip_vit_prefix_features(adapter: ModelAdapter, backbone: nn.Module, x: Tensor, n_blocks: int) -> Tensor:
@@ -113,14 +117,13 @@ def open_clip_vit_suffix(adapter: ModelAdapter, backbone: nn.Module, n_blocks: i
     ``_embeds`` passes the given states through and its transformer runs only the blocks after ``n_blocks``
     (instance-level ``forward`` overrides; the module tree and its names are unchanged), so ``backbone(states)``
     runs the rest of its own forward (blocks, pooling, ``ln_post``, ``proj``) with every hook on those modules."""
-    vit_prefix_states(backbone, None, n_blocks, check_only=True)
-    transformer = backbone.transformer
+    transformer, blocks = _vit_blocks(backbone, n_blocks)
     batch_first = getattr(transformer, "batch_first", True)
 
     def rest(x: Tensor, attn_mask: Tensor | None = None) -> Tensor:  # open_clip Transformer.forward, a suffix
         if not batch_first:
             x = x.transpose(0, 1).contiguous()
-        for block in list(transformer.resblocks)[n_blocks:]:
+        for block in blocks[n_blocks:]:
             x = block(x, attn_mask=attn_mask)
         return x if batch_first else x.transpose(0, 1)
 
@@ -133,9 +136,8 @@ def open_clip_vit_suffix(adapter: ModelAdapter, backbone: nn.Module, n_blocks: i
         backbone.__dict__.pop("_embeds", None)
 
 
-def vit_prefix_states(backbone: nn.Module, x: Tensor | None, n_blocks: int, check_only: bool = False) -> Tensor:
-    """The token states ``[B, T, width]`` of an open_clip ``VisionTransformer`` after patch embedding and its
-    first ``n_blocks`` residual blocks (the prefix of its own forward pass), batch first."""
+def _vit_blocks(backbone: nn.Module, n_blocks: int) -> tuple[nn.Module, nn.ModuleList]:
+    """An open_clip ``VisionTransformer``'s transformer and residual blocks, ``n_blocks`` checked against them."""
     transformer = getattr(backbone, "transformer", None)
     blocks = getattr(transformer, "resblocks", None)
     if blocks is None or not hasattr(backbone, "_embeds"):
@@ -144,8 +146,13 @@ def vit_prefix_states(backbone: nn.Module, x: Tensor | None, n_blocks: int, chec
     if not 0 <= n_blocks <= len(blocks):
         raise ConfigError(f"model.router.split_block={n_blocks} is beyond the backbone's depth: "
                           f"{type(backbone).__name__} has {len(blocks)} blocks (accepted: 1..{len(blocks)})")
-    if check_only:
-        return None
+    return transformer, blocks
+
+
+def vit_prefix_states(backbone: nn.Module, x: Tensor, n_blocks: int) -> Tensor:
+    """The token states ``[B, T, width]`` of an open_clip ``VisionTransformer`` after patch embedding and its
+    first ``n_blocks`` residual blocks (the prefix of its own forward pass), batch first."""
+    transformer, blocks = _vit_blocks(backbone, n_blocks)
     h = backbone._embeds(x)
     batch_first = getattr(transformer, "batch_first", True)
     if not batch_first:
