@@ -16,20 +16,29 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from freemerge_pl.io import write_text_atomic
 
-RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
 ROWS = ("Task Arithmetic", "TSV", "FREE-Merging (router)", "EMR (router)", "Twin (router)", "Fisher merging",
         "RegMean", "AdaMerging (layer-wise)", "AdaMerging++ (layer-wise)",
         "MTL (joint fine-tuning on the router split)",
         "MTL (joint fine-tuning on 50% of the training split, 3 epochs: the upper bound)")
-ROUTER_EPOCHS = 20  # the zoo configs' model.router.epochs
 NEEDS = {"Task Arithmetic": "none", "TSV": "none", "Fisher merging": "inputs (predicted classes)",
          "RegMean": "inputs", "AdaMerging (layer-wise)": "inputs (entropy)",
          "AdaMerging++ (layer-wise)": "inputs (entropy)"}
 
 
-def training(row: dict[str, Any], router_samples: int) -> tuple[str, str, str, str]:
+def router_epochs(zoo: str) -> int:
+    """``model.router.epochs`` of the zoo's FREE config (what its routed rows trained with)."""
+    folder = {"vision": "zoo", "text": "text"}[zoo]
+    cfg = yaml.safe_load((REPO / "configs" / folder / "free_merging.yaml").read_text())
+    return int(cfg["model"]["router"]["epochs"])
+
+
+def training(row: dict[str, Any], router_samples: int, epochs: int) -> tuple[str, str, str, str]:
     """(what the data must carry, distinct samples, sample passes, seconds) of a row's data step."""
     stats = row.get("data_statistics") or {}
     label = row["label"]
@@ -38,7 +47,7 @@ def training(row: dict[str, Any], router_samples: int) -> tuple[str, str, str, s
         return (NEEDS.get(label, "inputs + labels"), f"{stats['samples']:,}", f"{passes:,}",
                 f"{stats['seconds']:.1f}")
     if row.get("routing_accuracy") is not None:  # a routed row: the router is its only training
-        return ("task ids (the router)", f"{router_samples:,}", f"{router_samples * ROUTER_EPOCHS:,}",
+        return ("task ids (the router)", f"{router_samples:,}", f"{router_samples * epochs:,}",
                 f"{row['router_fit_seconds']:.1f}")
     return NEEDS.get(label, "none"), "0", "0", "0"
 
@@ -62,7 +71,7 @@ def table(zoo: str) -> list[str]:
         if label not in rows:
             continue
         r = rows[label]
-        needs, samples, passes, seconds = training(r, router_samples)
+        needs, samples, passes, seconds = training(r, router_samples, router_epochs(zoo))
         extra = r.get("task_module_bytes_per_task") or 0
         storage = "0" if not extra else f"{extra / 2**10:,.0f} KiB ({100 * extra / backbone:.2f} %)"
         out.append(f"| {label} | {needs} | {samples} | {passes} | {seconds} | {storage} | "
@@ -74,7 +83,8 @@ def main() -> None:
     lines = ["# Data-dependent baselines vs FREE-Merging: cost and accuracy (paper Table 9 analogue)", "",
              ("Rendered by `benchmarks/table9.py` from the zoo tables (`zoo_vision.json`, `zoo_text.json`): nothing is "
               "measured here. *training s*: the statistics/training step alone (FREE, EMR, Twin: fitting the router, "
-              f"{ROUTER_EPOCHS} epochs over the router split's task ids; the backbone never runs backward), not the "
+              "the configs' `model.router.epochs` over the router split's task ids; the backbone never runs "
+              "backward), not the "
               "merge or the evaluation. All data comes from the router split except the MTL upper bound's (half of "
               "the training split). *extra storage*: bytes a task adds to the one merged backbone (the data-dependent "
               "methods keep nothing after the merge). Samples/s come from the tables' own evaluation runs on a "
