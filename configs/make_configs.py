@@ -19,8 +19,9 @@ ZOO_TASKS = ["digits", "letters", "signs", "textures", "counting", "orientation"
 TEXT_TASKS = ["language", "sentiment", "unicode_category", "stdlib_topic"]
 
 
-def zoo_config(method: str, size: str = "default", method_args: dict | None = None, **model) -> dict:
-    out = f"outputs/zoo{'' if size == 'default' else '_' + size}/{method}"
+def _config(out: str, adapter: dict, method: str, method_args: dict | None, router: dict, data: dict,
+            model: dict) -> dict:
+    """The LightningCLI config both zoos share: trainer, model (adapter, method, protocol, router) and data."""
     return {
         "seed_everything": 0,
         "trainer": {
@@ -30,52 +31,45 @@ def zoo_config(method: str, size: str = "default", method_args: dict | None = No
                           {"class_path": "freemerge_pl.callbacks.RoutingStats"}],
         },
         "model": {
-            "adapter": {"class_path": "freemerge_pl.models.zoo_vit.ZooViTAdapter",
-                        "init_args": {"size": size, "seed": 0, "tasks": ZOO_TASKS}},
+            "adapter": adapter,
             "method": method,
             "method_args": method_args or {},
             "routing": "router",
             "head_selection": "dataset",
-            "router": {"epochs": 20},  # feature_source auto: the merged backbone's first blocks
+            "router": router,
             **model,
         },
-        "data": {
-            "router_fraction": 0.01, "min_router_samples": 16, "batch_size": 256, "seed": 0,
-            "tasks": [{"name": t, "dataset": "freemerge_pl.zoo.ZooTaskDataset",
-                       "dataset_args": {"task": t, "size": size, "seed": 0}} for t in ZOO_TASKS],
-        },
+        "data": data,
     }
+
+
+def zoo_config(method: str, size: str = "default", method_args: dict | None = None, **model) -> dict:
+    return _config(
+        f"outputs/zoo{'' if size == 'default' else '_' + size}/{method}",
+        {"class_path": "freemerge_pl.models.zoo_vit.ZooViTAdapter",
+         "init_args": {"size": size, "seed": 0, "tasks": ZOO_TASKS}},
+        method, method_args,
+        {"epochs": 20},  # feature_source auto: the merged backbone's first blocks
+        {"router_fraction": 0.01, "min_router_samples": 16, "batch_size": 256, "seed": 0,
+         "tasks": [{"name": t, "dataset": "freemerge_pl.zoo.ZooTaskDataset",
+                    "dataset_args": {"task": t, "size": size, "seed": 0}} for t in ZOO_TASKS]},
+        model)
 
 
 def text_config(method: str, size: str = "default", method_args: dict | None = None, **model) -> dict:
     """The text zoo (MiniLM fine-tuned on 4 text tasks): the router reads the merged encoder's features (token
     ids are no input features) and trains on each task's held-out router split (never fine-tuned on)."""
-    out = f"outputs/text{'' if size == 'default' else '_' + size}/{method}"
-    return {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "auto", "devices": 1, "max_epochs": 20, "logger": False,
-            "default_root_dir": out, "enable_checkpointing": True,
-            "callbacks": [{"class_path": "freemerge_pl.callbacks.ResultsTable"},
-                          {"class_path": "freemerge_pl.callbacks.RoutingStats"}],
-        },
-        "model": {
-            "adapter": {"class_path": "freemerge_pl.models.text_zoo.TextZooAdapter",
-                        "init_args": {"size": size, "seed": 0, "tasks": TEXT_TASKS}},
-            "method": method,
-            "method_args": method_args or {},
-            "routing": "router",
-            "head_selection": "dataset",
-            "router": {"feature_source": "backbone", "epochs": 20},
-            **model,
-        },
-        "data": {
-            "router_fraction": 1.0, "min_router_samples": 1, "batch_size": 128, "seed": 0,
-            "tasks": [{"name": t, "dataset": "freemerge_pl.textzoo.TextZooTaskDataset",
-                       "dataset_args": {"task": t, "size": size, "seed": 0},
-                       "train_args": {"split": "router"}} for t in TEXT_TASKS],
-        },
-    }
+    return _config(
+        f"outputs/text{'' if size == 'default' else '_' + size}/{method}",
+        {"class_path": "freemerge_pl.models.text_zoo.TextZooAdapter",
+         "init_args": {"size": size, "seed": 0, "tasks": TEXT_TASKS}},
+        method, method_args,
+        {"feature_source": "backbone", "epochs": 20},
+        {"router_fraction": 1.0, "min_router_samples": 1, "batch_size": 128, "seed": 0,
+         "tasks": [{"name": t, "dataset": "freemerge_pl.textzoo.TextZooTaskDataset",
+                    "dataset_args": {"task": t, "size": size, "seed": 0},
+                    "train_args": {"split": "router"}} for t in TEXT_TASKS]},
+        model)
 
 
 #: The data-dependent rows (issue 20) on the zoo: the statistics/training budgets sized for 2 CPU cores (the
