@@ -8,7 +8,8 @@ Measured in one run on the same batches, the functions taking turns: images/s of
 both expert paths (``expert_path``: ``activation``, one backbone pass with each sample's sparse expert added as
 a layer correction; ``weight_swap``, one pass per routed group with the experts applied in place and restored)
 and ``auto`` (what the model does by default), and on per-task batches (the paper's evaluation); oracle routing
-on per-task batches (one expert apply/restore per batch: the experts' own cost); and the router's training time.
+on per-task batches (one expert apply/restore per batch: the experts' own cost) and on mixed batches (the
+experts' cost without the router's); the router's features alone; and the router's training time.
 Where the adapter can split its backbone, the same router and experts are also timed with ``router.shared_prefix``
 (the router's prefix run once, the experts applied after it; a different model, see the zoo table's rows).
 Writes ``benchmarks/results/inference_overhead.{json,md}``; the last line printed is
@@ -51,20 +52,21 @@ def mixed_batches(datamodule, n_batches: int, batch_size: int, per_task: bool = 
 
 
 def throughput(fns, batches, repeats: int = 5) -> list[float]:
-    """Best-of-``repeats`` images/s of each ``fn(x, task_ids)`` over all batches; the functions take turns
-    within each repeat, so a slow spell of the machine hits them alike."""
-    best = [float("inf")] * len(fns)
+    """Images/s of each ``fn(x, task_ids)`` over all batches: per batch the functions take turns, and each
+    function's time on a batch is its best of ``repeats`` (a slow spell of the machine hits them alike and is
+    dropped; timing whole sweeps instead moved the same path by 15 % between turns on these VMs)."""
+    best = [[float("inf")] * len(batches) for _ in fns]
     with torch.inference_mode():
         for fn in fns:
             fn(*batches[0])
         for _ in range(repeats):
-            for j, fn in enumerate(fns):
-                start = time.perf_counter()
-                for x, t in batches:
+            for b, (x, t) in enumerate(batches):
+                for j, fn in enumerate(fns):
+                    start = time.perf_counter()
                     fn(x, t)
-                best[j] = min(best[j], time.perf_counter() - start)
+                    best[j][b] = min(best[j][b], time.perf_counter() - start)
     n = sum(len(x) for x, _ in batches)
-    return [n / b for b in best]
+    return [n / sum(b) for b in best]
 
 
 def _with_path(model, path: str, routing: str):
@@ -86,7 +88,7 @@ def run(config: str, n_batches: int, batch_size: int) -> dict:
     rows = {}
     # (routing, per-task batches, expert paths measured against the backbone in the same interleaved run)
     runs = [("router", False, ("activation", "weight_swap", "auto"), False), ("router", True, ("auto",), False),
-            ("oracle", True, ("auto",), False)]
+            ("oracle", True, ("auto",), False), ("oracle", False, ("activation", "weight_swap"), False)]
     router_config = model.router_config
     if implements(model.adapter, "suffix") and model.router_feature_source == "backbone_prefix":
         # the same router and experts with the prefix shared (router.shared_prefix: experts after the prefix)
@@ -107,9 +109,11 @@ def run(config: str, n_batches: int, batch_size: int) -> dict:
                 "task_modules": len(model.task_modules), "shared_prefix": shared}
     model.router_config = router_config
     mixed = rows[f"router on {source} features, mixed batches, auto"]["ratio"]
+    backbone_speed, router_speed = throughput([lambda x, t: model.backbone(x), lambda x, t: model.router_logits(x)],
+                                              mixed_batches(dm, n_batches, batch_size))
     return {"config": config, "batches": n_batches, "batch_size": batch_size,
             "threads": torch.get_num_threads(), "default_router": source, "default_router_mixed_ratio": mixed,
-            "results": rows}
+            "router_time_over_backbone": backbone_speed / router_speed, "results": rows}
 
 
 def main() -> None:
@@ -130,6 +134,8 @@ def main() -> None:
         fit = f"{r['router_fit_seconds']:.2f}" if r["router_fit_seconds"] is not None else ""
         lines.append(f"| {label} | {r['backbone_images_per_s']:.0f} | {r['routed_images_per_s']:.0f} | "
                      f"{r['ratio']:.3f} | {fit} |")
+    lines += ["", (f"the default router's features and head alone take {report['router_time_over_backbone']:.2f} × the "
+                   f"merged backbone's time on mixed batches")]
     md = "\n".join(lines) + "\n"
     write_json_atomic(report, args.results / "inference_overhead.json")
     write_text_atomic(md, args.results / "inference_overhead.md")

@@ -6,8 +6,10 @@ One FREE-Merging merge (the zoo config's defaults); for each feature source × h
 zoo's ``router`` split (100 images per task that no fine-tuned model trained on) and scored on the ``val``
 split (held out before fine-tuning: the data the default is chosen on) and on ``test`` (reported, never used to
 choose). Per router: routing accuracy, routed FREE accuracy (dataset heads, top-1, Alg. 1), the gap to
-oracle FREE (true task → its expert), and the merged backbone alone (no expert). The confidence fallback
-(``fallback_threshold``, no expert below it) is scanned on val for the chosen router. Writes
+oracle FREE (true task → its expert), the merged backbone alone (no expert), and routed FREE's throughput on
+mixed-task batches relative to the merged backbone's (measured in turns, as ``inference_overhead.py``). The
+choice is the best val routed FREE; the fastest router within ``SPEED_TOLERANCE`` of it is named too. The
+confidence fallback (``fallback_threshold``, no expert below it) is scanned on val for the chosen router. Writes
 ``benchmarks/results/router_compare.{json,md}`` and the chosen router's routing confusion matrix
 (``router_compare_confusion.{md,png}``, test split).
 """
@@ -21,12 +23,13 @@ from pathlib import Path
 
 import torch
 from freemerge_pl.callbacks.routing import plot_routing_confusion
+from inference_overhead import mixed_batches, throughput
 
 from freemerge_pl.data import MultiTaskDataModule, TaskConfig
 from freemerge_pl.io import write_json_atomic, write_text_atomic
 from freemerge_pl.models.zoo_vit import ZooViTAdapter
 from freemerge_pl.module import MergedModule
-from freemerge_pl.router import RouterConfig, routing_confusion_markdown
+from freemerge_pl.router import AUTO_IMAGE_SOURCE, RouterConfig, routing_confusion_markdown
 from freemerge_pl.zoo.build import normalize_images
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -39,7 +42,12 @@ ROUTERS: list[dict] = [
     *({"feature_source": "backbone", "head": h} for h in ("linear", "mlp", "ncm")),
     *({"feature_source": "pretrained_backbone", "split_block": b, "head": h} for b in (0, 2)
       for h in ("linear", "mlp", "ncm")),
+    *({"feature_source": "backbone_prefix", "split_block": b, "head": h, "prefix_pool": "class_mean_std",
+       "shared_prefix": True} for b in (1, 2) for h in ("linear", "mlp")),
 ]
+#: also reported: the fastest router on mixed batches whose val routed FREE is within this of the best router's
+#: (a smaller difference is under 4 of the 1,600 val images)
+SPEED_TOLERANCE = 0.0025
 
 
 def split_tensors(dm: MultiTaskDataModule, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -54,19 +62,18 @@ def split_tensors(dm: MultiTaskDataModule, split: str) -> tuple[torch.Tensor, to
 
 
 @torch.no_grad()
-def scores(module: MergedModule, data, ids=None, weights=None, batch: int = 512) -> dict[str, float]:
-    """Accuracy with the dataset's head (mean over tasks) for given routing ``ids``/``weights`` (None: the
-    router's own; ``"oracle"``: the true task; ``"none"``: the backbone alone), and routing accuracy."""
+def scores(module: MergedModule, data, ids=None, batch: int = 512) -> dict[str, float]:
+    """Accuracy with the dataset's head (mean over tasks) for routing ``ids`` (None: the router's own;
+    ``"oracle"``: the true task; ``"none"``: the backbone alone), and routing accuracy."""
     x, y, t = data
     correct = torch.zeros(len(y), dtype=torch.bool)
     routed = torch.empty(len(y), dtype=torch.long)
     for s in range(0, len(y), batch):
         xb, tb = x[s:s + batch], t[s:s + batch]
-        if ids == "oracle":
-            i, w = tb[:, None], torch.ones(len(tb), 1)
-        else:
-            i, w = module.route(xb) if ids is None else (tb[:, None], torch.zeros(len(tb), 1))
-        feats = module.backbone(xb) if ids == "none" else module.features(xb, i, w)
+        if ids == "none":
+            i, feats = torch.zeros(len(tb), 1, dtype=torch.long), module.backbone(xb)
+        else:  # the module's own path (with router.shared_prefix: the experts after the shared prefix)
+            feats, i, _ = module.routed_features(xb, tb if ids == "oracle" else None)
         routed[s:s + batch] = i[:, 0]
         for task in tb.unique().tolist():
             sel = tb == task
@@ -90,13 +97,27 @@ def use_router(module: MergedModule, config: RouterConfig, router_data, example)
 def label(r: dict) -> str:
     split = f"[{r['split_block']}]" if "split_block" in r else ""
     pool = f" ({r['prefix_pool']})" if r.get("prefix_pool", "class_token") != "class_token" else ""
-    return f"{r['feature_source']}{split}{pool} + {r['head']}"
+    shared = ", shared prefix" if r.get("shared_prefix") else ""
+    return f"{r['feature_source']}{split}{pool} + {r['head']}{shared}"
+
+
+def mixed_throughput(module: MergedModule, batches) -> float:
+    """Routed FREE's images/s on mixed-task batches over the merged backbone's, measured in turns
+    (``inference_overhead.throughput``) with the model's default expert path (``auto``)."""
+    path, module.expert_path = module.expert_path, "auto"
+    try:
+        backbone, routed = throughput([lambda x, t: module.backbone(x), lambda x, t: module(x)], batches, repeats=3)
+    finally:
+        module.expert_path = path
+    return routed / backbone
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="default")
     parser.add_argument("--threshold-grid", default="0,0.3,0.5,0.7,0.9")
+    parser.add_argument("--speed-batches", type=int, default=6,
+                        help="mixed batches of 128 test images for each router's throughput ratio")
     args = parser.parse_args()
     torch.manual_seed(0)
     adapter = ZooViTAdapter(size=args.size)
@@ -112,13 +133,15 @@ def main() -> None:
     if hasattr(module, "expert_path"):  # the weight swap honours weight-0 (fallback) rows on every batch
         module.expert_path = "weight_swap"
     data = {s: split_tensors(dm, s) for s in ("val", "test")}
+    batches = mixed_batches(dm, args.speed_batches, 128)
     base = {s: {"oracle_free": scores(module, d, "oracle")["accuracy"],
                 "backbone_alone": scores(module, d, "none")["accuracy"]} for s, d in data.items()}
     rows = []
     for r in ROUTERS:
         config = RouterConfig(**r)
         seconds = use_router(module, config, router_data, example)
-        row = {"router": label(r), "config": r, "fit_seconds": seconds}
+        row = {"router": label(r), "config": r, "fit_seconds": seconds,
+               "mixed_throughput_ratio": mixed_throughput(module, batches)}
         for s, d in data.items():
             out = scores(module, d)
             row[s] = {"routing_accuracy": out["routing_accuracy"], "routed_free": out["accuracy"],
@@ -126,9 +149,12 @@ def main() -> None:
         rows.append(row)
         print(f"{row['router']:36s} val routing {row['val']['routing_accuracy']:.3f} free "
               f"{row['val']['routed_free']:.4f} | test routing {row['test']['routing_accuracy']:.3f} free "
-              f"{row['test']['routed_free']:.4f}", flush=True)
-    # the default: best routed FREE on val (ties: higher routing accuracy, then the cheaper: listed first)
+              f"{row['test']['routed_free']:.4f} | mixed throughput {row['mixed_throughput_ratio']:.2f}", flush=True)
+    # the choice: best routed FREE on val (ties: higher routing accuracy, then the cheaper: listed first); and the
+    # fastest on mixed batches among routers within SPEED_TOLERANCE of it (the speed/accuracy trade)
     best = max(rows, key=lambda r: (round(r["val"]["routed_free"], 4), r["val"]["routing_accuracy"]))
+    fastest = max((r for r in rows if r["val"]["routed_free"] >= best["val"]["routed_free"] - SPEED_TOLERANCE - 1e-9),
+                  key=lambda r: r["mixed_throughput_ratio"])
     thresholds = [float(v) for v in args.threshold_grid.split(",")]
     scan = []
     for th in thresholds:
@@ -148,27 +174,40 @@ def main() -> None:
               "baselines": base, "routers": rows,
               "chosen": {"router": best["router"], "config": asdict(RouterConfig(**{**best["config"],
                                                                                      "fallback_threshold": chosen_th}))},
+              "fastest_within_tolerance": {"router": fastest["router"], "tolerance": SPEED_TOLERANCE},
               "fallback_scan": scan,
               "chosen_test": {"routing_accuracy": test_out["routing_accuracy"], "routed_free": test_out["accuracy"],
                               "gap_to_oracle": base["test"]["oracle_free"] - test_out["accuracy"]},
               "routing_confusion_test": confusion.tolist()}
+    d = RouterConfig()
+    default_label = label({"feature_source": AUTO_IMAGE_SOURCE, "split_block": d.split_block, "head": d.head,
+                           "prefix_pool": d.prefix_pool})
     lines = [f"# Routers on the {args.size} zoo (FREE-Merging, top-1)", "",
-             (f"router fitted on the zoo's router split; default chosen on val; oracle FREE val "
-              f"{base['val']['oracle_free']:.4f} / test {base['test']['oracle_free']:.4f}; merged backbone alone "
+             (f"router fitted on the zoo's router split; the best chosen on val (the config default is "
+              f"{default_label}); oracle FREE val {base['val']['oracle_free']:.4f} / test {base['test']['oracle_free']:.4f}; merged backbone alone "
               f"val {base['val']['backbone_alone']:.4f} / test {base['test']['backbone_alone']:.4f}"), "",
-             "| router | val routing | val routed FREE | val gap | test routing | test routed FREE | test gap | fit s |",
-             "|---|---|---|---|---|---|---|---|"]
+             (f"mixed throughput: routed FREE / merged backbone images/s on {args.speed_batches} mixed-task batches "
+              f"of 128 test images, measured in turns, auto expert path, {torch.get_num_threads()} CPU threads "
+              f"(goal ≥ 0.90)"), "",
+             ("| router | val routing | val routed FREE | val gap | test routing | test routed FREE | test gap | "
+              "mixed throughput | fit s |"),
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['router']} | {r['val']['routing_accuracy']:.3f} | {r['val']['routed_free']:.4f} | "
                      f"{r['val']['gap_to_oracle']:+.4f} | {r['test']['routing_accuracy']:.3f} | "
-                     f"{r['test']['routed_free']:.4f} | {r['test']['gap_to_oracle']:+.4f} | {r['fit_seconds']:.1f} |")
+                     f"{r['test']['routed_free']:.4f} | {r['test']['gap_to_oracle']:+.4f} | "
+                     f"{r['mixed_throughput_ratio']:.2f} | {r['fit_seconds']:.1f} |")
     lines += ["", f"fallback scan for {best['router']} (no expert below the threshold):", "",
               "| threshold | val routed FREE | test routed FREE |", "|---|---|---|"]
     lines += [f"| {s['fallback_threshold']} | {s['val']['accuracy']:.4f} | {s['test']['accuracy']:.4f} |" for s in scan]
     c = report["chosen_test"]
     lines += ["", (f"chosen: {best['router']}, fallback_threshold {chosen_th} → test routing accuracy "
                    f"{c['routing_accuracy']:.4f}, routed FREE {c['routed_free']:.4f}, gap to oracle "
-                   f"{c['gap_to_oracle']:+.4f} (goals: routing ≥ 0.90, gap ≤ 0.01)"), "",
+                   f"{c['gap_to_oracle']:+.4f} (goals: routing ≥ 0.90, gap ≤ 0.01), mixed throughput "
+                   f"{best['mixed_throughput_ratio']:.2f}"), "",
+              (f"fastest within {SPEED_TOLERANCE * 100:.2f} points of its val routed FREE: {fastest['router']} → "
+               f"mixed throughput {fastest['mixed_throughput_ratio']:.2f}, test routing accuracy "
+               f"{fastest['test']['routing_accuracy']:.4f}, routed FREE {fastest['test']['routed_free']:.4f}"), "",
               "routing confusion (test):", "", routing_confusion_markdown(confusion.tolist(), dm.task_names)]
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json_atomic(report, RESULTS / "router_compare.json")

@@ -217,9 +217,16 @@ def run_tuned(size: str, label: str, method: str, individual, zoo: str = "vision
     tuned.reset_router()
     ev = evaluate(tuned, dm2)
     samples = sum(report["tune_samples"].values())
-    return row(f"{label} (tuned on router split: {best})", ev["tasks"], individual,
+    source = " / ".join(sorted({v["source"] for v in report["tune_val"].values()}))
+    return row(f"{label} (tuned on the {source}: {best})", ev["tasks"], individual,
                **{k: v for k, v in ev.items() if k != "tasks"}, tuning_seconds=tune_seconds,
-               tuning_samples=samples, tuned_params=best)
+               tuning_samples=samples, tuned_params=best, tune_val_source=source, base_label=label)
+
+
+def _row_key(r: dict[str, Any]) -> str:
+    """What identifies a row across merged tables: its label (a tuned row: its method's label, whatever was
+    chosen and wherever tune-val came from)."""
+    return r.get("base_label") or r["label"].split(" (tuned on")[0]
 
 
 def main() -> None:
@@ -288,7 +295,7 @@ def main() -> None:
                              f"zoo is {str(manifest.get('recipe_hash'))[:12]}: its rows cannot be merged")
         for mine, theirs in ((rows, earlier["rows"]), (tuned_rows, earlier["tuned"]),
                              (sweep_rows, earlier["sweeps"])):
-            mine += [r for r in theirs if r["label"] not in {x["label"] for x in mine}]
+            mine += [r for r in theirs if _row_key(r) not in {_row_key(x) for x in mine}]
         total_seconds += earlier.get("seconds", 0.0)
         runs += earlier.get("runs", 1)
         # tables written before totals were kept hold only their last run's seconds
@@ -323,11 +330,14 @@ def main() -> None:
            "entry)."), "",
           markdown(rows, tasks, "Paper-default hyperparameters", samples=unit)]
     if tuned_rows:
-        md.append(markdown(tuned_rows, tasks, "Tuned on a held-out half of the router split (never the test split)",
+        sources = sorted({r.get("tune_val_source", "router split") for r in tuned_rows})
+        md.append(markdown(tuned_rows, tasks, f"Tuned on the {' / '.join(sources)} (never the test split)",
                            tuning=True, samples=unit))
-        md.append("Tuned rows: the router trains on the other half of the router split; each candidate is scored "
-                  "by mean accuracy on tune-val (`cli.DEFAULT_SPACES`); the chosen values are then evaluated once "
-                  "on the test split. *tuning s* is the whole search.\n")
+        md.append("Tuned rows: tune-val is data no fine-tuned model trained on — each task's validation split "
+                  "(held out before fine-tuning; the router trains on the whole router split) or, where a task has "
+                  "none, a held-out half of the router split (the router trains on the other half); each candidate "
+                  "is scored by mean accuracy on tune-val (`cli.DEFAULT_SPACES`); the chosen values are then "
+                  "evaluated once on the test split. *tuning s* is the whole search.\n")
     if sweep_rows:
         md.append(markdown(sweep_rows, tasks, "Sweeps: filter ratio (Table 14 analogue) and expert density",
                            samples=unit))
