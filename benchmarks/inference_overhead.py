@@ -7,12 +7,14 @@ Measured in one run on the same batches, the functions taking turns: images/s of
 31.0 s vs 32.2 s, 0.96). The config's (default) router, on mixed-task batches (a task-agnostic deployment) with
 both expert paths (``expert_path``: ``activation``, one backbone pass with each sample's sparse expert added as
 a layer correction; ``weight_swap``, one pass per routed group with the experts applied in place and restored)
-and ``auto`` (what the model does by default), and on per-task batches (the paper's evaluation); oracle routing
+and ``auto`` (what the model does by default: the faster of the two, timed on its first mixed batches), and on
+per-task batches (the paper's evaluation); oracle routing
 on per-task batches (one expert apply/restore per batch: the experts' own cost) and on mixed batches (the
 experts' cost without the router's); the router's features alone; and the router's training time.
 Where the adapter can split its backbone, the same router and experts are also timed with ``router.shared_prefix``
 (the router's prefix run once, the experts applied after it; a different model, see the zoo table's rows).
-Writes ``benchmarks/results/inference_overhead.{json,md}``; the last line printed is
+Writes ``benchmarks/results/inference_overhead.{json,md}`` (``--name``: another name, e.g.
+``inference_overhead_text`` for ``--config configs/text/free_merging.yaml``); the last line printed is
 ``default router, mixed batches: routed/merged throughput X.XX`` (``auto``).
 """
 
@@ -122,6 +124,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--results", type=Path, default=RESULTS, help="directory for the .json/.md results")
+    parser.add_argument("--name", default="inference_overhead", help="results file name (without suffix)")
     args = parser.parse_args()
     report = run(args.config, args.batches, args.batch_size)
     header = (f"config `{report['config']}`, {report['batches']} batches of {report['batch_size']} test images "
@@ -137,8 +140,8 @@ def main() -> None:
     lines += ["", (f"the default router's features and head alone take {report['router_time_over_backbone']:.2f} × the "
                    f"merged backbone's time on mixed batches")]
     md = "\n".join(lines) + "\n"
-    write_json_atomic(report, args.results / "inference_overhead.json")
-    write_text_atomic(md, args.results / "inference_overhead.md")
+    write_json_atomic(report, args.results / f"{args.name}.json")
+    write_text_atomic(md, args.results / f"{args.name}.md")
     print(md)
     print(f"default router, mixed batches: routed/merged throughput {report['default_router_mixed_ratio']:.2f}")
 

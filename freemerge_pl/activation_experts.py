@@ -17,11 +17,14 @@ weight-swap path). Covered (``correction_kind``):
   ``multi_head_attention_forward`` reads ``in_proj_weight`` directly);
 * ``nn.LayerNorm`` weight/bias: ``y + w·(Δγ_k ⊙ x̂ + Δβ_k)`` with x̂ the normalised input;
 * ``nn.Conv2d`` weight/bias (``zeros`` padding): the layer's own convolution of the selected rows with ΔW_k;
+* ``nn.Embedding`` weight (no ``max_norm``): the rows of ΔW_k the selected ids look up (a sparse row gather);
+  ids with batch size 1 broadcast over the batch (e.g. BERT's position ids) give an output expanded to the
+  batch, each row with its own correction;
 * open_clip ``VisionTransformer`` ``class_embedding``/``positional_embedding`` (added per sample to the
   token sequence before ``patch_dropout``) and ``proj`` (``pooled·Δproj_k`` added to the output; no
   attention pooling, no token output).
 
-Any other key (an ``nn.Embedding``, a parameter a parent's forward reads directly, a task module that is not
+Any other key (a parameter a parent's forward reads directly, a task module that is not
 a SparseExpert, attention that is not batch-first self-attention) makes ``ActivationExperts.supported``
 False; ``MergedModule`` then uses the weight swap for the whole batch (``expert_path="auto"``, the default,
 also keeps the weight swap when a batch forms one group: one apply/restore is cheaper than the corrections).
@@ -58,7 +61,7 @@ def _vit_class():
 
 def correction_kind(backbone: nn.Module, key: str) -> tuple[str, str, str] | None:
     """``(kind, module name, parameter name)`` of how the activation path corrects parameter ``key`` of
-    ``backbone``, or None when it cannot (kinds: linear, mha, layernorm, conv, vit_embed, vit_proj)."""
+    ``backbone``, or None when it cannot (kinds: linear, mha, layernorm, conv, embedding, vit_embed, vit_proj)."""
     prefix, _, name = key.rpartition(".")
     try:
         module = backbone.get_submodule(prefix) if prefix else backbone
@@ -76,6 +79,8 @@ def correction_kind(backbone: nn.Module, key: str) -> tuple[str, str, str] | Non
         return "layernorm", prefix, name
     if isinstance(module, nn.Conv2d) and name in ("weight", "bias") and module.padding_mode == "zeros":
         return "conv", prefix, name
+    if isinstance(module, nn.Embedding) and name == "weight" and module.max_norm is None:
+        return "embedding", prefix, name
     vit = _vit_class()
     if vit is not None and isinstance(module, vit):
         if name in ("class_embedding", "positional_embedding"):
@@ -230,7 +235,9 @@ class ActivationExperts:
             indices, values = expert.entries(key)
             target = self.backbone.get_parameter(key)
             shape = list(target.shape)
-            if kind in ("linear", "mha") and param.endswith("weight"):
+            if kind == "embedding":
+                delta.weight = _csr(indices, values, shape, device)
+            elif kind in ("linear", "mha") and param.endswith("weight"):
                 csr = _csr(indices, values, shape, device)
                 delta.extra[param] = csr
                 if param in ("weight",):
@@ -292,6 +299,8 @@ class ActivationExperts:
                     handles.append(module.register_forward_hook(_layernorm_hook(parts, x.shape[0])))
                 elif kind == "conv":
                     handles.append(module.register_forward_hook(_conv_hook(parts, x.shape[0])))
+                elif kind == "embedding":
+                    handles.append(module.register_forward_hook(_embedding_hook(parts, x.shape[0])))
                 elif kind == "mha":
                     module.forward = _mha_forward(module, parts)
                     handles.append(_Restore(module))
@@ -308,6 +317,43 @@ class ActivationExperts:
         finally:
             for h in reversed(handles):
                 h.remove()
+
+
+class PathChooser:
+    """``expert_path="auto"`` on batches that route to several groups: the first such batches alternate between
+    the activation path and the weight swap (each path's first ``warmup`` runs untimed: the activation path builds
+    its correction tensors on first use), then the path with the lower time per sample over ``trials`` timed
+    batches each is kept. Both paths give the same features within float32 rounding, so the choice changes only
+    the speed (which depends on the model, the device and the batch: on the CPU the weight swap wins for a
+    4-task BERT and ties for an 8-task ViT)."""
+
+    PATHS = ("activation", "weight_swap")
+
+    def __init__(self, warmup: int = 1, trials: int = 2) -> None:
+        self.warmup, self.trials = warmup, trials
+        self.runs = {p: 0 for p in self.PATHS}
+        self.seconds_per_sample: dict[str, list[float]] = {p: [] for p in self.PATHS}
+        self.choice: str | None = None
+
+    def next(self) -> str:
+        """The path for the next batch: the chosen one, or while choosing the one run fewer times."""
+        return self.choice or min(self.PATHS, key=lambda p: self.runs[p])
+
+    def record(self, path: str, seconds: float, samples: int) -> str | None:
+        """Count one run of ``path``; returns the choice when this run completes it (None otherwise)."""
+        if self.choice is not None:
+            return None
+        self.runs[path] += 1
+        if self.runs[path] > self.warmup:
+            self.seconds_per_sample[path].append(seconds / max(samples, 1))
+        if all(len(v) >= self.trials for v in self.seconds_per_sample.values()):
+            self.choice = min(self.PATHS, key=lambda p: sum(self.seconds_per_sample[p]))
+            return self.choice
+        return None
+
+    @property
+    def timing(self) -> bool:
+        return self.choice is None
 
 
 class _Restore:
@@ -386,6 +432,38 @@ def _conv_hook(parts, batch: int):
             xs = _take(x, group).float()
             weight = delta.weight if delta.weight is not None else xs.new_zeros(module.weight.shape)
             _add_(output, group, module._conv_forward(xs, weight, delta.bias))
+        return output
+
+    return hook
+
+
+def _csr_rows(matrix: Tensor, ids: Tensor) -> Tensor:
+    """Rows ``ids`` (any shape) of a sparse CSR matrix ``[V, D]``, dense: ``[*ids.shape, D]``."""
+    crow, col, val = matrix.crow_indices().long(), matrix.col_indices().long(), matrix.values()
+    flat = ids.reshape(-1).long()
+    starts, counts = crow[flat], crow[flat + 1] - crow[flat]
+    out = val.new_zeros(flat.numel(), matrix.shape[1])
+    total = int(counts.sum())
+    if total:
+        token = torch.repeat_interleave(torch.arange(flat.numel(), device=flat.device), counts)
+        first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        entry = torch.arange(total, device=flat.device) - first + torch.repeat_interleave(starts, counts)
+        out[token, col[entry]] = val[entry]
+    return out.reshape(*ids.shape, matrix.shape[1])
+
+
+def _embedding_hook(parts, batch: int):
+    def hook(module: nn.Embedding, inputs, output: Tensor) -> Tensor:
+        ids = inputs[0]
+        if ids.dim() > 0 and ids.shape[0] == 1 and batch > 1:  # shared ids (position ids): expand to the batch
+            output = output.expand(batch, *output.shape[1:]).clone()
+            for group, delta in parts:
+                c = _csr_rows(delta.weight, ids[0])
+                _add_(output, group, c.expand(group.rows.numel(), *c.shape))
+            return output
+        _check_batch(output, batch, "an Embedding")
+        for group, delta in parts:
+            _add_(output, group, _csr_rows(delta.weight, _take(ids, group)))
         return output
 
     return hook
@@ -470,4 +548,4 @@ def _vit_hooks(vit: nn.Module, parts, batch: int) -> list:
     return handles
 
 
-__all__ = ["EXPERT_PATHS", "ActivationExperts", "ExpertPath", "UnsupportedCall", "correction_kind"]
+__all__ = ["EXPERT_PATHS", "ActivationExperts", "ExpertPath", "PathChooser", "UnsupportedCall", "correction_kind"]

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from freemerge_pl.activation_experts import EXPERT_PATHS, ActivationExperts, UnsupportedCall
+from freemerge_pl.activation_experts import EXPERT_PATHS, ActivationExperts, PathChooser, UnsupportedCall
 from freemerge_pl.errors import ConfigError, HyperparameterError
 from freemerge_pl.merging import MergeMethod, build_method, merge
 from freemerge_pl.merging.engine import check_prefilter
@@ -34,6 +34,12 @@ from freemerge_pl.router import (
 
 ROUTINGS = ("router", "oracle")
 HEAD_SELECTIONS = ("dataset", "routed")
+
+
+def _synchronize(x: Tensor) -> None:
+    """Wait for ``x``'s device (timing a CUDA computation)."""
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
 
 
 def _slot(name: str) -> str:
@@ -127,8 +133,10 @@ class MergedModule(LightningModule):
             ``activation`` one backbone pass with each sample's sparse expert added as a correction of the
             layers it touches; ``weight_swap`` one backbone pass per group of samples with the group's
             experts applied in place and restored; ``auto`` (default) the weight swap for a batch that forms
-            one group, the activation path otherwise. A model whose experts touch a layer the activation
-            path does not cover uses the weight swap for every batch (said once in the log).
+            one group, and for batches of several groups the faster of the two, timed on the first few such
+            batches (``activation_experts.PathChooser``; the choice is said once in the log). A model whose
+            experts touch a layer the activation path does not cover uses the weight swap for every batch
+            (said once in the log).
     """
 
     def __init__(
@@ -173,6 +181,7 @@ class MergedModule(LightningModule):
             raise ConfigError(f"model.expert_path={expert_path!r}; accepted: {list(EXPERT_PATHS)}")
         self.expert_path = expert_path
         self._activation: tuple[tuple, ActivationExperts] | None = None
+        self._path_choosers: dict[int | None, PathChooser] = {}
         default_protocol = (routing, head_selection) == ("router", "dataset")
         self.metric_suffix = metric_suffix if metric_suffix is not None else (
             "" if default_protocol else f"[{routing},{head_selection}]")
@@ -366,11 +375,31 @@ class MergedModule(LightningModule):
         if self.expert_path == "activation" or (self.expert_path == "auto" and len(groups) > 1):
             activation = self._activation_experts()
             if activation is not None:
+                chooser = None
+                if self.expert_path == "auto":  # one choice per model part the experts run on (shared prefix)
+                    part = self.router_config.split_block if self.shares_prefix else None
+                    chooser = self._path_choosers.setdefault(part, PathChooser())
+                path = chooser.next() if chooser is not None else "activation"
+                timing = chooser is not None and chooser.timing
+                if timing:
+                    _synchronize(x)
+                    start = time.perf_counter()
                 try:
-                    return activation(x, ids, weights)
+                    out = activation(x, ids, weights) if path == "activation" else \
+                        self._features_weight_swap(x, groups)
                 except UnsupportedCall as err:  # a layer called otherwise than covered: weight swap from now on
                     rank_zero_info(f"activation-space experts: {err}; using the weight swap")
                     self._activation = (self._activation[0], None)
+                    return self._features_weight_swap(x, groups)
+                if timing:
+                    _synchronize(x)
+                    chosen = chooser.record(path, time.perf_counter() - start, x.shape[0])
+                    if chosen is not None:
+                        ms = {p: 1e3 * sum(v) / len(v) for p, v in chooser.seconds_per_sample.items()}
+                        rank_zero_info(f"expert_path auto: mixed-task batches use the {chosen.replace('_', ' ')} "
+                                       f"(ms per sample: activation {ms['activation']:.3f}, weight swap "
+                                       f"{ms['weight_swap']:.3f})")
+                return out
         return self._features_weight_swap(x, groups)
 
     def _activation_experts(self) -> ActivationExperts | None:
@@ -385,6 +414,7 @@ class MergedModule(LightningModule):
                                f"{'...' if len(activation.unsupported) > 3 else ''}; mixed batches use the "
                                f"weight swap")
             self._activation = (ident, activation if activation.supported else None)
+            self._path_choosers = {}
         return self._activation[1]
 
     def _features_weight_swap(self, x: Tensor, groups: list) -> Tensor:

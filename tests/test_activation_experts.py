@@ -1,5 +1,5 @@
-"""Activation-space experts (``freemerge_pl.activation_experts``) equal the weight swap they replace: toy MLP and
-open_clip ViT, mixed-task batches, top-1 and weighted top-2, the paper's experts and the released code's."""
+"""Activation-space experts (``freemerge_pl.activation_experts``) equal the weight swap they replace: toy MLP,
+open_clip ViT and BERT, mixed-task batches, top-1 and weighted top-2, the paper's experts and the released code's."""
 
 from pathlib import Path
 
@@ -116,9 +116,69 @@ def test_open_clip_vit_mixed_batches_match_the_weight_swap(method, args, k):
     assert "forward" not in backbone.transformer.resblocks[0].attn.__dict__  # the attention override is gone
 
 
+def tiny_bert_merge(method: str, **args):
+    """A 1-layer BERT encoder (word, position and token-type embeddings, attention, pooler) under the text
+    adapters' ``TextEncoderBackbone``, merged from 3 perturbed copies."""
+    from transformers import BertConfig, BertModel
+
+    from freemerge_pl.models.hf_text import TextEncoderBackbone
+
+    config = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=12, type_vocab_size=2)
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return TextEncoderBackbone(BertModel(config), "bert", "pooler").eval()
+
+    sd = {k: v.clone() for k, v in build().state_dict().items()}
+    g = torch.Generator().manual_seed(2)
+    fts = [{k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in sd.items()}
+           for _ in range(3)]
+    out = merge(sd, fts, method, **args)
+    backbone = build()
+    backbone.load_state_dict(out.state_dict)
+    return backbone, out.task_modules
+
+
+@pytest.mark.parametrize("method,args", [("free_merging", {"expert_density": 0.05}),
+                                         ("free_merging_released", {"expert_density": 0.1,
+                                                                    "key_pattern": r"_embeddings\.|dense\."})])
+@pytest.mark.parametrize("k", [1, 2])
+def test_bert_mixed_batches_match_the_weight_swap(method, args, k):
+    """Token ids through nn.Embedding (batched word/token-type ids, and position ids shared by the batch)."""
+    backbone, experts = tiny_bert_merge(method, **args)
+    activation = ActivationExperts(backbone, experts)
+    assert activation.supported, activation.unsupported
+    touched = {key for e in experts for key in e.keys if activation.kinds[key][0] == "embedding"}
+    assert {"bert.embeddings.word_embeddings.weight", "bert.embeddings.position_embeddings.weight"} <= touched
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(40, (9, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[:3, 7:] = 0  # padding on some rows
+    types = (torch.arange(10) >= 5).long().expand(9, 10)
+    x = torch.stack([ids, mask, types], 1)
+    route, weights = routing(9, 3, k, seed=k + 2)
+    want = per_sample_reference(backbone, experts, x, route, weights)
+    calls = passes(backbone)
+    got = activation(x, route, weights)
+    assert calls[0] == 1
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert (got - backbone(x)).abs().max() > 1e-3
+
+
+def test_embedding_rows_of_a_sparse_matrix_are_its_dense_rows():
+    from freemerge_pl.activation_experts import _csr_rows
+
+    dense = torch.zeros(6, 4)
+    dense[1, 2], dense[3, 0], dense[3, 3], dense[5, 1] = 1.5, -2.0, 0.25, 4.0
+    ids = torch.tensor([[3, 0, 5], [1, 3, 3]])
+    torch.testing.assert_close(_csr_rows(dense.to_sparse_csr(), ids), dense[ids])
+
+
 def test_keys_the_activation_path_does_not_cover_fall_back_to_the_weight_swap(toy_root):
-    net = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3))
+    net = nn.Sequential(nn.Embedding(10, 4, max_norm=1.0), nn.Linear(4, 3), nn.Embedding(10, 4))
     assert correction_kind(net, "0.weight") is None and correction_kind(net, "1.weight")[0] == "linear"
+    assert correction_kind(net, "2.weight")[0] == "embedding"
     model = MergedModule(ToyAdapter(str(toy_root)), method="free_merging", expert_path="activation")
     model.build(torch.zeros(1, 16))
     covered = model.task_modules[0]
@@ -139,3 +199,45 @@ def test_keys_the_activation_path_does_not_cover_fall_back_to_the_weight_swap(to
 def test_unknown_expert_path_is_a_named_error(toy_root):
     with pytest.raises(ConfigError, match=r"model\.expert_path='fast'.*auto"):
         MergedModule(ToyAdapter(str(toy_root)), expert_path="fast")
+
+
+def test_path_chooser_times_both_paths_after_a_warmup_and_keeps_the_faster():
+    from freemerge_pl.activation_experts import PathChooser
+
+    chooser = PathChooser(warmup=1, trials=2)
+    # each path's first run untimed (the activation path's is slow: it builds its corrections), then activation
+    # 3 ms / sample and weight swap 2 ms / sample, in turns
+    plan = [("activation", 9.0), ("weight_swap", 0.2), ("activation", 0.3), ("weight_swap", 0.2),
+            ("activation", 0.3), ("weight_swap", 0.2)]
+    for i, (expected, seconds) in enumerate(plan):
+        assert chooser.next() == expected and chooser.timing
+        result = chooser.record(expected, seconds, samples=100)
+        assert result is None if i < len(plan) - 1 else result == "weight_swap"
+    assert chooser.seconds_per_sample == {"activation": [0.003, 0.003], "weight_swap": [0.002, 0.002]}
+    assert chooser.next() == "weight_swap" and not chooser.timing
+    assert chooser.record("activation", 0.0, 1) is None and chooser.choice == "weight_swap"
+
+
+@pytest.mark.parametrize("slow", ["activation", "weight_swap"])
+def test_auto_settles_on_the_faster_path_with_the_same_features(toy_root, slow, monkeypatch):
+    import time
+
+    from freemerge_pl.activation_experts import ActivationExperts as AE
+    from freemerge_pl.module import MergedModule as MM
+
+    model = MergedModule(ToyAdapter(str(toy_root)), method="free_merging", method_args={"expert_density": 0.1})
+    model.build(torch.zeros(1, 16))
+    if slow == "activation":
+        original = AE.__call__
+        monkeypatch.setattr(AE, "__call__", lambda self, *a, **k: (time.sleep(0.02), original(self, *a, **k))[1])
+    else:
+        original = MM._features_weight_swap
+        monkeypatch.setattr(MM, "_features_weight_swap",
+                            lambda self, *a, **k: (time.sleep(0.02), original(self, *a, **k))[1])
+    x = torch.randn(9, 16)
+    ids = torch.tensor([[0], [1], [2]] * 3)
+    want = per_sample_reference(model.backbone, model.task_modules, x, ids, None)
+    for _ in range(6):
+        torch.testing.assert_close(model.features(x, ids), want, rtol=1e-5, atol=1e-5)
+    fast = "weight_swap" if slow == "activation" else "activation"
+    assert model._path_choosers[None].choice == fast
