@@ -27,7 +27,8 @@ weight-swap path). Covered (``correction_kind``):
 Any other key (a parameter a parent's forward reads directly, a task module that is not
 a SparseExpert, attention that is not batch-first self-attention) makes ``ActivationExperts.supported``
 False; ``MergedModule`` then uses the weight swap for the whole batch (``expert_path="auto"``, the default,
-also keeps the weight swap when a batch forms one group: one apply/restore is cheaper than the corrections).
+also keeps the weight swap when a batch forms one group: one apply/restore is cheaper than the corrections;
+for mixed batches it times both paths on the first few and keeps the faster: ``PathChooser``).
 The results equal the weight-swap path within float32 rounding (tests/test_activation_experts.py).
 """
 
