@@ -229,11 +229,11 @@ def test_auto_settles_on_the_faster_path_with_the_same_features(toy_root, slow, 
     model.build(torch.zeros(1, 16))
     if slow == "activation":
         original = AE.__call__
-        monkeypatch.setattr(AE, "__call__", lambda self, *a, **k: (time.sleep(0.02), original(self, *a, **k))[1])
+        monkeypatch.setattr(AE, "__call__", lambda self, *a, **k: (time.sleep(0.05), original(self, *a, **k))[1])
     else:
         original = MM._features_weight_swap
         monkeypatch.setattr(MM, "_features_weight_swap",
-                            lambda self, *a, **k: (time.sleep(0.02), original(self, *a, **k))[1])
+                            lambda self, *a, **k: (time.sleep(0.05), original(self, *a, **k))[1])
     x = torch.randn(9, 16)
     ids = torch.tensor([[0], [1], [2]] * 3)
     want = per_sample_reference(model.backbone, model.task_modules, x, ids, None)
