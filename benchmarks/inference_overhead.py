@@ -8,9 +8,9 @@ Measured in one run on the same batches, the functions taking turns: images/s of
 both expert paths (``expert_path``: ``activation``, one backbone pass with each sample's sparse expert added as
 a layer correction; ``weight_swap``, one pass per routed group with the experts applied in place and restored)
 and ``auto`` (what the model does by default: the faster of the two, timed on its first mixed batches), and on
-per-task batches (the paper's evaluation); oracle routing
-on per-task batches (one expert apply/restore per batch: the experts' own cost) and on mixed batches (the
-experts' cost without the router's); the router's features alone; and the router's training time.
+per-task batches (the paper's evaluation); oracle routing on per-task batches (one expert apply/restore per
+batch: the experts' own cost) and on mixed batches (the experts' cost without the router's); the router's
+features alone; and the router's training time.
 Where the adapter can split its backbone, the same router and experts are also timed with ``router.shared_prefix``
 (the router's prefix run once, the experts applied after it; a different model, see the zoo table's rows).
 Writes ``benchmarks/results/inference_overhead.{json,md}`` (``--name``: another name, e.g.

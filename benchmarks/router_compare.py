@@ -9,8 +9,7 @@ choose). Per router: routing accuracy, routed FREE accuracy (dataset heads, top-
 oracle FREE (true task → its expert), the merged backbone alone (no expert), and routed FREE's throughput on
 mixed-task batches relative to the merged backbone's (measured in turns, as ``inference_overhead.py``). The
 choice is the best val routed FREE. The confidence fallback (``fallback_threshold``, no expert below it) is
-scanned on val for the chosen router. Writes
-``benchmarks/results/router_compare.{json,md}``, the chosen router's routing confusion matrix
+scanned on val for the chosen router. Writes ``benchmarks/results/router_compare.{json,md}``, the chosen router's routing confusion matrix
 (``router_compare_confusion.{md,png}``, test split) and every router's (``router_compare_confusions.md``,
 ``router_confusions/<router>.png``).
 """
@@ -190,8 +189,9 @@ def main() -> None:
                            "prefix_pool": d.prefix_pool})
     lines = [f"# Routers on the {args.size} zoo (FREE-Merging, top-1)", "",
              (f"router fitted on the zoo's router split; the best chosen on val (the config default is "
-              f"{default_label}); oracle FREE val {base['val']['oracle_free']:.4f} / test {base['test']['oracle_free']:.4f}; merged backbone alone "
-              f"val {base['val']['backbone_alone']:.4f} / test {base['test']['backbone_alone']:.4f}"), "",
+              f"{default_label}); oracle FREE val {base['val']['oracle_free']:.4f} / test "
+              f"{base['test']['oracle_free']:.4f}; merged backbone alone val {base['val']['backbone_alone']:.4f} / "
+              f"test {base['test']['backbone_alone']:.4f}"), "",
              (f"mixed throughput: routed FREE / merged backbone images/s on {args.speed_batches} mixed-task batches "
               f"of 128 test images, measured in turns, auto expert path, {torch.get_num_threads()} CPU threads "
               f"(goal ≥ 0.90; the same router moved by up to 0.1 between runs on these VMs)"), "",
@@ -222,10 +222,13 @@ def main() -> None:
     for r in rows:
         every += [f"## {r['router']}", "", routing_confusion_markdown(r["routing_confusion_test"], dm.task_names)]
     write_text_atomic("\n".join(every), RESULTS / "router_compare_confusions.md")
-    (RESULTS / "router_confusions").mkdir(exist_ok=True)
+    folder = RESULTS / "router_confusions"
+    folder.mkdir(exist_ok=True)
+    pngs = [(r["routing_confusion_test"], r["router"], folder / f"{slug(r['router'])}.png") for r in rows]
+    for stale in set(folder.glob("*.png")) - {path for _, _, path in pngs}:  # routers no longer compared
+        stale.unlink()
     for matrix, title, path in [(chosen_confusion.tolist(), best["router"], RESULTS / "router_compare_confusion.png"),
-                                *((r["routing_confusion_test"], r["router"],
-                                   RESULTS / "router_confusions" / f"{slug(r['router'])}.png") for r in rows)]:
+                                *pngs]:
         fig = plot_routing_confusion(matrix, dm.task_names, path, title=title)
         if fig is not None:
             import matplotlib.pyplot as plt
