@@ -2,7 +2,7 @@
 
 import sys
 
-from freemerge_pl.cli import cli_main
+from freemerge_pl.lightning.cli import cli_main
 
 if __name__ == "__main__":
     sys.exit(cli_main())

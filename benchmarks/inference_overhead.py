@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from freemerge_pl.cli import build_from_config
+from freemerge_pl.lightning.cli import build_from_config
 from freemerge_pl.io import write_json_atomic, write_text_atomic
-from freemerge_pl.models.base import implements
+from freemerge_pl.adapters.base import implements
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -26,12 +26,12 @@ import torch
 from freemerge_pl.callbacks.routing import plot_routing_confusion
 from inference_overhead import mixed_batches, throughput
 
-from freemerge_pl.data import MultiTaskDataModule, TaskConfig
+from freemerge_pl.lightning.datamodule import MultiTaskDataModule, TaskConfig
 from freemerge_pl.io import write_json_atomic, write_text_atomic
-from freemerge_pl.models.zoo_vit import ZooViTAdapter
-from freemerge_pl.module import MergedModule
-from freemerge_pl.router import AUTO_IMAGE_SOURCE, RouterConfig, routing_confusion_markdown
-from freemerge_pl.zoo.build import normalize_images
+from freemerge_pl.adapters.zoo_vit import ZooViTAdapter
+from freemerge_pl.lightning.module import MergedModule
+from freemerge_pl.lightning.router import AUTO_IMAGE_SOURCE, RouterConfig, routing_confusion_markdown
+from freemerge_pl.zoo.vision.build import normalize_images
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROUTERS: list[dict] = [
@@ -130,7 +130,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     adapter = ZooViTAdapter(size=args.size)
-    tasks = [TaskConfig(name=t, dataset="freemerge_pl.zoo.ZooTaskDataset",
+    tasks = [TaskConfig(name=t, dataset="freemerge_pl.zoo.vision.ZooTaskDataset",
                         dataset_args={"task": t, "size": args.size}, train_args={"split": "router"})
              for t in adapter.task_names]
     dm = MultiTaskDataModule(tasks, router_fraction=1.0, min_router_samples=1, tune_fraction=0.5)

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from freemerge_pl.io import write_json_atomic, write_text_atomic
-from freemerge_pl.models.zoo_vit import ZooViTAdapter
-from freemerge_pl.module import MergedModule
-from freemerge_pl.router import Router, RouterConfig
-from freemerge_pl.zoo.build import normalize_images
-from freemerge_pl.zoo.dataset import ZooTaskDataset
+from freemerge_pl.adapters.zoo_vit import ZooViTAdapter
+from freemerge_pl.lightning.module import MergedModule
+from freemerge_pl.lightning.router import Router, RouterConfig
+from freemerge_pl.zoo.vision.build import normalize_images
+from freemerge_pl.zoo.vision.dataset import ZooTaskDataset
 
 RESULTS = Path(__file__).resolve().parent / "results"
 POOLS = ("class_token", "class_mean_std")

@@ -38,7 +38,7 @@ import torch
 
 import freemerge_pl
 from freemerge_pl.io import ShardedSafetensorsSink, write_json_atomic, write_text_atomic
-from freemerge_pl.sources import TensorInfo, TensorSource
+from freemerge_pl.merging.source import TensorInfo, TensorSource
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GiB, MiB = 1024**3, 1024**2
@@ -395,7 +395,7 @@ def child_main(spec_path: str) -> None:
     torch.set_num_threads(spec["threads"])
     from freemerge_pl.io import open_checkpoint
     from freemerge_pl.merging import build_method
-    from freemerge_pl.merging import stream as stream_module
+    from freemerge_pl.jobs import stream as stream_module
 
     rss_ready = status_kib("VmRSS")
     method = build_method(spec["method"])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lightning.pytorch import Trainer
 
-from freemerge_pl.cli import FreeMergeTrainer
+from freemerge_pl.lightning.cli import FreeMergeTrainer
 from freemerge_pl.io import write_json_atomic, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -24,8 +24,8 @@ from typing import Any
 
 from scipy.stats import spearmanr
 
-from freemerge_pl.analysis import adapter_inputs, analyze
-from freemerge_pl.analysis.plots import cutoff_figure, save_figure, spectra_figure
+from freemerge_pl.jobs.analysis import adapter_inputs, analyze
+from freemerge_pl.jobs.analysis.plots import cutoff_figure, save_figure, spectra_figure
 from freemerge_pl.io import write_json_atomic, write_text_atomic
 from freemerge_pl.progress import progress_iter
 
@@ -43,13 +43,13 @@ TABLE_LABELS = {"task_arithmetic": "Task Arithmetic", "dare": "DARE (+TA)", "tie
 def zoo_adapter(zoo: str, size: str):
     """The zoo's adapter (prepared) and its recipe hash."""
     if zoo == "text":
-        from freemerge_pl.models.text_zoo import TextZooAdapter
+        from freemerge_pl.adapters.text_zoo import TextZooAdapter
 
         adapter = TextZooAdapter(size=size)
         adapter.prepare()
         return adapter, adapter.manifest["recipe_hash"]
-    from freemerge_pl.models.zoo_vit import ZooViTAdapter
-    from freemerge_pl.zoo.build import read_manifest
+    from freemerge_pl.adapters.zoo_vit import ZooViTAdapter
+    from freemerge_pl.zoo.vision.build import read_manifest
 
     adapter = ZooViTAdapter(size=size)
     adapter.prepare()

@@ -26,7 +26,7 @@ import torch
 import yaml
 from lightning.pytorch import Trainer
 
-from freemerge_pl.cli import build_from_config
+from freemerge_pl.lightning.cli import build_from_config
 from freemerge_pl.io import write_json_atomic, write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -196,7 +196,7 @@ def markdown(rows: list[dict], tasks: list[str], title: str, tuning: bool = Fals
 
 
 def run_tuned(size: str, label: str, method: str, individual, zoo: str = "vision") -> dict[str, Any]:
-    from freemerge_pl.cli import DEFAULT_SPACES, FreeMergeTrainer
+    from freemerge_pl.lightning.cli import DEFAULT_SPACES, FreeMergeTrainer
 
     module, dm = build(size, method, zoo=zoo)
     dm.tune_fraction = 0.5

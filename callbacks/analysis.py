@@ -8,8 +8,8 @@ from typing import Any, Literal
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from freemerge_pl.analysis.interference import DEFAULT_METHODS, DEFAULT_RATIOS, InterferenceReport
-from freemerge_pl.analysis.run import analyze_adapter
+from freemerge_pl.jobs.analysis.interference import DEFAULT_METHODS, DEFAULT_RATIOS, InterferenceReport
+from freemerge_pl.jobs.analysis.run import analyze_adapter
 
 
 class SpectrumAnalysis(Callback):

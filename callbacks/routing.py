@@ -9,7 +9,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
 from freemerge_pl.io import _atomic_write, write_json_atomic, write_text_atomic
-from freemerge_pl.router import routing_confusion_markdown
+from freemerge_pl.lightning.router import routing_confusion_markdown
 
 
 def plot_routing_confusion(matrix: list[list[int]], names: list[str], path: str | Path | None = None,

@@ -11,8 +11,8 @@ from pathlib import Path
 import yaml
 
 from freemerge_pl.merging import get_method, list_methods
-from freemerge_pl.textzoo import text_zoo_task_names
-from freemerge_pl.zoo import zoo_task_names
+from freemerge_pl.zoo.text import text_zoo_task_names
+from freemerge_pl.zoo.vision import zoo_task_names
 
 HERE = Path(__file__).resolve().parent
 ZOO_TASKS = ["digits", "letters", "signs", "textures", "counting", "orientation", "layout", "handwritten"]
@@ -46,12 +46,12 @@ def _config(out: str, adapter: dict, method: str, method_args: dict | None, rout
 def zoo_config(method: str, size: str = "default", method_args: dict | None = None, **model) -> dict:
     return _config(
         f"outputs/zoo{'' if size == 'default' else '_' + size}/{method}",
-        {"class_path": "freemerge_pl.models.zoo_vit.ZooViTAdapter",
+        {"class_path": "freemerge_pl.adapters.zoo_vit.ZooViTAdapter",
          "init_args": {"size": size, "seed": 0, "tasks": ZOO_TASKS}},
         method, method_args,
         {"epochs": 20},  # feature_source auto: the merged backbone's first blocks
         {"router_fraction": 0.01, "min_router_samples": 16, "batch_size": 256, "seed": 0,
-         "tasks": [{"name": t, "dataset": "freemerge_pl.zoo.ZooTaskDataset",
+         "tasks": [{"name": t, "dataset": "freemerge_pl.zoo.vision.ZooTaskDataset",
                     "dataset_args": {"task": t, "size": size, "seed": 0}} for t in ZOO_TASKS]},
         model)
 
@@ -61,12 +61,12 @@ def text_config(method: str, size: str = "default", method_args: dict | None = N
     ids are no input features) and trains on each task's held-out router split (never fine-tuned on)."""
     return _config(
         f"outputs/text{'' if size == 'default' else '_' + size}/{method}",
-        {"class_path": "freemerge_pl.models.text_zoo.TextZooAdapter",
+        {"class_path": "freemerge_pl.adapters.text_zoo.TextZooAdapter",
          "init_args": {"size": size, "seed": 0, "tasks": TEXT_TASKS}},
         method, method_args,
         {"feature_source": "backbone", "epochs": 20},
         {"router_fraction": 1.0, "min_router_samples": 1, "batch_size": 128, "seed": 0,
-         "tasks": [{"name": t, "dataset": "freemerge_pl.textzoo.TextZooTaskDataset",
+         "tasks": [{"name": t, "dataset": "freemerge_pl.zoo.text.TextZooTaskDataset",
                     "dataset_args": {"task": t, "size": size, "seed": 0},
                     "train_args": {"split": "router"}} for t in TEXT_TASKS]},
         model)

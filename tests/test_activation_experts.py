@@ -1,4 +1,4 @@
-"""Activation-space experts (``freemerge_pl.activation_experts``) equal the weight swap they replace: toy MLP,
+"""Activation-space experts (``freemerge_pl.lightning.activation_experts``) equal the weight swap they replace: toy MLP,
 open_clip ViT and BERT, mixed-task batches, top-1 and weighted top-2, the paper's experts and the released code's."""
 
 from pathlib import Path
@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from freemerge_pl.activation_experts import ActivationExperts, correction_kind
+from freemerge_pl.lightning.activation_experts import ActivationExperts, correction_kind
 from freemerge_pl.errors import ConfigError
 from freemerge_pl.merging import merge
 from freemerge_pl.merging.experts import SparseExpert
-from freemerge_pl.models.toy import ToyAdapter, make_toy_models
-from freemerge_pl.module import MergedModule
+from freemerge_pl.adapters.toy import ToyAdapter, make_toy_models
+from freemerge_pl.lightning.module import MergedModule
 
 
 def per_sample_reference(backbone: nn.Module, experts, x, ids, weights) -> torch.Tensor:
@@ -79,8 +79,8 @@ def test_toy_mixed_batches_match_the_weight_swap(toy_root, method, args, k):
 
 
 def tiny_vit_merge(method: str, **args):
-    from freemerge_pl.zoo.build import build_vit
-    from freemerge_pl.zoo.recipe import SIZES
+    from freemerge_pl.zoo.vision.build import build_vit
+    from freemerge_pl.zoo.vision.recipe import SIZES
 
     torch.manual_seed(0)
     config = dict(SIZES["tiny"]["backbone"], layers=1)
@@ -121,7 +121,7 @@ def tiny_bert_merge(method: str, **args):
     adapters' ``TextEncoderBackbone``, merged from 3 perturbed copies."""
     from transformers import BertConfig, BertModel
 
-    from freemerge_pl.models.hf_text import TextEncoderBackbone
+    from freemerge_pl.adapters.hf_text import TextEncoderBackbone
 
     config = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=12, type_vocab_size=2)
@@ -167,7 +167,7 @@ def test_bert_mixed_batches_match_the_weight_swap(method, args, k):
 
 
 def test_embedding_rows_of_a_sparse_matrix_are_its_dense_rows():
-    from freemerge_pl.activation_experts import _csr_rows
+    from freemerge_pl.lightning.activation_experts import _csr_rows
 
     dense = torch.zeros(6, 4)
     dense[1, 2], dense[3, 0], dense[3, 3], dense[5, 1] = 1.5, -2.0, 0.25, 4.0
@@ -202,7 +202,7 @@ def test_unknown_expert_path_is_a_named_error(toy_root):
 
 
 def test_path_chooser_times_both_paths_after_a_warmup_and_keeps_the_faster():
-    from freemerge_pl.activation_experts import PathChooser
+    from freemerge_pl.lightning.activation_experts import PathChooser
 
     chooser = PathChooser(warmup=1, trials=2)
     # each path's first run untimed (the activation path's is slow: it builds its corrections), then activation
@@ -222,8 +222,8 @@ def test_path_chooser_times_both_paths_after_a_warmup_and_keeps_the_faster():
 def test_auto_settles_on_the_faster_path_with_the_same_features(toy_root, slow, monkeypatch):
     import time
 
-    from freemerge_pl.activation_experts import ActivationExperts as AE
-    from freemerge_pl.module import MergedModule as MM
+    from freemerge_pl.lightning.activation_experts import ActivationExperts as AE
+    from freemerge_pl.lightning.module import MergedModule as MM
 
     model = MergedModule(ToyAdapter(str(toy_root)), method="free_merging", method_args={"expert_density": 0.1})
     model.build(torch.zeros(1, 16))

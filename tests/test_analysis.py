@@ -10,16 +10,16 @@ import pytest
 import torch
 import yaml
 
-from freemerge_pl.analysis import analyze, contributions, log_power, method_context, spectrum
-from freemerge_pl.analysis.plots import cutoff_figure, save_figure, spectra_figure
-from freemerge_pl.analysis.run import OUTPUT_NAMES
-from freemerge_pl.cli import cli_main
+from freemerge_pl.jobs.analysis import analyze, contributions, log_power, method_context, spectrum
+from freemerge_pl.jobs.analysis.plots import cutoff_figure, save_figure, spectra_figure
+from freemerge_pl.jobs.analysis.run import OUTPUT_NAMES
+from freemerge_pl.lightning.cli import cli_main
 from freemerge_pl.errors import ConfigError
 from freemerge_pl.merging import build_method
 from freemerge_pl.merging.engine import CheckpointInputs, TaskVectorInputs, merge_task_vectors
 from freemerge_pl.merging.fourier import highpass
-from freemerge_pl.models.toy import make_toy_models
-from freemerge_pl.sources import StateDictSource
+from freemerge_pl.adapters.toy import make_toy_models
+from freemerge_pl.merging.source import StateDictSource
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SHAPES = {"a.weight": (12, 10), "b.weight": (7, 3, 3), "c.weight": (20, 6), "d.bias": (6,)}
@@ -262,7 +262,7 @@ def _check_outputs(out, tasks):
 
 def test_cli_analyze_on_a_toy_config_and_on_a_merge_job_config(toy_root, tmp_path):
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({"model": {"adapter": {"class_path": "freemerge_pl.models.toy.ToyAdapter",
+    cfg.write_text(yaml.safe_dump({"model": {"adapter": {"class_path": "freemerge_pl.adapters.toy.ToyAdapter",
                                                          "init_args": {"root": str(toy_root)}}}}))
     out = tmp_path / "out"
     assert cli_main(["analyze", "--config", str(cfg), "--output_dir", str(out), "--tasks", "task0", "task2",
@@ -288,7 +288,7 @@ def test_cli_analyze_on_a_toy_config_and_on_a_merge_job_config(toy_root, tmp_pat
 
 def test_cli_analyze_names_a_bad_config(toy_root, tmp_path, capsys):
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({"model": {"adapter": {"class_path": "freemerge_pl.models.toy.ToyAdapter",
+    cfg.write_text(yaml.safe_dump({"model": {"adapter": {"class_path": "freemerge_pl.adapters.toy.ToyAdapter",
                                                          "init_args": {"root": str(toy_root)}}}}))
     assert cli_main(["analyze", "--config", str(cfg), "--output_dir", str(tmp_path / "o"), "--tasks", "task9"]) == 2
     assert "task9" in capsys.readouterr().err
@@ -302,8 +302,8 @@ def test_the_callback_writes_the_outputs_at_setup(toy_root, tmp_path):
     from freemerge_pl.callbacks import SpectrumAnalysis
     from lightning.pytorch import Trainer
 
-    from freemerge_pl.models.toy import ToyAdapter
-    from freemerge_pl.module import MergedModule
+    from freemerge_pl.adapters.toy import ToyAdapter
+    from freemerge_pl.lightning.module import MergedModule
 
     callback = SpectrumAnalysis(methods=["task_arithmetic", "fr_merging"], ratios=[0.0, 0.3])
     trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,

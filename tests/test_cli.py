@@ -11,11 +11,11 @@ import sys
 import pytest
 import yaml
 
-from freemerge_pl.cli import cli_main, main, program_options
-from freemerge_pl.data import MultiTaskDataModule
+from freemerge_pl.lightning.cli import cli_main, main, program_options
+from freemerge_pl.lightning.datamodule import MultiTaskDataModule
 from freemerge_pl.errors import ConfigError, HyperparameterError
 from freemerge_pl.merging import get_method
-from freemerge_pl.models.toy import ToyAdapter, make_toy_models
+from freemerge_pl.adapters.toy import ToyAdapter, make_toy_models
 from freemerge_pl.progress import Ticker, choose_threads, progress_line
 from tests.test_module import REPO, config, write_config
 
@@ -36,7 +36,7 @@ def no_reads(monkeypatch):
         monkeypatch.setattr(MultiTaskDataModule, name, forbidden)
     for name in ("prepare", "pretrained_state_dict", "finetuned_state_dict"):
         monkeypatch.setattr(ToyAdapter, name, forbidden)
-    from freemerge_pl.models import zoo_vit
+    from freemerge_pl.adapters import zoo_vit
 
     monkeypatch.setattr(zoo_vit, "ensure_zoo", forbidden)  # the zoo is never built
 
@@ -68,7 +68,7 @@ def test_bad_data_settings_fail_before_any_read(toy_root, tmp_path, no_reads):
         ({"metrics": ["acuracy"]}, r"data\.tasks\[1\] \('task1'\)\.metrics: unknown metric 'acuracy'"),
         ({"dataset_args": {"root": str(toy_root), "task": "task1", "colour": 1}},
          r"data\.tasks\[1\].*does not accept.*colour"),
-        ({"dataset": "freemerge_pl.models.toy.NoSuchDataset"}, r"data\.tasks\[1\] \('task1'\)\.dataset: cannot"),
+        ({"dataset": "freemerge_pl.adapters.toy.NoSuchDataset"}, r"data\.tasks\[1\] \('task1'\)\.dataset: cannot"),
     ]
     for change, match in cases:
         bad = yaml.safe_load(yaml.safe_dump(cfg))
@@ -171,7 +171,7 @@ def test_help_texts(capsys):
         main(["test", "--help"])
     text = capsys.readouterr().out
     assert "<function" not in text
-    assert "freemerge_pl.models.toy.ToyAdapter" in text and "freemerge_pl.models.zoo_vit.ZooViTAdapter" in text
+    assert "freemerge_pl.adapters.toy.ToyAdapter" in text and "freemerge_pl.adapters.zoo_vit.ZooViTAdapter" in text
     assert "--optimizer" not in text  # the router's optimiser is set by model.router, not here
 
 

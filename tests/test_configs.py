@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from freemerge_pl.cli import main
+from freemerge_pl.lightning.cli import main
 from freemerge_pl.merging import list_methods
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,7 +22,7 @@ def test_there_is_a_zoo_config_for_every_method():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(REPO)) for p in CONFIGS])
 def test_config_parses_and_instantiates(path, tmp_path, monkeypatch):
-    from freemerge_pl.merge_job import MergeJobConfig, is_job_config
+    from freemerge_pl.jobs.merge_job import MergeJobConfig, is_job_config
 
     if is_job_config(path):  # a checkpoint merge job: settings and method checked without the files
         config = MergeJobConfig.from_yaml(path)

@@ -12,8 +12,8 @@ import yaml
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
-from freemerge_pl import activation_stats
-from freemerge_pl.activation_stats import (
+from freemerge_pl.lightning import activation_stats
+from freemerge_pl.lightning.activation_stats import (
     CoefficientModel,
     collect_statistics,
     entropy_sum,
@@ -30,8 +30,8 @@ from freemerge_pl.merging.data_dependent import (
     RegMean,
     scale_off_diagonal,
 )
-from freemerge_pl.models.base import ModelAdapter
-from freemerge_pl.models.toy import ToyAdapter, make_toy_models
+from freemerge_pl.adapters.base import ModelAdapter
+from freemerge_pl.adapters.toy import ToyAdapter, make_toy_models
 
 TASKS = ("task0", "task1", "task2")
 
@@ -42,9 +42,9 @@ def toy_root(tmp_path_factory) -> Path:
 
 
 def toy_datamodule(root, tasks=TASKS):
-    from freemerge_pl.data import MultiTaskDataModule, TaskConfig
+    from freemerge_pl.lightning.datamodule import MultiTaskDataModule, TaskConfig
 
-    dm = MultiTaskDataModule([TaskConfig(name=t, dataset="freemerge_pl.models.toy.ToyTaskDataset",
+    dm = MultiTaskDataModule([TaskConfig(name=t, dataset="freemerge_pl.adapters.toy.ToyTaskDataset",
                                          dataset_args={"root": str(root), "task": t}) for t in tasks],
                              router_fraction=0.1, batch_size=32)
     dm.setup()
@@ -92,7 +92,7 @@ def test_fisher_with_equal_fishers_is_averaging_and_otherwise_the_weighted_mean(
 def test_collected_fisher_is_the_mean_squared_per_sample_gradient(toy_root, monkeypatch, vmappable):
     """Also when vmap refuses the model (data-dependent control flow, as Hugging Face encoders' mask code):
     then the per-sample gradients are taken one sample at a time."""
-    import freemerge_pl.activation_stats as stats_module
+    import freemerge_pl.lightning.activation_stats as stats_module
 
     if not vmappable:
         def refuse(fn, *args, **kwargs):
@@ -318,7 +318,7 @@ def _free_port() -> int:
 
 def toy_statistics(root) -> dict[str, dict[str, torch.Tensor]]:
     """Fisher and Gram statistics of the toy (first 21 training samples per task, odd batches of 7)."""
-    from freemerge_pl.models.toy import ToyTaskDataset
+    from freemerge_pl.adapters.toy import ToyTaskDataset
 
     adapter, pre, fts = toy_checkpoints(root)
     split = RouterSplit([Triples(ToyTaskDataset(str(root), t).x[:30], ToyTaskDataset(str(root), t).y[:30], k)
@@ -376,15 +376,15 @@ def test_cli_test_runs_each_data_method_on_the_toy(toy_root, tmp_path, method):
                     "default_root_dir": str(run),
                     "callbacks": [{"class_path": "freemerge_pl.callbacks.ResultsTable",
                                    "init_args": {"print_table": False}}]},
-        "model": {"adapter": {"class_path": "freemerge_pl.models.toy.ToyAdapter", "init_args": {"root": str(toy_root)}},
+        "model": {"adapter": {"class_path": "freemerge_pl.adapters.toy.ToyAdapter", "init_args": {"root": str(toy_root)}},
                   "method": method, "method_args": METHOD_ARGS[method], "routing": "oracle"},
         "data": {"router_fraction": 0.1, "batch_size": 32,
-                 "tasks": [{"name": t, "dataset": "freemerge_pl.models.toy.ToyTaskDataset",
+                 "tasks": [{"name": t, "dataset": "freemerge_pl.adapters.toy.ToyTaskDataset",
                             "dataset_args": {"root": str(toy_root), "task": t}} for t in TASKS]},
     }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    from freemerge_pl.cli import main
+    from freemerge_pl.lightning.cli import main
 
     cli = main(["test", "--config", str(path)])
     res = json.loads((run / "results" / "results.json").read_text())
@@ -395,7 +395,7 @@ def test_cli_test_runs_each_data_method_on_the_toy(toy_root, tmp_path, method):
 
 
 def test_task_id_datasets_feed_the_collectors_without_the_test_split(toy_root):
-    from freemerge_pl.data.datamodule import TaskIdDataset
+    from freemerge_pl.lightning.datamodule import TaskIdDataset
 
     dm = toy_datamodule(toy_root)
     datasets = activation_stats.task_datasets(dm)

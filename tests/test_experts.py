@@ -347,7 +347,7 @@ def test_compact_expert_chooses_the_fewest_bytes_per_tensor_and_applies_bit_iden
     for key in shapes:
         assert torch.equal(bits(target_a[key]), bits(target_b[key]))
     # save / load (SparseExpert.save, and the export path: save_task_modules → read_task_module)
-    from freemerge_pl.loading import read_task_module
+    from freemerge_pl.lightning.loading import read_task_module
     from freemerge_pl.merging.merge import save_task_modules
 
     compact.save(tmp_path / "e.safetensors")
@@ -366,7 +366,7 @@ def test_expert_files_without_index_codes_load_as_flat(tmp_path):
 
     from safetensors.torch import save_file
 
-    from freemerge_pl.loading import read_task_module
+    from freemerge_pl.lightning.loading import read_task_module
 
     idx, vals = torch.tensor([1, 5, 6], dtype=torch.int32), torch.tensor([0.5, -1.0, 2.0])
     tensors = {"w::indices": idx, "w::values": vals}
@@ -382,7 +382,7 @@ def test_expert_files_without_index_codes_load_as_flat(tmp_path):
 
 def test_a_damaged_index_stream_is_an_error_naming_the_file(tmp_path):
     from freemerge_pl.errors import FreeMergeError
-    from freemerge_pl.loading import read_task_module
+    from freemerge_pl.lightning.loading import read_task_module
     from freemerge_pl.merging.merge import save_task_modules
 
     idx = torch.arange(0, 3000, 7)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from freemerge_pl import io as fio
 from freemerge_pl.errors import ConfigError
-from freemerge_pl.loading import load_merged
+from freemerge_pl.lightning.loading import load_merged
 from freemerge_pl.merging import merge, save_merge
 
 
@@ -209,19 +209,19 @@ def _toy_cli_config(toy_root: Path, run: Path, **data) -> dict:
                         "default_root_dir": str(run),
                         "callbacks": [{"class_path": "freemerge_pl.callbacks.ResultsTable",
                                        "init_args": {"print_table": False}}]},
-            "model": {"adapter": {"class_path": "freemerge_pl.models.toy.ToyAdapter",
+            "model": {"adapter": {"class_path": "freemerge_pl.adapters.toy.ToyAdapter",
                                   "init_args": {"root": str(toy_root)}},
                       "method": "task_arithmetic", "routing": "oracle"},
             "data": {"router_fraction": 0.05, "batch_size": 64,
-                     "tasks": [{"name": t, "dataset": "freemerge_pl.models.toy.ToyTaskDataset",
+                     "tasks": [{"name": t, "dataset": "freemerge_pl.adapters.toy.ToyTaskDataset",
                                 "dataset_args": {"root": str(toy_root), "task": t}, **data} for t in tasks]}}
 
 
 def test_a_failed_run_never_leaves_the_previous_results_beside_its_config(tmp_path):
     import yaml
 
-    from freemerge_pl.cli import main
-    from freemerge_pl.models.toy import make_toy_models
+    from freemerge_pl.lightning.cli import main
+    from freemerge_pl.adapters.toy import make_toy_models
 
     toy = make_toy_models(tmp_path / "toy", steps=20, n_train=100, n_test=40)
     run = tmp_path / "run"

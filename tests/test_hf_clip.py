@@ -12,9 +12,9 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
-from freemerge_pl.cli import main
+from freemerge_pl.lightning.cli import main
 from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError
-from freemerge_pl.models.hf_clip import PROJECTION_KEY, HFCLIPAdapter
+from freemerge_pl.adapters.hf_clip import PROJECTION_KEY, HFCLIPAdapter
 
 transformers = pytest.importorskip("transformers")
 
@@ -268,7 +268,7 @@ def cli_config(tiny, tmp_path, data_classes: dict[str, int] | None = None) -> Pa
                     "enable_progress_bar": False, "default_root_dir": str(tmp_path / "run"),
                     "callbacks": [{"class_path": "freemerge_pl.callbacks.ResultsTable",
                                    "init_args": {"print_table": False}}]},
-        "model": {"adapter": {"class_path": "freemerge_pl.models.hf_clip.HFCLIPAdapter",
+        "model": {"adapter": {"class_path": "freemerge_pl.adapters.hf_clip.HFCLIPAdapter",
                               "init_args": {"pretrained": str(tiny["pre"]), "tasks": TASKS,
                                             "finetuned": {t: str(tiny["dirs"][t]) for t in ("alpha", "beta")},
                                             "checkpoint_root": str(tiny["root"]), "class_names": CLASSES,
@@ -309,7 +309,7 @@ def test_merge_fit_router_and_test_through_cli(tiny, tmp_path, monkeypatch):
 
 
 def test_class_count_mismatch_fails_before_merging(tiny, tmp_path, monkeypatch):
-    import freemerge_pl.module as module_lib
+    import freemerge_pl.lightning.module as module_lib
 
     def no_merge(*args, **kwargs):
         raise AssertionError("merged despite the class-count mismatch")

@@ -21,12 +21,12 @@ from transformers import (
     RobertaTokenizerFast,
 )
 
-from freemerge_pl.cli import main
+from freemerge_pl.lightning.cli import main
 from freemerge_pl.data.text import TextTask, pack_text_inputs
 from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError
 from freemerge_pl.merging import merge
-from freemerge_pl.metrics import GLUE_METRICS, glue_metrics, task_metrics
-from freemerge_pl.models.hf_text import HFSequenceClassificationAdapter
+from freemerge_pl.lightning.metrics import GLUE_METRICS, glue_metrics, task_metrics
+from freemerge_pl.adapters.hf_text import HFSequenceClassificationAdapter
 
 REPO = Path(__file__).resolve().parents[1]
 TABLE4 = sorted((REPO / "configs" / "paper").glob("table4_*.yaml"))
@@ -233,8 +233,8 @@ def test_adapter_errors_name_task_and_file(zoo, tmp_path):
 
 
 def test_class_count_mismatch_with_data_fails_before_merging(zoo, monkeypatch):
-    from freemerge_pl.data import MultiTaskDataModule, TaskConfig
-    from freemerge_pl.module import MergedModule
+    from freemerge_pl.lightning.datamodule import MultiTaskDataModule, TaskConfig
+    from freemerge_pl.lightning.module import MergedModule
 
     a = adapter(zoo, tasks=["sst2", "mnli"])
     data = [TaskConfig(name=t, dataset="freemerge_pl.data.text.TextTask",
@@ -364,7 +364,7 @@ def _yaml(zoo, tmp_path: Path, method: str, method_args: dict, routing: str = "r
         "trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False,
                     "enable_model_summary": False, "enable_checkpointing": False,
                     "default_root_dir": str(tmp_path / "run")},
-        "model": {"adapter": {"class_path": "freemerge_pl.models.hf_text.HFSequenceClassificationAdapter",
+        "model": {"adapter": {"class_path": "freemerge_pl.adapters.hf_text.HFSequenceClassificationAdapter",
                               "init_args": {"pretrained": str(zoo["root"] / "roberta-tiny"),
                                             "checkpoint_root": str(zoo["root"] / "ckpt"),
                                             "pattern": "roberta-tiny_glue-{task}", "tasks": list(TASKS)}},

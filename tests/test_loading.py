@@ -9,13 +9,13 @@ import torch
 import yaml
 
 from freemerge_pl import load_merged
-from freemerge_pl.cli import main
+from freemerge_pl.lightning.cli import main
 from freemerge_pl.errors import ConfigError, FreeMergeError
-from freemerge_pl.loading import MergedExport
+from freemerge_pl.lightning.loading import MergedExport
 from freemerge_pl.merging import merge, save_merge
-from freemerge_pl.models.toy import ToyAdapter, make_toy_models
-from freemerge_pl.module import MergedModule
-from freemerge_pl.router import RouterConfig
+from freemerge_pl.adapters.toy import ToyAdapter, make_toy_models
+from freemerge_pl.lightning.module import MergedModule
+from freemerge_pl.lightning.router import RouterConfig
 
 
 @pytest.fixture(scope="module")
@@ -145,11 +145,11 @@ def test_cli_merge_refuses_a_foreign_directory_then_overwrites_and_loads(toy_roo
     cfg = {"seed_everything": 0,
            "trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False,
                        "default_root_dir": str(tmp_path / "run")},
-           "model": {"adapter": {"class_path": "freemerge_pl.models.toy.ToyAdapter",
+           "model": {"adapter": {"class_path": "freemerge_pl.adapters.toy.ToyAdapter",
                                  "init_args": {"root": str(toy_root)}},
                      "method": "free_merging", "router": {"epochs": 2, "hidden_dim": 16}},
            "data": {"router_fraction": 0.05, "batch_size": 32,
-                    "tasks": [{"name": t, "dataset": "freemerge_pl.models.toy.ToyTaskDataset",
+                    "tasks": [{"name": t, "dataset": "freemerge_pl.adapters.toy.ToyTaskDataset",
                                "dataset_args": {"root": str(toy_root), "task": t}} for t in tasks]}}
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -14,10 +14,10 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from freemerge_pl.cli import main
+from freemerge_pl.lightning.cli import main
 from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError, HyperparameterError
 from freemerge_pl.io import load_state_dict, sha256_file
-from freemerge_pl.merge_job import MergeJobConfig, load_task_modules, parse_size, run_merge_job
+from freemerge_pl.jobs.merge_job import MergeJobConfig, load_task_modules, parse_size, run_merge_job
 from freemerge_pl.merging import merge
 from tests.test_stream import as_dict, tiny_llama_dirs
 
@@ -197,7 +197,7 @@ def test_per_model_weights_reach_the_method(llama, tmp_path):
 KILLED_RUN = """
 import sys, time
 from freemerge_pl import io
-from freemerge_pl.merge_job import MergeJobConfig, run_merge_job
+from freemerge_pl.jobs.merge_job import MergeJobConfig, run_merge_job
 import yaml
 
 real = io.ShardedSafetensorsSink.write

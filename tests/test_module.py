@@ -10,12 +10,12 @@ import torch
 import yaml
 from lightning.pytorch import Trainer
 
-from freemerge_pl.cli import main
-from freemerge_pl.data import MultiTaskDataModule, TaskConfig
+from freemerge_pl.lightning.cli import main
+from freemerge_pl.lightning.datamodule import MultiTaskDataModule, TaskConfig
 from freemerge_pl.errors import ConfigError, HyperparameterError
 from freemerge_pl.merging import list_methods, merge
-from freemerge_pl.models.toy import ToyAdapter, make_toy_models
-from freemerge_pl.module import MergedModule
+from freemerge_pl.adapters.toy import ToyAdapter, make_toy_models
+from freemerge_pl.lightning.module import MergedModule
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ def toy_root(tmp_path_factory) -> Path:
 
 
 def datamodule(root, tasks=("task0", "task1", "task2"), **kw) -> MultiTaskDataModule:
-    cfgs = [TaskConfig(name=t, dataset="freemerge_pl.models.toy.ToyTaskDataset",
+    cfgs = [TaskConfig(name=t, dataset="freemerge_pl.adapters.toy.ToyTaskDataset",
                        dataset_args={"root": str(root), "task": t}) for t in tasks]
     return MultiTaskDataModule(cfgs, router_fraction=kw.pop("router_fraction", 0.1),
                                batch_size=kw.pop("batch_size", 32), **kw)
@@ -45,11 +45,11 @@ def config(root, run_dir, method="free_merging", method_args=None, **model) -> d
                     "enable_progress_bar": False, "default_root_dir": str(run_dir),
                     "callbacks": [{"class_path": "freemerge_pl.callbacks.ResultsTable",
                                    "init_args": {"print_table": False}}]},
-        "model": {"adapter": {"class_path": "freemerge_pl.models.toy.ToyAdapter",
+        "model": {"adapter": {"class_path": "freemerge_pl.adapters.toy.ToyAdapter",
                               "init_args": {"root": str(root)}},
                   "method": method, "method_args": method_args or {}, **model},
         "data": {"router_fraction": 0.1, "batch_size": 32,
-                 "tasks": [{"name": t, "dataset": "freemerge_pl.models.toy.ToyTaskDataset",
+                 "tasks": [{"name": t, "dataset": "freemerge_pl.adapters.toy.ToyTaskDataset",
                             "dataset_args": {"root": str(root), "task": t}} for t in ("task0", "task1", "task2")]},
     }
 
@@ -290,7 +290,7 @@ def test_method_as_class_path_in_yaml_equals_the_registry_name(toy_root, tmp_pat
 
 
 def test_module_applies_the_experts_sidecar_of_a_merge_job(toy_root, tmp_path):
-    from freemerge_pl.merge_job import MergeJobConfig, run_merge_job
+    from freemerge_pl.jobs.merge_job import MergeJobConfig, run_merge_job
 
     tasks = ["task0", "task1", "task2"]
     run_merge_job(MergeJobConfig(base_model=str(toy_root / "pretrained"),

@@ -9,11 +9,11 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from freemerge_pl.cli import main
+from freemerge_pl.lightning.cli import main
 from freemerge_pl.data.image_folder import ImageFolderTask
 from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError
 from freemerge_pl.merging import merge
-from freemerge_pl.models.open_clip_adapter import NormalizedLinear, OpenCLIPAdapter
+from freemerge_pl.adapters.open_clip_adapter import NormalizedLinear, OpenCLIPAdapter
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_CONFIGS = sorted((REPO / "configs" / "paper").glob("vit_*.yaml"))  # the OpenCLIP ones (Table 2)
@@ -243,8 +243,8 @@ def test_tiny_open_clip_end_to_end(ckpt, tmp_path):
     """Adapter + ImageFolderTask through MergedModule and a Trainer (oracle routing, dataset heads)."""
     from lightning.pytorch import Trainer
 
-    from freemerge_pl.data import MultiTaskDataModule, TaskConfig
-    from freemerge_pl.module import MergedModule
+    from freemerge_pl.lightning.datamodule import MultiTaskDataModule, TaskConfig
+    from freemerge_pl.lightning.module import MergedModule
 
     tasks = [TaskConfig(name=t, dataset="freemerge_pl.data.image_folder.ImageFolderTask",
                         dataset_args={"root": str(_image_folder(tmp_path / t, CLASSES[t])), "image_size": 32})

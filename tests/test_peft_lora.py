@@ -16,7 +16,7 @@ from freemerge_pl.io import load_state_dict
 from freemerge_pl.merging import SparseExpert, merge
 from freemerge_pl.merging.engine import CheckpointInputs, execute
 from freemerge_pl.merging.registry import build_method
-from freemerge_pl.models.peft_lora import (
+from freemerge_pl.adapters.peft_lora import (
     LoRAModelSource,
     PeftLoRAAdapter,
     delta_to_lora,
@@ -365,14 +365,14 @@ def test_cli_merge_router_test(lora, tmp_path):
     merge_lora_adapters' and every task is scored."""
     import yaml
 
-    from freemerge_pl.cli import main
+    from freemerge_pl.lightning.cli import main
 
     tasks = list(ADAPTERS)
     config = {
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
                     "enable_progress_bar": False, "default_root_dir": str(tmp_path)},
-        "model": {"adapter": {"class_path": "freemerge_pl.models.peft_lora.PeftLoRAAdapter",
+        "model": {"adapter": {"class_path": "freemerge_pl.adapters.peft_lora.PeftLoRAAdapter",
                               "init_args": {"base_model": str(lora["base"]),
                                             "adapters": {t: str(lora["dirs"][t]) for t in tasks}}},
                   "method": "free_merging", "method_args": {"expert_density": 0.05},

@@ -7,12 +7,12 @@ import torch
 from freemerge_pl.callbacks import RoutingStats
 from torch.nn import functional as F
 
-from freemerge_pl.data import MultiTaskDataModule, TaskConfig
+from freemerge_pl.lightning.datamodule import MultiTaskDataModule, TaskConfig
 from freemerge_pl.errors import ConfigError
-from freemerge_pl.models.base import vit_prefix_features
-from freemerge_pl.models.toy import ToyAdapter, ToyBackbone, make_toy_models
-from freemerge_pl.module import MergedModule
-from freemerge_pl.router import (
+from freemerge_pl.adapters.base import vit_prefix_features
+from freemerge_pl.adapters.toy import ToyAdapter, ToyBackbone, make_toy_models
+from freemerge_pl.lightning.module import MergedModule
+from freemerge_pl.lightning.router import (
     Router,
     RouterConfig,
     fallback_routing,
@@ -45,7 +45,7 @@ class PrefixToyAdapter(ToyAdapter):
 
 
 def datamodule(root, tasks=TASKS, **kw) -> MultiTaskDataModule:
-    cfgs = [TaskConfig(name=t, dataset="freemerge_pl.models.toy.ToyTaskDataset",
+    cfgs = [TaskConfig(name=t, dataset="freemerge_pl.adapters.toy.ToyTaskDataset",
                        dataset_args={"root": str(root), "task": t}) for t in tasks]
     return MultiTaskDataModule(cfgs, router_fraction=kw.pop("router_fraction", 0.1), batch_size=64, **kw)
 
@@ -76,7 +76,7 @@ def test_bad_settings_fail_with_named_errors(toy_root):
 
 
 def test_split_point_beyond_depth_fails_with_named_error(toy_root):
-    from freemerge_pl.zoo.build import build_vit
+    from freemerge_pl.zoo.vision.build import build_vit
 
     vit = build_vit({"image_size": 16, "patch_size": 8, "width": 16, "layers": 2, "heads": 2, "mlp_ratio": 2.0,
                      "output_dim": 8}).eval()
@@ -105,10 +105,10 @@ def test_auto_feature_source_follows_the_adapters_inputs(toy_root):
     assert resolve_feature_source(auto, "other") == "input"
     with pytest.raises(ConfigError, match="input_kind='audio'"):
         resolve_feature_source(auto, "audio")
-    from freemerge_pl.models.hf_text import HFSequenceClassificationAdapter
-    from freemerge_pl.models.open_clip_adapter import OpenCLIPAdapter
-    from freemerge_pl.models.peft_lora import PeftLoRAAdapter
-    from freemerge_pl.models.zoo_vit import ZooViTAdapter
+    from freemerge_pl.adapters.hf_text import HFSequenceClassificationAdapter
+    from freemerge_pl.adapters.open_clip_adapter import OpenCLIPAdapter
+    from freemerge_pl.adapters.peft_lora import PeftLoRAAdapter
+    from freemerge_pl.adapters.zoo_vit import ZooViTAdapter
 
     assert ZooViTAdapter.input_kind == OpenCLIPAdapter.input_kind == "image"
     assert HFSequenceClassificationAdapter.input_kind == PeftLoRAAdapter.input_kind == "tokens"

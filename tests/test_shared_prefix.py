@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from freemerge_pl.errors import ConfigError
-from freemerge_pl.models.base import ModelAdapter, OpenCLIPViTSplit
-from freemerge_pl.module import MergedModule
-from freemerge_pl.router import RouterConfig
-from freemerge_pl.zoo.build import build_vit
-from freemerge_pl.zoo.recipe import SIZES
+from freemerge_pl.adapters.base import ModelAdapter, OpenCLIPViTSplit
+from freemerge_pl.lightning.module import MergedModule
+from freemerge_pl.lightning.router import RouterConfig
+from freemerge_pl.zoo.vision.build import build_vit
+from freemerge_pl.zoo.vision.recipe import SIZES
 
 CONFIG = dict(SIZES["tiny"]["backbone"], layers=3)
 TASKS = ["a", "b", "c"]

@@ -22,7 +22,7 @@ from freemerge_pl.io import (
     load_state_dict,
     open_checkpoint,
 )
-from freemerge_pl.sources import TensorInfo, open_source
+from freemerge_pl.merging.source import TensorInfo
 
 SHARD_NAMES = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
 
@@ -82,7 +82,7 @@ def test_single_file_and_directory(tmp_path):
     path.parent.mkdir()
     save_file(sd, str(path))
     ref = load_file(str(path))
-    for src in (open_checkpoint(path), open_checkpoint(path.parent), open_source(str(path))):
+    for src in (open_checkpoint(path), open_checkpoint(path.parent), open_checkpoint(str(path))):
         assert isinstance(src, SafetensorsSource)
         assert_source_matches(src, ref)
         assert src.info("head.weight").file == str(path)
@@ -377,7 +377,7 @@ WRITER = textwrap.dedent("""
     import sys, time
     from safetensors.torch import load_file
     from freemerge_pl.io import ShardedSafetensorsSink
-    from freemerge_pl.sources import TensorInfo
+    from freemerge_pl.merging.source import TensorInfo
 
     sd = load_file(sys.argv[1])
     plan = [(k, TensorInfo(tuple(t.shape), t.dtype)) for k, t in sd.items()]

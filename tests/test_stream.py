@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from freemerge_pl.io import load_state_dict, open_checkpoint
 from freemerge_pl.merging import build_method, get_method, list_methods, merge
-from freemerge_pl.merging.stream import stream_merge
+from freemerge_pl.jobs.stream import stream_merge
 
 K = 3
 
@@ -90,7 +90,7 @@ def test_output_dtype_and_shards_load_with_transformers(llama, tmp_path):
 
 def test_nan_in_a_streamed_input_is_named_with_file_and_key(llama, tmp_path):
     from freemerge_pl.errors import NonFiniteError
-    from freemerge_pl.sources import StateDictSource
+    from freemerge_pl.merging.source import StateDictSource
 
     base, *fts = llama
     bad = as_dict(fts[2])

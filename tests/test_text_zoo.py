@@ -17,9 +17,9 @@ pytest.importorskip("spellchecker")
 pytest.importorskip("vaderSentiment")
 
 from freemerge_pl.errors import ConfigError, FreeMergeError
-from freemerge_pl.textzoo import TextZooTaskDataset, ensure_text_zoo
-from freemerge_pl.textzoo.build import SPLITS, balanced_splits, build_text_zoo, read_split
-from freemerge_pl.textzoo.sources import sentiment_label
+from freemerge_pl.zoo.text import TextZooTaskDataset, ensure_text_zoo
+from freemerge_pl.zoo.text.build import SPLITS, balanced_splits, build_text_zoo, read_split
+from freemerge_pl.zoo.text.sources import sentiment_label
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def splits(zoo, task: str) -> dict[str, list[tuple[str, int]]]:
 
 def test_second_call_reuses_the_cache(zoo, caplog):
     before = (zoo["root"] / "manifest.json").stat().st_mtime_ns
-    with caplog.at_level(logging.INFO, logger="freemerge_pl.textzoo"):
+    with caplog.at_level(logging.INFO, logger="freemerge_pl.zoo.text"):
         assert ensure_text_zoo(zoo["root"], "tiny", 0) == zoo["root"]
     assert not [r for r in caplog.records if "building the text zoo" in r.getMessage()]
     assert (zoo["root"] / "manifest.json").stat().st_mtime_ns == before
@@ -45,10 +45,10 @@ def test_second_call_reuses_the_cache(zoo, caplog):
 
 @pytest.mark.slow
 def test_build_is_deterministic(zoo, tmp_path, caplog):
-    logger = logging.getLogger("freemerge_pl.textzoo")
+    logger = logging.getLogger("freemerge_pl.zoo.text")
     logger.addHandler(caplog.handler)  # directly: the CLI's logging set-up stops freemerge_pl.* propagating
     try:
-        with caplog.at_level(logging.INFO, logger="freemerge_pl.textzoo"):
+        with caplog.at_level(logging.INFO, logger="freemerge_pl.zoo.text"):
             other = build_text_zoo(tmp_path / "again", "tiny", 0)
     finally:
         logger.removeHandler(caplog.handler)
@@ -68,7 +68,7 @@ def test_a_damaged_file_is_named(zoo, tmp_path):
     shutil.copytree(zoo["root"], copy)
     path = copy / "data" / "sentiment" / "test.jsonl"
     path.write_text(path.read_text().replace('"label": 0', '"label": 1', 1))
-    with pytest.raises(FreeMergeError, match="test.jsonl.*python -m freemerge_pl.textzoo"):
+    with pytest.raises(FreeMergeError, match="test.jsonl.*python -m freemerge_pl.zoo.text"):
         _ = TextZooTaskDataset("sentiment", "test", root=str(copy), size="tiny").labels
     with pytest.raises(ConfigError, match="split='validation'"):
         TextZooTaskDataset("sentiment", "validation", root=str(copy), size="tiny")
@@ -154,7 +154,7 @@ def test_stdlib_topic_lines_start_a_docstring_of_the_topics_modules(zoo):
 def test_adapter_and_dataset_reproduce_the_saved_classifiers(zoo):
     from transformers import AutoModelForSequenceClassification
 
-    from freemerge_pl.models.text_zoo import TextZooAdapter
+    from freemerge_pl.adapters.text_zoo import TextZooAdapter
 
     adapter = TextZooAdapter(root=str(zoo["root"]), size="tiny")
     adapter.prepare()
@@ -183,7 +183,7 @@ def test_adapter_and_dataset_reproduce_the_saved_classifiers(zoo):
 
 @pytest.mark.slow
 def test_cli_test_runs_on_the_tiny_text_zoo(zoo, tmp_path, monkeypatch):
-    from freemerge_pl.cli import main
+    from freemerge_pl.lightning.cli import main
 
     monkeypatch.setenv("FREEMERGE_TEXT_ZOO_ROOT", str(zoo["parent"]))
     cli = main(["test", "--config", str(REPO / "configs" / "text" / "tiny" / "free_merging.yaml"),

@@ -10,9 +10,9 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from freemerge_pl.cli import main
+from freemerge_pl.lightning.cli import main
 from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError
-from freemerge_pl.models.timm_vit import TimmViTAdapter
+from freemerge_pl.adapters.timm_vit import TimmViTAdapter
 
 timm = pytest.importorskip("timm")
 
@@ -154,7 +154,7 @@ def test_merge_fit_router_and_test_through_cli(ckpt, tmp_path):
                     "enable_progress_bar": False, "default_root_dir": str(tmp_path / "run"),
                     "callbacks": [{"class_path": "freemerge_pl.callbacks.ResultsTable",
                                    "init_args": {"print_table": False}}]},
-        "model": {"adapter": {"class_path": "freemerge_pl.models.timm_vit.TimmViTAdapter",
+        "model": {"adapter": {"class_path": "freemerge_pl.adapters.timm_vit.TimmViTAdapter",
                               "init_args": {"model_name": MODEL, "pretrained": str(ckpt["root"] / "pre.pth"),
                                             "finetuned": {t: str(p) for t, p in ckpt["paths"].items()},
                                             "model_kwargs": KWARGS}},
@@ -179,12 +179,12 @@ def test_merge_fit_router_and_test_through_cli(ckpt, tmp_path):
 
 
 def test_class_count_mismatch_fails_before_merging(ckpt, tmp_path, monkeypatch):
-    import freemerge_pl.module as module_lib
+    import freemerge_pl.lightning.module as module_lib
 
     monkeypatch.setattr(module_lib, "merge", lambda *a, **k: pytest.fail("merged despite the mismatch"))
     config = {
         "trainer": {"accelerator": "cpu", "logger": False, "default_root_dir": str(tmp_path / "run")},
-        "model": {"adapter": {"class_path": "freemerge_pl.models.timm_vit.TimmViTAdapter",
+        "model": {"adapter": {"class_path": "freemerge_pl.adapters.timm_vit.TimmViTAdapter",
                               "init_args": {"model_name": MODEL, "pretrained": str(ckpt["root"] / "pre.pth"),
                                             "finetuned": {t: str(p) for t, p in ckpt["paths"].items()},
                                             "model_kwargs": KWARGS}}},

@@ -8,10 +8,10 @@ import pytest
 import torch
 import yaml
 
-from freemerge_pl.cli import main
+from freemerge_pl.lightning.cli import main
 from freemerge_pl.merging import merge
-from freemerge_pl.models.toy import make_toy_models
-from freemerge_pl.tuning import CandidateMerger, grid_candidates, tune
+from freemerge_pl.adapters.toy import make_toy_models
+from freemerge_pl.jobs.tune import CandidateMerger, grid_candidates, tune
 from tests.test_module import REPO, config, write_config
 
 
@@ -91,7 +91,7 @@ def toy_root(tmp_path_factory):
 
 
 def test_tune_never_touches_the_test_split_and_yaml_reproduces(toy_root, tmp_path, monkeypatch):
-    from freemerge_pl.data import MultiTaskDataModule
+    from freemerge_pl.lightning.datamodule import MultiTaskDataModule
 
     def forbidden(self):
         raise AssertionError("the test split was read during tune")
@@ -182,7 +182,7 @@ def test_tune_under_ddp_equals_single_process(toy_root, tmp_path):
 def test_tune_reports_one_line_per_candidate_and_no_bars(toy_root, tmp_path, capsys):
     """`cli.py tune` on a non-terminal stderr: one progress display, the candidate lines (i/N, elapsed, eta,
     params → score), and the scores in them are the report's."""
-    from freemerge_pl.cli import cli_main
+    from freemerge_pl.lightning.cli import cli_main
 
     cfg = config(toy_root, tmp_path / "run", method="task_arithmetic")
     cfg["data"]["tune_fraction"] = 0.5
@@ -203,12 +203,12 @@ def test_tune_reports_one_line_per_candidate_and_no_bars(toy_root, tmp_path, cap
 def test_tune_val_comes_from_the_tasks_own_validation_split(toy_root, recwarn):
     """A task with a validation split (``val_args``) tunes on it whole and keeps its router split; one without
     falls back to a share of the router split, with a warning; the record says which kind each task used."""
-    from freemerge_pl.data import MultiTaskDataModule, TaskConfig
+    from freemerge_pl.lightning.datamodule import MultiTaskDataModule, TaskConfig
     from freemerge_pl.errors import ConfigError
-    from freemerge_pl.tuning import tune_val_record
+    from freemerge_pl.jobs.tune import tune_val_record
 
     def task(name, **kw):
-        return TaskConfig(name=name, dataset="freemerge_pl.models.toy.ToyTaskDataset",
+        return TaskConfig(name=name, dataset="freemerge_pl.adapters.toy.ToyTaskDataset",
                           dataset_args={"root": str(toy_root), "task": name}, **kw)
 
     dm = MultiTaskDataModule([task("task0", val_args={"split": "test"}), task("task1")], router_fraction=0.1,
@@ -231,14 +231,14 @@ def test_tune_val_comes_from_the_tasks_own_validation_split(toy_root, recwarn):
 def test_a_router_split_declared_held_out_is_tune_val_without_a_warning(toy_root, recwarn, monkeypatch):
     """A dataset class that lists its training split in ``held_out_splits`` (the zoos' ``router`` split: no
     fine-tuned model trained on it) gives a ``held-out router split`` tune-val, without the memorisation warning."""
-    from freemerge_pl.data import MultiTaskDataModule, TaskConfig
-    from freemerge_pl.models.toy import ToyTaskDataset
-    from freemerge_pl.tuning import tune_val_record
+    from freemerge_pl.lightning.datamodule import MultiTaskDataModule, TaskConfig
+    from freemerge_pl.adapters.toy import ToyTaskDataset
+    from freemerge_pl.jobs.tune import tune_val_record
 
     monkeypatch.setattr(ToyTaskDataset, "held_out_splits", ("test",), raising=False)
 
     def task(name, split):
-        return TaskConfig(name=name, dataset="freemerge_pl.models.toy.ToyTaskDataset",
+        return TaskConfig(name=name, dataset="freemerge_pl.adapters.toy.ToyTaskDataset",
                           dataset_args={"root": str(toy_root), "task": name}, train_args={"split": split})
 
     dm = MultiTaskDataModule([task("task0", "test"), task("task1", "train")], router_fraction=0.1, tune_fraction=0.5)

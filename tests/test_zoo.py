@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader
 
 from freemerge_pl.errors import ConfigError
 from freemerge_pl.io import sha256_file
-from freemerge_pl.models.zoo_vit import ZooViTAdapter, vit_early_features
-from freemerge_pl.zoo import (
+from freemerge_pl.adapters.zoo_vit import ZooViTAdapter, vit_early_features
+from freemerge_pl.zoo.vision import (
     ZooTaskDataset,
     default_zoo_root,
     ensure_zoo,
@@ -25,8 +25,8 @@ from freemerge_pl.zoo import (
     zoo_recipe,
     zoo_task_names,
 )
-from freemerge_pl.zoo import build as zoo_build
-from freemerge_pl.zoo.recipe import EVAL_BATCH_SIZE
+from freemerge_pl.zoo.vision import build as zoo_build
+from freemerge_pl.zoo.vision.recipe import EVAL_BATCH_SIZE
 
 SEED = 3
 
@@ -319,7 +319,7 @@ def test_fashion_task_from_installed_idx_files(tmp_path, monkeypatch):
 def test_val_split_is_held_out_before_fine_tuning(tiny_zoo):
     """``val``: n_val images per task, class-balanced, disjoint from train/router/test and the pre-training
     corpus; the manifest records it and ``ZooTaskDataset`` serves it (the datamodule's tune-val)."""
-    from freemerge_pl.zoo import ZooTaskDataset
+    from freemerge_pl.zoo.vision import ZooTaskDataset
 
     cfg = zoo_recipe("tiny")["data"]
     assert recipe.RECIPE_VERSION >= 3 and cfg["n_val"] > 0

@@ -19,8 +19,8 @@ import torch
 
 import freemerge_pl.io as fio
 from freemerge_pl.errors import FreeMergeError
-from freemerge_pl.models.zoo_vit import ZooViTAdapter
-from freemerge_pl.zoo import (
+from freemerge_pl.adapters.zoo_vit import ZooViTAdapter
+from freemerge_pl.zoo.vision import (
     ZooTaskDataset,
     ensure_zoo,
     load_task_data,
@@ -30,9 +30,9 @@ from freemerge_pl.zoo import (
     verify_zoo,
     zoo_recipe,
 )
-from freemerge_pl.zoo import __main__ as zoo_main
-from freemerge_pl.zoo import build as zoo_build
-from freemerge_pl.zoo.progress import BuildProgress
+from freemerge_pl.zoo.vision import __main__ as zoo_main
+from freemerge_pl.zoo.vision import build as zoo_build
+from freemerge_pl.zoo.vision.progress import BuildProgress
 
 SEED = 5
 TASKS = ["digits", "signs"]
@@ -99,7 +99,7 @@ def test_truncated_file_is_named(copy):
     size = head.stat().st_size
     os.truncate(head, size - 10)
     with pytest.raises(FreeMergeError, match=rf"{head} is damaged or truncated: {size - 10} bytes, its manifest "
-                                             rf"records {size}.*python -m freemerge_pl.zoo .*--rebuild"):
+                                             rf"records {size}.*python -m freemerge_pl.zoo.vision .*--rebuild"):
         ensure_zoo(copy, size="tiny", seed=SEED)
     with pytest.raises(FreeMergeError, match=rf"{head}.*truncated"):  # the reader alone names it too
         fio.load_state_dict(head)
@@ -178,7 +178,7 @@ def test_build_logs_progress_lines_on_a_non_terminal_stream(tmp_path, caplog, mo
     monkeypatch.setenv("FREEMERGE_PROGRESS_SECONDS", str(interval))
     stream = io.StringIO()  # not a terminal
     handler = logging.StreamHandler(stream)
-    logger = logging.getLogger("freemerge_pl.zoo")
+    logger = logging.getLogger("freemerge_pl.zoo.vision")
     logger.addHandler(handler)
     logger.addHandler(caplog.handler)  # directly: cli's logging set-up may stop freemerge_pl.* propagating
     dest = tmp_path / "zoo"
@@ -190,12 +190,12 @@ def test_build_logs_progress_lines_on_a_non_terminal_stream(tmp_path, caplog, mo
 
     monkeypatch.setattr(zoo_build, "finetune", slow_finetune)
     try:
-        with caplog.at_level(logging.INFO, logger="freemerge_pl.zoo"):
+        with caplog.at_level(logging.INFO, logger="freemerge_pl.zoo.vision"):
             ensure_zoo(dest, size="tiny", seed=SEED)
     finally:
         logger.removeHandler(handler)
         logger.removeHandler(caplog.handler)
-    records = [r for r in caplog.records if r.name == "freemerge_pl.zoo"]
+    records = [r for r in caplog.records if r.name == "freemerge_pl.zoo.vision"]
     lines = [r.getMessage() for r in records]
     assert "built once" in lines[0] and str(dest) in lines[0] and "expect ~" in lines[0] and "1 thread" in lines[0]
     stages = [line for line in lines if line.startswith("zoo build: ")]

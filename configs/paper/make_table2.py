@@ -81,7 +81,7 @@ def config(tag: str, method: str) -> dict:
                     "callbacks": [{"class_path": "freemerge_pl.callbacks.ResultsTable"},
                                   {"class_path": "freemerge_pl.callbacks.RoutingStats"}]},
         "model": {
-            "adapter": {"class_path": "freemerge_pl.models.hf_clip.HFCLIPAdapter",
+            "adapter": {"class_path": "freemerge_pl.adapters.hf_clip.HFCLIPAdapter",
                         "init_args": {"pretrained": f"CHECKPOINT_ROOT/{directory}", "tasks": tasks,
                                       "checkpoint_root": "CHECKPOINT_ROOT",
                                       "checkpoint_pattern": "{root}/" + directory + "_{dataset}"}},

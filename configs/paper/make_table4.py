@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from freemerge_pl.merging import get_method, list_methods
-from freemerge_pl.metrics import GLUE_PAPER_METRIC, glue_metrics, glue_task_key
+from freemerge_pl.lightning.metrics import GLUE_PAPER_METRIC, glue_metrics, glue_task_key
 
 HERE = Path(__file__).resolve().parent
 #: Table 4's tasks, in the paper's order, with their HF ``glue`` text columns and evaluation split
@@ -73,7 +73,7 @@ def table4_config(method: str) -> dict:
                           {"class_path": "freemerge_pl.callbacks.RoutingStats"}],
         },
         "model": {
-            "adapter": {"class_path": "freemerge_pl.models.hf_text.HFSequenceClassificationAdapter",
+            "adapter": {"class_path": "freemerge_pl.adapters.hf_text.HFSequenceClassificationAdapter",
                         "init_args": adapter_args()},
             "method": method,
             "method_args": METHOD_ARGS.get(method, {}),

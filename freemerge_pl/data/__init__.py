@@ -1,5 +1,2 @@
-"""Multi-task data: the data module, task configs and the router split."""
-
-from freemerge_pl.data.datamodule import MultiTaskDataModule, TaskConfig, router_split
-
-__all__ = ["MultiTaskDataModule", "TaskConfig", "router_split"]
+"""Datasets: image folders, text tasks (JSONL/CSV) and the bundled task metadata. The Lightning data module
+that combines them is ``freemerge_pl.lightning.datamodule.MultiTaskDataModule``."""

@@ -2,7 +2,7 @@
 the multi-task-learning upper bound, as per-tensor kernels of the one engine.
 
 Each method needs statistics that only data can give (Fisher diagonals, Gram matrices of linear-layer inputs,
-learned merging coefficients, a jointly fine-tuned backbone). ``freemerge_pl.activation_stats`` collects them
+learned merging coefficients, a jointly fine-tuned backbone). ``freemerge_pl.lightning.activation_stats`` collects them
 from the router split (never the test split) and hands them over as ``DataStatistics`` (kind → key → tensor,
 read one key at a time); ``method.with_data(statistics)`` returns the configured method bound to them, which
 then runs key by key through ``merge()`` like every other method. Without statistics a method's
@@ -96,7 +96,7 @@ class DataDependentMethod(MergeMethod):
             raise ConfigError(
                 f"method {self.name!r} needs statistics from data ({self.statistic}); run it through "
                 "MergedModule (cli.py test/fit with a data module: they are collected from the router split) "
-                "or bind them with method.with_data(freemerge_pl.activation_stats.collect_statistics(...))")
+                "or bind them with method.with_data(freemerge_pl.lightning.activation_stats.collect_statistics(...))")
         return data
 
     def begin(self, ctx: Context) -> None:

@@ -29,7 +29,7 @@ from freemerge_pl.merging.method import (
     VectorChunks,
 )
 from freemerge_pl.merging.task_vectors import compile_patterns
-from freemerge_pl.sources import TensorSource
+from freemerge_pl.merging.source import TensorSource
 
 
 def prefilter_transform(fr_filter_ratio: float, cutoff_mode: str = "fraction") -> Callable[[Tensor], Tensor] | None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-import freemerge_pl
+from freemerge_pl._version import __version__
 from freemerge_pl.merging.base import MergeResult, StateDict
 from freemerge_pl.merging.engine import (
     CheckpointInputs,
@@ -24,7 +24,7 @@ from freemerge_pl.merging.experts import SparseExpert
 from freemerge_pl.merging.method import MergeMethod
 from freemerge_pl.merging.registry import build_method
 from freemerge_pl.merging.task_vectors import validate_checkpoints
-from freemerge_pl.sources import StateDictSource
+from freemerge_pl.merging.source import StateDictSource
 
 
 @dataclass
@@ -102,7 +102,7 @@ def merge(
 def merge_record(config: MergeMethod, **fields: Any) -> dict[str, Any]:
     """The provenance record of a merge (method, reference, every hyperparameter, package version)."""
     return {"method": config.name, "reference": config.reference, "hyperparameters": config.hyperparameters(),
-            **fields, "package_version": freemerge_pl.__version__}
+            **fields, "package_version": __version__}
 
 
 def save_merge(output: MergeOutput, directory, *, inputs: Sequence[str | Path] = (),
@@ -160,7 +160,7 @@ def task_module_tensors(module) -> dict[str, torch.Tensor]:
 
 
 def task_module_metadata(module) -> dict[str, str]:
-    """The safetensors metadata that, with the tensors, rebuilds ``module`` (``freemerge_pl.loading``): its
+    """The safetensors metadata that, with the tensors, rebuilds ``module`` (``freemerge_pl.lightning.loading``): its
     type and, as JSON, its ``get_extra_state()`` (tensor keys, shapes, kinds) when it defines one."""
     meta = {"type": type(module).__name__}
     if type(module).get_extra_state is not torch.nn.Module.get_extra_state:
@@ -170,7 +170,7 @@ def task_module_metadata(module) -> dict[str, str]:
 
 def save_task_modules(task_modules, shared_modules, directory, *, names=None, method: str = "") -> list[Path]:
     """Write ``task_module_<k>.safetensors`` per task and ``shared_<name>.safetensors`` (atomic writes; the
-    metadata names the task, the type and what ``freemerge_pl.loading`` needs to rebuild the module)."""
+    metadata names the task, the type and what ``freemerge_pl.lightning.loading`` needs to rebuild the module)."""
     from freemerge_pl.io import save_safetensors_atomic
 
     directory = Path(directory)

@@ -46,7 +46,7 @@ def validate_checkpoints(
     to merge. Keys matched by ``exclude_keys`` (e.g. task-specific heads) are neither compared nor merged.
     """
     from freemerge_pl.merging.engine import CheckpointInputs
-    from freemerge_pl.sources import StateDictSource
+    from freemerge_pl.merging.source import StateDictSource
 
     if len(finetuned) == 0:
         raise ConfigError("no fine-tuned models were given: merging needs at least one")
