@@ -1,4 +1,5 @@
-"""``python cli.py fit|validate|test|tune|merge --config configs/....yaml`` (``--help`` lists them)."""
+"""``python cli.py <subcommand> --help``: fit | validate | test | predict | tune | export (Lightning, a run YAML),
+merge (a mergekit-style checkpoint job YAML, ``--dry-run``), analyze; one parser (``freemerge_pl.lightning.cli``)."""
 
 import sys
 

@@ -5,31 +5,30 @@
 Measured in one run on the same batches, the functions taking turns: images/s of the model with experts
 (router + experts + backbone) divided by images/s of the merged backbone alone (goal ≥ 0.90; the paper reports
 31.0 s vs 32.2 s, 0.96). The config's (default) router, on mixed-task batches (a task-agnostic deployment) with
-both expert paths (``expert_path``: ``activation``, one backbone pass with each sample's sparse expert added as
-a layer correction; ``weight_swap``, one pass per routed group with the experts applied in place and restored)
-and ``auto`` (what the model does by default: the faster of the two, timed on its first mixed batches), and on
-per-task batches (the paper's evaluation); oracle routing on per-task batches (one expert apply/restore per
-batch: the experts' own cost) and on mixed batches (the experts' cost without the router's); the router's
-features alone; and the router's training time.
-Where the adapter can split its backbone, the same router and experts are also timed with ``router.shared_prefix``
-(the router's prefix run once, the experts applied after it; a different model, see the zoo table's rows).
+two expert paths: ``weight_swap`` (the product's: one pass per routed group with the experts applied in place and
+restored) and ``activation`` (experimental, ``benchmarks/experimental/activation_experts.py``: one backbone pass
+with each sample's sparse expert added as a layer correction), and on per-task batches (the paper's evaluation);
+oracle routing on per-task batches (one expert apply/restore per batch: the experts' own cost) and on mixed
+batches (the experts' cost without the router's); the router's features alone; and the router's training time.
 Writes ``benchmarks/results/inference_overhead.{json,md}`` (``--name``: another name, e.g.
 ``inference_overhead_text`` for ``--config configs/text/free_merging.yaml``); the last line printed is
-``default router, mixed batches: routed/merged throughput X.XX`` (``auto``).
+``default router, mixed batches: routed/merged throughput X.XX`` (the weight swap).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from freemerge_pl.lightning.cli import build_from_config
 from freemerge_pl.io import write_json_atomic, write_text_atomic
-from freemerge_pl.adapters.base import implements
+from freemerge_pl.lightning.cli import build_from_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "experimental"))
+from activation_experts import ActivationExperts
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -72,45 +71,43 @@ def throughput(fns, batches, repeats: int = 5) -> list[float]:
 
 
 def _with_path(model, path: str, routing: str):
-    """``fn(x, task_ids)``: the routed model with ``expert_path=path`` (oracle: the true task ids)."""
+    """``fn(x, task_ids)``: the routed model (a ``RoutedModel``) with the experts applied by ``path`` (oracle:
+    the true task ids). ``activation`` falls back to the weight swap where it does not cover a layer."""
+    activation = ActivationExperts(model.backbone, list(model.task_modules)) if path == "activation" else None
+
     def fn(x, t):
-        model.expert_path = path
-        return model(x) if routing == "router" else model(x, t)
+        ids, weights = model.route(x, None if routing == "router" else t)
+        if activation is not None and activation.supported:
+            return activation(x, ids, weights), ids[:, 0]
+        return model.features(x, ids, weights), ids[:, 0]
 
     return fn
 
 
 def run(config: str, n_batches: int, batch_size: int) -> dict:
-    model, dm = build_from_config(["--config", config])
-    model.eval()
+    module, dm = build_from_config(["--config", config])
+    model = module.model.eval()
     start = time.perf_counter()
     model.fit_router(dm.router_dataset())
     router_seconds = time.perf_counter() - start
-    source = model.router_config.feature_source
+    source = model.feature_source
     rows = {}
     # (routing, per-task batches, expert paths measured against the backbone in the same interleaved run)
-    runs = [("router", False, ("activation", "weight_swap", "auto"), False), ("router", True, ("auto",), False),
-            ("oracle", True, ("auto",), False), ("oracle", False, ("activation", "weight_swap"), False)]
-    router_config = model.router_config
-    if implements(model.adapter, "suffix") and model.router_feature_source == "backbone_prefix":
-        # the same router and experts with the prefix shared (router.shared_prefix: experts after the prefix)
-        runs += [("router", False, ("activation", "weight_swap", "auto"), True), ("oracle", True, ("auto",), True)]
-    for routing, per_task, paths, shared in runs:
-        model.router_config = dataclasses.replace(router_config, shared_prefix=shared)
+    runs = [("router", False, ("weight_swap", "activation")), ("router", True, ("weight_swap",)),
+            ("oracle", True, ("weight_swap",)), ("oracle", False, ("weight_swap", "activation"))]
+    for routing, per_task, paths in runs:
         batches = mixed_batches(dm, n_batches, batch_size, per_task)
         fns = [lambda x, t, m=model: m.backbone(x)] + [_with_path(model, p, routing) for p in paths]
         speeds = throughput(fns, batches)
-        model.expert_path = "auto"
         for path, routed in zip(paths, speeds[1:]):
             label = (f"router on {source} features" if routing == "router" else "oracle") + \
-                f", {'per-task' if per_task else 'mixed'} batches, {path}" + (", shared prefix" if shared else "")
+                f", {'per-task' if per_task else 'mixed'} batches, {path}"
             rows[label] = {
                 "backbone_images_per_s": speeds[0], "routed_images_per_s": routed, "ratio": routed / speeds[0],
                 "expert_path": path, "router_fit_seconds": router_seconds if routing == "router" else None,
-                "router_samples": len(dm.router_dataset()), "method": model.method,
-                "task_modules": len(model.task_modules), "shared_prefix": shared}
-    model.router_config = router_config
-    mixed = rows[f"router on {source} features, mixed batches, auto"]["ratio"]
+                "router_samples": len(dm.router_dataset()), "method": module.method,
+                "task_modules": len(model.task_modules)}
+    mixed = rows[f"router on {source} features, mixed batches, weight_swap"]["ratio"]
     backbone_speed, router_speed = throughput([lambda x, t: model.backbone(x), lambda x, t: model.router_logits(x)],
                                               mixed_batches(dm, n_batches, batch_size))
     return {"config": config, "batches": n_batches, "batch_size": batch_size,

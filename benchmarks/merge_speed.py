@@ -15,7 +15,7 @@ Page faults on freshly allocated output tensors are a large share of task arithm
 default allocator settings; ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967295``
 keeps freed memory for reuse and shows the ratios without them (the setting is printed with the results).
 
-Every registry method (through the engine, ``get_method(name).fn(task_vectors)``, default hyperparameters)
+Every registry method (through the engine, ``merge_task_vectors(get_method(name).build(), task_vectors)``, default hyperparameters)
 is also timed once from the same task vectors, and its time is printed relative to task arithmetic's.
 """
 
@@ -34,9 +34,10 @@ import torch
 
 import freemerge_pl
 from freemerge_pl.io import write_json_atomic, write_text_atomic
-from freemerge_pl.merging import apply_delta, energy_lambdas, extract_experts, list_methods
+from freemerge_pl.merging import apply_delta, energy_lambdas, list_methods
+from freemerge_pl.merging.engine import merge_task_vectors
 from freemerge_pl.merging.fourier import Spectrum, full_highpass_mask, matrix_shape
-from freemerge_pl.merging.fr import fr_combine, fr_merging
+from freemerge_pl.merging.methods.fr import FREEMerging, FRMerging, fr_combine
 from freemerge_pl.merging.registry import get_method
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -59,7 +60,7 @@ def task_arithmetic_registry(pretrained, tvs, scaling: float = 0.3):
     """θ_pre + λ Σ_k v_k through the registered ``task_arithmetic`` method (the plain loop when absent)."""
     if "task_arithmetic" not in list_methods():
         return task_arithmetic_loop(pretrained, tvs, scaling)
-    return apply_delta(pretrained, get_method("task_arithmetic").fn(tvs, scaling=scaling).delta)
+    return apply_delta(pretrained, merge_task_vectors(get_method("task_arithmetic").build({"scaling": scaling}), tvs).delta)
 
 
 def task_arithmetic_loop(pretrained, tvs, scaling: float = 0.3):
@@ -74,7 +75,7 @@ def task_arithmetic_loop(pretrained, tvs, scaling: float = 0.3):
 
 
 def fr(pretrained, tvs, filter_ratio: float):
-    return apply_delta(pretrained, fr_merging(tvs, filter_ratio=filter_ratio).delta)
+    return apply_delta(pretrained, merge_task_vectors(FRMerging(filter_ratio=filter_ratio), tvs).delta)
 
 
 def naive_fr(pretrained, tvs, filter_ratio: float, masks: dict):
@@ -188,7 +189,7 @@ def main() -> None:
         step_peak[name] = hwm_mib() - before if before is not None else None
         del out
     # the two FR deltas agree (relative to each tensor's largest entry)
-    fast = fr_merging(tvs, filter_ratio=args.filter_ratio).delta
+    fast = merge_task_vectors(FRMerging(filter_ratio=args.filter_ratio), tvs).delta
     slow = naive_fr_delta(tvs, args.filter_ratio, masks)
     agreement = max(float((fast[k] - slow[k]).abs().max() / slow[k].abs().max().clamp_min(1e-30)) for k in slow)
     del fast, slow
@@ -230,14 +231,15 @@ def main() -> None:
         if spec.needs:
             continue
         kwargs = {"key_pattern": "attn|mlp"} if name.endswith("_released") else {}
-        w, _, out = timed(lambda fn=spec.fn, kw=kwargs: apply_delta(pretrained, fn(tvs, **kw).delta))
+        w, _, out = timed(lambda s=spec, kw=kwargs: apply_delta(pretrained, merge_task_vectors(s.build(kw), tvs).delta))
         del out
         method_seconds[name] = w
         print(f"{name}: {w:.2f} s = {w / median['task_arithmetic']:.2f} × task arithmetic", flush=True)
 
-    lambdas = energy_lambdas(tvs)
-    expert_seconds, _, (experts, _) = timed(
-        lambda: extract_experts(tvs, lambdas, expert_density=args.expert_density))
+    # the experts as the product extracts them: FREE-Merging's engine passes without the FFT (filter_ratio 0)
+    expert_seconds, _, experts = timed(lambda: merge_task_vectors(
+        FREEMerging(filter_ratio=0.0, expert_density=args.expert_density, expert_index_encoding="flat"),
+        tvs).task_modules)
     expert_mib = sum(e.nbytes for e in experts) / len(experts) / 2**20
 
     result = {

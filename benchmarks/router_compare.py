@@ -8,8 +8,9 @@ split (held out before fine-tuning: the data the default is chosen on) and on ``
 choose). Per router: routing accuracy, routed FREE accuracy (dataset heads, top-1, Alg. 1), the gap to
 oracle FREE (true task → its expert), the merged backbone alone (no expert), and routed FREE's throughput on
 mixed-task batches relative to the merged backbone's (measured in turns, as ``inference_overhead.py``). The
-choice is the best val routed FREE. The confidence fallback (``fallback_threshold``, no expert below it) is
-scanned on val for the chosen router. Writes ``benchmarks/results/router_compare.{json,md}``, the chosen router's routing confusion matrix
+choice is the best val routed FREE. A prefix depth other than the product's (``router.SPLIT_BLOCK``) is a
+``RoutedModel`` built here directly. Writes ``benchmarks/results/router_compare.{json,md}``, the chosen router's
+routing confusion matrix
 (``router_compare_confusion.{md,png}``, test split) and every router's (``router_compare_confusions.md``,
 ``router_confusions/<router>.png``).
 """
@@ -19,32 +20,32 @@ from __future__ import annotations
 import argparse
 import re
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from freemerge_pl.callbacks.routing import plot_routing_confusion
 from inference_overhead import mixed_batches, throughput
 
-from freemerge_pl.lightning.datamodule import MultiTaskDataModule, TaskConfig
-from freemerge_pl.io import write_json_atomic, write_text_atomic
 from freemerge_pl.adapters.zoo_vit import ZooViTAdapter
+from freemerge_pl.io import write_json_atomic, write_text_atomic
+from freemerge_pl.lightning.datamodule import MultiTaskDataModule, TaskConfig
 from freemerge_pl.lightning.module import MergedModule
-from freemerge_pl.lightning.router import AUTO_IMAGE_SOURCE, RouterConfig, routing_confusion_markdown
+from freemerge_pl.lightning.routed import RoutedModel
+from freemerge_pl.lightning.router import (
+    AUTO_IMAGE_SOURCE,
+    SPLIT_BLOCK,
+    RouterConfig,
+    routing_confusion_markdown,
+)
 from freemerge_pl.zoo.vision.build import normalize_images
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROUTERS: list[dict] = [
-    *({"feature_source": "input", "head": h} for h in ("linear", "mlp", "ncm")),
-    *({"feature_source": "backbone_prefix", "split_block": b, "head": h} for b in (1, 2, 3)
-      for h in ("linear", "mlp", "ncm")),
-    *({"feature_source": "backbone_prefix", "split_block": b, "head": h, "prefix_pool": "class_mean_std"}
-      for b in (1, 2, 3) for h in ("linear", "mlp")),
-    *({"feature_source": "backbone", "head": h} for h in ("linear", "mlp", "ncm")),
+    *({"feature_source": "input", "head": h} for h in ("linear", "mlp")),
+    *({"feature_source": "backbone_prefix", "split_block": b, "head": h} for b in (1, 2, 3) for h in ("linear", "mlp")),
+    *({"feature_source": "backbone", "head": h} for h in ("linear", "mlp")),
     *({"feature_source": "pretrained_backbone", "split_block": b, "head": h} for b in (0, 2)
-      for h in ("linear", "mlp", "ncm")),
-    *({"feature_source": "backbone_prefix", "split_block": b, "head": h, "prefix_pool": "class_mean_std",
-       "shared_prefix": True} for b in (1, 2) for h in ("linear", "mlp")),
+      for h in ("linear", "mlp")),
 ]
 
 
@@ -60,7 +61,7 @@ def split_tensors(dm: MultiTaskDataModule, split: str) -> tuple[torch.Tensor, to
 
 
 @torch.no_grad()
-def scores(module: MergedModule, data, ids=None, batch: int = 512) -> dict[str, float]:
+def scores(module: RoutedModel, data, ids=None, batch: int = 512) -> dict[str, float]:
     """Accuracy with the dataset's head (mean over tasks) for routing ``ids`` (None: the router's own;
     ``"oracle"``: the true task; ``"none"``: the backbone alone), and routing accuracy."""
     x, y, t = data
@@ -70,7 +71,7 @@ def scores(module: MergedModule, data, ids=None, batch: int = 512) -> dict[str, 
         xb, tb = x[s:s + batch], t[s:s + batch]
         if ids == "none":
             i, feats = torch.zeros(len(tb), 1, dtype=torch.long), module.backbone(xb)
-        else:  # the module's own path (with router.shared_prefix: the experts after the shared prefix)
+        else:
             feats, i, _ = module.routed_features(xb, tb if ids == "oracle" else None)
         routed[s:s + batch] = i[:, 0]
         for task in tb.unique().tolist():
@@ -94,37 +95,32 @@ def slug(text: str) -> str:
     return re.sub(r"[^0-9A-Za-z]+", "_", text).strip("_")
 
 
-def use_router(module: MergedModule, config: RouterConfig, router_data, example) -> float:
-    module.router_config = config
-    module._router_in = module._router_in_features(example)
-    module.reset_router()
+def use_router(merged: MergedModule, r: dict, router_data, example) -> tuple[RoutedModel, float]:
+    """The merged model with router ``r`` (its prefix depth: ``split_block``), fitted on ``router_data``."""
+    config = RouterConfig(**{k: v for k, v in r.items() if k != "split_block"})
+    model = RoutedModel(merged.adapter, merged.task_names, merged.backbone, list(merged.task_modules),
+                        dict(merged.model.shared_modules), config, example_input=example,
+                        split_block=r.get("split_block", SPLIT_BLOCK))
     start = time.perf_counter()
-    module.fit_router(router_data)
-    return time.perf_counter() - start
+    model.fit_router(router_data)
+    return model, time.perf_counter() - start
 
 
 def label(r: dict) -> str:
     split = f"[{r['split_block']}]" if "split_block" in r else ""
-    pool = f" ({r['prefix_pool']})" if r.get("prefix_pool", "class_token") != "class_token" else ""
-    shared = ", shared prefix" if r.get("shared_prefix") else ""
-    return f"{r['feature_source']}{split}{pool} + {r['head']}{shared}"
+    return f"{r['feature_source']}{split} + {r['head']}"
 
 
-def mixed_throughput(module: MergedModule, batches) -> float:
+def mixed_throughput(model: RoutedModel, batches) -> float:
     """Routed FREE's images/s on mixed-task batches over the merged backbone's, measured in turns
-    (``inference_overhead.throughput``) with the model's default expert path (``auto``)."""
-    path, module.expert_path = module.expert_path, "auto"
-    try:
-        backbone, routed = throughput([lambda x, t: module.backbone(x), lambda x, t: module(x)], batches, repeats=3)
-    finally:
-        module.expert_path = path
+    (``inference_overhead.throughput``; the weight swap, the product's expert path)."""
+    backbone, routed = throughput([lambda x, t: model.backbone(x), lambda x, t: model(x)], batches, repeats=3)
     return routed / backbone
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="default")
-    parser.add_argument("--threshold-grid", default="0,0.3,0.5,0.7,0.9")
     parser.add_argument("--speed-batches", type=int, default=10,
                         help="mixed batches of 128 test images for each router's throughput ratio")
     args = parser.parse_args()
@@ -135,24 +131,22 @@ def main() -> None:
              for t in adapter.task_names]
     dm = MultiTaskDataModule(tasks, router_fraction=1.0, min_router_samples=1, tune_fraction=0.5)
     dm.setup()
-    module = MergedModule(adapter, router=RouterConfig(feature_source="input"))
+    merged = MergedModule(adapter, router=RouterConfig(feature_source="input"))
     router_data = dm.router_dataset()
     example = router_data[0][0][None]
-    module.build(example)
-    if hasattr(module, "expert_path"):  # the weight swap honours weight-0 (fallback) rows on every batch
-        module.expert_path = "weight_swap"
+    merged.build(example)
+    module = merged.model
     data = {s: split_tensors(dm, s) for s in ("val", "test")}
     batches = mixed_batches(dm, args.speed_batches, 128)
     base = {s: {"oracle_free": scores(module, d, "oracle")["accuracy"],
                 "backbone_alone": scores(module, d, "none")["accuracy"]} for s, d in data.items()}
     rows = []
     for r in ROUTERS:
-        config = RouterConfig(**r)
-        seconds = use_router(module, config, router_data, example)
+        model, seconds = use_router(merged, r, router_data, example)
         row = {"router": label(r), "config": r, "fit_seconds": seconds,
-               "mixed_throughput_ratio": mixed_throughput(module, batches)}
+               "mixed_throughput_ratio": mixed_throughput(model, batches)}
         for s, d in data.items():
-            out = scores(module, d)
+            out = scores(model, d)
             row[s] = {"routing_accuracy": out["routing_accuracy"], "routed_free": out["accuracy"],
                       "gap_to_oracle": base[s]["oracle_free"] - out["accuracy"]}
             if s == "test":
@@ -163,37 +157,25 @@ def main() -> None:
               f"{row['test']['routed_free']:.4f} | mixed throughput {row['mixed_throughput_ratio']:.2f}", flush=True)
     # the choice: best routed FREE on val (ties: higher routing accuracy, then the cheaper: listed first)
     best = max(rows, key=lambda r: (round(r["val"]["routed_free"], 4), r["val"]["routing_accuracy"]))
-    thresholds = [float(v) for v in args.threshold_grid.split(",")]
-    scan = []
-    for th in thresholds:
-        cfg = RouterConfig(**{**best["config"], "fallback_threshold": th})
-        use_router(module, cfg, router_data, example)
-        scan.append({"fallback_threshold": th, **{s: {k: v for k, v in scores(module, d).items() if k != "routed"}
-                                                 for s, d in data.items()}})
-    chosen_th = max(scan, key=lambda r: r["val"]["accuracy"])["fallback_threshold"]
-    use_router(module, RouterConfig(**{**best["config"], "fallback_threshold": chosen_th}), router_data, example)
-    test_out = scores(module, data["test"])
+    test_out = scores(use_router(merged, best["config"], router_data, example)[0], data["test"])
     K = len(dm.task_names)
     chosen_confusion = confusion(data["test"][2], test_out["routed"], K)
-    report = {"size": args.size, "method": module.method, "task_names": dm.task_names,
+    report = {"size": args.size, "method": merged.method, "task_names": dm.task_names,
               "router_data": "zoo router split (100/task, never fine-tuned on)", "choose_on": "val",
               "baselines": base, "routers": rows,
-              "chosen": {"router": best["router"], "config": asdict(RouterConfig(**{**best["config"],
-                                                                                     "fallback_threshold": chosen_th}))},
-              "fallback_scan": scan,
+              "chosen": {"router": best["router"], "config": best["config"]},
               "chosen_test": {"routing_accuracy": test_out["routing_accuracy"], "routed_free": test_out["accuracy"],
                               "gap_to_oracle": base["test"]["oracle_free"] - test_out["accuracy"]},
               "routing_confusion_test": chosen_confusion.tolist()}
-    d = RouterConfig()
-    default_label = label({"feature_source": AUTO_IMAGE_SOURCE, "split_block": d.split_block, "head": d.head,
-                           "prefix_pool": d.prefix_pool})
+    default_label = label({"feature_source": AUTO_IMAGE_SOURCE, "split_block": SPLIT_BLOCK,
+                           "head": RouterConfig().head})
     lines = [f"# Routers on the {args.size} zoo (FREE-Merging, top-1)", "",
              (f"router fitted on the zoo's router split; the best chosen on val (the config default is "
               f"{default_label}); oracle FREE val {base['val']['oracle_free']:.4f} / test "
               f"{base['test']['oracle_free']:.4f}; merged backbone alone val {base['val']['backbone_alone']:.4f} / "
               f"test {base['test']['backbone_alone']:.4f}"), "",
              (f"mixed throughput: routed FREE / merged backbone images/s on {args.speed_batches} mixed-task batches "
-              f"of 128 test images, measured in turns, auto expert path, {torch.get_num_threads()} CPU threads "
+              f"of 128 test images, measured in turns, the weight swap, {torch.get_num_threads()} CPU threads "
               f"(goal ≥ 0.90; the same router moved by up to 0.1 between runs on these VMs)"), "",
              ("| router | val routing | val routed FREE | val gap | test routing | test routed FREE | test gap | "
               "mixed throughput | fit s |"),
@@ -203,11 +185,8 @@ def main() -> None:
                      f"{r['val']['gap_to_oracle']:+.4f} | {r['test']['routing_accuracy']:.3f} | "
                      f"{r['test']['routed_free']:.4f} | {r['test']['gap_to_oracle']:+.4f} | "
                      f"{r['mixed_throughput_ratio']:.2f} | {r['fit_seconds']:.1f} |")
-    lines += ["", f"fallback scan for {best['router']} (no expert below the threshold):", "",
-              "| threshold | val routed FREE | test routed FREE |", "|---|---|---|"]
-    lines += [f"| {s['fallback_threshold']} | {s['val']['accuracy']:.4f} | {s['test']['accuracy']:.4f} |" for s in scan]
     c = report["chosen_test"]
-    lines += ["", (f"chosen: {best['router']}, fallback_threshold {chosen_th} → test routing accuracy "
+    lines += ["", (f"chosen: {best['router']} → test routing accuracy "
                    f"{c['routing_accuracy']:.4f}, routed FREE {c['routed_free']:.4f}, gap to oracle "
                    f"{c['gap_to_oracle']:+.4f} (goals: routing ≥ 0.90, gap ≤ 0.01), mixed throughput "
                    f"{best['mixed_throughput_ratio']:.2f}"), "",

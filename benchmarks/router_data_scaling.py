@@ -6,8 +6,8 @@ The router only learns which task an image comes from, so any image of a task's 
 it (the paper's router uses 1 % of the training data; the zoo's fine-tuned models trained on these images, which
 does not matter for task identity). For each size n, n images per task are drawn (seeded, nested) from the zoo's
 ``train`` split, and the default router head (MLP, ``RouterConfig`` defaults) is fitted on the merged FREE
-backbone's first ``split_block`` blocks, pooled two ways (``prefix_pool``: ``class_token``, the default, and
-``class_mean_std``); routing accuracy is measured on the ``test`` split (mean over tasks), averaged over seeds.
+backbone's first ``SPLIT_BLOCK`` blocks, pooled two ways (``class_token``, the product's, and
+``class_mean_std``, built here); routing accuracy is measured on the ``test`` split (mean over tasks), averaged over seeds.
 Features are computed once. Writes ``benchmarks/results/router_data_scaling.{json,md}``.
 """
 
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from freemerge_pl.io import write_json_atomic, write_text_atomic
 from freemerge_pl.adapters.zoo_vit import ZooViTAdapter
+from freemerge_pl.io import write_json_atomic, write_text_atomic
 from freemerge_pl.lightning.module import MergedModule
-from freemerge_pl.lightning.router import Router, RouterConfig
+from freemerge_pl.lightning.router import SPLIT_BLOCK, Router, RouterConfig
 from freemerge_pl.zoo.vision.build import normalize_images
 from freemerge_pl.zoo.vision.dataset import ZooTaskDataset
 
@@ -31,16 +31,25 @@ POOLS = ("class_token", "class_mean_std")
 
 
 @torch.no_grad()
+def pooled(module: MergedModule, x: torch.Tensor, pool: str) -> torch.Tensor:
+    """The router's features of ``x``: the default (the prefix's class token), or ``class_mean_std`` (the class
+    token, and the mean and standard deviation of the other tokens: 3× wider; built here, not a setting)."""
+    if pool == "class_token":
+        return module.model.router_input(x)
+    states = module.adapter.prefix_states(module.backbone, x, SPLIT_BLOCK)
+    tokens = states[:, 1:].float()
+    return torch.cat([states[:, 0].float(), tokens.mean(1), tokens.std(1, correction=0)], dim=-1)
+
+
 def features(module: MergedModule, images: torch.Tensor, pool: str, batch: int = 512) -> torch.Tensor:
-    module.router_config = RouterConfig(split_block=module.router_config.split_block, prefix_pool=pool)
-    return torch.cat([module._router_features_raw(normalize_images(images[s:s + batch]))
+    return torch.cat([pooled(module, normalize_images(images[s:s + batch]), pool)
                       for s in range(0, len(images), batch)])
 
 
 def fit(feats: torch.Tensor, ids: torch.Tensor, num_tasks: int, seed: int) -> Router:
-    """The default head, seeded, trained as ``MergedModule.fit_router`` trains it (``Router.fit``)."""
+    """The default head, seeded, trained as ``MergedModule`` trains it (``Router.fit``, the one loop)."""
     torch.manual_seed(seed)
-    return Router(num_tasks, RouterConfig(seed=seed), feats.shape[1]).fit(feats, ids)
+    return Router(num_tasks, RouterConfig(), feats.shape[1]).fit(feats, ids, seed=seed)
 
 
 def main() -> None:

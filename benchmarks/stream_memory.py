@@ -346,10 +346,9 @@ TRACED_STEPS = [
     ("freemerge_pl.merging.method", "KeyTensors.vector", "task vector θ_k − θ_pre (+ θ_pre → fp32)"),
     ("freemerge_pl.merging.engine", "all_finite", "finite check"),
     ("torch", "isfinite", "finite check (torch.isfinite)"),
-    ("freemerge_pl.merging.fr", "abs_sum", "Σ|v| (λ)"),
-    ("freemerge_pl.merging.experts", "topk_flat_indices", "expert top-k (torch.topk)"),
-    ("freemerge_pl.merging.experts", "topk_selection", "expert threshold (k-th largest |v|)"),
-    ("freemerge_pl.merging.experts", "selection_indices", "expert cut (indices ≥ threshold)"),
+    ("freemerge_pl.merging.methods.fr", "abs_sum", "Σ|v| (λ)"),
+    ("freemerge_pl.merging.topk", "topk_selection_chunks", "expert threshold (k-th largest |v|)"),
+    ("freemerge_pl.merging.topk", "selection_entries", "expert cut (indices ≥ threshold)"),
     ("freemerge_pl.merging.fourier", "Spectrum.highpass", "FFT high-pass"),
     ("freemerge_pl.merging.engine", "apply_key", "θ_pre + delta → out dtype"),
 ]
@@ -394,8 +393,8 @@ def child_main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(spec["threads"])
     from freemerge_pl.io import open_checkpoint
-    from freemerge_pl.merging import build_method
     from freemerge_pl.jobs import stream as stream_module
+    from freemerge_pl.merging import build_method
 
     rss_ready = status_kib("VmRSS")
     method = build_method(spec["method"])

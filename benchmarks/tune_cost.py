@@ -59,7 +59,7 @@ def main() -> None:
     default_val = module.val_results["avg"]["accuracy"]
 
     module, dm = fresh()
-    module.backbone = None
+    module.model = None  # tune builds it itself
     start = time.perf_counter()
     report = trainer(FreeMergeTrainer).tune(module, dm, SPACE, output_dir=str(RESULTS / "tune_cost_run"))
     search = time.perf_counter() - start

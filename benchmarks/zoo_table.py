@@ -26,8 +26,8 @@ import torch
 import yaml
 from lightning.pytorch import Trainer
 
-from freemerge_pl.lightning.cli import build_from_config
 from freemerge_pl.io import write_json_atomic, write_text_atomic
+from freemerge_pl.lightning.cli import build_from_config
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -42,8 +42,7 @@ ZOOS: dict[str, dict[str, str]] = {
 
 def rows_spec(zoo: str = "vision") -> list[dict[str, Any]]:
     """(label, config method, method_args, model overrides) of every headline row (on the text zoo the default
-    router already reads the backbone's features, so that variant is not repeated, and the encoder has no
-    shared-prefix split)."""
+    router already reads the backbone's features, so that variant is not repeated)."""
     router = {"routing": "router", "head_selection": "dataset"}
     oracle = {"routing": "oracle", "head_selection": "dataset"}
     routed_heads = {"routing": "router", "head_selection": "routed"}
@@ -66,10 +65,6 @@ def rows_spec(zoo: str = "vision") -> list[dict[str, Any]]:
         {"label": "FREE-Merging (router, routed heads)", "method": "free_merging", "model": routed_heads},
         {"label": "FREE-Merging (router on the whole merged backbone)", "method": "free_merging",
          "model": {**router, "router": {"feature_source": "backbone", "epochs": 20}}},
-        {"label": "FREE-Merging (router, shared prefix: experts after block 3)", "method": "free_merging",
-         "model": {**router, "router": {"epochs": 20, "shared_prefix": True}}},
-        {"label": "FREE-Merging (oracle, shared prefix: experts after block 3)", "method": "free_merging",
-         "model": {**oracle, "router": {"epochs": 20, "shared_prefix": True}}},
         {"label": "FREE-Merging (released code, router)", "method": "free_merging_released", "model": router},
         {"label": "FREE-Merging (released code, oracle)", "method": "free_merging_released", "model": oracle},
         # data-dependent baselines: statistics / training on the router split (configs/zoo/<method>.yaml settings)
@@ -81,9 +76,8 @@ def rows_spec(zoo: str = "vision") -> list[dict[str, Any]]:
         {"label": "MTL (joint fine-tuning on 50% of the training split, 3 epochs: the upper bound)", "method": "mtl",
          "args": {"data_split": "train", "train_fraction": 0.5, "epochs": 3}},
     ]
-    if zoo == "text":  # no prefix to share on the text encoder (its adapter cannot split it)
-        rows = [r for r in rows if r["label"] != "FREE-Merging (router on the whole merged backbone)"
-                and "shared prefix" not in r["label"]]
+    if zoo == "text":  # the text zoo's default router already reads the whole merged encoder
+        rows = [r for r in rows if r["label"] != "FREE-Merging (router on the whole merged backbone)"]
         for r in rows:  # the text configs' training data is the zoo's router split: name the training split
             if r["method"] == "mtl" and r.get("args", {}).get("data_split") == "train":
                 r["args"] = {**r["args"], "train_split_args": {"split": "train"}}
@@ -205,7 +199,7 @@ def run_tuned(size: str, label: str, method: str, individual, zoo: str = "vision
     trainer = FreeMergeTrainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                                enable_model_summary=False, enable_checkpointing=False)
     start = time.perf_counter()
-    module.backbone = None  # tune builds it itself
+    module.model = None  # tune builds it itself
     out = RESULTS / "tune" / (f"{size}-{method}" if zoo == "vision" else f"{zoo}-{size}-{method}")
     report = trainer.tune(module, dm, DEFAULT_SPACES[method], output_dir=str(out))
     tune_seconds = time.perf_counter() - start

@@ -25,7 +25,7 @@ def _config(out: str, adapter: dict, method: str, method_args: dict | None, rout
     return {
         "seed_everything": 0,
         "trainer": {
-            "accelerator": "auto", "devices": 1, "max_epochs": 20, "logger": False,
+            "accelerator": "auto", "devices": 1, "logger": False,
             "default_root_dir": out, "enable_checkpointing": True,
             "callbacks": [{"class_path": "freemerge_pl.callbacks.ResultsTable"},
                           {"class_path": "freemerge_pl.callbacks.RoutingStats"}],

@@ -25,13 +25,3 @@ class HyperparameterError(FreeMergeError):
 
 class ConfigError(FreeMergeError):
     """A configuration is inconsistent (unknown method, task count mismatch, head size, ...)."""
-
-
-def check_range(name: str, value: float, low: float, high: float, *, low_open=False, high_open=False) -> None:
-    """Raise HyperparameterError unless ``value`` lies in the interval (bounds open as asked)."""
-    ok_low = value > low if low_open else value >= low
-    ok_high = value < high if high_open else value <= high
-    if not (ok_low and ok_high):
-        lb = "(" if low_open else "["
-        hb = ")" if high_open else "]"
-        raise HyperparameterError(f"{name}={value!r} is outside its accepted range {lb}{low}, {high}{hb}")

@@ -82,6 +82,12 @@ def check_value(name: str, value: Any, annotation: Any) -> None:
     inner, optional = _strip_optional(inner)
     if value is None and optional:
         return
+    if get_origin(inner) is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}={value!r} is not a list")
+        for i, item in enumerate(value):
+            check_value(f"{name}[{i}]", item, (get_args(inner) or (Any,))[0])
+        return
     if get_origin(inner) is Literal:
         choices = get_args(inner)
         if value not in choices or type(value) is not type(next((c for c in choices if c == value), value)):
@@ -92,6 +98,8 @@ def check_value(name: str, value: Any, annotation: Any) -> None:
         raise ConfigError(f"{name}={value!r} is not an integer")
     elif inner is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise ConfigError(f"{name}={value!r} is not a number")
+    elif inner is str and not isinstance(value, str):
+        raise ConfigError(f"{name}={value!r} is not a string")
 
 
 def check_fields(obj: Any, owner: str = "") -> None:

@@ -1,18 +1,21 @@
-"""Activation-space experts (``freemerge_pl.lightning.activation_experts``) equal the weight swap they replace: toy MLP,
-open_clip ViT and BERT, mixed-task batches, top-1 and weighted top-2, the paper's experts and the released code's."""
+"""Activation-space experts (``benchmarks/experimental/activation_experts.py``, experimental: the product runs
+the weight swap) equal the weight swap they replace: toy MLP, open_clip ViT and BERT, mixed-task batches, top-1
+and weighted top-2, the paper's experts and the released code's."""
 
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from freemerge_pl.lightning.activation_experts import ActivationExperts, correction_kind
-from freemerge_pl.errors import ConfigError
-from freemerge_pl.merging import merge
-from freemerge_pl.merging.experts import SparseExpert
 from freemerge_pl.adapters.toy import ToyAdapter, make_toy_models
 from freemerge_pl.lightning.module import MergedModule
+from freemerge_pl.merging import merge
+from freemerge_pl.merging.experts import SparseExpert
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "experimental"))
+from activation_experts import ActivationExperts, _csr_rows, correction_kind
 
 
 def per_sample_reference(backbone: nn.Module, experts, x, ids, weights) -> torch.Tensor:
@@ -63,19 +66,13 @@ def test_toy_mixed_batches_match_the_weight_swap(toy_root, method, args, k):
     ids, weights = routing(11, 3, k)
     want = per_sample_reference(model.backbone, model.task_modules, x, ids, weights)
     results = {}
-    for path in ("activation", "weight_swap", "auto"):
-        model.expert_path = path
+    for path, run in (("activation", activation), ("weight_swap", model.model.features)):
         calls = passes(model.backbone)
-        results[path] = model.features(x, ids, weights)
+        results[path] = run(x, ids, weights)
         combos = {(tuple(r), tuple(w) if k > 1 else ()) for r, w in zip(ids.tolist(), weights.tolist())}
-        assert calls[0] == (1 if path != "weight_swap" else len(combos)), path
+        assert calls[0] == (1 if path == "activation" else len(combos)), path
         torch.testing.assert_close(results[path], want, rtol=1e-5, atol=1e-5)
     assert not torch.equal(results["activation"], model.backbone(x))  # the experts change the features
-    # one group (a per-task batch): auto keeps the weight swap, one pass, same features
-    one = torch.full((11, 1), 2)
-    model.expert_path = "auto"
-    torch.testing.assert_close(model.features(x, one), per_sample_reference(model.backbone, model.task_modules,
-                                                                              x, one, None), rtol=1e-5, atol=1e-5)
 
 
 def tiny_vit_merge(method: str, **args):
@@ -167,77 +164,21 @@ def test_bert_mixed_batches_match_the_weight_swap(method, args, k):
 
 
 def test_embedding_rows_of_a_sparse_matrix_are_its_dense_rows():
-    from freemerge_pl.lightning.activation_experts import _csr_rows
-
     dense = torch.zeros(6, 4)
     dense[1, 2], dense[3, 0], dense[3, 3], dense[5, 1] = 1.5, -2.0, 0.25, 4.0
     ids = torch.tensor([[3, 0, 5], [1, 3, 3]])
     torch.testing.assert_close(_csr_rows(dense.to_sparse_csr(), ids), dense[ids])
 
 
-def test_keys_the_activation_path_does_not_cover_fall_back_to_the_weight_swap(toy_root):
+def test_keys_the_activation_path_does_not_cover_are_reported(toy_root):
     net = nn.Sequential(nn.Embedding(10, 4, max_norm=1.0), nn.Linear(4, 3), nn.Embedding(10, 4))
     assert correction_kind(net, "0.weight") is None and correction_kind(net, "1.weight")[0] == "linear"
     assert correction_kind(net, "2.weight")[0] == "embedding"
-    model = MergedModule(ToyAdapter(str(toy_root)), method="free_merging", expert_path="activation")
+    model = MergedModule(ToyAdapter(str(toy_root)), method="free_merging")
     model.build(torch.zeros(1, 16))
     covered = model.task_modules[0]
     idx, vals = covered.entries("fc1.weight")
     odd = SparseExpert({"fc1.weight": (idx, vals), "step": (torch.tensor([0], dtype=torch.int32),
                                                             torch.tensor([0.0]))}, {"step": []})
-    model.task_modules = nn.ModuleList([odd, *list(model.task_modules)[1:]])
-    assert ActivationExperts(model.backbone, list(model.task_modules)).unsupported == ["step"]
-    x = torch.randn(6, 16)
-    ids = torch.tensor([[0], [1], [2], [0], [1], [2]])
-    calls = passes(model.backbone)
-    got = model.features(x, ids)
-    assert calls[0] == 3  # one weight-swapped pass per group
-    torch.testing.assert_close(got, per_sample_reference(model.backbone, model.task_modules, x, ids, None),
-                               rtol=1e-5, atol=1e-5)
-
-
-def test_unknown_expert_path_is_a_named_error(toy_root):
-    with pytest.raises(ConfigError, match=r"model\.expert_path='fast'.*auto"):
-        MergedModule(ToyAdapter(str(toy_root)), expert_path="fast")
-
-
-def test_path_chooser_times_both_paths_after_a_warmup_and_keeps_the_faster():
-    from freemerge_pl.lightning.activation_experts import PathChooser
-
-    chooser = PathChooser(warmup=1, trials=2)
-    # each path's first run untimed (the activation path's is slow: it builds its corrections), then activation
-    # 3 ms / sample and weight swap 2 ms / sample, in turns
-    plan = [("activation", 9.0), ("weight_swap", 0.2), ("activation", 0.3), ("weight_swap", 0.2),
-            ("activation", 0.3), ("weight_swap", 0.2)]
-    for i, (expected, seconds) in enumerate(plan):
-        assert chooser.next() == expected and chooser.timing
-        result = chooser.record(expected, seconds, samples=100)
-        assert result is None if i < len(plan) - 1 else result == "weight_swap"
-    assert chooser.seconds_per_sample == {"activation": [0.003, 0.003], "weight_swap": [0.002, 0.002]}
-    assert chooser.next() == "weight_swap" and not chooser.timing
-    assert chooser.record("activation", 0.0, 1) is None and chooser.choice == "weight_swap"
-
-
-@pytest.mark.parametrize("slow", ["activation", "weight_swap"])
-def test_auto_settles_on_the_faster_path_with_the_same_features(toy_root, slow, monkeypatch):
-    import time
-
-    from freemerge_pl.lightning.activation_experts import ActivationExperts as AE
-    from freemerge_pl.lightning.module import MergedModule as MM
-
-    model = MergedModule(ToyAdapter(str(toy_root)), method="free_merging", method_args={"expert_density": 0.1})
-    model.build(torch.zeros(1, 16))
-    if slow == "activation":
-        original = AE.__call__
-        monkeypatch.setattr(AE, "__call__", lambda self, *a, **k: (time.sleep(0.05), original(self, *a, **k))[1])
-    else:
-        original = MM._features_weight_swap
-        monkeypatch.setattr(MM, "_features_weight_swap",
-                            lambda self, *a, **k: (time.sleep(0.05), original(self, *a, **k))[1])
-    x = torch.randn(9, 16)
-    ids = torch.tensor([[0], [1], [2]] * 3)
-    want = per_sample_reference(model.backbone, model.task_modules, x, ids, None)
-    for _ in range(6):
-        torch.testing.assert_close(model.features(x, ids), want, rtol=1e-5, atol=1e-5)
-    fast = "weight_swap" if slow == "activation" else "activation"
-    assert model._path_choosers[None].choice == fast
+    activation = ActivationExperts(model.backbone, [odd, *list(model.task_modules)[1:]])
+    assert activation.unsupported == ["step"] and not activation.supported

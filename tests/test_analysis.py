@@ -10,15 +10,15 @@ import pytest
 import torch
 import yaml
 
+from freemerge_pl.adapters.toy import make_toy_models
+from freemerge_pl.errors import ConfigError
 from freemerge_pl.jobs.analysis import analyze, contributions, log_power, method_context, spectrum
 from freemerge_pl.jobs.analysis.plots import cutoff_figure, save_figure, spectra_figure
 from freemerge_pl.jobs.analysis.run import OUTPUT_NAMES
 from freemerge_pl.lightning.cli import cli_main
-from freemerge_pl.errors import ConfigError
 from freemerge_pl.merging import build_method
 from freemerge_pl.merging.engine import CheckpointInputs, TaskVectorInputs, merge_task_vectors
 from freemerge_pl.merging.fourier import highpass
-from freemerge_pl.adapters.toy import make_toy_models
 from freemerge_pl.merging.source import StateDictSource
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

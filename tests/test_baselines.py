@@ -7,22 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from freemerge_pl.errors import FreeMergeError, HyperparameterError
+from freemerge_pl.errors import ConfigError, FreeMergeError, HyperparameterError
 from freemerge_pl.merging import get_method, list_methods, merge
-from freemerge_pl.merging.baselines import (
-    breadcrumbs,
-    dare,
-    della,
-    pcb,
-    task_arithmetic,
-    ties,
-    tsv,
-    weight_averaging,
-)
-from freemerge_pl.merging.emr import EMRTaskModule, emr
+from freemerge_pl.merging.engine import merge_task_vectors
 from freemerge_pl.merging.merge import prefilter
+from freemerge_pl.merging.methods.basic import Breadcrumbs, TaskArithmetic, WeightAveraging
+from freemerge_pl.merging.methods.emr import EMR, EMRTaskModule
+from freemerge_pl.merging.methods.pcb import PCB
+from freemerge_pl.merging.methods.ties import DARE, DELLA, TIES
+from freemerge_pl.merging.methods.tsv import TSV
+from freemerge_pl.merging.methods.twin import LowRankTaskModule, Twin
 from freemerge_pl.merging.ops import magprune_drop_probabilities, packbits, unpackbits
-from freemerge_pl.merging.twin import LowRankTaskModule, twin
 
 F64 = torch.float64
 
@@ -226,14 +221,15 @@ def ref_emr(tvs):
 
 def test_weight_averaging_and_task_arithmetic_hand_worked():
     tvs = [{"a": t(1.0, 2.0)}, {"a": t(3.0, -2.0)}]
-    close(weight_averaging(tvs).delta["a"], [2.0, 0.0])  # ((1+3)/2, (2-2)/2)
-    close(task_arithmetic(tvs, scaling=0.5).delta["a"], [2.0, 0.0])  # 0.5·(4, 0)
-    close(task_arithmetic(tvs).delta["a"], [1.2, 0.0])  # default λ = 0.3: 0.3·(4, 0)
+    close(merge_task_vectors(WeightAveraging(), tvs).delta["a"], [2.0, 0.0])  # ((1+3)/2, (2-2)/2)
+    close(merge_task_vectors(TaskArithmetic(scaling=0.5), tvs).delta["a"], [2.0, 0.0])  # 0.5·(4, 0)
+    close(merge_task_vectors(TaskArithmetic(), tvs).delta["a"], [1.2, 0.0])  # default λ = 0.3: 0.3·(4, 0)
 
 
 def test_weight_averaging_equals_task_arithmetic_with_one_over_k():
     tvs = random_tvs(K=4)
-    wa, ta = weight_averaging(tvs).delta, task_arithmetic(tvs, scaling=0.25).delta
+    wa = merge_task_vectors(WeightAveraging(), tvs).delta
+    ta = merge_task_vectors(TaskArithmetic(scaling=0.25), tvs).delta
     for key in wa:
         torch.testing.assert_close(wa[key], ta[key], rtol=1e-6, atol=1e-6)
 
@@ -244,26 +240,26 @@ def test_ties_hand_worked_both_sign_conventions():
     # density 0.5 of 4 entries keeps 2 per task: v1 → [4, 0, 2, 0]; v2 → [-3, -6, 0, 0].
     tvs = [{"a": t(4.0, -1.0, 2.0, 0.5)}, {"a": t(-3.0, -6.0, 1.0, 0.2)}]
     # Paper (w = 1): Σ = [1, -6, 2, 0] → signs [+, -, +, +]; agreeing means: [4/1, -6/1, 2/1, 0].
-    close(ties(tvs, density=0.5).delta["a"], [4.0, -6.0, 2.0, 0.0])
+    close(merge_task_vectors(TIES(density=0.5), tvs).delta["a"], [4.0, -6.0, 2.0, 0.0])
     # Unweighted election, w = (1, 3): same signs; numerator weighted, divided by the count:
     # [1·4/1, 3·(-6)/1, 1·2/1, 0].
-    close(ties(tvs, density=0.5, weights=[1.0, 3.0]).delta["a"], [4.0, -18.0, 2.0, 0.0])
+    close(merge_task_vectors(TIES(density=0.5, weights=[1.0, 3.0]), tvs).delta["a"], [4.0, -18.0, 2.0, 0.0])
     # Weighted election (mergekit), w = (1, 3): Σ w v = [4-9, -18, 2, 0] → signs [-, -, +, +];
     # [3·(-3)/3, 3·(-6)/3, 1·2/1, 0].
-    close(ties(tvs, density=0.5, weights=[1.0, 3.0], sign_election="weighted").delta["a"],
+    close(merge_task_vectors(TIES(density=0.5, weights=[1.0, 3.0], sign_election="weighted"), tvs).delta["a"],
           [-3.0, -6.0, 2.0, 0.0])
     # Scaling λ multiplies the merged vector.
-    close(ties(tvs, density=0.5, scaling=0.5).delta["a"], [2.0, -3.0, 1.0, 0.0])
+    close(merge_task_vectors(TIES(density=0.5, scaling=0.5), tvs).delta["a"], [2.0, -3.0, 1.0, 0.0])
 
 
 def test_ties_hand_worked_trim_scopes():
     # One task: the merge is the trimmed vector itself. Model scope keeps the top 3 of 6 magnitudes
     # {4, 1, 2, 0.5, 0.3, 0.1} (threshold 1); tensor scope keeps the top 2 of a and the top 1 of b.
     tvs = [{"a": t(4.0, -1.0, 2.0, 0.5), "b": t(0.3, 0.1)}]
-    model = ties(tvs, density=0.5, trim_scope="model").delta
+    model = merge_task_vectors(TIES(density=0.5, trim_scope="model"), tvs).delta
     close(model["a"], [4.0, -1.0, 2.0, 0.0])
     close(model["b"], [0.0, 0.0])
-    tensor = ties(tvs, density=0.5, trim_scope="tensor").delta
+    tensor = merge_task_vectors(TIES(density=0.5, trim_scope="tensor"), tvs).delta
     close(tensor["a"], [4.0, 0.0, 2.0, 0.0])
     close(tensor["b"], [0.3, 0.0])
 
@@ -273,8 +269,8 @@ def test_ties_hand_worked_trim_scopes():
 def test_ties_matches_loop_reference(scope, convention):
     tvs = random_tvs(K=4, shapes={"w": (6, 5), "b": (7,), "s": ()}, seed=3)
     weights = [0.5, 1.0, 2.0, 1.5]
-    got = ties(tvs, density=0.3, trim_scope=scope, sign_election=convention, weights=weights,
-               scaling=0.7).delta
+    method = TIES(density=0.3, trim_scope=scope, sign_election=convention, weights=weights, scaling=0.7)
+    got = merge_task_vectors(method, tvs).delta
     want = ref_ties(tvs, 0.3, scope, convention, weights, 0.7)
     for key in want:
         close(got[key], want[key])
@@ -282,7 +278,8 @@ def test_ties_matches_loop_reference(scope, convention):
 
 def test_ties_density_one_all_agreeing_is_the_mean():
     tvs = [{k: v.abs() for k, v in tv.items()} for tv in random_tvs(K=3)]
-    got, mean = ties(tvs, density=1.0).delta, weight_averaging(tvs).delta
+    got = merge_task_vectors(TIES(density=1.0), tvs).delta
+    mean = merge_task_vectors(WeightAveraging(), tvs).delta
     for key in mean:
         torch.testing.assert_close(got[key], mean[key], rtol=1e-6, atol=1e-7)
 
@@ -303,9 +300,10 @@ def test_dare_rescale_on_and_off():
     # All-ones task vector, p = 0.5: survivors are 1/(1-0.5) = 2 when rescaled, 1 otherwise; the same
     # draws (same generator seed) drop the same entries.
     tvs = [{"a": torch.ones(400)}]
-    on = dare(tvs, drop_rate=0.5, scaling=1.0, generator=torch.Generator().manual_seed(1)).delta["a"]
-    off = dare(tvs, drop_rate=0.5, rescale=False, scaling=1.0,
-               generator=torch.Generator().manual_seed(1)).delta["a"]
+    on = merge_task_vectors(DARE(drop_rate=0.5, scaling=1.0), tvs,
+                            generator=torch.Generator().manual_seed(1)).delta["a"]
+    off = merge_task_vectors(DARE(drop_rate=0.5, rescale=False, scaling=1.0), tvs,
+                             generator=torch.Generator().manual_seed(1)).delta["a"]
     assert set(on.unique().tolist()) == {0.0, 2.0}
     assert set(off.unique().tolist()) == {0.0, 1.0}
     assert torch.equal(on, 2 * off)
@@ -314,13 +312,13 @@ def test_dare_rescale_on_and_off():
 
 def test_dare_zero_drop_is_task_arithmetic_and_ties():
     tvs = random_tvs()
-    ta = task_arithmetic(tvs, scaling=0.3).delta
-    got = dare(tvs, drop_rate=0.0).delta
+    ta = merge_task_vectors(TaskArithmetic(scaling=0.3), tvs).delta
+    got = merge_task_vectors(DARE(drop_rate=0.0), tvs).delta
     for key in ta:
         torch.testing.assert_close(got[key], ta[key])
-    got_ties = dare(tvs, drop_rate=0.0, merge="ties", ties_density=0.4, trim_scope="tensor",
-                    scaling=1.0).delta
-    want = ties(tvs, density=0.4, trim_scope="tensor").delta
+    got_ties = merge_task_vectors(DARE(drop_rate=0.0, merge="ties", ties_density=0.4, trim_scope="tensor",
+                                       scaling=1.0), tvs).delta
+    want = merge_task_vectors(TIES(density=0.4, trim_scope="tensor"), tvs).delta
     for key in want:
         torch.testing.assert_close(got_ties[key], want[key])
 
@@ -328,7 +326,8 @@ def test_dare_zero_drop_is_task_arithmetic_and_ties():
 @pytest.mark.parametrize("rescale", [True, False])
 def test_dare_matches_loop_reference(rescale):
     tvs = random_tvs(K=3, shapes={"w": (4, 6), "b": (5,)}, seed=7)
-    got = dare(tvs, drop_rate=0.6, rescale=rescale, scaling=0.4, generator=torch.Generator().manual_seed(11))
+    got = merge_task_vectors(DARE(drop_rate=0.6, rescale=rescale, scaling=0.4), tvs,
+                             generator=torch.Generator().manual_seed(11))
     want = ref_dare_ta(tvs, 0.6, rescale, 0.4, seed=11)
     for key in want:
         close(got.delta[key], want[key])
@@ -337,8 +336,9 @@ def test_dare_matches_loop_reference(rescale):
 def test_dare_ties_uses_ties_conventions():
     # p = 0: DARE+TIES is TIES on the raw vectors, both sign conventions.
     tvs = [{"a": t(4.0, -1.0, 2.0, 0.5)}, {"a": t(-3.0, -6.0, 1.0, 0.2)}]
-    got = dare(tvs, drop_rate=0.0, merge="ties", ties_density=0.5, weights=[1.0, 3.0],
-               sign_election="weighted", scaling=1.0).delta["a"]
+    method = DARE(drop_rate=0.0, merge="ties", ties_density=0.5, weights=[1.0, 3.0], sign_election="weighted",
+                  scaling=1.0)
+    got = merge_task_vectors(method, tvs).delta["a"]
     close(got, [-3.0, -6.0, 2.0, 0.0])  # as in test_ties_hand_worked_both_sign_conventions
 
 
@@ -348,14 +348,15 @@ def test_breadcrumbs_hand_worked():
     # n = 10, β = 0.1 drops the 1 largest |v|, γ = 0.5 drops the 5 smallest; the middle 4 stay.
     v1 = t(0.5, -0.9, 0.1, 0.7, -0.3, 0.2, 1.0, -0.4, 0.8, 0.6)  # keeps -0.9, 0.7, 0.8, 0.6
     v2 = t(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # keeps 0.6, 0.7, 0.8, 0.9
-    got = breadcrumbs([{"a": v1}, {"a": v2}], drop_top=0.1, drop_bottom=0.5, scaling=0.5).delta["a"]
+    method = Breadcrumbs(drop_top=0.1, drop_bottom=0.5, scaling=0.5)
+    got = merge_task_vectors(method, [{"a": v1}, {"a": v2}]).delta["a"]
     # 0.5 · [0, -0.9, 0, 0.7, 0, 0.6, 0.7, 0.8, 0.8+0.9, 0.6]
     close(got, [0.0, -0.45, 0.0, 0.35, 0.0, 0.3, 0.35, 0.4, 0.85, 0.3])
 
 
 def test_breadcrumbs_matches_loop_reference():
     tvs = random_tvs(K=3, shapes={"w": (10, 20), "b": (30,)}, seed=2)
-    got = breadcrumbs(tvs, drop_top=0.05, drop_bottom=0.6, scaling=0.3).delta
+    got = merge_task_vectors(Breadcrumbs(drop_top=0.05, drop_bottom=0.6, scaling=0.3), tvs).delta
     want = ref_breadcrumbs(tvs, 0.05, 0.6, 0.3)
     for key in want:
         close(got[key], want[key])
@@ -374,14 +375,14 @@ def test_della_drop_probabilities_hand_worked():
 def test_della_without_drop_is_elect_and_disjoint_mean():
     # p = ε = 0 keeps everything: Σ = [4, -1] → signs [+, -]; means [(1+3)/2, -2/1].
     tvs = [{"a": t(1.0, -2.0)}, {"a": t(3.0, 1.0)}]
-    close(della(tvs, drop_rate=0.0, epsilon=0.0, scaling=1.0).delta["a"], [2.0, -2.0])
+    close(merge_task_vectors(DELLA(drop_rate=0.0, epsilon=0.0, scaling=1.0), tvs).delta["a"], [2.0, -2.0])
 
 
 def test_della_matches_loop_reference_and_seed():
     tvs = random_tvs(K=3, shapes={"w": (4, 7), "b": (9,)}, seed=4)
     def run(seed):
-        return della(tvs, drop_rate=0.5, epsilon=0.3, scaling=0.9,
-                     generator=torch.Generator().manual_seed(seed)).delta
+        return merge_task_vectors(DELLA(drop_rate=0.5, epsilon=0.3, scaling=0.9), tvs,
+                                  generator=torch.Generator().manual_seed(seed)).delta
 
     got = run(3)
     want = ref_della(tvs, 0.5, 0.3, 0.9, seed=3)
@@ -413,16 +414,16 @@ def test_pcb_hand_worked():
     tvs = [{"a": t(2.0, 0.0)}, {"a": t(1.0, 1.0)}]
     # r = 1 keeps all: τ_m = (β1 τ1 + β2 τ2) / (β1 + β2); task 1's zero still weighs in the mean.
     want = [(2 * b1[0] + b2[0]) / (b1[0] + b2[0]), b2[1] / (b1[1] + b2[1])]
-    close(pcb(tvs, density=1.0).delta["a"], want)
+    close(merge_task_vectors(PCB(density=1.0), tvs).delta["a"], want)
     # r = 0.5 keeps each task's larger β (entry 0 for both): entry 1 has Σβ̂ = 0 → 0.
-    close(pcb(tvs, density=0.5, scaling=2.0).delta["a"], [2 * want[0], 0.0])
+    close(merge_task_vectors(PCB(density=0.5, scaling=2.0), tvs).delta["a"], [2 * want[0], 0.0])
 
 
 @pytest.mark.parametrize("scope", ["model", "tensor"])
 def test_pcb_matches_loop_reference(scope):
     tvs = random_tvs(K=3, shapes={"w": (3, 4), "b": (5,)}, seed=5)
     keys = list(tvs[0])
-    got = pcb(tvs, density=0.4, scope=scope, scaling=1.5).delta
+    got = merge_task_vectors(PCB(density=0.4, scope=scope, scaling=1.5), tvs).delta
     if scope == "model":
         rows = [[x for key in keys for x in flat64(tv)[key]] for tv in tvs]
         merged, start = ref_pcb_paper(rows, 0.4), 0
@@ -438,7 +439,7 @@ def test_pcb_matches_loop_reference(scope):
 
 def test_pcb_released_code_matches_transcription():
     tvs = random_tvs(K=4, shapes={"w": (6, 5), "b": (8,)}, seed=6)
-    got = pcb(tvs, density=0.3, formulation="released_code").delta
+    got = merge_task_vectors(PCB(density=0.3, formulation="released_code"), tvs).delta
     rows = [[x for key in tvs[0] for x in flat64(tv)[key]] for tv in tvs]
     want = ref_pcb_released(rows, 0.3)
     close(torch.cat([got[key].reshape(-1) for key in tvs[0]]), want, rtol=1e-4)
@@ -452,20 +453,20 @@ def test_tsv_hand_worked():
     # matrices are symmetric), so Δ_m = W·diag(2, 2)·Wᵀ = 2·I (task arithmetic would give [[3,1],[1,1]]).
     tvs = [{"w": torch.tensor([[2.0, 0.0], [0.0, 0.0]]), "b": t(1.0, 3.0)},
            {"w": torch.tensor([[1.0, 1.0], [1.0, 1.0]]), "b": t(3.0, 5.0)}]
-    got = tsv(tvs).delta
+    got = merge_task_vectors(TSV(), tvs).delta
     close(got["w"], [[2.0, 0.0], [0.0, 2.0]], atol=1e-5)
     close(got["b"], [2.0, 4.0])  # 1-D tensors are averaged
     # Orthogonal task bases pass unchanged: diag(3, 1) and diag(0, 2) → diag(3, 2), times α.
     tvs = [{"w": torch.diag(t(3.0, 1.0))}, {"w": torch.diag(t(0.0, 2.0))}]
-    close(tsv(tvs, scaling=0.5).delta["w"], [[1.5, 0.0], [0.0, 1.0]], atol=1e-6)
+    close(merge_task_vectors(TSV(scaling=0.5), tvs).delta["w"], [[1.5, 0.0], [0.0, 1.0]], atol=1e-6)
 
 
 def test_tsv_matches_numpy_reference():
     tvs = random_tvs(K=3, shapes={"w": (9, 7), "c": (4, 3, 2), "b": (5,)}, seed=8)
-    got = tsv(tvs).delta
+    got = merge_task_vectors(TSV(), tvs).delta
     close(got["w"], ref_tsv([tv["w"].double().numpy() for tv in tvs], rank=7 // 3), rtol=1e-4, atol=1e-5)
     close(got["c"], torch.stack([tv["c"] for tv in tvs]).double().mean(0))  # not 2-D: averaged
-    full = tsv(tvs, rank_fraction=0.5).delta  # ⌊0.5·7⌋ = 3 per task
+    full = merge_task_vectors(TSV(rank_fraction=0.5), tvs).delta  # ⌊0.5·7⌋ = 3 per task
     close(full["w"], ref_tsv([tv["w"].double().numpy() for tv in tvs], rank=3), rtol=1e-4, atol=1e-5)
 
 
@@ -476,7 +477,7 @@ def emr_example():
 
 
 def test_emr_hand_worked():
-    result = emr(emr_example())
+    result = merge_task_vectors(EMR(), emr_example())
     # a: Σ = [3, 2, 0] → flag [1, 1, 0]; M1 = [1, 0, 0], M2 = [1, 1, 0]; τ_a = [max(2, 1), 3, 0].
     # b: Σ = -1 → flag -1; M1 = [0], M2 = [1]; τ_b = [-2].
     close(result.delta["a"], [2.0, 3.0, 0.0])
@@ -499,7 +500,7 @@ def test_emr_hand_worked():
 
 def test_emr_matches_loop_reference():
     tvs = random_tvs(K=4, shapes={"w": (5, 6), "b": (7,)}, seed=9)
-    result = emr(tvs)
+    result = merge_task_vectors(EMR(), tvs)
     tau, masks, rescalers = ref_emr(tvs)
     for key in tau:
         close(result.delta[key].reshape(-1), tau[key])
@@ -537,7 +538,7 @@ def test_emr_apply_restore_bit_exact_and_task_model_formula():
 
 
 def test_emr_storage_is_bit_packed_and_shares_tau():
-    result = emr(random_tvs(K=2, shapes={"w": (5, 3), "b": (4,)}))
+    result = merge_task_vectors(EMR(), random_tvs(K=2, shapes={"w": (5, 3), "b": (4,)}))
     module = result.task_modules[0]
     # 15 mask bits → 2 bytes, 4 bits → 1 byte, plus the fp32 rescaler.
     assert module.nbytes == 2 + 1 + 4
@@ -566,7 +567,7 @@ def test_packbits_matches_numpy():
 def test_twin_hand_worked():
     tvs = [{"w": torch.tensor([[4.0, 0.0], [0.0, 0.0]]), "b": t(1.0, 1.0)},
            {"w": torch.tensor([[0.0, 0.0], [0.0, 2.0]]), "b": t(3.0, -1.0)}]
-    result = twin(tvs, scaling=0.5, rank_fraction=0.5)
+    result = merge_task_vectors(Twin(scaling=0.5, rank_fraction=0.5), tvs)
     # Shared: 0.5·Σ v = diag(2, 1) and bias [2, 0]. Twins: diag(2, -1) → rank ⌈0.5·2⌉ = 1: diag(2, 0);
     # diag(-2, 1) → diag(-2, 0). Biases are stored dense: [-1, 1] and [1, -1].
     close(result.delta["w"], [[2.0, 0.0], [0.0, 1.0]])
@@ -600,7 +601,7 @@ def test_twin_full_rank_reconstructs_finetuned_models():
 
 def test_twin_low_rank_matches_numpy_truncation():
     tvs = random_tvs(K=2, shapes={"w": (8, 10)}, seed=10)
-    result = twin(tvs, scaling=0.3, rank_fraction=0.2)  # r = ⌈0.2·8⌉ = 2
+    result = merge_task_vectors(Twin(scaling=0.3, rank_fraction=0.2), tvs)  # r = ⌈0.2·8⌉ = 2
     shared = 0.3 * (tvs[0]["w"] + tvs[1]["w"]).double().numpy()
     u, s, vh = np.linalg.svd(tvs[0]["w"].double().numpy() - shared)
     want = (u[:, :2] * s[:2]) @ vh[:2]
@@ -615,33 +616,42 @@ def test_methods_compose_with_the_fr_prefilter():
     fts = [{k: v + torch.randn_like(v) for k, v in pre.items()} for _ in range(3)]
     out = merge(pre, fts, "ties", fr_filter_ratio=0.3, density=0.5)
     tvs = prefilter([{k: ft[k] - pre[k] for k in pre} for ft in fts], 0.3)
-    want = ties(tvs, density=0.5).delta
+    want = merge_task_vectors(TIES(density=0.5), tvs).delta
     for key, value in pre.items():
         torch.testing.assert_close(out.state_dict[key], value + want[key], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda tvs: ties(tvs, density=0.0), "density"),
-    (lambda tvs: ties(tvs, trim_scope="layer"), "trim_scope"),
-    (lambda tvs: ties(tvs, sign_election="mass"), "sign_election"),
-    (lambda tvs: ties(tvs, weights=[1.0]), "weights"),
-    (lambda tvs: dare(tvs, drop_rate=1.0), "drop_rate"),
-    (lambda tvs: dare(tvs, merge="fisher"), "merge"),
-    (lambda tvs: breadcrumbs(tvs, drop_top=0.2, drop_bottom=0.8), "drop_top"),
-    (lambda tvs: della(tvs, drop_rate=0.05, epsilon=0.2), "epsilon"),
-    (lambda tvs: pcb(tvs, formulation="code"), "formulation"),
-    (lambda tvs: tsv(tvs, rank_fraction=1.5), "rank_fraction"),
-    (lambda tvs: twin(tvs, rank_fraction=0.0), "rank_fraction"),
+RANGE = HyperparameterError  # a value outside its accepted range
+CHOICE = ConfigError  # a value that is not one of the choices
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda tvs: merge_task_vectors(TIES(density=0.0), tvs), RANGE,
+     r"ties\.density=0\.0 is outside its accepted range \(0, 1\]"),
+    (lambda tvs: merge_task_vectors(TIES(trim_scope="layer"), tvs), CHOICE,
+     r"ties\.trim_scope='layer'; accepted: \['model', 'tensor'\]"),
+    (lambda tvs: merge_task_vectors(TIES(sign_election="mass"), tvs), CHOICE, r"ties\.sign_election='mass'"),
+    (lambda tvs: merge_task_vectors(TIES(weights=[1.0]), tvs), RANGE, "weights has 1 entries for 2"),
+    (lambda tvs: merge_task_vectors(DARE(drop_rate=1.0), tvs), RANGE,
+     r"dare\.drop_rate=1\.0 is outside its accepted range \[0, 1\)"),
+    (lambda tvs: merge_task_vectors(DARE(merge="fisher"), tvs), CHOICE, r"dare\.merge='fisher'"),
+    (lambda tvs: merge_task_vectors(Breadcrumbs(drop_top=0.2, drop_bottom=0.8), tvs), RANGE,
+     r"breadcrumbs\.drop_top \+ drop_bottom=1\.0 is outside its accepted range \[0, 1\)"),
+    (lambda tvs: merge_task_vectors(DELLA(drop_rate=0.05, epsilon=0.2), tvs), RANGE,
+     r"della\.drop_rate - epsilon/2=-0\.05.* is outside its accepted range \[0, 1\)"),
+    (lambda tvs: merge_task_vectors(PCB(formulation="code"), tvs), CHOICE, r"pcb\.formulation='code'"),
+    (lambda tvs: merge_task_vectors(TSV(rank_fraction=1.5), tvs), RANGE, r"tsv\.rank_fraction=1\.5"),
+    (lambda tvs: merge_task_vectors(Twin(rank_fraction=0.0), tvs), RANGE, r"twin\.rank_fraction=0\.0"),
 ])
-def test_bad_hyperparameters_name_the_culprit(call, match):
-    with pytest.raises(HyperparameterError, match=match):
+def test_bad_hyperparameters_name_the_culprit(call, error, match):
+    with pytest.raises(error, match=match):
         call(random_tvs(K=2))
 
 
 @pytest.mark.parametrize("name", ["weight_averaging", "ties", "pcb", "tsv", "emr", "twin", "breadcrumbs"])
 def test_empty_task_vector_list_is_an_error(name):
     with pytest.raises(FreeMergeError, match="no task vectors"):
-        get_method(name).fn([])
+        merge_task_vectors(get_method(name).build({}), [])
 
 
 # ---------------------------------------------------------------- registry contract
@@ -703,7 +713,7 @@ def test_contract_task_modules_apply_and_restore_bit_exact(name):
 
 
 def test_breadcrumbs_band_equals_the_stable_sort_definition_with_ties():
-    from freemerge_pl.merging.ops import magnitude_band_mask
+    from freemerge_pl.merging.topk import magnitude_band_mask
 
     g = torch.Generator().manual_seed(4)
     for shape, top, bottom in [((40,), 0.1, 0.5), ((7, 9), 0.05, 0.9), ((50,), 0.3, 0.3), ((6, 5), 0.0, 0.4),

@@ -9,13 +9,13 @@ import math
 import pytest
 import torch
 
-from freemerge_pl.merging import engine, experts, fourier
+from freemerge_pl.merging import engine, fourier, topk
 from freemerge_pl.merging.fourier import Spectrum, cutoff_radius
 
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(experts, "_CHUNK", 64)
+    monkeypatch.setattr(topk, "_CHUNK", 64)
     monkeypatch.setattr(engine, "_BLOCK", 50)
     monkeypatch.setattr(fourier, "_BLOCK_ELEMENTS", 40)
     monkeypatch.setattr(fourier, "_TRANSPOSE_ROWS", 7)
@@ -27,6 +27,16 @@ def naive_selection(mags: torch.Tensor, count: int) -> torch.Tensor:
     return torch.tensor(sorted(order[:count]), dtype=torch.long)
 
 
+def select(values, count):
+    """The expert cut ``(t, ties)`` of a whole tensor of magnitudes (``topk_selection_chunks`` over its chunks)."""
+    return topk.topk_selection_chunks(lambda: topk.flat_chunks(values), values.numel(), count, absolute=False)
+
+
+def cut(v, threshold, ties, absolute=False):
+    """The flat indices ``selection_entries`` keeps for that cut, chunk by chunk."""
+    return topk.selection_entries(topk.flat_chunks(v), threshold, ties, absolute=absolute)[0]
+
+
 @pytest.mark.parametrize("count", [1, 7, 100, 333, 999, 1000])
 def test_radix_threshold_and_cut_match_a_sort(small_chunks, count):
     g = torch.Generator().manual_seed(count)
@@ -35,26 +45,26 @@ def test_radix_threshold_and_cut_match_a_sort(small_chunks, count):
     v[5::13] = -0.5
     v[3] = -0.0
     mags = v.abs()
-    t, ties = experts.topk_selection(mags, count)
+    t, ties = select(mags, count)
     t_ref = float(mags.kthvalue(mags.numel() - count + 1).values)
     assert t == t_ref
     assert ties == count - int((mags > t_ref).sum())
-    got = experts.selection_indices(v, t, ties, absolute=True)
+    got = cut(v, t, ties, absolute=True)
     assert torch.equal(got, naive_selection(mags, count))
-    assert torch.equal(experts.selection_indices(mags, t, ties), got)  # absolute=False on |v| alike
+    assert torch.equal(cut(mags, t, ties), got)  # absolute=False on |v| alike
 
 
 def test_radix_leaves_non_finite_to_kthvalue(small_chunks):
     mags = torch.rand(500)
     mags[10] = math.inf
-    assert experts._radix_kth_largest(lambda: [mags], 3) is None
-    t, ties = experts.topk_selection(mags, 3)
+    assert topk._radix_kth_largest(lambda: [mags], 3) is None
+    t, ties = select(mags, 3)
     assert t == float(mags.kthvalue(498).values) and ties == 3 - int((mags > t).sum())
 
 
 def test_model_scope_cut_keeps_every_tie(small_chunks):
     v = torch.tensor([0.1, -0.3, 0.3, 0.2, -0.3, 0.05] * 30)
-    got = experts.selection_indices(v, 0.3, -1, absolute=True)
+    got = cut(v, 0.3, -1, absolute=True)
     assert torch.equal(got, torch.nonzero(v.abs() >= 0.3).flatten())
 
 
@@ -116,7 +126,7 @@ def test_cut_inside_a_group_of_ties_keeps_the_first_by_index(small_chunks):
     v[5::13] = -0.5
     mags = v.abs()
     count = int((mags > 0.5).sum()) + 5  # 5 of the ~136 entries equal to 0.5, the first 5 by index
-    t, ties = experts.topk_selection(mags, count)
+    t, ties = select(mags, count)
     assert (t, ties) == (0.5, 5)
-    got = experts.selection_indices(v, t, ties, absolute=True)
+    got = cut(v, t, ties, absolute=True)
     assert torch.equal(got, naive_selection(mags, count))

@@ -2,20 +2,23 @@
 error as one line with exit status 2, progress lines on a non-terminal stderr, no dependency noise, help
 texts, resolved method defaults in dumped configs, and the thread count."""
 
+import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
+from freemerge_pl.adapters.toy import ToyAdapter, make_toy_models
+from freemerge_pl.errors import ConfigError, HyperparameterError
 from freemerge_pl.lightning.cli import cli_main, main, program_options
 from freemerge_pl.lightning.datamodule import MultiTaskDataModule
-from freemerge_pl.errors import ConfigError, HyperparameterError
 from freemerge_pl.merging import get_method
-from freemerge_pl.adapters.toy import ToyAdapter, make_toy_models
 from freemerge_pl.progress import Ticker, choose_threads, progress_line
 from tests.test_module import REPO, config, write_config
 
@@ -49,12 +52,13 @@ def toy_config(toy_root, tmp_path, **data):
 
 
 @pytest.mark.parametrize("override, match", [
-    (["--model.method_args", "{filter_ratio: 1.5}"], r"model\.method_args.*filter_ratio=1\.5.*\[0\.0, 1\.0\)"),
-    (["--model.method_args", '{filter_ratio: "nan"}'], r"model\.method_args.*filter_ratio='nan' must be a finite"),
-    (["--model.method_args", "{filter_ratio: .nan}"], r"filter_ratio=nan must be a finite float"),
-    (["--model.method_args", "{expert_scope: layer}"], r"expert_scope='layer' must be one of 'tensor', 'model'"),
+    (["--model.method_args", "{filter_ratio: 1.5}"],
+     r"model\.method_args.*filter_ratio=1\.5 is outside its accepted range \[0, 1\)"),
+    (["--model.method_args", '{filter_ratio: "nan"}'], r"filter_ratio='nan' is not a number"),
+    (["--model.method_args", "{filter_ratio: .nan}"], r"filter_ratio=nan is outside its accepted range \[0, 1\)"),
+    (["--model.method_args", "{expert_scope: layer}"], r"expert_scope='layer'; accepted: \['tensor', 'model'\]"),
     (["--model.router.lr", "-1"], r"model\.router\.lr=-1\.0 is outside"),
-    (["--model.router", "{batch_size: 0}"], r"model\.router\.batch_size=0 must be a whole number ≥ 1"),
+    (["--model.router", "{epochs: -1}"], r"model\.router\.epochs=-1 is outside its accepted range \[0, inf\]"),
 ])
 def test_bad_model_settings_fail_before_any_read(toy_root, tmp_path, no_reads, override, match):
     # a RouterConfig checks itself when jsonargparse builds it: then the parser reports it (a ValueError)
@@ -79,9 +83,9 @@ def test_bad_data_settings_fail_before_any_read(toy_root, tmp_path, no_reads):
 
 def test_every_tune_candidate_is_checked_before_any_read(toy_root, tmp_path, no_reads):
     cfg = str(toy_config(toy_root, tmp_path))
-    with pytest.raises(ConfigError, match=r"--space.*candidate 2/2 \{'filter_ratio': 1\.5\}.*\[0\.0, 1\.0\)"):
+    with pytest.raises(ConfigError, match=r"--space.*candidate 2/2 \{'filter_ratio': 1\.5\}.*\[0, 1\)"):
         main(["tune", "--config", cfg, "--space", '{"filter_ratio": [0.3, 1.5]}'])
-    with pytest.raises(ConfigError, match=r"candidate 1/2 \{'scaling': 'big'\}.*must be a finite float"):
+    with pytest.raises(ConfigError, match=r"candidate 1/2 \{'scaling': 'big'\}.*scaling='big' is not a number"):
         main(["tune", "--config", cfg, "--space", '{"scaling": ["big", 1.0]}'])
     with pytest.raises(ConfigError, match=r"--metric='f1' is not among the metrics of task\(s\)"):
         main(["tune", "--config", cfg, "--metric", "f1"])
@@ -107,7 +111,7 @@ def test_a_package_error_is_one_line_with_exit_status_2(toy_root, tmp_path):
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith("error: model.method_args"), proc.stderr
-    assert "filter_ratio=1.5" in errors[0] and "accepted range [0.0, 1.0)" in errors[0]
+    assert "filter_ratio=1.5" in errors[0] and "accepted range [0, 1)" in errors[0]
 
 
 def test_debug_shows_the_traceback(toy_root, tmp_path, capsys, monkeypatch):
@@ -145,6 +149,56 @@ def test_progress_lines_on_a_non_terminal_stderr_and_no_tips(toy_root, tmp_path,
     assert "Tip" not in out and "deprecated" not in out and "━" not in out
 
 
+def test_fit_and_test_say_where_their_outputs_went(toy_root, tmp_path, capsys):
+    cfg = str(toy_config(toy_root, tmp_path))
+    assert cli_main(["fit", "--config", cfg, "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    saved = re.search(r"checkpoint: (\S+\.ckpt) \(test it: ", err)
+    assert saved, err[-2000:]
+    ckpt = Path(saved.group(1))
+    assert ckpt.is_file() and ckpt.parent == tmp_path / "run" / "checkpoints"
+    assert cli_main(["test", "--config", cfg, "--ckpt_path", str(ckpt), "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    said = re.search(r"results: (\S+), (\S+)$", err, flags=re.MULTILINE)
+    assert said, err[-2000:]
+    results = tmp_path / "run" / "results"
+    assert [Path(p) for p in said.groups()] == [results / "results.json", results / "results.md"]
+    assert json.loads((results / "results.json").read_text())["tasks"].keys() == {"task0", "task1", "task2"}
+
+
+def test_ctrl_c_exits_130_with_one_line(toy_root, tmp_path, capsys, monkeypatch):
+    """Lightning turns a KeyboardInterrupt inside its loop into ``exit(1)`` (and ignores SIGINT from then
+    on); ``cli.py`` exits 130, the shell's status for SIGINT, with one line, and gives Ctrl-C back."""
+    from freemerge_pl.lightning.module import MergedModule
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(MergedModule, "test_step", interrupted)
+    assert cli_main(["test", "--config", str(toy_config(toy_root, tmp_path)), "--threads", "1"]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted"), err[-2000:]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert not (tmp_path / "run" / "results" / "results.json").exists()
+
+
+def test_sigint_to_a_real_run_exits_130(toy_root, tmp_path):
+    """A real SIGINT (Ctrl-C) to ``python cli.py fit`` once it runs: status 130 and one line, no traceback."""
+    cmd = [sys.executable, str(REPO / "cli.py"), "fit", "--config", str(toy_config(toy_root, tmp_path)),
+           "--threads", "1"]
+    env = {**os.environ, "FREEMERGE_PROGRESS_SECONDS": "0"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    try:
+        first = proc.stderr.readline()  # the thread-count line: the program runs
+        assert "threads:" in first, first
+        proc.send_signal(signal.SIGINT)
+        err = proc.stderr.read()
+        assert proc.wait(timeout=120) == 130, err[-3000:]
+    finally:
+        proc.kill()
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted"), err[-3000:]
+
+
 def test_validate_prints_the_tune_val_score(toy_root, tmp_path, capsys):
     cfg = str(toy_config(toy_root, tmp_path))
     assert cli_main(["validate", "--config", cfg, "--threads", "1"]) == 0
@@ -158,21 +212,109 @@ def test_validate_prints_the_tune_val_score(toy_root, tmp_path, capsys):
         main(["validate", "--config", no_split])
 
 
-def test_help_texts(capsys):
-    with pytest.raises(SystemExit):
-        main(["--help"])
-    top = capsys.readouterr().out
-    for sub in ("validate", "test", "tune", "merge"):
+SUBCOMMANDS = ("fit", "validate", "test", "predict", "tune", "export", "merge", "analyze")
+
+
+def help_text(capsys, *args) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--help"])
+    assert exit_.value.code == 0
+    return capsys.readouterr().out
+
+
+def option_entries(text: str) -> dict[str, str]:
+    """``--option`` → its description as argparse lays it out (on the option's line after two spaces, or on
+    the indented lines below), jsonargparse's ``(type: ..., default: ...)`` included."""
+    entries: dict[str, str] = {}
+    current = None
+    for line in text.splitlines():
+        m = re.match(r"^  (-\S.*?)(?:  +(\S.*))?$", line)
+        if m:
+            names = re.findall(r"--[\w.\-]*\w", m.group(1))
+            current = names[0] if names else m.group(1).split()[0]
+            entries[current] = m.group(2) or ""
+        elif current and re.match(r"^ {6,}\S", line):
+            entries[current] = (entries[current] + " " + line.strip()).strip()
+        else:
+            current = None
+    return entries
+
+
+def test_help_lists_every_subcommand(capsys):
+    top = help_text(capsys)
+    for sub in SUBCOMMANDS:
         m = re.search(rf"^    {sub} +(\S.*)$", top, flags=re.MULTILINE)
         assert m and len(m.group(1)) > 20, (sub, top)
     assert re.search(r"^    tune +.*\n +.*split \(never the test split\)\.$", top, flags=re.MULTILINE), top
     assert "--debug" in top and "--threads" in top
+
+
+def test_predict_writes_one_routed_line_per_test_sample(toy_root, tmp_path):
+    """``predict``: every test sample of every task once, in order, with the routed task, the class and the
+    confidence the routed model gives for it (compared with ``RoutedModel.predict`` on the same inputs)."""
+    import torch
+
+    out = tmp_path / "predictions.jsonl"
+    cli = main(["predict", "--config", str(toy_config(toy_root, tmp_path)), "--output", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    dm, model = cli.datamodule, cli.model
+    assert bool(model.router_trained)  # trained on the router split first, as for ``test``
+    names = dm.task_names
+    assert [(r["dataset"], r["index"]) for r in rows] == [(t, i) for t in names for i in range(len(dm._test[t]))]
+    correct = 0
+    for task in names:
+        mine = [r for r in rows if r["dataset"] == task]
+        x = torch.stack([dm._test[task][i][0] for i in range(len(mine))])
+        expected = model.model.predict(x)
+        assert [r["routed_task"] for r in mine] == [names[i] for i in expected["task"].tolist()]
+        assert [r["prediction"] for r in mine] == [int(p) for p in expected["prediction"].tolist()]
+        assert [r["confidence"] for r in mine] == pytest.approx(expected["confidence"].tolist(), abs=1e-6)
+        assert all(0 < r["confidence"] <= 1 for r in mine)
+        correct += sum(r["routed_task"] == task for r in mine)
+    assert correct / len(rows) > 0.5  # the toy tasks are separable: most samples route to their own task
+
+
+def test_every_option_of_every_subcommand_has_a_description(capsys):
+    """No option's description is only jsonargparse's ``(type: ...)``; no reST markup; group titles are
+    whole first sentences of their docstrings (not cut at the docstring's first line break)."""
+    for sub in SUBCOMMANDS:
+        text = help_text(capsys, sub)
+        entries = option_entries(text)
+        assert len(entries) > 5, (sub, text)
+        bare = sorted(o for o, d in entries.items() if not d or d.startswith(("(type:", "(required", "(default")))
+        assert not bare, f"{sub}: options without a description: {bare}"
+        assert "``" not in text and ":class:`" not in text and ":paramref:" not in text, sub
+        assert "<function" not in text
+        titles = re.findall(r"^(\S.*):$", text, flags=re.MULTILINE)
+        assert titles, sub
+        for title in titles:
+            assert not title.endswith((" a", " the", " and", " of", " that", ",")), (sub, title)
+    test = help_text(capsys, "test")
+    assert "freemerge_pl.adapters.toy.ToyAdapter" in test and "freemerge_pl.adapters.zoo_vit.ZooViTAdapter" in test
+    assert "--optimizer" not in test  # the router's optimiser is set by model.router, not here
+    assert len(test.splitlines()) < 400  # was 575: the Trainer's rarely used options are accepted, not listed
+    assert "--trainer.accelerator" in test and "--trainer.barebones" not in test
+
+
+def test_unlisted_trainer_options_are_still_accepted(toy_root, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main(["test", "--help"])
-    text = capsys.readouterr().out
-    assert "<function" not in text
-    assert "freemerge_pl.adapters.toy.ToyAdapter" in text and "freemerge_pl.adapters.zoo_vit.ZooViTAdapter" in text
-    assert "--optimizer" not in text  # the router's optimiser is set by model.router, not here
+        main(["test", "--config", str(toy_config(toy_root, tmp_path)), "--trainer.detect_anomaly", "true",
+              "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["trainer"]["detect_anomaly"] is True
+
+
+def test_merge_help_lists_the_job_fields_dry_run_and_resume(capsys):
+    from dataclasses import fields
+
+    from freemerge_pl.jobs.merge_job import MergeJobConfig
+
+    text = help_text(capsys, "merge")
+    entries = option_entries(text)
+    for f in fields(MergeJobConfig):
+        assert f"--{f.name}" in entries, f.name
+    for option in ("--dry-run", "--resume", "--overwrite", "--config"):
+        assert option in entries, option
+    assert "resumes from its last complete shard" in " ".join(text.split())
 
 
 def test_print_config_shows_the_method_defaults(toy_root, tmp_path, capsys):

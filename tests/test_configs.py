@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from freemerge_pl.lightning.cli import main
 from freemerge_pl.merging import list_methods
@@ -22,9 +23,9 @@ def test_there_is_a_zoo_config_for_every_method():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(REPO)) for p in CONFIGS])
 def test_config_parses_and_instantiates(path, tmp_path, monkeypatch):
-    from freemerge_pl.jobs.merge_job import MergeJobConfig, is_job_config
+    from freemerge_pl.jobs.merge_job import MergeJobConfig
 
-    if is_job_config(path):  # a checkpoint merge job: settings and method checked without the files
+    if "base_model" in yaml.safe_load(path.read_text()):  # a job for `cli.py merge`: checked without the files
         config = MergeJobConfig.from_yaml(path)
         assert config.method().name in list_methods() and len(config.models) >= 2
         return

@@ -12,6 +12,9 @@ import yaml
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
+from freemerge_pl.adapters.base import ModelAdapter
+from freemerge_pl.adapters.toy import ToyAdapter, make_toy_models
+from freemerge_pl.errors import ConfigError
 from freemerge_pl.lightning import activation_stats
 from freemerge_pl.lightning.activation_stats import (
     CoefficientModel,
@@ -19,9 +22,8 @@ from freemerge_pl.lightning.activation_stats import (
     entropy_sum,
     train_coefficients,
 )
-from freemerge_pl.errors import ConfigError
 from freemerge_pl.merging import build_method, merge
-from freemerge_pl.merging.data_dependent import (
+from freemerge_pl.merging.methods.data_dependent import (
     AdaMerging,
     AdaMergingPP,
     DataStatistics,
@@ -30,8 +32,6 @@ from freemerge_pl.merging.data_dependent import (
     RegMean,
     scale_off_diagonal,
 )
-from freemerge_pl.adapters.base import ModelAdapter
-from freemerge_pl.adapters.toy import ToyAdapter, make_toy_models
 
 TASKS = ("task0", "task1", "task2")
 

@@ -1,16 +1,22 @@
 """The engine's own contracts: exact model-wide order statistics, per-key random replay across passes,
 typed method configs checked once, and the statistics passes holding one key at a time."""
 
+import dataclasses
 import math
+import re
+import typing
 
 import pytest
 import torch
+import yaml
+from jsonargparse import ArgumentParser
 
-from freemerge_pl.errors import HyperparameterError
+from freemerge_pl.errors import ConfigError, HyperparameterError
 from freemerge_pl.merging import build_method, get_method, list_methods
-from freemerge_pl.merging.baselines import TIES, ties
-from freemerge_pl.merging.engine import TaskVectorInputs, execute
-from freemerge_pl.merging.quantile import OrderStatistics, key_to_float, ordered_keys
+from freemerge_pl.merging.engine import TaskVectorInputs, execute, merge_task_vectors
+from freemerge_pl.merging.methods.ties import TIES
+from freemerge_pl.merging.topk import OrderStatistics, key_to_float, ordered_keys
+from freemerge_pl.settings import Range
 
 
 def test_ordered_keys_sort_like_the_floats():
@@ -43,7 +49,7 @@ def test_order_statistics_equal_a_full_sort_over_chunks(seed):
 def test_model_scope_ties_threshold_is_exact_on_ties():
     # 10 entries, density 0.3 → keep the 3 largest |v|; the 3rd largest (2.0) is tied: both kept
     tvs = [{"a": torch.tensor([2.0, -5.0, 1.0, 0.5]), "b": torch.tensor([[2.0, 0.1], [-3.0, 0.0], [0.2, 0.3]])}]
-    out = ties(tvs, density=0.3, trim_scope="model").delta
+    out = merge_task_vectors(TIES(density=0.3, trim_scope="model"), tvs).delta
     assert out["a"].tolist() == [2.0, -5.0, 0.0, 0.0]
     assert out["b"].tolist() == [[2.0, 0.0], [-3.0, 0.0], [0.0, 0.0]]
 
@@ -71,7 +77,7 @@ def test_random_draws_replay_identically_in_every_pass():
     for key in tvs[0]:
         for k, tv in enumerate(tvs):
             dropped[k][key] = random_drop(tv[key], 0.5, gen, True)
-    want = ties(dropped, density=0.5, trim_scope="model", scaling=0.3).delta
+    want = merge_task_vectors(TIES(density=0.5, trim_scope="model", scaling=0.3), dropped).delta
     for key in want:
         assert torch.equal(two_pass[key], want[key]), key
 
@@ -84,17 +90,59 @@ def test_statistics_scan_sees_one_key_at_a_time():
 
 
 @pytest.mark.parametrize("name", list_methods())
-def test_every_method_is_a_typed_config_with_documented_defaults(name):
+def test_every_method_is_a_typed_config_that_yaml_builds(name):
+    """jsonargparse (LightningCLI, the merge job's YAML) reads the method's annotations and defaults on its own
+    and builds the same configuration; the YAML it dumps builds it again through the registry."""
     spec = get_method(name)
-    config = spec.build({})
-    assert config.name == name and config.hyperparameters() == spec.hyperparameters
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(spec.cls, "method")
+    cfg = parser.parse_args([])
+    built = parser.instantiate(cfg).method if hasattr(parser, "instantiate") else \
+        parser.instantiate_classes(cfg).method
+    assert type(built) is spec.cls and built.name == name
+    assert built.hyperparameters() == spec.build({}).hyperparameters()
+    dumped = yaml.safe_load(parser.dump(cfg)).get("method") or {}
+    assert spec.build(dumped).hyperparameters() == built.hyperparameters()
     assert spec.summary and spec.reference
 
 
+def _range_of(annotation) -> Range | None:
+    """The ``Range`` of ``Annotated[X, Range(...)]`` or ``Annotated[X, Range(...)] | None``; else None."""
+    for a in (annotation, *typing.get_args(annotation)):
+        if typing.get_origin(a) is typing.Annotated:
+            return next((m for m in a.__metadata__ if isinstance(m, Range)), None)
+    return None
+
+
+def _outside(r: Range):
+    """A value just outside the interval ``r``."""
+    if math.isfinite(r.high):
+        return r.high if r.high_open else r.high + 1
+    if math.isfinite(r.low):
+        return r.low if r.low_open else r.low - 1
+    return math.inf
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_every_ranged_hyperparameter_is_checked_at_construction(name):
+    spec = get_method(name)
+    hints = typing.get_type_hints(spec.cls, include_extras=True)
+    ranged = {f.name: _range_of(hints[f.name]) for f in dataclasses.fields(spec.cls)}
+    for field_name, r in ranged.items():
+        if r is None:
+            continue
+        value = _outside(r)
+        message = f"{name}.{field_name}={value!r} is outside its accepted range {r}"
+        with pytest.raises(HyperparameterError, match=re.escape(message)):
+            spec.build({field_name: value})
+
+
 def test_wrong_types_are_named_at_construction():
-    with pytest.raises(HyperparameterError, match="ties: trim_scope='layer' must be one of 'model', 'tensor'"):
+    with pytest.raises(ConfigError, match=re.escape("ties.trim_scope='layer'; accepted: ['model', 'tensor']")):
         TIES(trim_scope="layer")
-    with pytest.raises(HyperparameterError, match="ties: weights=\\['a'\\]"):
+    with pytest.raises(ConfigError, match=re.escape("ties.weights[0]='a' is not a number")):
         TIES(weights=["a"])
-    with pytest.raises(HyperparameterError, match="dare: rescale=1 must be bool"):
+    with pytest.raises(HyperparameterError, match=re.escape("ties.weights[1]=nan is outside its accepted range")):
+        TIES(weights=[1.0, math.nan])
+    with pytest.raises(ConfigError, match=re.escape("dare.rescale=1 is not a bool")):
         build_method("dare", {"rescale": 1})

@@ -9,14 +9,8 @@ from torch import nn
 
 from freemerge_pl.errors import HyperparameterError
 from freemerge_pl.merging import merge
-from freemerge_pl.merging.experts import (
-    SparseExpert,
-    extract_experts,
-    index_dtype,
-    select_entries,
-    topk_count,
-)
-from freemerge_pl.merging.fr import energy_lambdas
+from freemerge_pl.merging.experts import SparseExpert, index_dtype
+from freemerge_pl.merging.topk import topk_count
 
 LN2 = math.log(2.0)
 
@@ -30,6 +24,12 @@ def expected_count(numel: int, density: float) -> int:
     return max(1, math.ceil(Fraction(str(density)) * numel))
 
 
+def free(task_vectors, **hyperparameters):
+    """FREE-Merging through ``merge()`` (the product's path) on θ_pre = 0, so v_k = θ_k exactly."""
+    pre = {k: torch.zeros_like(v) for k, v in task_vectors[0].items()}
+    return merge(pre, task_vectors, "free_merging", **hyperparameters)
+
+
 @pytest.mark.parametrize(
     "numel,density",
     [(1, 0.01), (2, 0.5), (3, 0.5), (5, 0.01), (7, 1.0), (10, 0.07), (100, 0.07), (100, 0.01), (100, 0.55),
@@ -38,22 +38,20 @@ def expected_count(numel: int, density: float) -> int:
 def test_topk_count_per_tensor(numel, density):
     v = torch.randn(numel)
     assert topk_count(numel, density) == expected_count(numel, density)
-    sel = select_entries({"w": v}, ["w"], density)["w"]
-    assert sel.numel() == expected_count(numel, density)
-    assert len(set(sel.tolist())) == sel.numel()
-    experts, _ = extract_experts([{"w": v}, {"w": -v}], torch.tensor([0.5, 0.5]), expert_density=density)
-    for e in experts:
+    for e in free([{"w": v}, {"w": -v}], expert_density=density).task_modules:
         idx, vals = e.entries("w")
         assert idx.numel() == expected_count(numel, density)
+        assert len(set(idx.tolist())) == idx.numel()
         assert int((vals != 0).sum()) == expected_count(numel, density) or density == 1.0  # μ = 0 when d = 1
 
 
 def test_selected_entries_are_the_largest_magnitudes():
     v = torch.randn(13, 11)
-    sel = select_entries({"w": v}, ["w"], 0.2)["w"]
+    sel = free([{"w": v}], expert_density=0.2).task_modules[0].entries("w")[0].long()
     mags = v.reshape(-1).abs()
     chosen = torch.zeros_like(mags, dtype=torch.bool)
     chosen[sel] = True
+    assert int(chosen.sum()) == expected_count(v.numel(), 0.2)
     assert mags[chosen].min() > mags[~chosen].max()
     assert torch.equal(sel, torch.sort(sel).values)
 
@@ -66,7 +64,8 @@ def test_model_scope_uses_one_global_threshold():
     everything = sorted((abs(float(x)) for k in keys for x in tv[k].reshape(-1)), reverse=True)
     k_total = math.ceil(Fraction(str(density)) * len(everything))
     threshold = everything[k_total - 1]
-    sel = select_entries(tv, keys, density, scope="model")
+    (expert,) = free([tv], expert_density=density, expert_scope="model").task_modules
+    sel = {key: expert.entries(key)[0] for key in keys}
     for key in keys:
         expected = [i for i, x in enumerate(tv[key].reshape(-1).tolist()) if abs(x) >= threshold]
         assert sel[key].tolist() == expected
@@ -89,19 +88,19 @@ def worked_example():
 
 def test_mu_worked_example_model_scope():
     tvs = worked_example()
+    out = free(tvs, expert_density=0.5)
     # λ over the whole model: λ1 = (11/6)/(11/6 + 5/6) = 11/16, λ2 = 5/16
-    lambdas = energy_lambdas(tvs)
-    torch.testing.assert_close(lambdas, torch.tensor([11 / 16, 5 / 16], dtype=torch.float64))
+    assert out.result.info["lambdas"] == pytest.approx([11 / 16, 5 / 16], rel=1e-12)
     # d = 0.5, per tensor: a keeps ⌈0.5·4⌉ = 2 entries, b keeps ⌈0.5·2⌉ = 1.
     # task 1: M(v1) keeps a: 4 (idx 0), 2 (idx 3); b: -3 (idx 1) → Σ|M| = 9, E(M(v1)) = 9/6
     #   μ1 = −(9/6)·ln(0.5) / ((11/16)·(11/6)) = 144·ln2/121 ≈ 0.824902
     # task 2: M(v2) keeps a: 2 (idx 1), -1 (idx 2); b: -2 (idx 0) → Σ|M| = 5, E(M(v2)) = 5/6
     #   μ2 = −(5/6)·ln(0.5) / ((5/16)·(5/6)) = 16·ln2/5 ≈ 2.218071
     mu1, mu2 = 144 * LN2 / 121, 16 * LN2 / 5
-    experts, mu = extract_experts(tvs, lambdas, expert_density=0.5)
-    torch.testing.assert_close(mu, torch.tensor([mu1, mu2], dtype=torch.float64))
+    torch.testing.assert_close(torch.tensor(out.result.info["mu"], dtype=torch.float64),
+                               torch.tensor([mu1, mu2], dtype=torch.float64))
     assert mu1 == pytest.approx(0.824902, abs=1e-6) and mu2 == pytest.approx(2.218071, abs=1e-6)
-    e1, e2 = experts
+    e1, e2 = out.task_modules
     assert e1.entries("a")[0].tolist() == [0, 3] and e1.entries("b")[0].tolist() == [1]
     assert e2.entries("a")[0].tolist() == [1, 2] and e2.entries("b")[0].tolist() == [0]
     torch.testing.assert_close(e1.entries("a")[1], torch.tensor([4 * mu1, 2 * mu1]))
@@ -109,27 +108,28 @@ def test_mu_worked_example_model_scope():
     torch.testing.assert_close(e2.entries("a")[1], torch.tensor([2 * mu2, -mu2]))
     torch.testing.assert_close(e2.entries("b")[1], torch.tensor([-2 * mu2]))
     # expert_scale multiplies every value
-    scaled, _ = extract_experts(tvs, lambdas, expert_density=0.5, expert_scale=0.5)
+    scaled = free(tvs, expert_density=0.5, expert_scale=0.5).task_modules
     torch.testing.assert_close(scaled[0].entries("a")[1], torch.tensor([2 * mu1, mu1]))
 
 
 def test_mu_worked_example_tensor_scope():
     tvs = worked_example()
+    info = free(tvs, expert_density=0.5, lambda_scope="tensor").result.info
     # key a: E(a1) = 7/4, E(a2) = 3/4 → λ_a = (0.7, 0.3); key b: E(b1) = 2, E(b2) = 1 → λ_b = (2/3, 1/3)
-    lambdas = energy_lambdas(tvs, scope="tensor")
-    torch.testing.assert_close(lambdas["a"], torch.tensor([0.7, 0.3], dtype=torch.float64))
-    torch.testing.assert_close(lambdas["b"], torch.tensor([2 / 3, 1 / 3], dtype=torch.float64))
+    assert info["lambdas"]["a"] == pytest.approx([0.7, 0.3], rel=1e-12)
+    assert info["lambdas"]["b"] == pytest.approx([2 / 3, 1 / 3], rel=1e-12)
     # μ_a1 = (6/4)·ln2 / (0.7·7/4) = 6·ln2/4.9     μ_a2 = (3/4)·ln2 / (0.3·3/4) = ln2/0.3
     # μ_b1 = (3/2)·ln2 / ((2/3)·2) = 1.125·ln2     μ_b2 = (2/2)·ln2 / ((1/3)·1) = 3·ln2
-    _, mu = extract_experts(tvs, lambdas, expert_density=0.5)
-    torch.testing.assert_close(mu["a"], torch.tensor([6 * LN2 / 4.9, LN2 / 0.3], dtype=torch.float64))
-    torch.testing.assert_close(mu["b"], torch.tensor([1.125 * LN2, 3 * LN2], dtype=torch.float64))
+    torch.testing.assert_close(torch.tensor(info["mu"]["a"], dtype=torch.float64),
+                               torch.tensor([6 * LN2 / 4.9, LN2 / 0.3], dtype=torch.float64))
+    torch.testing.assert_close(torch.tensor(info["mu"]["b"], dtype=torch.float64),
+                               torch.tensor([1.125 * LN2, 3 * LN2], dtype=torch.float64))
 
 
 def test_mu_is_of_order_one_for_realistic_settings():
     """DESIGN §8: with d = 1%, K = 8 Gaussian task vectors, μ ≈ −ln(d)·d·mean|top-d| / (λ·mean|v|) ≈ 1–3."""
-    tvs = [{"w": torch.randn(64, 64)} for _ in range(8)]
-    _, mu = extract_experts(tvs, energy_lambdas(tvs), expert_density=0.01)
+    out = free([{"w": torch.randn(64, 64)} for _ in range(8)], expert_density=0.01)
+    mu = torch.tensor(out.result.info["mu"])
     assert bool(((mu > 1) & (mu < 3)).all())
 
 
@@ -137,17 +137,20 @@ def test_index_dtype_and_storage_accounting():
     assert index_dtype(2**31 - 1) == torch.int32 and index_dtype(2**31) == torch.int64
     tvs = [{"a": torch.randn(30, 10), "b": torch.randn(25)}]
     for value_dtype, value_bytes in [(torch.float32, 4), (torch.bfloat16, 2), (torch.float16, 2)]:
-        (e,), _ = extract_experts(tvs, torch.tensor([1.0]), expert_density=0.1, value_dtype=value_dtype)
+        (e,) = free(tvs, expert_density=0.1, expert_dtype=str(value_dtype).removeprefix("torch."),
+                    expert_index_encoding="flat").task_modules
         assert e.entries("a")[0].dtype == torch.int32 and e.entries("a")[1].dtype == value_dtype
         assert e.nnz == 30 + 3
         assert e.nbytes == 33 * (4 + value_bytes)
 
 
 def model_and_experts(dtype):
+    """A small net and two FREE experts for it through ``merge()``: values stored in the net's dtype."""
     net = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5)).to(dtype)
-    keys = [k for k, _ in net.named_parameters()]
-    tvs = [{k: torch.randn(p.shape) for k, p in net.named_parameters()} for _ in range(2)]
-    experts, _ = extract_experts(tvs, energy_lambdas(tvs), expert_density=0.3, value_dtype=dtype, keys=keys)
+    pre = {k: p.detach().clone() for k, p in net.named_parameters()}
+    fts = [{k: (p.float() + torch.randn(p.shape)).to(dtype) for k, p in pre.items()} for _ in range(2)]
+    experts = merge(pre, fts, "free_merging", expert_density=0.3, expert_index_encoding="flat").task_modules
+    assert all(e.entries(k)[1].dtype == dtype for e in experts for k in pre)
     return net, experts
 
 
@@ -221,9 +224,11 @@ def test_dense_delta_equals_scattered_values():
 def test_safetensors_round_trip(tmp_path):
     net, (e1, _) = model_and_experts(torch.bfloat16)
     path = tmp_path / "experts" / "expert_00.safetensors"
-    e1.save(path, metadata={"task": "mnist"})
+    from freemerge_pl.io.export import read_task_module, save_task_module
+
+    save_task_module(e1, path, metadata={"task": "mnist"})
     assert sorted(p.name for p in path.parent.iterdir()) == ["expert_00.safetensors"]
-    loaded = SparseExpert.load(path)
+    loaded = read_task_module(path)
     assert sorted(loaded.keys) == sorted(e1.keys)
     for key in e1.keys:
         (i0, v0), (i1, v1) = e1.entries(key), loaded.entries(key)
@@ -266,28 +271,25 @@ def test_state_dict_round_trip_into_a_fresh_expert():
 @pytest.mark.parametrize("density", [0.0, -0.1, 1.0001, 2.0, float("nan")])
 def test_density_outside_unit_interval(density):
     tvs = worked_example()
-    with pytest.raises(HyperparameterError, match=r"expert_density=.*\(0\.0, 1\.0\]"):
-        extract_experts(tvs, energy_lambdas(tvs), expert_density=density)
-    pre = {"a": torch.zeros(2, 2), "b": torch.zeros(2)}
-    with pytest.raises(HyperparameterError, match="expert_density"):
-        merge(pre, [{k: pre[k] + tv[k] for k in pre} for tv in tvs], "free_merging", expert_density=density)
+    with pytest.raises(HyperparameterError, match=r"free_merging\.expert_density=.* is outside its accepted range "
+                                                  r"\(0, 1\]"):
+        free(tvs, expert_density=density)
 
 
 def test_density_one_keeps_everything():
     tvs = worked_example()
-    experts, mu = extract_experts(tvs, energy_lambdas(tvs), expert_density=1.0)
+    out = free(tvs, expert_density=1.0)
+    experts, mu = out.task_modules, torch.tensor(out.result.info["mu"], dtype=torch.float64)
     assert experts[0].nnz == 6
     assert torch.equal(mu, torch.zeros(2, dtype=torch.float64))  # −ln(1) = 0
 
 
 def test_free_model_scope_experts_keep_every_tie_at_the_global_threshold():
-    from freemerge_pl.merging.fr import free_merging
-
     # |v| values 3, 2, 2, 2, 1, 1 over the model; d = 1/3 → ⌈2⌉ = 2 kept → threshold 2: all three 2s kept
     tvs = [{"a": torch.tensor([3.0, -2.0, 1.0]), "b": torch.tensor([2.0, 2.0, -1.0])}]
-    experts = free_merging(tvs, expert_density=1 / 3, expert_scope="model").task_modules[0]
+    experts = free(tvs, expert_density=1 / 3, expert_scope="model").task_modules[0]
     assert experts.entries("a")[0].tolist() == [0, 1] and experts.entries("b")[0].tolist() == [0, 1]
-    per_tensor = free_merging(tvs, expert_density=1 / 3).task_modules[0]  # ⌈1⌉ per tensor, first tie by index
+    per_tensor = free(tvs, expert_density=1 / 3).task_modules[0]  # ⌈1⌉ per tensor, first tie by index
     assert per_tensor.entries("a")[0].tolist() == [0] and per_tensor.entries("b")[0].tolist() == [0]
 
 
@@ -346,13 +348,12 @@ def test_compact_expert_chooses_the_fewest_bytes_per_tensor_and_applies_bit_iden
     compact.apply_(target_b, 0.3)
     for key in shapes:
         assert torch.equal(bits(target_a[key]), bits(target_b[key]))
-    # save / load (SparseExpert.save, and the export path: save_task_modules → read_task_module)
-    from freemerge_pl.lightning.loading import read_task_module
-    from freemerge_pl.merging.merge import save_task_modules
+    # save / load (one file, and the export path: save_task_modules → read_task_module)
+    from freemerge_pl.io.export import read_task_module, save_task_module, save_task_modules
 
-    compact.save(tmp_path / "e.safetensors")
+    save_task_module(compact, tmp_path / "e.safetensors")
     (written,) = save_task_modules([compact], {}, tmp_path / "export", names=["t"], method="free_merging")
-    for loaded in (SparseExpert.load(tmp_path / "e.safetensors"), read_task_module(written, {})):
+    for loaded in (read_task_module(tmp_path / "e.safetensors"), read_task_module(written, {})):
         assert loaded.nbytes == compact.nbytes and loaded.keys == compact.keys
         for key in shapes:
             assert loaded.index_code(key) == compact.index_code(key)
@@ -373,7 +374,7 @@ def test_expert_files_without_index_codes_load_as_flat(tmp_path):
     extra = json.dumps({"keys": ["w"], "shapes": {"w": [2, 4]}})
     save_file(tensors, str(tmp_path / "old.safetensors"), metadata={"type": "SparseExpert", "extra_state": extra})
     save_file(tensors, str(tmp_path / "older.safetensors"), metadata={"type": "SparseExpert"})
-    for module in (read_task_module(tmp_path / "old.safetensors", {}), SparseExpert.load(tmp_path / "older.safetensors")):
+    for module in (read_task_module(tmp_path / "old.safetensors", {}), read_task_module(tmp_path / "older.safetensors")):
         assert module.index_code("w") == "flat" and torch.equal(module.entries("w")[0], idx)
         target = {"w": torch.zeros(2, 4)}
         module.apply_(target)
@@ -382,8 +383,7 @@ def test_expert_files_without_index_codes_load_as_flat(tmp_path):
 
 def test_a_damaged_index_stream_is_an_error_naming_the_file(tmp_path):
     from freemerge_pl.errors import FreeMergeError
-    from freemerge_pl.lightning.loading import read_task_module
-    from freemerge_pl.merging.merge import save_task_modules
+    from freemerge_pl.io.export import read_task_module, save_task_modules
 
     idx = torch.arange(0, 3000, 7)
     expert = SparseExpert({"w": (idx.int(), torch.ones(idx.numel()))}, {"w": [3000]}, "compact")

@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 
 from freemerge_pl import io as fio
 from freemerge_pl.errors import ConfigError
+from freemerge_pl.io.export import save_merge
 from freemerge_pl.lightning.loading import load_merged
-from freemerge_pl.merging import merge, save_merge
+from freemerge_pl.merging import merge
 
 
 @pytest.mark.parametrize("method", ["free_merging", "emr", "twin"])
@@ -32,8 +33,10 @@ def test_save_merge_writes_every_task_module(tmp_path, method):
     for k, module in enumerate(out.task_modules):
         saved = load_file(str(tmp_path / f"task_module_{k:02d}.safetensors"))
         assert saved and all(torch.equal(t, t) for t in saved.values())
-        expected = module.to_state_dict() if hasattr(module, "to_state_dict") else {
-            n: t for n, t in module.state_dict().items() if isinstance(t, torch.Tensor)}
+        expected = {n: t for n, t in module.state_dict().items() if isinstance(t, torch.Tensor)}
+        if hasattr(module, "index_code"):  # a SparseExpert: its buffers, named by key
+            expected = {f"{key}::{part}": expected[f"{part}_{j}"] for j, key in enumerate(module.keys)
+                        for part in ("indices", "values")}
         assert set(saved) == set(expected)
         for n, t in expected.items():
             assert torch.equal(saved[n], t)
@@ -125,7 +128,7 @@ def test_an_error_midway_leaves_the_previous_export_byte_identical_or_none(tmp_p
     if previous:
         save_merge(tiny_merge("free_merging", expert_density=0.2), out)
     before = snapshot(out) if previous else None
-    real, calls = fio.write_safetensors, []
+    real, calls = fio.safetensors_file.write_safetensors, []
 
     def failing(*args, **kwargs):  # the third file dies half written
         calls.append(1)
@@ -134,7 +137,7 @@ def test_an_error_midway_leaves_the_previous_export_byte_identical_or_none(tmp_p
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fio, "write_safetensors", failing)
+    monkeypatch.setattr(fio.safetensors_file, "write_safetensors", failing)
     with pytest.raises(KeyboardInterrupt):
         save_merge(tiny_merge("emr"), out)
     assert len(calls) == 3
@@ -144,7 +147,7 @@ def test_an_error_midway_leaves_the_previous_export_byte_identical_or_none(tmp_p
     else:
         assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == (["merged"] if previous else [])  # no staging left
-    monkeypatch.setattr(fio, "write_safetensors", real)
+    monkeypatch.setattr(fio.safetensors_file, "write_safetensors", real)
     # a failure of the final rename puts the previous export back
     real_replace = os.replace
 
@@ -162,11 +165,12 @@ def test_an_error_midway_leaves_the_previous_export_byte_identical_or_none(tmp_p
 
 KILLED_EXPORT = """
 import sys, time
-from freemerge_pl import io
-from freemerge_pl.merging import merge, save_merge
+from freemerge_pl.io import safetensors_file
+from freemerge_pl.io.export import save_merge
+from freemerge_pl.merging import merge
 import torch
 
-real = io.write_safetensors
+real = safetensors_file.write_safetensors
 calls = []
 
 def slow(*args, **kwargs):
@@ -176,7 +180,7 @@ def slow(*args, **kwargs):
         print("file written", flush=True)
         time.sleep(60)
 
-io.write_safetensors = slow
+safetensors_file.write_safetensors = slow
 g = torch.Generator().manual_seed(1)
 pre = {"w": torch.randn(8, 6, generator=g)}
 save_merge(merge(pre, [{"w": pre["w"] + torch.randn(8, 6, generator=g)} for _ in range(3)], "emr"), sys.argv[1])
@@ -220,8 +224,8 @@ def _toy_cli_config(toy_root: Path, run: Path, **data) -> dict:
 def test_a_failed_run_never_leaves_the_previous_results_beside_its_config(tmp_path):
     import yaml
 
-    from freemerge_pl.lightning.cli import main
     from freemerge_pl.adapters.toy import make_toy_models
+    from freemerge_pl.lightning.cli import main
 
     toy = make_toy_models(tmp_path / "toy", steps=20, n_train=100, n_test=40)
     run = tmp_path / "run"

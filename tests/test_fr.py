@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from freemerge_pl.errors import HyperparameterError
+from freemerge_pl.errors import ConfigError, HyperparameterError
 from freemerge_pl.merging import merge
-from freemerge_pl.merging.fr import energy_lambdas, fr_merge_tensor, fr_merging, free_merging
+from freemerge_pl.merging.engine import merge_task_vectors
 from freemerge_pl.merging.merge import prefilter
+from freemerge_pl.merging.methods.fr import FREEMerging, FRMerging, energy_lambdas, fr_merge_tensor
 
 SHAPES = {
     "square": (8, 8),
@@ -77,7 +78,8 @@ def assert_rel(actual, expected, tol=1e-5):
 @pytest.mark.parametrize("filter_1d", [False, True])
 def test_fr_merging_matches_per_task_reference(ratio, mode, lambda_scope, filter_1d):
     tvs = random_task_vectors()
-    result = fr_merging(tvs, filter_ratio=ratio, cutoff_mode=mode, lambda_scope=lambda_scope, filter_1d=filter_1d)
+    method = FRMerging(filter_ratio=ratio, cutoff_mode=mode, lambda_scope=lambda_scope, filter_1d=filter_1d)
+    result = merge_task_vectors(method, tvs)
     expected = reference_fr(tvs, ratio, mode=mode, lambda_scope=lambda_scope, filter_1d=filter_1d)
     assert set(result.delta) == set(expected)
     for key in expected:
@@ -106,7 +108,7 @@ def test_lambdas_are_eq3_energy_ratios():
     per_key = energy_lambdas(tvs, scope="tensor")
     for key in SHAPES:
         torch.testing.assert_close(per_key[key], torch.tensor(reference_lambdas(tvs, [key]), dtype=torch.float64))
-    result = fr_merging(tvs)
+    result = merge_task_vectors(FRMerging(), tvs)
     assert result.info["lambdas"] == pytest.approx(reference_lambdas(tvs))
 
 
@@ -122,7 +124,7 @@ def test_lambdas_hand_worked():
 def test_zero_cutoff_is_task_arithmetic_with_the_same_lambdas():
     tvs = random_task_vectors()
     lam = reference_lambdas(tvs)
-    result = fr_merging(tvs, filter_ratio=0.0)
+    result = merge_task_vectors(FRMerging(filter_ratio=0.0), tvs)
     for key in SHAPES:
         expected = sum(lk * tv[key].double() for lk, tv in zip(lam, tvs))
         torch.testing.assert_close(result.delta[key].double(), expected, rtol=1e-6, atol=1e-6)
@@ -130,20 +132,20 @@ def test_zero_cutoff_is_task_arithmetic_with_the_same_lambdas():
 
 def test_scaling_multiplies_the_delta():
     tvs = random_task_vectors()
-    base = fr_merging(tvs, filter_ratio=0.3).delta
-    scaled = fr_merging(tvs, filter_ratio=0.3, scaling=2.5).delta
+    base = merge_task_vectors(FRMerging(filter_ratio=0.3), tvs).delta
+    scaled = merge_task_vectors(FRMerging(filter_ratio=0.3, scaling=2.5), tvs).delta
     for key in base:
         torch.testing.assert_close(scaled[key], 2.5 * base[key], rtol=1e-6, atol=1e-7)
 
 
 def test_constant_task_vectors_are_removed():
     tvs = [{"w": torch.full((6, 8), c), "b": torch.full((5,), c)} for c in (0.5, -2.0, 1.0)]
-    delta = fr_merging(tvs, filter_ratio=0.1).delta
+    delta = merge_task_vectors(FRMerging(filter_ratio=0.1), tvs).delta
     assert delta["w"].abs().max() < 1e-6
     # 1-D: kept by default (merged with its λ), removed with filter_1d
     lam = reference_lambdas(tvs)
     assert float(delta["b"][0]) == pytest.approx(sum(lk * c for lk, c in zip(lam, (0.5, -2.0, 1.0))), rel=1e-6)
-    assert fr_merging(tvs, filter_ratio=0.3, filter_1d=True).delta["b"].abs().max() < 1e-6
+    assert merge_task_vectors(FRMerging(filter_ratio=0.3, filter_1d=True), tvs).delta["b"].abs().max() < 1e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -176,8 +178,8 @@ def test_merge_keeps_low_precision_dtype_with_fp32_maths(dtype):
 
 def test_free_merging_backbone_is_fr_and_experts_per_task():
     tvs = random_task_vectors()
-    fr = fr_merging(tvs, filter_ratio=0.3)
-    free = free_merging(tvs, filter_ratio=0.3, expert_density=0.25)
+    fr = merge_task_vectors(FRMerging(filter_ratio=0.3), tvs)
+    free = merge_task_vectors(FREEMerging(filter_ratio=0.3, expert_density=0.25), tvs)
     for key in fr.delta:
         torch.testing.assert_close(free.delta[key], fr.delta[key])
     assert len(free.task_modules) == 3
@@ -206,8 +208,9 @@ def test_prefilter_filters_each_task_vector():
 @pytest.mark.parametrize("ratio", [-0.01, 1.0, 2.0])
 def test_out_of_range_filter_ratio(ratio):
     tvs = random_task_vectors(2)
-    with pytest.raises(HyperparameterError, match=r"filter_ratio=.*\[0\.0, 1\.0\)"):
-        fr_merging(tvs, filter_ratio=ratio)
+    with pytest.raises(HyperparameterError,
+                       match=r"fr_merging\.filter_ratio=.* is outside its accepted range \[0, 1\)"):
+        merge_task_vectors(FRMerging(filter_ratio=ratio), tvs)
     pre = {"w": torch.zeros(4, 4)}
     with pytest.raises(HyperparameterError, match="filter_ratio"):
         merge(pre, [{"w": torch.ones(4, 4)}], "fr_merging", filter_ratio=ratio)
@@ -217,9 +220,9 @@ def test_out_of_range_filter_ratio(ratio):
 
 def test_bad_scopes_and_modes():
     tvs = random_task_vectors(2)
-    with pytest.raises(HyperparameterError, match="lambda_scope='layer'"):
-        fr_merging(tvs, lambda_scope="layer")
-    with pytest.raises(HyperparameterError, match="cutoff_mode='disk'"):
-        fr_merging(tvs, cutoff_mode="disk")
-    with pytest.raises(HyperparameterError, match="expert_scope='row'"):
-        free_merging(tvs, expert_scope="row")
+    with pytest.raises(ConfigError, match=r"fr_merging\.lambda_scope='layer'; accepted: \['model', 'tensor'\]"):
+        merge_task_vectors(FRMerging(lambda_scope="layer"), tvs)
+    with pytest.raises(ConfigError, match="fr_merging.cutoff_mode='disk'"):
+        merge_task_vectors(FRMerging(cutoff_mode="disk"), tvs)
+    with pytest.raises(ConfigError, match="free_merging.expert_scope='row'"):
+        merge_task_vectors(FREEMerging(expert_scope="row"), tvs)

@@ -274,7 +274,7 @@ def cli_config(tiny, tmp_path, data_classes: dict[str, int] | None = None) -> Pa
                                             "checkpoint_root": str(tiny["root"]), "class_names": CLASSES,
                                             "templates": TEMPLATES, "head_cache_dir": str(tmp_path / "heads")}},
                   "method": "free_merging", "method_args": {"expert_density": 0.05},
-                  "router": {"feature_source": "input", "epochs": 2, "batch_size": 8}},
+                  "router": {"feature_source": "input", "epochs": 2}},
         "data": {"router_fraction": 0.5, "min_router_samples": 2, "batch_size": 4, "num_workers": 0,
                  "tasks": [{"name": t, "dataset": "freemerge_pl.data.image_folder.ImageFolderTask",
                             "dataset_args": {"root": str(image_folder(tmp_path / "data" / t, n)),
@@ -309,7 +309,7 @@ def test_merge_fit_router_and_test_through_cli(tiny, tmp_path, monkeypatch):
 
 
 def test_class_count_mismatch_fails_before_merging(tiny, tmp_path, monkeypatch):
-    import freemerge_pl.lightning.module as module_lib
+    import freemerge_pl.lightning.routed as module_lib  # merge() runs in the routed model's builder
 
     def no_merge(*args, **kwargs):
         raise AssertionError("merged despite the class-count mismatch")

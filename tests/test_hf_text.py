@@ -369,7 +369,7 @@ def _yaml(zoo, tmp_path: Path, method: str, method_args: dict, routing: str = "r
                                             "checkpoint_root": str(zoo["root"] / "ckpt"),
                                             "pattern": "roberta-tiny_glue-{task}", "tasks": list(TASKS)}},
                   "method": method, "method_args": method_args, "routing": routing,
-                  "router": {"feature_source": "backbone", "epochs": 3, "hidden_dim": 16, "batch_size": 8}},
+                  "router": {"feature_source": "backbone", "epochs": 3, "hidden_dim": 16}},
         "data": {"router_fraction": 0.5, "min_router_samples": 4, "batch_size": 8, "seed": 0, "tasks": [
             {"name": t, "dataset": "freemerge_pl.data.text.TextTask",
              "dataset_args": {"path": str(zoo["root"] / "data" / t), "text_columns": TASKS[t][1],
@@ -429,7 +429,7 @@ def test_cli_merge_router_test_with_released_glue_profile(zoo, tmp_path):
 def test_cli_merge_exports_text_model(zoo, tmp_path):
     cfg = _yaml(zoo, tmp_path, "free_merging_released", {"profile": "glue"})
     out = tmp_path / "merged"
-    main(["merge", "--config", str(cfg), "--output_dir", str(out)])
+    main(["export", "--config", str(cfg), "--output_dir", str(out)])
     assert (out / "merge_info.json").is_file() and (out / "router.safetensors").is_file()
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import freemerge_pl
 import freemerge_pl.io as fio
-from freemerge_pl.errors import FreeMergeError
+from freemerge_pl.errors import ConfigError, FreeMergeError
 from freemerge_pl.io import (
     INDEX_NAME,
     load_state_dict,
@@ -20,7 +20,8 @@ from freemerge_pl.io import (
     sha256_file,
     write_json_atomic,
 )
-from freemerge_pl.merging import SparseExpert, merge, save_merge
+from freemerge_pl.io.export import read_task_module, save_merge, save_task_module
+from freemerge_pl.merging import SparseExpert, merge
 
 
 def small_state_dict():
@@ -56,7 +57,7 @@ def _crashing_save_file(filename, *args):
 
 
 def test_crash_while_saving_leaves_no_partial_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(fio, "write_safetensors", _crashing_save_file)
+    monkeypatch.setattr(fio.safetensors_file, "write_safetensors", _crashing_save_file)
     dest = tmp_path / "model.safetensors"
     with pytest.raises(OSError, match="disk full"):
         save_safetensors_atomic(small_state_dict(), dest)
@@ -67,7 +68,7 @@ def test_crash_while_saving_keeps_existing_destination(tmp_path, monkeypatch):
     dest = tmp_path / "model.safetensors"
     save_safetensors_atomic(small_state_dict(), dest)
     before = dest.read_bytes()
-    monkeypatch.setattr(fio, "write_safetensors", _crashing_save_file)
+    monkeypatch.setattr(fio.safetensors_file, "write_safetensors", _crashing_save_file)
     with pytest.raises(OSError):
         save_safetensors_atomic({"x": torch.zeros(3)}, dest)
     assert dest.read_bytes() == before
@@ -75,7 +76,7 @@ def test_crash_while_saving_keeps_existing_destination(tmp_path, monkeypatch):
     # the same holds for experts and for whole merges (each file goes through the atomic writer)
     expert = SparseExpert({"w": (torch.tensor([1], dtype=torch.int32), torch.tensor([0.5]))})
     with pytest.raises(OSError):
-        expert.save(tmp_path / "expert_00.safetensors")
+        save_task_module(expert, tmp_path / "expert_00.safetensors")
     assert os.listdir(tmp_path) == ["model.safetensors"]
 
 
@@ -86,7 +87,7 @@ def test_crash_while_writing_json_keeps_existing_file(tmp_path, monkeypatch):
         f.write('{"a": ')
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fio.json, "dump", crash)
+    monkeypatch.setattr(fio.files.json, "dump", crash)
     with pytest.raises(KeyboardInterrupt):
         write_json_atomic({"a": 2}, dest)
     monkeypatch.undo()
@@ -162,7 +163,7 @@ def test_save_merge_writes_backbone_experts_and_sidecar(tmp_path):
     assert_same(load_state_dict(dest), out.state_dict)
     assert (dest / INDEX_NAME).exists()  # 150-byte shards: the backbone is sharded
     for k, name in enumerate(info["task_module_files"]):
-        expert = SparseExpert.load(dest / name)
+        expert = read_task_module(dest / name)
         for key in expert.keys:
             assert torch.equal(expert.entries(key)[1], out.task_modules[k].entries(key)[1])
     assert all(p.exists() for p in written)
@@ -223,3 +224,74 @@ def test_verify_manifest(tmp_path, monkeypatch):
         fio.verify_manifest(tmp_path, table, remedy="rebuild it", names=["a.txt"])
     with pytest.raises(FreeMergeError, match=r"c\.txt: the manifest .* has no size and sha256"):
         fio.verify_manifest(tmp_path, table, remedy="rebuild it", names=["c.txt"])
+
+
+# ------------------------------------------------------------------------------------------ one publish
+def test_a_nested_directory_is_published_whole_with_its_manifest_and_verified(tmp_path):
+    """The zoos' shape: nested files, their own manifest name; unlisted leftovers are dropped at publish."""
+    dest = tmp_path / "zoo"
+    with fio.staged_directory(dest, manifest_name="manifest.json") as staging:
+        (staging / "tasks" / "a").mkdir(parents=True)
+        (staging / "tasks" / "a" / "w.bin").write_bytes(b"\x00\x01\x02")
+        (staging / "top.json").write_text("{}")
+        (staging / "leftover").mkdir()
+        (staging / "leftover" / "old.bin").write_bytes(b"old")
+        manifest = fio.publish_directory(staging, dest, {"format": 3}, manifest_name="manifest.json",
+                                         files=["tasks/a/w.bin", staging / "top.json"])
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == [
+        "manifest.json", "tasks/a/w.bin", "top.json"]
+    assert manifest["files"] == {"tasks/a/w.bin": {"bytes": 3, "sha256": hashlib.sha256(b"\x00\x01\x02").hexdigest()},
+                                 "top.json": {"bytes": 2, "sha256": hashlib.sha256(b"{}").hexdigest()}}
+    assert json.loads((dest / "manifest.json").read_text()) == manifest and manifest["format"] == 3
+    assert fio.read_manifest(dest, "manifest.json") == manifest
+    assert fio.verify_published(dest, manifest_name="manifest.json", remedy="rebuild") == manifest
+    (dest / "tasks" / "a" / "stray.bin").write_bytes(b"x")
+    with pytest.raises(FreeMergeError, match=r"tasks/a/stray\.bin is not listed in .*manifest\.json.*; rebuild"):
+        fio.verify_published(dest, manifest_name="manifest.json", remedy="rebuild")
+    (dest / "tasks" / "a" / "stray.bin").unlink()
+    # a directory this package published is replaced whole; a table the writer computed itself is kept as is
+    with fio.staged_directory(dest, manifest_name="manifest.json") as staging:
+        (staging / "b.txt").write_text("b")
+        table = {"b.txt": {"bytes": 1, "sha256": hashlib.sha256(b"b").hexdigest()}}
+        fio.publish_directory(staging, dest, {"files": table}, manifest_name="manifest.json")
+    assert sorted(p.name for p in dest.iterdir()) == ["b.txt", "manifest.json"]
+    assert fio.read_manifest(dest, "manifest.json") == {"files": table}
+    assert [p.name for p in tmp_path.iterdir()] == ["zoo"]  # no staging or moved-aside directory left
+
+
+def test_read_manifest_raises_naming_the_file(tmp_path):
+    with pytest.raises(FreeMergeError, match=rf"{tmp_path / 'manifest.json'} does not exist; build it"):
+        fio.read_manifest(tmp_path, "manifest.json", remedy="build it")
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(FreeMergeError, match=r"manifest\.json is damaged \(not valid JSON"):
+        fio.read_manifest(tmp_path, "manifest.json")
+    (tmp_path / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(FreeMergeError, match=r"manifest\.json is damaged \(a JSON list, not an object\)"):
+        fio.read_manifest(tmp_path, "manifest.json")
+    assert not fio.is_own_export(tmp_path, "manifest.json")
+    with pytest.raises(ConfigError, match="not an export of freemerge_pl"):
+        fio.check_output_dir(tmp_path, manifest_name="manifest.json")
+
+
+def test_a_merge_job_output_of_the_previous_layout_reads_back(tmp_path):
+    """Before this layout a merge job also wrote ``task_modules.json`` (names, types, files) and no
+    ``task_names`` in its manifest: ``read_export`` ignores the sidecar and takes the names from the files."""
+    g = torch.Generator().manual_seed(3)
+    pre = {"w": torch.randn(8, 6, generator=g), "b": torch.randn(6, generator=g)}
+    fts = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in pre.items()} for _ in range(2)]
+    out = merge(pre, fts, "free_merging", names=["x", "y"], expert_density=0.25)
+    staging = tmp_path / "staging"
+    files = fio.save_task_modules(out.task_modules, {}, staging, names=["x", "y"], method="free_merging")
+    files += fio.save_state_dict(out.state_dict, staging)
+    files.append(write_json_atomic({"method": "free_merging", "names": ["x", "y"], "types": ["SparseExpert"] * 2,
+                                    "files": [p.name for p in files[:2]], "shared": []},
+                                   staging / "task_modules.json"))
+    fio.publish_directory(staging, tmp_path / "job", {"method": "free_merging", "config": {}}, files=files)
+    export = fio.read_export(tmp_path / "job")
+    assert export.task_names == ["x", "y"]
+    assert_same(export.state_dict, out.state_dict)
+    for mine, theirs in zip(export.task_modules, out.task_modules):
+        assert type(mine) is SparseExpert and mine.keys == theirs.keys
+        for key in theirs.keys:
+            assert torch.equal(mine.entries(key)[0].long(), theirs.entries(key)[0].long())
+            assert torch.equal(mine.entries(key)[1], theirs.entries(key)[1])

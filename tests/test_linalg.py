@@ -1,7 +1,7 @@
-"""The fast SVD kernels of ``merging/linalg.py`` against the reference formulas (the full
-``torch.linalg.svd`` ones of ``baselines.py`` / ``twin.py``, copied here verbatim and, when importable, the
-modules' own functions) and float64 numpy SVDs: tall, wide, square and rank-deficient matrices, the
-refined (k ≪ n) eigen path and its fallback, reconstruction at full rank, deterministic signs."""
+"""The fast SVD kernels of ``merging/linalg.py`` against the reference formulas (the full ``torch.linalg.svd``
+ones of ``baselines.py`` / ``twin.py``, copied here verbatim) and float64 numpy SVDs: tall, wide, square and
+rank-deficient matrices, the refined (k ≪ n) eigen path and its fallback, reconstruction at full rank,
+deterministic signs."""
 
 from __future__ import annotations
 
@@ -345,29 +345,6 @@ def test_truncated_svd_factors_match_reference(shape, rank, path):
     assert us.is_contiguous() and vh.is_contiguous()
     close_to_truth(us @ vh, rus @ rvh, np_truncation(x, rank), atol=1e-10)
     close(us @ vh, rus @ rvh, atol=1e-4 * float((rus @ rvh).abs().max()))  # the reference's ε₃₂·σ₁/gap
-
-
-def test_current_module_functions_agree(path):
-    """The functions of baselines.py / twin.py, where they still exist under these names."""
-    baselines = pytest.importorskip("freemerge_pl.merging.baselines")
-    twin = pytest.importorskip("freemerge_pl.merging.twin")
-    spectrum = 1e-3 * np.geomspace(4.0, 0.1, 10)  # separated singular values: the fp32 reference is accurate
-    x = with_spectrum(24, 10, spectrum, seed=50)
-    mats = [with_spectrum(24, 10, spectrum, seed=51 + k) for k in range(3)]
-    checked = 0
-    if hasattr(baselines, "polar_factor"):
-        close(polar_factor(x), baselines.polar_factor(x), atol=2e-6)
-        checked += 1
-    if hasattr(baselines, "tsv_merge_matrix"):
-        close(tsv_merge_matrix(mats, 3), baselines.tsv_merge_matrix(mats, 3), atol=2e-8)
-        checked += 1
-    if hasattr(twin, "truncated_svd_factors"):
-        us, vh = twin.truncated_svd_factors(x, 4)
-        new_us, new_vh = truncated_svd_factors(x, 4)
-        close(new_us @ new_vh, us @ vh, atol=2e-9)
-        checked += 1
-    if checked == 0:
-        pytest.skip("baselines.py / twin.py no longer define these functions")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

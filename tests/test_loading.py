@@ -9,13 +9,14 @@ import torch
 import yaml
 
 from freemerge_pl import load_merged
-from freemerge_pl.lightning.cli import main
-from freemerge_pl.errors import ConfigError, FreeMergeError
-from freemerge_pl.lightning.loading import MergedExport
-from freemerge_pl.merging import merge, save_merge
 from freemerge_pl.adapters.toy import ToyAdapter, make_toy_models
+from freemerge_pl.errors import ConfigError, FreeMergeError
+from freemerge_pl.io.export import save_merge
+from freemerge_pl.lightning.cli import main
+from freemerge_pl.lightning.loading import MergedExport
 from freemerge_pl.lightning.module import MergedModule
 from freemerge_pl.lightning.router import RouterConfig
+from freemerge_pl.merging import merge
 
 
 @pytest.fixture(scope="module")
@@ -157,9 +158,9 @@ def test_cli_merge_refuses_a_foreign_directory_then_overwrites_and_loads(toy_roo
     out.mkdir()
     (out / "thesis.tex").write_text("do not lose")
     with pytest.raises(ConfigError, match=rf"output directory {out} already exists; pass --overwrite"):
-        main(["merge", "--config", str(path), "--output_dir", str(out)])
+        main(["export", "--config", str(path), "--output_dir", str(out)])
     assert (out / "thesis.tex").read_text() == "do not lose"
-    cli = main(["merge", "--config", str(path), "--output_dir", str(out), "--overwrite", "true"])
+    cli = main(["export", "--config", str(path), "--output_dir", str(out), "--overwrite", "true"])
     assert not (out / "thesis.tex").exists()
     loaded = load_merged(out, ToyAdapter(str(toy_root)))
     x, _ = _toy_inputs(toy_root, 4)

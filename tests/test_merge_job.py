@@ -3,6 +3,7 @@ output, atomic publication with a manifest, support files, experts sidecar, resu
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,10 +15,11 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from freemerge_pl.lightning.cli import main
 from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError, HyperparameterError
 from freemerge_pl.io import load_state_dict, sha256_file
-from freemerge_pl.jobs.merge_job import MergeJobConfig, load_task_modules, parse_size, run_merge_job
+from freemerge_pl.io.export import read_export
+from freemerge_pl.jobs.merge_job import MergeJobConfig, parse_size, run_merge_job
+from freemerge_pl.lightning.cli import main
 from freemerge_pl.merging import merge
 from tests.test_stream import as_dict, tiny_llama_dirs
 
@@ -45,11 +47,12 @@ def write(cfg, path):
 
 def test_job_writes_a_complete_hf_directory_equal_to_the_in_memory_merge(llama, tmp_path):
     out = tmp_path / "merged"
-    report = main(["merge", "--config", str(write(job(llama, out), tmp_path / "m.yaml")), "--no-progress"])
+    config = str(write(job(llama, out), tmp_path / "m.yaml"))
+    report = main(["merge", "--config", config, "--progress", "false"]).result
     assert report["output"] == str(out) and not (tmp_path / ".merged.partial").exists()
     names = {p.name for p in out.iterdir()}
     assert {"model.safetensors.index.json", "config.json", "tokenizer.json", "generation_config.json",
-            "merge_info.json", "task_modules.json", "task_module_00.safetensors"} <= names
+            "merge_info.json", "task_module_00.safetensors"} <= names
     assert len([n for n in names if n.startswith("model-")]) >= 2
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     manifest = json.loads((out / "merge_info.json").read_text())
@@ -62,7 +65,9 @@ def test_job_writes_a_complete_hf_directory_equal_to_the_in_memory_merge(llama, 
     got = load_state_dict(out)
     for key in pre:
         assert torch.equal(got[key], want.state_dict[key].to(torch.bfloat16)), key
-    experts = load_task_modules(out)
+    assert manifest["task_module_files"] == [f"task_module_{k:02d}.safetensors" for k in range(3)]
+    export = read_export(out)  # the one export reader reads a merge job's output
+    experts = dict(zip(export.task_names, export.task_modules))
     assert list(experts) == ["t0", "t1", "t2"]
     for mine, theirs in zip(experts.values(), want.task_modules):
         for key in theirs.keys:
@@ -78,12 +83,12 @@ def test_job_writes_a_complete_hf_directory_equal_to_the_in_memory_merge(llama, 
         run_merge_job(MergeJobConfig(**job(llama, out)), progress=False)
     run_merge_job(MergeJobConfig(**job(llama, out, merge_method="ties", parameters={})), overwrite=True,
                   progress=False)
-    assert not (out / "task_modules.json").exists()  # the old export's experts do not survive a replacement
+    assert not list(out.glob("task_module_*"))  # the old export's experts do not survive a replacement
 
 
 def test_dry_run_checks_and_writes_nothing(llama, tmp_path):
     out = tmp_path / "dry"
-    report = main(["merge", "--config", str(write(job(llama, out), tmp_path / "m.yaml")), "--dry-run"])
+    report = main(["merge", "--config", str(write(job(llama, out), tmp_path / "m.yaml")), "--dry-run"]).result
     assert report["dry_run"] and report["merged_tensors"] == 21 and not out.exists()
     assert not any(tmp_path.glob(".dry*"))
 
@@ -171,13 +176,41 @@ def test_bad_settings_fail_before_any_output(llama, tmp_path, overrides, error, 
 
 def test_unknown_config_keys_and_disk_space(llama, tmp_path, monkeypatch):
     cfg = write({**job(llama, tmp_path / "out"), "merge_methd": "ties"}, tmp_path / "m.yaml")
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['merge_methd'\]"):
+    with pytest.raises(ConfigError, match=r"^cli.py merge: .*merge_methd"):
         main(["merge", "--config", str(cfg)])
     import shutil
 
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 100, 100))
     with pytest.raises(ConfigError, match="not enough free disk space .* need about"):
         run_merge_job(MergeJobConfig(**job(llama, tmp_path / "out")), dry_run=True)
+
+
+def test_cli_merge_errors_are_one_line_with_exit_status_2(llama, tmp_path, capsys):
+    """Through ``cli_main``: a YAML key the job does not know, a value outside its type and a setting the
+    method refuses each give one ``error:`` line naming it, status 2, and no output."""
+    from freemerge_pl.lightning.cli import cli_main
+
+    cases = [({"merge_methd": "ties"}, "merge_methd"), ({"dtype": "int8"}, "dtype"),
+             ({"merge_method": "ties", "parameters": {"density": 2.0}}, "density=2.0")]
+    for change, named in cases:
+        cfg = write({**job(llama, tmp_path / "out"), **change}, tmp_path / "m.yaml")
+        assert cli_main(["merge", "--config", str(cfg)]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+        assert len(err) == 1 and err[0].startswith("error: ") and named in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_options_override_the_yaml_and_resume_false_starts_over(llama, tmp_path):
+    out = tmp_path / "cli_out"
+    cfg = write(job(llama, tmp_path / "elsewhere"), tmp_path / "m.yaml")
+    partial = tmp_path / ".cli_out.partial"
+    partial.mkdir()
+    (partial / "model-00001-of-00009.safetensors").write_bytes(b"left by an interrupted run")
+    report = main(["merge", "--config", str(cfg), "--output_dir", str(out), "--merge_method", "ties",
+                   "--parameters", "{density: 0.5}", "--resume", "false", "--progress", "false"]).result
+    assert report["output"] == str(out) and not (tmp_path / "elsewhere").exists() and not partial.exists()
+    info = json.loads((out / "merge_info.json").read_text())
+    assert info["method"] == "ties" and info["hyperparameters"]["density"] == 0.5
 
 
 def test_parse_size():
@@ -215,7 +248,10 @@ run_merge_job(MergeJobConfig(**yaml.safe_load(open(sys.argv[1]))), progress=Fals
 
 
 @pytest.mark.parametrize("method", ["dare", "free_merging"])
-def test_sigkill_midway_then_rerun_gives_the_same_bytes(llama, tmp_path, method):
+def test_sigkill_midway_then_rerun_gives_the_same_bytes(llama, tmp_path, method, caplog):
+    """A job SIGKILLed after its first shard, rerun: the killed run's lock is taken over, the rerun says it
+    resumes (in the log) and its whole output, merge_info.json included, equals an uninterrupted run's bytes
+    (the manifest records nothing run-dependent: no timings, no resume details)."""
     params = {"drop_rate": 0.5} if method == "dare" else {"expert_density": 0.1}
     reference = run_merge_job(MergeJobConfig(**job(llama, tmp_path / "ref", merge_method=method, parameters=params)),
                               progress=False)
@@ -228,12 +264,46 @@ def test_sigkill_midway_then_rerun_gives_the_same_bytes(llama, tmp_path, method)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "out").exists() and (tmp_path / ".out.partial" / ".merge_progress.json").exists()
-    report = run_merge_job(MergeJobConfig(**yaml.safe_load(cfg.read_text())), progress=False)
-    info = json.loads((tmp_path / "out" / "merge_info.json").read_text())
-    assert info["resumed_tensors"] > 0
-    ref_info = json.loads((tmp_path / "ref" / "merge_info.json").read_text())
+    assert (tmp_path / ".out.lock").exists()  # the killed run's lock file, recording its pid
+    with caplog.at_level("INFO", logger="freemerge_pl"):
+        report = run_merge_job(MergeJobConfig(**yaml.safe_load(cfg.read_text())), progress=False)
+    resumed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resuming: ")]
+    n_done, n_all = map(int, re.match(r"resuming: (\d+) of (\d+) tensors", resumed[0]).groups())
+    assert 0 < n_done < n_all == len(load_state_dict(tmp_path / "ref"))
+    assert any(f"pid {proc.pid}" in r.getMessage() and "took over" in r.getMessage() for r in caplog.records)
     assert report["files"] == reference["files"]
     for name in report["files"]:
-        if name != "merge_info.json":
-            assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
-    assert {k: v["sha256"] for k, v in info["files"].items()} == {k: v["sha256"] for k, v in ref_info["files"].items()}
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+    assert not (tmp_path / ".out.lock").exists() and not (tmp_path / ".out.partial").exists()
+
+
+def test_a_pickled_checkpoint_needs_allow_pickle_named_as_the_job_setting(tmp_path, capsys):
+    """A ``torch.save(module)`` fine-tune is refused before any output with a hint naming the job's own
+    setting (``allow_pickle: true`` in the YAML, ``--allow_pickle true``), on one line with status 2 through
+    ``cli.py``; with the setting it merges exactly as the same tensors saved as safetensors do."""
+    from freemerge_pl.io import PickledObjectsError
+    from freemerge_pl.lightning.cli import cli_main
+
+    g = torch.Generator().manual_seed(0)
+    base = {"weight": torch.randn(4, 4, generator=g), "bias": torch.randn(4, generator=g)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    module = torch.nn.Linear(4, 4)
+    module.load_state_dict({k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()})
+    torch.save(module, tmp_path / "ft.bin")
+    save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(tmp_path / "ft.safetensors"))
+    cfg = {"base_model": str(tmp_path / "base.safetensors"), "models": [{"model": str(tmp_path / "ft.bin"),
+           "name": "ft"}], "merge_method": "task_arithmetic", "output_dir": str(tmp_path / "out")}
+    with pytest.raises(PickledObjectsError, match=r"model 'ft' .*ft.bin holds pickled Python objects.*set "
+                                                  r"allow_pickle: true in the job YAML \(--allow_pickle true"):
+        run_merge_job(MergeJobConfig(**cfg), progress=False)
+    assert cli_main(["merge", "--config", str(write(cfg, tmp_path / "m.yaml")), "--progress", "false"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(err) == 1 and "allow_pickle: true in the job YAML" in err[0], err
+    assert not (tmp_path / "out").exists()
+    assert cli_main(["merge", "--config", str(tmp_path / "m.yaml"), "--allow_pickle", "true",
+                     "--progress", "false"]) == 0
+    run_merge_job(MergeJobConfig(**{**cfg, "models": [{"model": str(tmp_path / "ft.safetensors"), "name": "ft"}],
+                                    "output_dir": str(tmp_path / "ref")}), progress=False)
+    assert as_dict(tmp_path / "out").keys() == base.keys()
+    for key, tensor in as_dict(tmp_path / "ref").items():
+        assert torch.equal(as_dict(tmp_path / "out")[key], tensor), key

@@ -10,12 +10,13 @@ import torch
 import yaml
 from lightning.pytorch import Trainer
 
+from freemerge_pl.adapters.toy import ToyAdapter, make_toy_models
+from freemerge_pl.errors import ConfigError, HyperparameterError
 from freemerge_pl.lightning.cli import main
 from freemerge_pl.lightning.datamodule import MultiTaskDataModule, TaskConfig
-from freemerge_pl.errors import ConfigError, HyperparameterError
-from freemerge_pl.merging import list_methods, merge
-from freemerge_pl.adapters.toy import ToyAdapter, make_toy_models
 from freemerge_pl.lightning.module import MergedModule
+from freemerge_pl.lightning.routed import RoutedModel
+from freemerge_pl.merging import list_methods, merge
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,17 +60,23 @@ def write_config(path: Path, cfg: dict) -> Path:
     return path
 
 
+def routed_model(adapter, x, **merge_args) -> tuple[RoutedModel, object]:
+    """A RoutedModel assembled from a merge without Lightning (plain PyTorch), and the merge output."""
+    names = list(adapter.task_names)
+    out = merge(adapter.pretrained_state_dict(), [adapter.finetuned_state_dict(t) for t in names],
+                "free_merging", **merge_args)
+    backbone = adapter.build_backbone()
+    backbone.load_state_dict(out.state_dict)
+    return RoutedModel(adapter, names, backbone, out.task_modules, example_input=x[:1]), out
+
+
 def test_features_match_dense_per_task_model(toy_root):
     """Grouped in-place expert application equals running θ_m + e_k as a dense model per sample."""
     adapter = ToyAdapter(str(toy_root))
-    module = MergedModule(adapter, method="free_merging")
     x = torch.randn(10, 16)
-    module.build(x[:1])
+    model, out = routed_model(adapter, x)
     ids = torch.tensor([0, 2, 1, 1, 0, 2, 2, 0, 1, 0])
-    feats = module.features(x, ids[:, None])
-    names = adapter.task_names
-    out = merge(adapter.pretrained_state_dict(), [adapter.finetuned_state_dict(t) for t in names],
-                "free_merging")
+    feats = model.features(x, ids[:, None])
     for k in range(3):
         dense = dict(out.state_dict)
         for key in out.task_modules[k].keys:
@@ -78,22 +85,32 @@ def test_features_match_dense_per_task_model(toy_root):
         net.load_state_dict(dense)
         sel = ids == k
         torch.testing.assert_close(feats[sel], net(x[sel]), rtol=1e-5, atol=1e-6)
-    before = {k: v.clone() for k, v in module.backbone.state_dict().items()}
-    module.features(x, ids[:, None])
-    assert all(torch.equal(before[k], v) for k, v in module.backbone.state_dict().items())
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    model.features(x, ids[:, None])
+    assert all(torch.equal(before[k], v) for k, v in model.backbone.state_dict().items())
+    # the routed forward of the plain module: oracle ids give the same features, the router its own ids
+    routed, oracle_ids = model(x, ids)
+    assert torch.equal(routed, feats) and torch.equal(oracle_ids, ids)
+    pred = model.predict(x)
+    logits_ids = model.router_logits(x).argmax(-1)
+    assert torch.equal(pred["task"], logits_ids)
+    for i in range(len(x)):
+        head = model.head_outputs(model.features(x[i:i + 1], logits_ids[i:i + 1, None]), int(logits_ids[i]))
+        probs = head.softmax(-1)[0]
+        assert int(pred["prediction"][i]) == int(probs.argmax())
+        torch.testing.assert_close(pred["confidence"][i], probs.max())
 
 
 def test_top2_routing_combines_experts(toy_root):
     adapter = ToyAdapter(str(toy_root))
-    module = MergedModule(adapter, method="free_merging", top_k=2)
     x = torch.randn(4, 16)
-    module.build(x[:1])
+    model, _ = routed_model(adapter, x)
     ids = torch.tensor([[0, 1]] * 4)
     w = torch.tensor([[0.75, 0.25]] * 4)
-    feats = module.features(x, ids, w)
-    sd = {k: v.clone() for k, v in module.backbone.state_dict().items()}
-    d0 = module.task_modules[0].dense_delta(sd)
-    d1 = module.task_modules[1].dense_delta(sd)
+    feats = model.features(x, ids, w)
+    sd = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    d0 = model.task_modules[0].dense_delta(sd)
+    d1 = model.task_modules[1].dense_delta(sd)
     for key in d0:
         sd[key] = sd[key] + 0.75 * d0[key] + 0.25 * d1[key]
     net = adapter.build_backbone()
@@ -108,26 +125,39 @@ def test_fit_trains_only_the_router(toy_root, tmp_path):
     dm.setup()
     module.build(dm.router_dataset()[0][0][None])
     frozen = {k: v.clone() for k, v in module.state_dict().items()
-              if not k.startswith("router.") and isinstance(v, torch.Tensor)}
+              if not k.startswith("model.router.") and isinstance(v, torch.Tensor)}
     router = {k: v.clone() for k, v in module.router.state_dict().items()}
     tr.fit(module, datamodule=dm)
     after = module.state_dict()
     for k, v in frozen.items():
-        if k == "router_trained":
+        if k == "model.router_trained":
             continue
         assert torch.equal(v, after[k]), k
     assert any(not torch.equal(v, module.router.state_dict()[k]) for k, v in router.items())
     assert bool(module.router_trained)
-    assert all(not p.requires_grad for n, p in module.named_parameters() if not n.startswith("router."))
+    assert all(not p.requires_grad for n, p in module.named_parameters() if not n.startswith("model.router."))
+    # one training loop: the router equals Router.fit on the router split's features, run outside Lightning
+    # (router.epochs passes of its own, whatever the trainer's max_epochs), and Lightning counted its steps
+    reference = MergedModule(ToyAdapter(str(toy_root)))
+    reference.build(dm.router_dataset()[0][0][None])
+    reference.model.fit_router(dm.router_dataset())
+    for k, v in reference.router.state_dict().items():
+        assert torch.equal(v, module.router.state_dict()[k]), k
+    n = len(dm.router_dataset())
+    assert tr.global_step == module.router_config.epochs * -(-n // 64) and tr.current_epoch == 1
 
 
-def test_checkpoint_then_test_gives_identical_metrics(toy_root, tmp_path):
+def test_fit_then_test_from_checkpoint_routes_like_test_alone(toy_root, tmp_path):
     cfg = config(toy_root, tmp_path / "run")
     cfg_path = write_config(tmp_path / "cfg.yaml", cfg)
     main(["fit", "--config", str(cfg_path)])
     ckpt = next((tmp_path / "run" / "checkpoints").glob("*.ckpt"))
     main(["test", "--config", str(cfg_path), "--ckpt_path", str(ckpt)])
     from_ckpt = json.loads((tmp_path / "run" / "results" / "results.json").read_text())
+    alone_cfg = config(toy_root, tmp_path / "alone")
+    main(["test", "--config", str(write_config(tmp_path / "alone.yaml", alone_cfg))])
+    alone = json.loads((tmp_path / "alone" / "results" / "results.json").read_text())
+    assert from_ckpt["tasks"] == alone["tasks"] and from_ckpt["routing_confusion"] == alone["routing_confusion"]
     # In memory: fit then test with the same trainer/module.
     module = MergedModule(ToyAdapter(str(toy_root)))
     dm = datamodule(toy_root)
@@ -141,28 +171,18 @@ def test_checkpoint_then_test_gives_identical_metrics(toy_root, tmp_path):
     assert module.test_results["avg"]["routing_accuracy"] > 0.9
 
 
-def test_resume_continues_from_saved_router(toy_root, tmp_path):
+def test_fit_from_a_finished_fit_keeps_its_router(toy_root, tmp_path):
     cfg = config(toy_root, tmp_path / "run")
-    cfg["trainer"]["max_epochs"] = 1
     cfg_path = write_config(tmp_path / "cfg.yaml", cfg)
     main(["fit", "--config", str(cfg_path)])
     ckpt = next((tmp_path / "run" / "checkpoints").glob("*.ckpt"))
     saved = torch.load(ckpt, weights_only=False)
-    seen = {}
-
-    class Probe(MergedModule):
-        def on_train_start(self):
-            seen["router"] = {k: v.clone() for k, v in self.router.state_dict().items()}
-            seen["step"] = self.trainer.global_step
-
-    cfg["trainer"]["max_epochs"] = 2
-    cfg["model"]["adapter"]["init_args"]["root"] = str(toy_root)
-    module = Probe(ToyAdapter(str(toy_root)))
-    tr = trainer(tmp_path / "resume", max_epochs=2)
+    module = MergedModule(ToyAdapter(str(toy_root)))
+    tr = trainer(tmp_path / "resume", max_epochs=5)
     tr.fit(module, datamodule=datamodule(toy_root), ckpt_path=str(ckpt))
-    assert seen["step"] == saved["global_step"] > 0
-    for k, v in seen["router"].items():
-        assert torch.equal(v, saved["state_dict"][f"router.{k}"])
+    assert tr.global_step == saved["global_step"] > 0
+    for k, v in module.router.state_dict().items():
+        assert torch.equal(v, saved["state_dict"][f"model.router.{k}"])
 
 
 def test_oracle_and_head_selection_identities(toy_root, tmp_path):
@@ -181,14 +201,13 @@ def test_oracle_and_head_selection_identities(toy_root, tmp_path):
 
     # A router that always picks task 0: routed heads are wrong on other tasks, dataset heads are not.
     class Task0Router(MergedModule):
-        def router_logits(self, x):
-            logits = torch.zeros(x.shape[0], len(self.task_names))
-            logits[:, 0] = 1.0
-            return logits
+        def on_test_start(self):
+            super().on_test_start()
+            self.model.router_logits = lambda x: torch.eye(len(self.task_names))[[0] * x.shape[0]]
 
     scores = {}
     for heads in ("dataset", "routed"):
-        module = Task0Router(ToyAdapter(str(toy_root)), head_selection=heads, auto_fit_router=False)
+        module = Task0Router(ToyAdapter(str(toy_root)), head_selection=heads)
         trainer(tmp_path).test(module, datamodule=dm, verbose=False)
         scores[heads] = module.test_results["tasks"]
     assert scores["routed"]["task1"]["accuracy"] == 0.0 and scores["routed"]["task2"]["accuracy"] == 0.0
@@ -218,6 +237,14 @@ def test_bad_configs_fail_before_heavy_work(toy_root, tmp_path):
         MergedModule(ToyAdapter(str(toy_root)), method="nope")
     with pytest.raises(HyperparameterError, match="bogus"):
         MergedModule(ToyAdapter(str(toy_root)), method="free_merging", method_args={"bogus": 1})
+    with pytest.raises(HyperparameterError, match=r"^model\.top_k=0 is outside its accepted range \[1, inf\]$"):
+        MergedModule(ToyAdapter(str(toy_root)), top_k=0)
+    with pytest.raises(ConfigError, match=r"^model\.routing='learned'; accepted: \['router', 'oracle'\]$"):
+        MergedModule(ToyAdapter(str(toy_root)), routing="learned")
+    with pytest.raises(HyperparameterError, match=r"^data\.router_fraction=0 is outside its accepted range \(0, 1\]$"):
+        datamodule(toy_root, router_fraction=0)
+    with pytest.raises(ConfigError, match=r"^data\.batch_size=2\.5 is not an integer$"):
+        datamodule(toy_root, batch_size=2.5)
 
     class Spy(ToyAdapter):
         loaded = 0
@@ -235,10 +262,10 @@ def test_bad_configs_fail_before_heavy_work(toy_root, tmp_path):
     assert Spy.loaded == 0
 
 
-def test_merge_subcommand_and_print_config(toy_root, tmp_path):
+def test_export_subcommand_and_print_config(toy_root, tmp_path):
     cfg_path = write_config(tmp_path / "cfg.yaml", config(toy_root, tmp_path / "run"))
     out = tmp_path / "merged"
-    main(["merge", "--config", str(cfg_path), "--output_dir", str(out)])
+    main(["export", "--config", str(cfg_path), "--output_dir", str(out)])
     info = json.loads((out / "merge_info.json").read_text())
     assert info["method"] == "free_merging" and info["router_trained"] is True
     assert len(list(out.glob("task_module_*.safetensors"))) == 3
@@ -266,6 +293,25 @@ def test_ddp_two_processes_equal_single_process(toy_root, tmp_path):
     assert results[1]["tasks"] == results[2]["tasks"]
     assert results[1]["routing_confusion"] == results[2]["routing_confusion"]
     assert sum(map(sum, results[2]["routing_confusion"])) == 600  # each of 3×200 test samples once
+
+
+@pytest.mark.slow
+def test_ddp_fit_trains_the_router_of_one_process(toy_root, tmp_path):
+    """``fit`` on 2 CPU processes (gloo): every rank runs the one router loop on the whole router split (rank 0's
+    weights broadcast), so the checkpoint holds the router a single process trains, after as many steps."""
+    saved = {}
+    for devices in (1, 2):
+        run = tmp_path / f"run{devices}"
+        cfg_path = write_config(tmp_path / f"cfg{devices}.yaml", config(toy_root, run))
+        args = [sys.executable, str(REPO / "cli.py"), "fit", "--config", str(cfg_path)]
+        if devices == 2:
+            args += ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
+        proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=600, check=False)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        saved[devices] = torch.load(next((run / "checkpoints").glob("*.ckpt")), weights_only=False)
+    assert saved[1]["global_step"] == saved[2]["global_step"] > 0
+    router = [k for k in saved[1]["state_dict"] if k.startswith("model.router.")]
+    assert router and all(torch.equal(saved[1]["state_dict"][k], saved[2]["state_dict"][k]) for k in router)
 
 
 def test_method_as_class_path_in_yaml_equals_the_registry_name(toy_root, tmp_path, capsys):
@@ -305,6 +351,28 @@ def test_module_applies_the_experts_sidecar_of_a_merge_job(toy_root, tmp_path):
     loaded.load_task_modules(tmp_path / "job")
     for task in range(3):
         ids = torch.full((6, 1), task)
-        assert torch.equal(built.features(x, ids), loaded.features(x, ids))
+        assert torch.equal(built.model.features(x, ids), loaded.model.features(x, ids))
     with pytest.raises(ConfigError, match="task modules for"):
         MergedModule(ToyAdapter(str(toy_root)), method="ties").load_task_modules(tmp_path / "job")
+
+
+@pytest.mark.slow
+def test_tiny_zoo_fit_then_test_routes_exactly_like_test_alone(tmp_path, monkeypatch):
+    """The one router loop on the tiny zoo: ``fit`` then ``test --ckpt_path`` gives the router ``test`` alone
+    trains (same seed, same data order), so the same routing confusion and the same scores."""
+    monkeypatch.setenv("FREEMERGE_ZOO_ROOT", str(tmp_path / "zoo"))
+    config = str(REPO / "configs" / "zoo" / "tiny" / "free_merging.yaml")
+
+    def run(name: str, *args: str) -> dict:
+        main([*args, "--config", config, "--trainer.default_root_dir", str(tmp_path / name),
+              "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"])
+        return json.loads((tmp_path / name / "results" / "results.json").read_text())
+
+    alone = run("alone", "test")
+    main(["fit", "--config", config, "--trainer.default_root_dir", str(tmp_path / "fit"),
+          "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"])
+    ckpt = next((tmp_path / "fit" / "checkpoints").glob("*.ckpt"))
+    from_ckpt = run("from_ckpt", "test", "--ckpt_path", str(ckpt))
+    assert from_ckpt["routing_confusion"] == alone["routing_confusion"]
+    assert from_ckpt["tasks"] == alone["tasks"] and from_ckpt["avg"] == alone["avg"]
+    assert 1 / 8 < alone["avg"]["routing_accuracy"] < 1.0  # above chance over 8 tasks, not a trivial router

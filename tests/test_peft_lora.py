@@ -11,21 +11,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
-from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError
-from freemerge_pl.io import load_state_dict
-from freemerge_pl.merging import SparseExpert, merge
-from freemerge_pl.merging.engine import CheckpointInputs, execute
-from freemerge_pl.merging.registry import build_method
 from freemerge_pl.adapters.peft_lora import (
     LoRAModelSource,
     PeftLoRAAdapter,
-    delta_to_lora,
-    merge_lora_adapters,
     non_target_pattern,
-    open_base,
     read_lora_adapter,
-    save_lora_adapter,
 )
+from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError
+from freemerge_pl.io import load_state_dict
+from freemerge_pl.jobs.lora import delta_to_lora, merge_lora_adapters, open_base, save_lora_adapter
+from freemerge_pl.merging import SparseExpert, merge
+from freemerge_pl.merging.engine import CheckpointInputs, execute
+from freemerge_pl.merging.registry import build_method
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

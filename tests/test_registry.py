@@ -1,5 +1,7 @@
-"""The merge-method registry: builtin loading is all-or-nothing, duplicate names, the signature schema."""
+"""The merge-method registry: builtin loading is all-or-nothing, duplicate names, MergeMethod dataclasses only,
+the dataclass fields as the schema."""
 
+import dataclasses
 import importlib
 import sys
 import textwrap
@@ -7,30 +9,43 @@ import textwrap
 import pytest
 
 from freemerge_pl.errors import ConfigError, HyperparameterError
-from freemerge_pl.merging import baselines, registry
+from freemerge_pl.merging import registry
+from freemerge_pl.merging.method import MergeMethod
+from freemerge_pl.merging.methods import basic
 from freemerge_pl.merging.registry import MethodSpec, get_method, list_methods, register
 
 FAKE_PACKAGE = "fm_fake_builtin"
 
 OK_MODULE = """
+from dataclasses import dataclass
+
+from freemerge_pl.merging.method import MergeMethod
 from freemerge_pl.merging.registry import register
 
 @register("fake_ok", reference="test")
-def fake_ok(task_vectors, *, alpha: float = 1.0):
+@dataclass
+class FakeOk(MergeMethod):
     '''A fake method that imports fine.'''
+
+    alpha: float = 1.0
 """
 
 BAD_MODULE = """
+from dataclasses import dataclass
+
+from freemerge_pl.merging.method import MergeMethod
 from freemerge_pl.merging.registry import register
 
 @register("fake_bad_first", reference="test")
-def fake_bad_first(task_vectors):
+@dataclass
+class FakeBadFirst(MergeMethod):
     '''Registered before the failure below.'''
 
 {failure}
 
 @register("fake_bad_second", reference="test")
-def fake_bad_second(task_vectors):
+@dataclass
+class FakeBadSecond(MergeMethod):
     '''Never reached while the module fails.'''
 """
 
@@ -74,12 +89,12 @@ def test_failed_builtin_import_rolls_back_and_reraises_the_real_error(fake_built
         assert f"{FAKE_PACKAGE}.ok" not in sys.modules and f"{FAKE_PACKAGE}.bad" not in sys.modules
         assert not hasattr(sys.modules[FAKE_PACKAGE], "ok")  # so the next call re-imports it
     # builtins that were loaded before the failing call are untouched
-    assert registry._REGISTRY["task_arithmetic"].fn is baselines.task_arithmetic
+    assert registry._REGISTRY["task_arithmetic"].cls is basic.TaskArithmetic
 
     fake_builtins("")  # the dependency is fixed: the next call loads everything
     names = list_methods()
     assert {"fake_ok", "fake_bad_first", "fake_bad_second", "task_arithmetic"} <= set(names)
-    assert get_method("fake_ok").fn is sys.modules[f"{FAKE_PACKAGE}.ok"].fake_ok
+    assert get_method("fake_ok").cls is sys.modules[f"{FAKE_PACKAGE}.ok"].FakeOk
     assert get_method("fake_ok").hyperparameters == {"alpha": 1.0}
 
 
@@ -91,12 +106,29 @@ def test_non_import_errors_propagate_unchanged_and_roll_back(fake_builtins):
 
 
 def test_duplicate_name_is_rejected_and_the_first_registration_kept():
-    def impostor(task_vectors, *, scaling: float = 1.0):
+    @dataclasses.dataclass
+    class Impostor(MergeMethod):
         """Not task arithmetic."""
 
+        scaling: float = 1.0
+
     with pytest.raises(ValueError, match="'task_arithmetic' is already registered"):
-        register("task_arithmetic", reference="x")(impostor)
-    assert get_method("task_arithmetic").fn is baselines.task_arithmetic
+        register("task_arithmetic", reference="x")(Impostor)
+    assert get_method("task_arithmetic").cls is basic.TaskArithmetic
+    assert Impostor.name == ""  # the refused class is left unnamed
+
+
+def test_only_merge_method_dataclasses_register():
+    def plain(task_vectors, *, scaling: float = 1.0):
+        """A plain function is not a method."""
+
+    class NotADataclass(MergeMethod):
+        """No typed fields."""
+
+    for candidate in (plain, NotADataclass):
+        with pytest.raises(TypeError, match="register a MergeMethod dataclass"):
+            register("fake_plain", reference="x")(candidate)
+    assert "fake_plain" not in list_methods()
 
 
 def test_unknown_method_lists_the_known_ones():
@@ -104,18 +136,25 @@ def test_unknown_method_lists_the_known_ones():
         get_method("nope")
 
 
-def test_hyperparameters_are_the_keyword_only_arguments_less_context():
-    def method(task_vectors, positional=2, *, density: float = 0.2, mode: str = "a", pretrained=None,
-               data=None, generator=None):
+def test_hyperparameters_are_the_dataclass_fields_with_their_defaults():
+    @dataclasses.dataclass
+    class Method(MergeMethod):
         """Summary line.
 
         Details."""
 
-    spec = MethodSpec("m", method, reference="ref", summary="Summary line.")
-    assert spec.hyperparameters == {"density": 0.2, "mode": "a"}
+        density: float = 0.2
+        mode: str = "a"
+        weights: list = dataclasses.field(default_factory=lambda: [1.0, 2.0])
+
+    spec = MethodSpec("m", Method, reference="ref", summary="Summary line.")
+    assert spec.hyperparameters == {"density": 0.2, "mode": "a", "weights": [1.0, 2.0]}
+    assert spec.build({"mode": "b"}).hyperparameters() == {"density": 0.2, "mode": "b", "weights": [1.0, 2.0]}
     assert get_method("task_arithmetic").hyperparameters == {"scaling": 0.3}
     assert "generator" not in get_method("dare").hyperparameters
     assert get_method("task_arithmetic").summary.startswith("Task arithmetic")
+    assert get_method("fisher").needs == frozenset({"data"}) and not get_method("ties").needs
+    assert get_method("free_merging").produces_task_modules and not get_method("ties").produces_task_modules
 
 
 def test_validate_accepts_known_and_names_unknown_hyperparameters():

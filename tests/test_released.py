@@ -3,7 +3,7 @@
 The transcription below follows the released code's structure (github.com/Zhengsh123/FREE-Merging@36c0f41):
 two spectral masks built by plain loops and inverted separately, per-task filtered copies aligned in
 place, Python ``sum`` with the first-task quirk, sorted per-row top-k, ``sum_two`` as ``np.where``. It
-uses numpy float64 only and nothing from ``freemerge_pl.merging.released``.
+uses numpy float64 only and nothing from ``freemerge_pl.merging.methods.released``.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ import torch
 from open_clip.transformer import VisionTransformer
 
 from freemerge_pl.errors import ConfigError
-from freemerge_pl.merging.released import (
-    released_expert_indices,
+from freemerge_pl.merging.engine import merge_task_vectors
+from freemerge_pl.merging.methods.released import (
+    FREEMergingReleased,
+    FRMergingReleased,
     released_filter_mask,
-    released_fr_merge,
-    released_free_merge,
     released_highpass,
 )
+from freemerge_pl.merging.topk import released_expert_indices
 
 # ---------------------------------------------------------------------------------------------- transcription
 
@@ -278,7 +279,7 @@ def test_highpass_rejects_non_2d():
 def test_vit_key_pattern_rejects_non_2d_weight():
     tvs = [{"blocks.0.attn.conv.weight": torch.randn(4, 3, 2, 2)} for _ in range(2)]
     with pytest.raises(ConfigError, match="blocks.0.attn.conv.weight"):
-        released_fr_merge(tvs)
+        merge_task_vectors(FRMergingReleased(), tvs)
 
 
 # ---------------------------------------------------------------------------------------------- experts
@@ -305,7 +306,8 @@ def test_expert_indices_per_row_and_small_tensors():
 @pytest.mark.parametrize("align, quirk", [(True, True), (False, True), (True, False), (False, False)])
 def test_vit_fr_matches_transcription(align, quirk):
     pre, fts = vit_checkpoints()
-    result = released_fr_merge(task_vectors(pre, fts), align=align, keep_first_task_bias_quirk=quirk)
+    method = FRMergingReleased(align=align, keep_first_task_bias_quirk=quirk)
+    result = merge_task_vectors(method, task_vectors(pre, fts))
     assert result.info["scaling"] == 0.7 and result.info["align"] is align
     expected = naive_vit(as_numpy(pre), [as_numpy(ft) for ft in fts], method="fr", align=align, s=0.7,
                          quirk=quirk)
@@ -319,8 +321,8 @@ def test_vit_fr_matches_transcription(align, quirk):
 @pytest.mark.parametrize("align, quirk, density", [(False, True, 0.2), (True, False, 0.2), (False, True, 0.01)])
 def test_vit_free_matches_transcription(align, quirk, density):
     pre, fts = vit_checkpoints(zero_key=not align)  # the released align turns an all-zero key into NaN
-    result = released_free_merge(task_vectors(pre, fts), align=align, expert_density=density,
-                                 keep_first_task_bias_quirk=quirk)
+    method = FREEMergingReleased(align=align, expert_density=density, keep_first_task_bias_quirk=quirk)
+    result = merge_task_vectors(method, task_vectors(pre, fts))
     models, mu = naive_vit(as_numpy(pre), [as_numpy(ft) for ft in fts], method="free", align=align, s=0.5,
                            d=density, quirk=quirk)
     assert result.info["mu"] == pytest.approx(mu, rel=1e-10)
@@ -340,8 +342,9 @@ def test_vit_free_matches_transcription(align, quirk, density):
 def test_vit_free_float32_close_to_float64():
     pre, fts = vit_checkpoints()
     tvs = task_vectors(pre, fts)
-    r64 = released_free_merge(tvs, expert_density=0.2)
-    r32 = released_free_merge([{k: v.float() for k, v in tv.items()} for tv in tvs], expert_density=0.2)
+    r64 = merge_task_vectors(FREEMergingReleased(expert_density=0.2), tvs)
+    r32 = merge_task_vectors(FREEMergingReleased(expert_density=0.2),
+                             [{k: v.float() for k, v in tv.items()} for tv in tvs])
     assert r32.info["mu"] == pytest.approx(r64.info["mu"], rel=1e-5)
     for k in pre:
         assert r32.delta[k].dtype == torch.float32
@@ -353,19 +356,19 @@ def test_first_task_bias_quirk_on_and_off():
     tvs = task_vectors(pre, fts)
     bias = "model.visual.transformer.resblocks.1.mlp.c_fc.bias"
     weight = "model.visual.transformer.resblocks.1.mlp.c_fc.weight"
-    on = released_fr_merge(tvs, align=False, keep_first_task_bias_quirk=True)
-    off = released_fr_merge(tvs, align=False, keep_first_task_bias_quirk=False)
+    on = merge_task_vectors(FRMergingReleased(align=False, keep_first_task_bias_quirk=True), tvs)
+    off = merge_task_vectors(FRMergingReleased(align=False, keep_first_task_bias_quirk=False), tvs)
     torch.testing.assert_close(on.delta[bias], 0.7 * tvs[0][bias], rtol=0, atol=0)
     torch.testing.assert_close(off.delta[bias], 0.7 * (tvs[0][bias] + tvs[1][bias] + tvs[2][bias]))
     torch.testing.assert_close(on.delta[weight], off.delta[weight], rtol=0, atol=0)
     assert not on.delta["model.visual.ln_pre.weight"].any()  # unchanged keys stay pre-trained
-    free = released_free_merge(tvs, keep_first_task_bias_quirk=True)
+    free = merge_task_vectors(FREEMergingReleased(keep_first_task_bias_quirk=True), tvs)
     torch.testing.assert_close(free.delta[bias], 0.5 * tvs[0][bias], rtol=0, atol=0)
 
 
 def test_vit_info_records_statistics():
     pre, fts = vit_checkpoints()
-    result = released_free_merge(task_vectors(pre, fts), expert_density=0.2)
+    result = merge_task_vectors(FREEMergingReleased(expert_density=0.2), task_vectors(pre, fts))
     info = result.info
     assert info["semantics"] == "released_code" and info["profile"] == "vit"
     assert len(info["mu"]) == len(info["expert_abs_mean"]) == len(info["shared_abs_mean"]) == 3
@@ -378,7 +381,7 @@ def test_vit_info_records_statistics():
 
 def test_glue_fr_matches_transcription():
     pre, fts = glue_checkpoints()
-    result = released_fr_merge(task_vectors(pre, fts), profile="glue")
+    result = merge_task_vectors(FRMergingReleased(profile="glue"), task_vectors(pre, fts))
     assert result.info["align"] is False and result.info["scaling"] == 0.5
     expected = naive_glue(as_numpy(pre), [as_numpy(ft) for ft in fts], method="fr")
     for k in pre:
@@ -389,8 +392,8 @@ def test_glue_fr_matches_transcription():
 @pytest.mark.parametrize("density, remove", [(0.02, 0.0), (0.25, 0.0), (0.25, 0.1)])
 def test_glue_free_matches_transcription(density, remove):
     pre, fts = glue_checkpoints()
-    result = released_free_merge(task_vectors(pre, fts), profile="glue", glue_expert_density=density,
-                                 glue_expert_remove=remove)
+    method = FREEMergingReleased(profile="glue", glue_expert_density=density, glue_expert_remove=remove)
+    result = merge_task_vectors(method, task_vectors(pre, fts))
     models = naive_glue(as_numpy(pre), [as_numpy(ft) for ft in fts], method="free", d=density, remove=remove)
     for i, (applied, exact) in enumerate(effective_models(pre, result)):
         for k in pre:

@@ -1,4 +1,4 @@
-"""The router: feature sources, heads, confidence fallback, settings checks, single-task configs, routing reports."""
+"""The router: feature sources, heads, the one training loop, settings checks, single-task configs, routing reports."""
 
 from pathlib import Path
 
@@ -7,15 +7,18 @@ import torch
 from freemerge_pl.callbacks import RoutingStats
 from torch.nn import functional as F
 
-from freemerge_pl.lightning.datamodule import MultiTaskDataModule, TaskConfig
-from freemerge_pl.errors import ConfigError
 from freemerge_pl.adapters.base import vit_prefix_features
 from freemerge_pl.adapters.toy import ToyAdapter, ToyBackbone, make_toy_models
+from freemerge_pl.errors import ConfigError, HyperparameterError
+from freemerge_pl.lightning.datamodule import MultiTaskDataModule, TaskConfig
 from freemerge_pl.lightning.module import MergedModule
+from freemerge_pl.lightning.routed import RoutedModel
 from freemerge_pl.lightning.router import (
+    BATCH_SIZE,
+    SEED,
+    WEIGHT_DECAY,
     Router,
     RouterConfig,
-    fallback_routing,
     resolve_feature_source,
     routing_confusion_markdown,
 )
@@ -56,17 +59,28 @@ def built(adapter, dm, **kw) -> MergedModule:
     return module
 
 
+def routed(adapter, dm, split_block: int, **router) -> RoutedModel:
+    """A RoutedModel with another prefix depth: a variant built directly (split_block is no setting)."""
+    module = built(adapter, dm)
+    return RoutedModel(adapter, module.task_names, module.backbone, list(module.task_modules),
+                       router_config=RouterConfig(**router), example_input=dm.router_dataset()[0][0][None],
+                       split_block=split_block)
+
+
 def test_bad_settings_fail_with_named_errors(toy_root):
-    with pytest.raises(ConfigError, match=r"model\.router\.head='knn'.*linear.*mlp.*ncm"):
+    with pytest.raises(ConfigError, match=r"^model\.router\.head='knn'; accepted: \['linear', 'mlp'\]$"):
         RouterConfig(head="knn")
     with pytest.raises(ConfigError, match=r"model\.router\.feature_source='pixels'"):
         RouterConfig(feature_source="pixels")
-    with pytest.raises(ConfigError, match=r"model\.router\.split_block=0"):
-        RouterConfig(feature_source="backbone_prefix", split_block=0)
-    with pytest.raises(ConfigError, match=r"model\.router\.fallback_threshold=1\.5"):
-        RouterConfig(fallback_threshold=1.5)
-    with pytest.raises(ConfigError, match=r"model\.router\.fallback='mix'"):
-        RouterConfig(fallback="mix")
+    with pytest.raises(HyperparameterError, match=r"^model\.router\.lr=0 is outside its accepted range \(0, inf\)$"):
+        RouterConfig(lr=0)
+    with pytest.raises(HyperparameterError, match=r"model\.router\.epochs=-1 is outside its accepted range \[0, inf\]"):
+        RouterConfig(epochs=-1)
+    with pytest.raises(ConfigError, match=r"model\.router\.hidden_dim=2\.5 is not an integer"):
+        RouterConfig(hidden_dim=2.5)
+    for removed in ("split_block", "fallback_threshold", "shared_prefix", "batch_size", "seed"):
+        with pytest.raises(TypeError, match=removed):  # benchmark-only settings left the product API
+            RouterConfig(**{removed: 1})
     # a prefix asked of an adapter that cannot run one: at construction, naming the adapter's missing method
     with pytest.raises(ConfigError, match=r"ToyAdapter\.prefix_features"):
         MergedModule(ToyAdapter(str(toy_root)), router=RouterConfig(feature_source="backbone_prefix"))
@@ -90,8 +104,7 @@ def test_split_point_beyond_depth_fails_with_named_error(toy_root):
         vit_prefix_features(ToyBackbone(), torch.randn(2, 16), 1)
     # through the module: the split point is checked when the backbone is built, before any router training
     dm = datamodule(toy_root)
-    module = MergedModule(PrefixToyAdapter(str(toy_root)),
-                          router=RouterConfig(feature_source="backbone_prefix", split_block=3))
+    module = MergedModule(PrefixToyAdapter(str(toy_root)), router=RouterConfig(feature_source="backbone_prefix"))
     with pytest.raises(ConfigError, match=r"split_block=3 is beyond"):
         module.build(dm.router_dataset()[0][0][None])
 
@@ -116,8 +129,8 @@ def test_auto_feature_source_follows_the_adapters_inputs(toy_root):
     dm = datamodule(toy_root)
     module = built(TokenToyAdapter(str(toy_root)), dm)
     x = dm.router_dataset()[0][0][None]
-    assert module.router_feature_source == "backbone" and module.router_reads_merged_backbone
-    torch.testing.assert_close(module._router_features_raw(x), module.backbone(x))
+    assert module.model.feature_source == "backbone" and module.router_reads_merged_backbone
+    torch.testing.assert_close(module.model.router_input(x), module.backbone(x))
 
 
 def test_pretrained_and_prefix_sources_read_the_right_weights(toy_root):
@@ -126,38 +139,18 @@ def test_pretrained_and_prefix_sources_read_the_right_weights(toy_root):
     x = torch.stack([dm.router_dataset()[i][0] for i in range(4)])
     pre = ToyBackbone(**adapter.manifest["config"])
     pre.load_state_dict(adapter.pretrained_state_dict())
-    whole = built(adapter, dm, router=RouterConfig(feature_source="pretrained_backbone", split_block=0))
-    torch.testing.assert_close(whole._router_features_raw(x), pre(x))
-    assert not whole.router_reads_merged_backbone
-    assert not any(k.startswith("_router_pretrained") for k in whole.state_dict())  # not saved: re-read
-    one = built(adapter, dm, router=RouterConfig(feature_source="pretrained_backbone", split_block=1))
-    torch.testing.assert_close(one._router_features_raw(x), F.gelu(pre.fc1(x)))
-    merged = built(adapter, dm, router=RouterConfig(feature_source="backbone_prefix", split_block=1))
-    torch.testing.assert_close(merged._router_features_raw(x), F.gelu(merged.backbone.fc1(x)))
+    whole = routed(adapter, dm, 0, feature_source="pretrained_backbone")
+    torch.testing.assert_close(whole.router_input(x), pre(x))
+    assert not whole.reads_merged_backbone
+    assert not any(k.startswith("_pretrained") for k in whole.state_dict())  # not saved: re-read
+    one = routed(adapter, dm, 1, feature_source="pretrained_backbone")
+    torch.testing.assert_close(one.router_input(x), F.gelu(pre.fc1(x)))
+    merged = routed(adapter, dm, 1, feature_source="backbone_prefix")
+    torch.testing.assert_close(merged.router_input(x), F.gelu(merged.backbone.fc1(x)))
     assert merged.router.mlp[0].normalized_shape == (adapter.manifest["config"]["hidden_dim"],)
 
 
-def test_ncm_head_is_the_nearest_centred_task_mean():
-    g = torch.Generator().manual_seed(0)
-    feats = torch.randn(60, 8, generator=g) + 5.0  # a large common offset: centring matters
-    ids = torch.arange(60) % 3
-    feats[ids == 1, 0] += 6.0
-    feats[ids == 2, 1] += 6.0
-    router = Router(3, RouterConfig(head="ncm", ncm_temperature=0.1), 8)
-    assert not router.trainable and not list(router.parameters())
-    router.fit_means(feats, ids)
-    queries = torch.randn(10, 8, generator=g) + 5.0
-    centre = feats.mean(0)
-    z = F.normalize(feats - centre, dim=1)
-    means = torch.stack([F.normalize(z[ids == k].mean(0), dim=0) for k in range(3)])
-    expected = F.normalize(queries - centre, dim=1) @ means.T / 0.1
-    torch.testing.assert_close(router(queries), expected)
-    assert (router(feats).argmax(1) == ids).float().mean() > 0.9
-    with pytest.raises(ConfigError, match=r"no sample of task id\(s\) \[2\]"):
-        router.fit_means(feats[ids < 2], ids[ids < 2])
-
-
-@pytest.mark.parametrize("head", ["linear", "mlp", "ncm"])
+@pytest.mark.parametrize("head", ["linear", "mlp"])
 def test_every_head_routes_the_separable_toy_tasks(toy_root, head):
     dm = datamodule(toy_root)
     module = built(ToyAdapter(str(toy_root)), dm, router=RouterConfig(head=head, epochs=50, lr=0.01))
@@ -166,67 +159,33 @@ def test_every_head_routes_the_separable_toy_tasks(toy_root, head):
     x = torch.cat([dm._test[t].x for t in TASKS])
     t = torch.cat([torch.full((len(dm._test[n].y),), i) for i, n in enumerate(TASKS)])
     dm.setup()
-    assert (module.route(x)[0][:, 0] == t).float().mean() > 0.95
+    assert (module.model.route(x)[0][:, 0] == t).float().mean() > 0.95
 
 
-def _accuracy(module, dm, ids, weights) -> float:
-    correct = total = 0
-    for i, name in enumerate(TASKS):
-        ds = dm._test[name]
-        n = len(ds.y)
-        sel = slice(i * n, (i + 1) * n)
-        feats = module.features(ds.x, ids[sel], weights[sel])
-        correct += int((module.head_outputs(feats, i).argmax(-1) == ds.y).sum())
-        total += n
-    return correct / total
-
-
-def test_fallback_never_lowers_accuracy_below_the_backbone_with_a_random_router(toy_root):
-    """A random router (untrained, its logits near uniform) with a confidence threshold falls back to the
-    merged backbone alone on every sample, so routed FREE equals the backbone; without it, it is worse."""
-    dm = datamodule(toy_root)
-    dm.setup()
-    module = built(ToyAdapter(str(toy_root)), dm, router=RouterConfig(fallback_threshold=0.6))
-    x = torch.cat([dm._test[t].x for t in TASKS])
-    with torch.no_grad():
-        logits = module.router_logits(x)
-    assert float(torch.softmax(logits, -1).amax(-1).max()) < 0.6  # the untrained router is unsure everywhere
-    ids, weights = module.route(x)
-    assert bool((weights == 0).all())
-    alone = _accuracy(module, dm, ids, torch.zeros_like(weights))
-    routed = _accuracy(module, dm, ids, weights)
-    assert routed == alone
-    torch.testing.assert_close(module.features(x, ids, weights), module.backbone(x), rtol=0, atol=0)
-    random_ids = torch.randint(0, 3, (len(x), 1), generator=torch.Generator().manual_seed(0))
-    unguarded = _accuracy(module, dm, random_ids, torch.ones(len(x), 1))
-    assert unguarded < alone  # what the fallback protects against
-
-
-@pytest.mark.parametrize("expert_path", ["weight_swap", "activation"])
-def test_fallback_rows_mixed_with_routed_rows(toy_root, expert_path):
-    """In one batch, weight-0 rows get the backbone alone and the others their expert (top-1), on both paths."""
-    dm = datamodule(toy_root)
-    dm.setup()
-    module = built(ToyAdapter(str(toy_root)), dm, expert_path=expert_path)
-    x = torch.cat([dm._test[t].x[:4] for t in TASKS])
-    ids = torch.tensor([0, 1, 2] * 4)[:, None]
-    weights = torch.tensor([1.0, 0.0, 1.0, 0.0] * 3)[:, None]
-    out = module.features(x, ids, weights)
-    for i in range(len(x)):
-        ref = module.features(x[i:i + 1], ids[i:i + 1]) if weights[i] else module.backbone(x[i:i + 1])
-        torch.testing.assert_close(out[i:i + 1], ref, atol=1e-5, rtol=1e-5)
-
-
-def test_soft_fallback_mixes_the_top_experts():
-    logits = torch.tensor([[4.0, 0.0, -1.0], [0.2, 0.1, 0.0], [0.0, 0.3, 0.25]])
-    ids, weights = torch.tensor([[0], [0], [1]]), torch.ones(3, 1)
-    soft_ids, soft_w = fallback_routing(logits, ids, weights, 0.5, "soft")
-    assert soft_ids.tolist()[0] == [0, 0] and soft_w.tolist()[0] == [1.0, 0.0]  # confident: unchanged
-    assert soft_ids.tolist()[1] == [0, 1] and soft_ids.tolist()[2] == [1, 2]
-    torch.testing.assert_close(soft_w[1], torch.softmax(torch.tensor([0.2, 0.1]), 0))
-    torch.testing.assert_close(soft_w[2], torch.softmax(torch.tensor([0.3, 0.25]), 0))
-    none_ids, none_w = fallback_routing(logits, ids, weights, 0.5, "none")
-    assert torch.equal(none_ids, ids) and none_w.flatten().tolist() == [1.0, 0.0, 0.0]
+def test_router_fit_is_a_plain_seeded_adamw_loop():
+    """``Router.fit`` against the loop written out here: SEED-shuffled batches of BATCH_SIZE, AdamW(lr,
+    WEIGHT_DECAY), cross-entropy, ``epochs`` passes; the initial weights are copied, so both start equal."""
+    g = torch.Generator().manual_seed(1)
+    feats, ids = torch.randn(150, 6, generator=g), torch.arange(150) % 3
+    config = RouterConfig(head="mlp", epochs=3, lr=0.01, hidden_dim=8)
+    router = Router(3, config, 6)
+    ref = Router(3, config, 6)
+    ref.load_state_dict(router.state_dict())
+    opt = torch.optim.AdamW(ref.parameters(), lr=0.01, weight_decay=WEIGHT_DECAY)
+    order = torch.Generator().manual_seed(SEED)
+    for _ in range(3):  # per epoch a DataLoader draws its workers' base seed from the generator, then its
+        torch.empty((), dtype=torch.int64).random_(generator=order)  # RandomSampler a permutation and an
+        perm = torch.randperm(150, generator=order)  # (empty) remainder permutation
+        torch.randperm(150, generator=order)
+        for start in range(0, 150, BATCH_SIZE):
+            rows = perm[start:start + BATCH_SIZE]
+            opt.zero_grad()
+            F.cross_entropy(ref(feats[rows]), ids[rows]).backward()
+            opt.step()
+    router.fit(feats, ids)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, router.state_dict()[k]), k
+    assert not router.training
 
 
 def test_single_task_config_tests(toy_root, tmp_path):
@@ -263,24 +222,3 @@ def test_routing_confusion_markdown_and_png(tmp_path):
     import matplotlib.pyplot as plt
 
     plt.close(fig)
-
-
-def test_ncm_head_fits_under_lightning_fit(toy_root, tmp_path):
-    """``head: ncm`` has no parameters to optimise: ``Trainer.fit`` fits the task means from the epoch's router
-    features, the same means as ``fit_router`` on the router split (independently: the means of the centred,
-    normalised features computed here), and marks the router trained."""
-    from lightning.pytorch import Trainer
-
-    dm = datamodule(toy_root)
-    module = built(ToyAdapter(str(toy_root)), dm, router=RouterConfig(head="ncm"))
-    assert not bool(module.router_trained)
-    trainer = Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
-    trainer.fit(module, datamodule=dm)
-    assert bool(module.router_trained)
-    feats, ids = module.router_features(dm.router_dataset())
-    mean = feats.float().mean(0)
-    z = F.normalize(feats.float() - mean, dim=-1)
-    want = torch.stack([F.normalize(z[ids == k].sum(0), dim=0) for k in range(len(TASKS))])
-    torch.testing.assert_close(module.router.feature_mean, mean, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(module.router.class_means, want, rtol=1e-5, atol=1e-6)

@@ -5,8 +5,8 @@ import torch
 from safetensors.torch import load_file
 
 from freemerge_pl.io import load_state_dict, open_checkpoint
-from freemerge_pl.merging import build_method, get_method, list_methods, merge
 from freemerge_pl.jobs.stream import stream_merge
+from freemerge_pl.merging import build_method, get_method, list_methods, merge
 
 K = 3
 
@@ -110,13 +110,13 @@ def test_free_merging_chunk_by_chunk_equals_whole_tensors(llama, tmp_path, monke
     streaming bf16 checkpoints still equals the in-memory merge bit for bit."""
     from safetensors.torch import save_file
 
-    from freemerge_pl.merging import experts
+    from freemerge_pl.merging import topk
 
     base, *fts = llama
     pre, fts_sd = as_dict(base), [as_dict(p) for p in fts]
     method = build_method("free_merging", {"expert_scope": scope, "expert_density": 0.05})
     whole = merge(pre, fts_sd, method, names=["a", "b", "c"])
-    monkeypatch.setattr(experts, "_CHUNK", 64)
+    monkeypatch.setattr(topk, "_CHUNK", 64)
     chunked = merge(pre, fts_sd, method, names=["a", "b", "c"])
     for key in pre:
         torch.testing.assert_close(chunked.state_dict[key], whole.state_dict[key], rtol=1e-5, atol=1e-7)

@@ -61,6 +61,36 @@ def test_build_is_deterministic(zoo, tmp_path, caplog):
         {f: zoo["manifest"]["files"][f]["sha256"] for f in weights}
 
 
+def test_interrupted_build_resumes_its_finished_fine_tunes(zoo, tmp_path, monkeypatch):
+    """Ctrl-C in the second fine-tune leaves no zoo; the next build fine-tunes only the tasks left and gives the
+    bytes of an uninterrupted build."""
+    from freemerge_pl.zoo.text import build as text_build
+
+    calls = []
+    real = text_build.finetune
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(text_build, "finetune", interrupted)
+    dest = tmp_path / "tiny-seed0"
+    with pytest.raises(KeyboardInterrupt):
+        ensure_text_zoo(dest, "tiny", 0)
+    assert not dest.exists() and (tmp_path / ".tiny-seed0.partial" / ".stages.json").is_file()
+    calls.clear()
+    monkeypatch.setattr(text_build, "finetune", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ensure_text_zoo(dest, "tiny", 0)
+    assert len(calls) == len(zoo["manifest"]["tasks"]) - 1
+    again = json.loads((dest / "manifest.json").read_text())
+    assert {f: r["sha256"] for f, r in again["files"].items()} == \
+        {f: r["sha256"] for f, r in zoo["manifest"]["files"].items()}
+    assert again["tasks"] == zoo["manifest"]["tasks"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["tiny-seed0"]
+
+
 def test_a_damaged_file_is_named(zoo, tmp_path):
     import shutil
 

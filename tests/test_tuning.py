@@ -8,10 +8,10 @@ import pytest
 import torch
 import yaml
 
-from freemerge_pl.lightning.cli import main
-from freemerge_pl.merging import merge
 from freemerge_pl.adapters.toy import make_toy_models
 from freemerge_pl.jobs.tune import CandidateMerger, grid_candidates, tune
+from freemerge_pl.lightning.cli import main
+from freemerge_pl.merging import merge
 from tests.test_module import REPO, config, write_config
 
 
@@ -101,10 +101,17 @@ def test_tune_never_touches_the_test_split_and_yaml_reproduces(toy_root, tmp_pat
     cfg["data"]["tune_fraction"] = 0.5
     cfg_path = write_config(tmp_path / "cfg.yaml", cfg)
     out = tmp_path / "tuned"
+    # another run's results and config in the run's directory: tune writes into its output_dir only
+    others = {tmp_path / "run" / "results" / "results.json": '{"tasks": {}}', tmp_path / "run" / "config.yaml": "x: 1\n"}
+    for path, text in others.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
     cli = main(["tune", "--config", str(cfg_path), "--output_dir", str(out),
                 "--space", json.dumps({"scaling": [0.1, 0.3, 0.6, 1.0]})])
     report = json.loads((out / "tune_report.json").read_text())
     assert len(report["candidates"]) == 4
+    assert {p: p.read_text() for p in others} == others
+    assert not list((tmp_path / "run" / "results").glob("*.stale.*"))
     dm = cli.datamodule
     for t in dm.task_names:
         tune_idx, router_idx = set(dm.tune_indices[t]), set(dm.router_indices[t])
@@ -203,9 +210,9 @@ def test_tune_reports_one_line_per_candidate_and_no_bars(toy_root, tmp_path, cap
 def test_tune_val_comes_from_the_tasks_own_validation_split(toy_root, recwarn):
     """A task with a validation split (``val_args``) tunes on it whole and keeps its router split; one without
     falls back to a share of the router split, with a warning; the record says which kind each task used."""
-    from freemerge_pl.lightning.datamodule import MultiTaskDataModule, TaskConfig
     from freemerge_pl.errors import ConfigError
     from freemerge_pl.jobs.tune import tune_val_record
+    from freemerge_pl.lightning.datamodule import MultiTaskDataModule, TaskConfig
 
     def task(name, **kw):
         return TaskConfig(name=name, dataset="freemerge_pl.adapters.toy.ToyTaskDataset",
@@ -231,9 +238,9 @@ def test_tune_val_comes_from_the_tasks_own_validation_split(toy_root, recwarn):
 def test_a_router_split_declared_held_out_is_tune_val_without_a_warning(toy_root, recwarn, monkeypatch):
     """A dataset class that lists its training split in ``held_out_splits`` (the zoos' ``router`` split: no
     fine-tuned model trained on it) gives a ``held-out router split`` tune-val, without the memorisation warning."""
-    from freemerge_pl.lightning.datamodule import MultiTaskDataModule, TaskConfig
     from freemerge_pl.adapters.toy import ToyTaskDataset
     from freemerge_pl.jobs.tune import tune_val_record
+    from freemerge_pl.lightning.datamodule import MultiTaskDataModule, TaskConfig
 
     monkeypatch.setattr(ToyTaskDataset, "held_out_splits", ("test",), raising=False)
 

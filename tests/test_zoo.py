@@ -11,14 +11,20 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from freemerge_pl.adapters.zoo_vit import ZooViTAdapter, vit_early_features
 from freemerge_pl.errors import ConfigError
 from freemerge_pl.io import sha256_file
-from freemerge_pl.adapters.zoo_vit import ZooViTAdapter, vit_early_features
+from freemerge_pl.zoo import cache as zoo_cache
+from freemerge_pl.zoo import cli as zoo_cli
+from freemerge_pl.zoo.cache import Stages
+from freemerge_pl.zoo.spec import recipe_hash as spec_recipe_hash
+from freemerge_pl.zoo.text.recipe import text_zoo_hash, text_zoo_recipe
 from freemerge_pl.zoo.vision import (
     ZooTaskDataset,
     default_zoo_root,
     ensure_zoo,
     generators,
+    pretext,
     read_manifest,
     recipe,
     recipe_hash,
@@ -59,30 +65,30 @@ def test_generator_balance_shapes_dtypes(task):
 
 
 def test_pretext_corpus_shapes():
-    x, t, p = generators.pretext_batch(16, seed=0)
+    x, t, p = pretext.pretext_batch(16, seed=0)
     assert x.shape == (16, 3, 32, 32) and x.dtype == np.uint8
-    assert t.shape == (16, generators.PRETEXT_DIM) and p.shape == (16, 64) and p.max() < generators.PATCH_CLASSES
+    assert t.shape == (16, pretext.PRETEXT_DIM) and p.shape == (16, 64) and p.max() < pretext.PATCH_CLASSES
     for name in ("type", "hue", "cell", "background", "glyph"):
-        a, b = generators.PRETEXT_SLICES[name]
+        a, b = pretext.PRETEXT_SLICES[name]
         assert np.all(t[:, a:b].sum(1) == 1)
-    assert generators.PRETEXT_DIM == max(b for _, b in generators.PRETEXT_SLICES.values())
+    assert pretext.PRETEXT_DIM == max(b for _, b in pretext.PRETEXT_SLICES.values())
 
 
 def test_pretext_patch_labels_follow_the_token_grid():
     """Patch labels on a coarser token grid (patch 8 → 4×4) come from the same scenes: images and scene
     targets are identical, and every coarse cell's label is one of the labels of the 4 fine cells inside it
     (or background when none of them is a confident majority)."""
-    x8, t8, p8 = generators.pretext_batch(12, seed=3)
-    x4, t4, p4 = generators.pretext_batch(12, seed=3, patch_grid=4)
+    x8, t8, p8 = pretext.pretext_batch(12, seed=3)
+    x4, t4, p4 = pretext.pretext_batch(12, seed=3, patch_grid=4)
     assert np.array_equal(x8, x4) and np.array_equal(t8, t4) and p4.shape == (12, 16)
-    bg = generators.PATCH_CLASSES - 1
+    bg = pretext.PATCH_CLASSES - 1
     fine = p8.reshape(12, 4, 2, 4, 2).transpose(0, 1, 3, 2, 4).reshape(12, 16, 4)
     for n in range(12):
         for c in range(16):
             assert p4[n, c] == bg or p4[n, c] in fine[n, c], (n, c, p4[n, c], fine[n, c])
     assert (p4 != bg).any()
     with pytest.raises(ConfigError, match="patch_grid=5"):
-        generators.pretext_batch(2, seed=0, patch_grid=5)
+        pretext.pretext_batch(2, seed=0, patch_grid=5)
 
 
 def test_task_names_fixed_order(tiny_zoo):
@@ -93,8 +99,8 @@ def test_task_names_fixed_order(tiny_zoo):
 
 def test_splits_disjoint_and_balanced(tiny_zoo):
     cfg = zoo_recipe("tiny")["data"]
-    pre_x, _, _ = generators.pretext_batch(zoo_recipe("tiny")["pretrain"]["n_images"], SEED)
-    pretext = _hashes(torch.from_numpy(pre_x))
+    pre_x, _, _ = pretext.pretext_batch(zoo_recipe("tiny")["pretrain"]["n_images"], SEED)
+    pre_hashes = _hashes(torch.from_numpy(pre_x))
     for task in zoo_task_names("tiny"):
         data = zoo_build.load_task_data(tiny_zoo, task)
         seen: set[bytes] = set()
@@ -104,7 +110,7 @@ def test_splits_disjoint_and_balanced(tiny_zoo):
             h = _hashes(x)
             assert len(h) == len(x), f"{task}/{split}: duplicate rows"
             assert not (h & seen), f"{task}/{split}: overlaps another split"
-            assert not (h & pretext), f"{task}/{split}: overlaps the pre-training corpus"
+            assert not (h & pre_hashes), f"{task}/{split}: overlaps the pre-training corpus"
             seen |= h
             counts = torch.bincount(y, minlength=generators.TASKS[task].num_classes)
             assert counts.max() - counts.min() <= 1
@@ -146,7 +152,7 @@ def test_cache_hit_does_not_rebuild(tiny_zoo, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("rebuilt a current zoo")
 
-    monkeypatch.setattr(zoo_build, "build_zoo", boom)
+    monkeypatch.setattr(zoo_cache, "build_zoo", boom)
     assert ensure_zoo(tiny_zoo, size="tiny", seed=SEED) == tiny_zoo
 
 
@@ -173,22 +179,100 @@ def test_incomplete_zoo_is_rebuilt(tiny_zoo, tmp_path):
     assert _all_files(root).keys() == _all_files(tiny_zoo).keys()
 
 
-def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
+def test_interrupted_build_resumes_from_its_finished_stages(tiny_zoo, tmp_path, monkeypatch):
+    """Ctrl-C in the second fine-tune leaves no zoo, but its staging directory keeps the data, θ_pre and the
+    first fine-tune; the next build reuses them (no data generated, no pre-training, one fine-tune fewer) and
+    gives the same bytes as an uninterrupted build."""
     calls = []
     real = zoo_build.finetune
 
-    def failing(*args, **kwargs):
+    def interrupted(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
-            raise RuntimeError("interrupted")
+            raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(zoo_build, "finetune", failing)
+    monkeypatch.setattr(zoo_build, "finetune", interrupted)
     dest = tmp_path / "zoo"
-    with pytest.raises(RuntimeError, match="interrupted"):
+    with pytest.raises(KeyboardInterrupt):
         ensure_zoo(dest, size="tiny", seed=SEED)
     assert not dest.exists()
-    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+    staging = tmp_path / ".zoo.partial"
+    assert (staging / "pretrained" / "model.safetensors").is_file()
+    assert (staging / "finetuned" / zoo_task_names("tiny")[0] / "config.json").is_file()
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a finished stage was run again")
+
+    monkeypatch.setattr(zoo_build, "finetune", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(zoo_build, "pretrain", boom)
+    monkeypatch.setattr(zoo_build, "pretext_batch", boom)
+    monkeypatch.setattr(zoo_build, "generate_split", boom)
+    calls.clear()
+    ensure_zoo(dest, size="tiny", seed=SEED)
+    assert len(calls) == len(zoo_task_names("tiny")) - 1
+    a, b = _all_files(dest), _all_files(tiny_zoo)
+    assert a.pop("manifest.json") and b.pop("manifest.json") and a == b  # the stage record is not published
+    ma, mb = read_manifest(dest), read_manifest(tiny_zoo)
+    ma.pop("build")
+    mb.pop("build")
+    assert ma == mb
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["zoo"]
+
+
+def test_staging_of_another_recipe_is_started_afresh(tmp_path):
+    staging = tmp_path / ".zoo.partial"
+    stages = Stages(staging, "hash-a")
+    (staging / "data").mkdir()
+    (staging / "data" / "x.safetensors").write_bytes(b"x")
+    stages.done("data/x", {"n": 1})
+    again = Stages(staging, "hash-a")  # same recipe: the finished stage and its file are kept
+    assert again.get("data/x") == {"n": 1} and (staging / "data" / "x.safetensors").is_file()
+    other = Stages(staging, "hash-b")  # another recipe: nothing of the old build is reused
+    assert other.get("data/x") is None and list(staging.iterdir()) == []
+
+
+def test_ctrl_c_exits_130_with_one_line(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(zoo_cli, "ensure", interrupted)
+    code = zoo_cli.main(zoo_build.VISION_ZOO, ["--size", "tiny", "--root", str(tmp_path / "zoo")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 130 and len(err) == 1
+    assert err[0].startswith("interrupted:") and str(tmp_path / ".zoo.partial") in err[0] and "resume" in err[0]
+
+
+#: recipe hashes computed by the code before the ZooSpec refactor (commit 0f4faed: ``recipe_hash(zoo_recipe(size,
+#: threads=2), seed)`` and ``text_zoo_hash(text_zoo_recipe(size, threads=2), 0)`` with ``environment`` replaced by
+#: the fixed values below, so the pins hold on any machine). A changed value means every built zoo is rebuilt.
+FIXED_ENV = {"threads": 2, "torch": "2.5", "cpu_capability": "AVX2"}
+FIXED_TEXT_ENV = {**FIXED_ENV, "transformers": "4.46", "sources": {"x": "1"}}
+PINNED_VISION = {("tiny", 0): "fc5f822d21b8d070746f12b9db4cc16d4b8a6552e2ff1dd8ffd5b6f48d869ffb",
+                 ("tiny", 3): "7786096d20824f4ac40f2260ac8f4b1dc4dad4ddc883b48fca32645c829cfd9b",
+                 ("default", 0): "8ac1e687f16a97b2d448b90293601019ffa1c2a67223846de31332cb596d0839",
+                 ("default", 3): "1afd677d975f019fb92ebb1f66d93847da96208a1fafc432527c82daa382d30e"}
+PINNED_TEXT = {"tiny": "790d51bc93a829b2c6d44fd33ec74cca905687970eb0d390fb2f0952588f4f12",
+               "default": "61252474a41ab43596a3717f17b7d3f9bd7af3cf1817b4c9031c9556677366a8"}
+
+
+@pytest.mark.skipif(generators.available_tasks() != list(generators.BASE_TASKS) or not generators.HAS_FREETYPE,
+                    reason="the pins were computed with the 8 base tasks and a FreeType-enabled Pillow")
+@pytest.mark.parametrize(("size", "seed"), sorted(PINNED_VISION))
+def test_vision_recipe_hash_is_the_old_codes(size, seed):
+    import hashlib
+
+    r = {**zoo_recipe(size, threads=2), "environment": dict(FIXED_ENV)}
+    blob = json.dumps({"recipe": r, "seed": seed}, sort_keys=True, separators=(",", ":")).encode()
+    assert recipe_hash(r, seed) == spec_recipe_hash(r, seed) == hashlib.sha256(blob).hexdigest()
+    assert recipe_hash(r, seed) == PINNED_VISION[size, seed]
+
+
+@pytest.mark.parametrize("size", sorted(PINNED_TEXT))
+def test_text_recipe_hash_is_the_old_codes(size):
+    pytest.importorskip("transformers")
+    r = {**text_zoo_recipe(size, threads=2), "environment": dict(FIXED_TEXT_ENV)}
+    assert text_zoo_hash(r, 0) == PINNED_TEXT[size]
 
 
 def test_refuses_to_replace_a_foreign_directory(tmp_path):

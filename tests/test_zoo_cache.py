@@ -18,8 +18,10 @@ import pytest
 import torch
 
 import freemerge_pl.io as fio
-from freemerge_pl.errors import FreeMergeError
 from freemerge_pl.adapters.zoo_vit import ZooViTAdapter
+from freemerge_pl.errors import FreeMergeError
+from freemerge_pl.zoo import cache as zoo_cache
+from freemerge_pl.zoo.progress import BuildProgress, load_note
 from freemerge_pl.zoo.vision import (
     ZooTaskDataset,
     ensure_zoo,
@@ -32,7 +34,6 @@ from freemerge_pl.zoo.vision import (
 )
 from freemerge_pl.zoo.vision import __main__ as zoo_main
 from freemerge_pl.zoo.vision import build as zoo_build
-from freemerge_pl.zoo.vision.progress import BuildProgress
 
 SEED = 5
 TASKS = ["digits", "signs"]
@@ -109,7 +110,7 @@ def test_sha256_once_per_process_and_again_after_a_change(copy, monkeypatch):
     """The size is compared on every use, the sha256 only on first use and after the file changed."""
     hashed = []
     real = fio.sha256_file
-    monkeypatch.setattr(fio, "sha256_file", lambda p, *a, **k: hashed.append(Path(p).name) or real(p, *a, **k))
+    monkeypatch.setattr(fio.files, "sha256_file", lambda p, *a, **k: hashed.append(Path(p).name) or real(p, *a, **k))
     manifest = read_manifest(copy)
     verify_zoo(copy)
     assert sorted(hashed) == sorted(Path(f).name for f in manifest["files"])
@@ -158,7 +159,7 @@ def test_cache_key_includes_the_build_thread_count(micro_zoo, monkeypatch):
     assert manifest["recipe"]["environment"]["torch"] == ".".join(torch.__version__.split(".")[:2])
 
     reasons = []
-    monkeypatch.setattr(zoo_build, "build_zoo", lambda dest, size, seed, reason=None: reasons.append(reason))
+    monkeypatch.setattr(zoo_cache, "build_zoo", lambda spec, dest, size, seed, reason=None: reasons.append(reason))
     ensure_zoo(micro_zoo, size="tiny", seed=SEED)
     assert reasons == []  # same thread count: the cache is used
     monkeypatch.setenv("FREEMERGE_ZOO_THREADS", "2")
@@ -219,10 +220,31 @@ def test_progress_estimates_from_prior_then_measured_rates():
     now[0] = 2.0
     progress.advance(10)  # 10 images in 2 s: 0.2 s each (measured; the prior said 0.5)
     progress.stage("train", "train", 100)
-    assert progress.remaining_s() == pytest.approx(100 * 0.1)  # train not measured yet: prior
+    # train not measured yet: its prior times the slowdown measured so far (data ran at 0.2 / 0.5 of its prior)
+    assert progress.remaining_s() == pytest.approx(100 * 0.1 * (0.2 / 0.5))
     now[0] = 6.0
     progress.advance(50)  # 50 samples in 4 s: 0.08 s each
     assert progress.remaining_s() == pytest.approx(50 * 0.08)
     assert progress.status() == "zoo build: train 50/100 samples, elapsed 6s, eta 4s (whole build)"
     progress.finish()
     assert progress.seconds_by_kind() == {"data": 2.0, "scenes": 0.0, "train": 4.0, "infer": 0.0}
+
+
+def test_progress_lines_say_when_the_machine_is_loaded(monkeypatch):
+    assert load_note(2, load=1.5) == ""
+    assert load_note(2, load=6.25) == " (machine loaded: load average 6.2 on 2 build threads; it will run slower)"
+    monkeypatch.setattr(os, "getloadavg", lambda: (12.0, 9.0, 6.0))
+    progress = BuildProgress({"train": 10}, {"train": 1.0}, logging.getLogger("test"), interval_s=30,
+                             clock=lambda: 0.0, name="text zoo", threads=2)
+    progress.stage("train", "train", 10)
+    assert progress.status() == ("text zoo build: train 0/10 samples, elapsed 0s, eta 10s (whole build) (machine "
+                                 "loaded: load average 12.0 on 2 build threads; it will run slower)")
+    progress.finish()
+
+
+def test_one_command_builds_either_zoo(micro_zoo, capsys):
+    from freemerge_pl.zoo.__main__ import main
+
+    assert main(["--zoo", "vision", "--size", "tiny", "--seed", str(SEED), "--root", str(micro_zoo)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{micro_zoo}\nzoo tiny seed {SEED}") and "digits" in out and "signs" in out

@@ -76,7 +76,7 @@ def config(tag: str, method: str) -> dict:
     name = f"table2_hf_clip_{tag}_{method}"
     return {
         "seed_everything": 0,
-        "trainer": {"accelerator": "auto", "devices": 1, "max_epochs": 20, "logger": False,
+        "trainer": {"accelerator": "auto", "devices": 1, "logger": False,
                     "default_root_dir": f"outputs/paper/{name}", "enable_checkpointing": True,
                     "callbacks": [{"class_path": "freemerge_pl.callbacks.ResultsTable"},
                                   {"class_path": "freemerge_pl.callbacks.RoutingStats"}]},

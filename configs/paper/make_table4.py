@@ -12,8 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from freemerge_pl.merging import get_method, list_methods
 from freemerge_pl.lightning.metrics import GLUE_PAPER_METRIC, glue_metrics, glue_task_key
+from freemerge_pl.merging import get_method, list_methods
 
 HERE = Path(__file__).resolve().parent
 #: Table 4's tasks, in the paper's order, with their HF ``glue`` text columns and evaluation split
@@ -67,7 +67,7 @@ def table4_config(method: str) -> dict:
     return {
         "seed_everything": 0,
         "trainer": {
-            "accelerator": "auto", "devices": 1, "max_epochs": 20, "logger": False,
+            "accelerator": "auto", "devices": 1, "logger": False,
             "default_root_dir": f"outputs/paper/table4_roberta_glue_{method}", "enable_checkpointing": True,
             "callbacks": [{"class_path": "freemerge_pl.callbacks.ResultsTable"},
                           {"class_path": "freemerge_pl.callbacks.RoutingStats"}],

@@ -2,7 +2,7 @@
 
 from freemerge_pl.adapters.base import ModelAdapter
 from freemerge_pl.adapters.hf_clip import HFCLIPAdapter
-from freemerge_pl.adapters.peft_lora import PeftLoRAAdapter, merge_lora_adapters, save_lora_adapter
+from freemerge_pl.adapters.peft_lora import PeftLoRAAdapter
 from freemerge_pl.adapters.timm_vit import TimmViTAdapter
 
 __all__ = [
@@ -10,6 +10,4 @@ __all__ = [
     "ModelAdapter",
     "PeftLoRAAdapter",
     "TimmViTAdapter",
-    "merge_lora_adapters",
-    "save_lora_adapter",
 ]

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from freemerge_pl.errors import ConfigError
 from freemerge_pl.adapters.base import StateDict
 from freemerge_pl.adapters.hf_text import HFSequenceClassificationAdapter, SequenceClassificationHead
-from freemerge_pl.zoo.text.build import ensure_text_zoo, task_entry, verify_text_zoo
-from freemerge_pl.zoo.text.recipe import resolve_text_zoo_root, text_zoo_task_names
+from freemerge_pl.errors import ConfigError
+from freemerge_pl.zoo.text.build import ensure_text_zoo, resolve_text_zoo_root, task_entry, verify_text_zoo
+from freemerge_pl.zoo.text.recipe import text_zoo_task_names
 
 
 class TextZooAdapter(HFSequenceClassificationAdapter):

@@ -12,9 +12,10 @@ from pathlib import Path
 from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
 
-from freemerge_pl.errors import ConfigError, FreeMergeError
-from freemerge_pl.io import load_state_dict
 from freemerge_pl.adapters.base import ModelAdapter, OpenCLIPViTSplit, StateDict, vit_prefix_features
+from freemerge_pl.errors import FreeMergeError
+from freemerge_pl.io import load_state_dict
+from freemerge_pl.zoo.cache import task_entry
 from freemerge_pl.zoo.vision.build import (
     build_vit,
     ensure_zoo,
@@ -65,11 +66,7 @@ class ZooViTAdapter(OpenCLIPViTSplit, ModelAdapter):
         return self._manifest
 
     def _task_entry(self, task: str) -> dict:
-        for t in self.manifest["tasks"]:
-            if t["name"] == task:
-                return t
-        raise ConfigError(f"task {task!r} is not in the zoo at {self.zoo_root}; "
-                          f"accepted: {[t['name'] for t in self.manifest['tasks']]}")
+        return task_entry(self.manifest, task, self.zoo_root)
 
     @property
     def task_names(self) -> list[str]:

@@ -6,7 +6,7 @@ safetensors) directories, streamed tensor by tensor, in the YAML shape mergekit 
       - model: ./WizardLM-13B                      # or just the path; optional name, parameters.weight
         name: wizard
       - model: ./WizardMath-13B
-    merge_method: free_merging                     # any registry method (cli.py merge --help-methods)
+    merge_method: free_merging                     # any registered method (merging.list_methods())
     parameters: {filter_ratio: 0.3, expert_density: 0.01}   # that method's typed settings
     dtype: bfloat16                                # output dtype (default: the base model's)
     out_shard_size: 5GB
@@ -18,15 +18,22 @@ vocabulary sizes, the method's settings, free disk space), and ``--dry-run`` sto
 built in a hidden sibling ``.<name>.partial/`` (shards written atomically; a journal records each complete
 one) and renamed into place only when complete, after ``merge_info.json`` (every file with its size and
 sha256, the config, the method record) is written; rerunning an interrupted job resumes from the last
-complete shard and produces the same bytes. Config, tokenizer and other non-weight files are copied from
-the base directory. Methods with task modules (FREE-Merging's experts, EMR, Twin) write them beside the
-backbone as ``task_module_<k>.safetensors`` plus ``task_modules.json``; ``load_task_modules`` reads them.
+complete shard (logged: ``resuming: N of M tensors already written``) and produces the same bytes, manifest
+included (it records nothing run-dependent). The job holds the output's lock (``freemerge_pl.io.output_lock``)
+for its whole run: a second job or export into the same output is refused at once, naming the running
+process; a killed job's lock is taken over by the rerun. Pickled ``.bin`` checkpoints (a whole module saved
+with ``torch.save``) are read only with ``allow_pickle: true`` (it executes code from the file). Config,
+tokenizer and other non-weight files are copied from the base directory. Methods with task modules
+(FREE-Merging's experts, EMR, Twin) write them beside the backbone as the export format does
+(``task_module_<k>.safetensors``, listed in the manifest's ``task_module_files``);
+``freemerge_pl.io.read_export`` / ``load_merged`` read the output back.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -40,14 +47,17 @@ from torch import Tensor
 
 from freemerge_pl._version import __version__
 from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError
-from freemerge_pl.io import (
-    DEFAULT_SHARD_BYTES,
+from freemerge_pl.io.checkpoints import DEFAULT_SHARD_BYTES, PickledObjectsError, open_checkpoint
+from freemerge_pl.io.export import save_task_modules
+from freemerge_pl.io.files import (
+    MANIFEST_NAME,
     check_output_dir,
-    open_checkpoint,
     publish_directory,
     staging_dir,
     write_json_atomic,
 )
+from freemerge_pl.io.lock import output_lock
+from freemerge_pl.jobs.stream import output_plan, stream_merge
 from freemerge_pl.merging.engine import (
     CheckpointInputs,
     all_finite,
@@ -55,16 +65,13 @@ from freemerge_pl.merging.engine import (
     prefilter_transform,
     preflight,
 )
-from freemerge_pl.merging.merge import save_task_modules
 from freemerge_pl.merging.method import check_fields
 from freemerge_pl.merging.registry import build_method
-from freemerge_pl.jobs.stream import output_plan, stream_merge
 from freemerge_pl.merging.source import TensorInfo, TensorSource
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-MANIFEST = "merge_info.json"
-TASK_MODULES_MANIFEST = "task_modules.json"
+log = logging.getLogger("freemerge_pl.merge")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
 
 
@@ -86,8 +93,14 @@ def parse_size(value: int | str) -> int:
 
 @dataclass
 class ModelEntry:
-    """One fine-tuned model: its path, a name (default: the directory name) and mergekit-style parameters
-    (``weight``: its per-task weight, for methods that take ``weights``)."""
+    """One fine-tuned model of a merge job (in YAML a plain path, or a mapping with these fields).
+
+    Args:
+        model: the fine-tuned checkpoint: a Hugging Face directory or one .safetensors/.bin file.
+        name: the task's name in the outputs (default: the directory or file name).
+        parameters: mergekit-style per-model parameters; ``weight``: its weight, for methods that take
+            ``weights``.
+    """
 
     model: str
     name: str | None = None
@@ -102,10 +115,33 @@ class ModelEntry:
 
 @dataclass
 class MergeJobConfig:
-    """The merge job's settings (one YAML file; see the module docstring)."""
+    """The settings of a checkpoint merge job: the keys of its mergekit-style YAML file.
+
+    Args:
+        base_model: the pre-trained checkpoint: a Hugging Face directory or one .safetensors/.bin file.
+        models: the fine-tuned checkpoints: paths, or mappings ``{model: path, name: ..., parameters:
+            {weight: ...}}``.
+        merge_method: a registered method (``freemerge_pl.merging.list_methods()``).
+        parameters: the method's hyperparameters (its typed settings, checked before any tensor is read).
+        dtype: the output dtype (default: the base model's).
+        out_shard_size: the largest output shard, as bytes or a size such as ``5GB``, ``500MB``, ``2GiB``.
+        device: where each tensor's maths runs (``cpu``, ``cuda``, ``cuda:1``).
+        output_dir: the output directory, published whole when complete (required: here or on the
+            command line).
+        exclude_keys: regular expressions of keys copied from the base model instead of merged.
+        fr_filter_ratio: an FR high-pass applied to every task vector before the method (0 = off).
+        seed: the seed of random methods (DARE's drop mask).
+        vocab_mismatch: ``error``, or ``truncate_or_pad`` fine-tuned vocabulary-sized tensors to the base's
+            rows.
+        allow_mixed_dtypes: accept fine-tuned tensors whose dtype differs from the base's.
+        check_finite: read every input tensor once and refuse NaN/Inf before writing anything.
+        copy_files: copy the base directory's config, tokenizer and other non-weight files to the output.
+        allow_pickle: read ``.bin``/``.pt`` checkpoints that hold pickled Python objects (a whole module saved
+            with ``torch.save(model)``); unpickling executes code from the file: only for files you trust.
+    """
 
     base_model: str
-    models: list[ModelEntry]
+    models: list[ModelEntry | str]
     merge_method: str = "free_merging"
     parameters: dict[str, Any] = field(default_factory=dict)
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
@@ -119,6 +155,7 @@ class MergeJobConfig:
     allow_mixed_dtypes: bool = False
     check_finite: bool = True
     copy_files: bool = True
+    allow_pickle: bool = False
 
     def __post_init__(self) -> None:
         self.models = [m if isinstance(m, ModelEntry) else
@@ -259,10 +296,17 @@ class Prepared:
     report: dict[str, Any]
 
 
-def _open(path: str, role: str) -> TensorSource:
+def _open(path: str, role: str, allow_pickle: bool = False) -> TensorSource:
     if not Path(path).exists():
         raise ConfigError(f"{role} {path!r} does not exist")
-    source = open_checkpoint(path)
+    try:
+        source = open_checkpoint(path, allow_pickle=allow_pickle)
+    except PickledObjectsError:
+        raise PickledObjectsError(
+            f"{role} {path} holds pickled Python objects (e.g. a whole module saved with torch.save(model)), not a "
+            f"plain state dict; loading it would execute code from the file. Convert it to a state dict or "
+            f"safetensors, or, for files you trust, set allow_pickle: true in the job YAML (--allow_pickle true "
+            f"on the command line)") from None
     source.name = f"{role} {path}"
     return source
 
@@ -286,8 +330,8 @@ def prepare(config: MergeJobConfig, output_dir: str | None = None) -> Prepared:
     output = Path(out)
     method = config.method()
     _check_device(config.device)
-    base = _open(config.base_model, "base_model")
-    finetuned = [_open(m.model, f"model {n!r}") for m, n in zip(config.models, config.names)]
+    base = _open(config.base_model, "base_model", config.allow_pickle)
+    finetuned = [_open(m.model, f"model {n!r}", config.allow_pickle) for m, n in zip(config.models, config.names)]
     vocab_keys = vocabulary_keys(base, finetuned, config.names, config.vocab_mismatch)
     if vocab_keys:
         finetuned = [VocabAlignedSource(s, base, vocab_keys) for s in finetuned]
@@ -371,7 +415,7 @@ def copy_support_files(base_dir: Path, target: Path, dtype: torch.dtype | None) 
     for f in sorted(base_dir.iterdir()):
         if not f.is_file() or f.name.startswith(".") or f.suffix in WEIGHT_SUFFIXES or f.name in WEIGHT_INDEXES:
             continue
-        if f.name == MANIFEST:
+        if f.name == MANIFEST_NAME:
             continue
         dest = target / f.name
         if f.name == "config.json" and dtype is not None:
@@ -385,17 +429,28 @@ def copy_support_files(base_dir: Path, target: Path, dtype: torch.dtype | None) 
 
 
 def run_merge_job(config: MergeJobConfig, *, output_dir: str | None = None, dry_run: bool = False,
-                  overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Check, merge (streaming, resumable), write task modules, support files and the manifest, publish."""
+                  overwrite: bool = False, resume: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Check, then (unless ``dry_run``) merge (streaming, resumable), write task modules, support files and the
+    manifest, publish. The whole run holds ``output_lock(output)``: a second job (or export) into the same
+    output is refused at once with ``OutputLockedError``, the first one's staging directory untouched.
+    ``resume=False`` discards the partial output of an interrupted run instead of continuing it."""
     prepared = prepare(config, output_dir)
-    output = prepared.output
-    if not dry_run:  # a previous export is replaced only when asked (the in-memory export replaces its own)
-        check_output_dir(output, overwrite=overwrite, replace_export=False)
     if dry_run:
         return {"dry_run": True, **prepared.report}
+    with output_lock(prepared.output):
+        return _run_locked(prepared, overwrite=overwrite, resume=resume, progress=progress)
+
+
+def _run_locked(prepared: Prepared, *, overwrite: bool, resume: bool, progress: bool) -> dict[str, Any]:
+    config, output = prepared.config, prepared.output
+    # a previous export is replaced only when asked (the in-memory export replaces its own)
+    check_output_dir(output, overwrite=overwrite, replace_export=False)
+    partial = _partial_dir(output)
+    if not resume and partial.is_dir():
+        shutil.rmtree(partial)
+        log.info("resume=False: removed the partial output %s", partial)
     if config.check_finite:
         scan_finite(prepared, progress)
-    partial = _partial_dir(output)
     fingerprint = _fingerprint(config, [prepared.base, *prepared.finetuned])
     streamed = stream_merge(prepared.base, prepared.finetuned, prepared.method, partial, names=config.names,
                             exclude_keys=config.exclude_keys, fr_filter_ratio=config.fr_filter_ratio,
@@ -403,86 +458,18 @@ def run_merge_job(config: MergeJobConfig, *, output_dir: str | None = None, dry_
                             max_shard_bytes=config.shard_bytes, fingerprint=fingerprint,
                             strict_dtypes=not config.allow_mixed_dtypes, progress=progress)
     files = list(streamed.files)
-    modules = streamed.result.task_modules or []
-    if modules or streamed.result.shared_modules:
-        files += save_task_modules(modules, streamed.result.shared_modules, partial, names=config.names,
-                                   method=prepared.method.name)
-        files.append(write_json_atomic({"method": prepared.method.name, "names": config.names,
-                                        "types": [type(m).__name__ for m in modules],
-                                        "files": [f"task_module_{k:02d}.safetensors" for k in range(len(modules))],
-                                        "shared": sorted(streamed.result.shared_modules)},
-                                       partial / TASK_MODULES_MANIFEST))
+    task_module_files = save_task_modules(streamed.result.task_modules or [], streamed.result.shared_modules,
+                                          partial, names=config.names, method=prepared.method.name)
+    files += task_module_files
     if config.copy_files:
         files += copy_support_files(Path(config.base_model), partial, prepared.dtype)
+    # nothing run-dependent (resumed or not, timings): a resumed job's manifest equals an uninterrupted one's
     record = {
         "config": config.record(), "method": prepared.method.name, "reference": prepared.method.reference,
         "hyperparameters": prepared.method.hyperparameters(), "info": streamed.result.info,
-        "package_version": __version__, "resumed_tensors": streamed.resumed_keys,
+        "package_version": __version__, "task_names": config.names,
+        "task_module_files": [p.name for p in task_module_files],
     }
     # files of an interrupted run with other settings are dropped; the manifest is written last, then renamed
-    manifest = publish_directory(partial, output, record, files=files, overwrite=overwrite, replace_export=False,
-                                 manifest_name=MANIFEST)
+    manifest = publish_directory(partial, output, record, files=files, overwrite=overwrite, replace_export=False)
     return {"output": str(output), "files": sorted(manifest["files"]), **prepared.report}
-
-
-# ---------------------------------------------------------------------------------------------- task modules
-
-
-def load_task_modules(directory) -> dict[str, Any]:
-    """The experts a FREE-Merging job wrote beside its backbone, by task name (``SparseExpert``); apply one
-    with ``expert.apply_(model_or_state_dict, weight)`` and undo it with ``expert.restore_(...)``."""
-    from freemerge_pl.merging.experts import SparseExpert
-
-    directory = Path(directory)
-    manifest_path = directory / TASK_MODULES_MANIFEST
-    if not manifest_path.is_file():
-        raise ConfigError(f"{directory} holds no {TASK_MODULES_MANIFEST}: the merge wrote no task modules")
-    manifest = json.loads(manifest_path.read_text())
-    modules = {}
-    for name, kind, fname in zip(manifest["names"], manifest["types"], manifest["files"]):
-        if kind != "SparseExpert":
-            raise ConfigError(f"{directory / fname}: {kind} task modules are written for inspection; loading "
-                              f"them back is supported for SparseExpert (FREE-Merging) only")
-        modules[name] = SparseExpert.load(directory / fname)
-    return modules
-
-
-def is_job_config(path) -> bool:
-    """Whether a YAML file is a merge-job config (top-level ``base_model``), not a LightningCLI config."""
-    import yaml
-
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
-        return False
-    return isinstance(raw, dict) and "base_model" in raw
-
-
-def job_main(argv: Sequence[str]) -> dict[str, Any]:
-    """``cli.py merge --config merge.yaml [--output_dir D] [--dry-run] [--overwrite] [--no-progress]``."""
-    import argparse
-    import logging
-
-    parser = argparse.ArgumentParser(prog="cli.py merge", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="merge-job YAML (base_model, models, merge_method, ...)")
-    parser.add_argument("--output_dir", "--output-dir", default=None, help="overrides output_dir of the config")
-    parser.add_argument("--dry-run", "--dry_run", action="store_true",
-                        help="check every input (files, keys, shapes, dtypes, vocabulary, settings, disk) and stop")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = parser.parse_args(list(argv))
-    from freemerge_pl.progress import setup_logging
-
-    setup_logging()
-    log = logging.getLogger("freemerge_pl.merge")
-    config = MergeJobConfig.from_yaml(args.config)
-    report = run_merge_job(config, output_dir=args.output_dir, dry_run=args.dry_run, overwrite=args.overwrite,
-                           progress=not args.no_progress)
-    if args.dry_run:
-        log.info(f"dry run OK: {report['merged_tensors']} tensors to merge with {report['method']} from "
-                 f"{len(report['models'])} models, {report['passthrough_tensors']} copied; output "
-                 f"{report['output_bytes'] / 1e9:.3f} GB (+ task modules ≈ "
-                 f"{report['task_module_bytes_estimate'] / 1e9:.3f} GB), {report['free_bytes'] / 1e9:.1f} GB free")
-    else:
-        log.info(f"wrote {len(report['files'])} files to {report['output']}")
-    return report

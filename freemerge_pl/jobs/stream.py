@@ -7,6 +7,7 @@ vectors (plus what a method keeps: expert entries, low-rank factors), never a wh
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ from freemerge_pl.merging.engine import (
 )
 from freemerge_pl.merging.method import KeyTensors, MergeMethod
 from freemerge_pl.merging.source import TensorInfo, TensorSource
+
+log = logging.getLogger("freemerge_pl.merge")
 
 
 def _glibc():
@@ -100,7 +103,8 @@ def stream_merge(
 
     Resumable: rerun with the same inputs, settings and ``fingerprint`` after an interruption and the
     complete shards are kept (verified by sha256), the rest written again, byte-identical to an
-    uninterrupted run. The index is written last (``close``), so a partial output never looks complete.
+    uninterrupted run (logged: ``resuming: N of M tensors already written``; ``StreamResult.resumed_keys``).
+    The index is written last (``close``), so a partial output never looks complete.
     ``dtype`` None keeps θ_pre's dtypes; ``device`` is where the maths runs (``cuda``: tensor by tensor).
     """
     check_prefilter(method, fr_filter_ratio)
@@ -113,6 +117,9 @@ def stream_merge(
     sink = ShardedSafetensorsSink(output_dir, plan, max_shard_bytes=max_shard_bytes, fingerprint=fingerprint)
     done = sink.completed_keys()
     state = sink.resume_state() or {}
+    if done:
+        log.info("resuming: %d of %d tensors already written (complete shards of an interrupted run in %s, "
+                 "verified by sha256)", len(done), len(plan), output_dir)
 
     def emit(key: str, x: KeyTensors | None, delta: Tensor | None, rng_state: str | None) -> None:
         if x is None:

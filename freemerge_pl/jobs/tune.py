@@ -146,3 +146,76 @@ def tune_val_record(datamodule) -> dict[str, dict[str, Any]]:
     data; a ``held-out router split`` was never fine-tuned on)."""
     sources = datamodule.tune_val_sources
     return {t: {"source": sources[t], "samples": len(datamodule.tune_indices[t])} for t in sources}
+
+
+#: the default search space per method (used when ``--space`` is not given)
+DEFAULT_SPACES: dict[str, dict[str, list[Any]]] = {
+    "task_arithmetic": {"scaling": [0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0]},
+    "ties": {"density": [0.1, 0.2, 0.3], "scaling": [0.5, 0.7, 1.0]},
+    "dare": {"drop_rate": [0.5, 0.7, 0.9], "scaling": [0.2, 0.3, 0.5]},
+    "fr_merging": {"filter_ratio": [0.1, 0.3, 0.5, 0.6], "scaling": [1.0, 1.5, 2.0, 2.5, 3.0]},
+    "free_merging": {"filter_ratio": [0.1, 0.3, 0.5, 0.6], "scaling": [1.0, 1.5, 2.0, 2.5, 3.0],
+                     "expert_scale": [1.0, 2.0]},
+}
+
+
+def check_tune_settings(model, datamodule, space: dict[str, list[Any]] | None, metric: str, search: str,
+                        n_trials: int) -> dict[str, list[Any]]:
+    """The search space (given or the method's default) after checking every ``tune`` setting that needs
+    no data: tune-val split, metric, search, trials, optuna installed."""
+    if datamodule.tune_fraction <= 0:
+        raise ConfigError("tune needs a tune-val split: set data.tune_fraction > 0 (e.g. 0.5)")
+    space = space or DEFAULT_SPACES.get(model.method)
+    if not space:
+        raise ConfigError(f"no default tune space for method {model.method!r}: pass --space "
+                          f"(known defaults: {sorted(DEFAULT_SPACES)})")
+    if search not in ("grid", "optuna"):
+        raise ConfigError(f"--search={search!r}; accepted: grid, optuna")
+    lacking = [t.name for t in datamodule.tasks if metric not in (*t.metrics, "routing_accuracy")]
+    if lacking:
+        raise ConfigError(f"--metric={metric!r} is not among the metrics of task(s) {lacking} "
+                          f"(data.tasks[*].metrics); accepted: the metrics every task lists, or routing_accuracy")
+    if search == "optuna":
+        if n_trials < 1:
+            raise ConfigError(f"--n_trials={n_trials} must be ≥ 1")
+        try:
+            import optuna  # noqa: F401
+        except ImportError as err:
+            raise ConfigError("--search=optuna needs optuna: pip install -e '.[tune]'") from err
+    return space
+
+
+def optuna_search(space, n_trials, merger, evaluate, objective, seed, progress: bool = True) -> dict[str, Any]:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the trial lines below say the same, once
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+    rows = []
+    ticker = Ticker("tune (optuna)", n_trials, interval=0, log=None if progress else lambda line: None)
+
+    def propose(trial) -> float:
+        params = {k: trial.suggest_categorical(k, list(v)) for k, v in space.items()}
+        row = tune([params], merger, evaluate, objective, progress=False)["best"]
+        rows.append(row)
+        ticker.update(len(rows), f"{params} → {row['score']:.4f}", what="tune (optuna): trial")
+        return row["score"]
+
+    study.optimize(propose, n_trials=n_trials)
+    return {"candidates": rows, "best": max(rows, key=lambda r: r["score"])}
+
+
+def tune_markdown(report: dict[str, Any]) -> str:
+    """Every candidate's per-task scores as a Markdown table, best first."""
+    rows = sorted(report["candidates"], key=lambda r: -r["score"])
+    tasks = list(rows[0]["scores"]["tasks"])
+    metric = report["metric"]
+    kinds = sorted({v["source"] for v in report.get("tune_val", {}).values()})
+    header = (f"method `{report['method']}` · objective: mean {metric}"
+              f"{' (normalised)' if report['normalised'] else ''} on tune-val"
+              f"{' (' + ', '.join(kinds) + ')' if kinds else ''} · {report['seconds']:.1f}s")
+    lines = [header, "",
+             "| params | score | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 2) + "|"]
+    for r in rows:
+        cells = " | ".join(f"{r['scores']['tasks'][t][metric]:.4f}" for t in tasks)
+        lines.append(f"| {r['params']} | {r['score']:.4f} | {cells} |")
+    return "\n".join(lines) + "\n"

@@ -23,8 +23,11 @@ from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
+from freemerge_pl.adapters.base import ModelAdapter
 from freemerge_pl.errors import ConfigError
-from freemerge_pl.merging.data_dependent import (
+from freemerge_pl.merging.engine import TaskVectorInputs, prefilter_transform
+from freemerge_pl.merging.method import Context, Scan
+from freemerge_pl.merging.methods.data_dependent import (
     AdaMerging,
     DataDependentMethod,
     DataStatistics,
@@ -32,10 +35,7 @@ from freemerge_pl.merging.data_dependent import (
     MultiTaskLearning,
     RegMean,
 )
-from freemerge_pl.merging.engine import TaskVectorInputs, prefilter_transform
-from freemerge_pl.merging.method import Context, Scan
 from freemerge_pl.merging.task_vectors import mergeable_keys
-from freemerge_pl.adapters.base import ModelAdapter
 
 StateDict = dict[str, Tensor]
 
@@ -474,3 +474,23 @@ def collect_statistics(method: DataDependentMethod, adapter: ModelAdapter, pretr
     stats.info = {"kind": method.statistic, **stats.info, "seconds": time.perf_counter() - start,
                   "world_size": world()[1]}
     return stats
+
+
+def with_statistics(method, adapter: ModelAdapter, pretrained: StateDict, finetuned: Sequence[StateDict],
+                    datamodule=None, fr_filter_ratio: float = 0.0, trainer=None):
+    """``method``, bound to its statistics from the router split of ``datamodule`` (default: ``trainer``'s, on
+    its device) when it needs data (``needs_data``); else ``method`` itself."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from freemerge_pl.merging.methods.data_dependent import needs_data
+
+    if not needs_data(method):
+        return method
+    if datamodule is None and trainer is not None:
+        datamodule = getattr(trainer, "datamodule", None)
+    device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+    stats = collect_statistics(method, adapter, pretrained, finetuned, datamodule,
+                               exclude_keys=list(adapter.exclude_keys), fr_filter_ratio=fr_filter_ratio, device=device)
+    rank_zero_info(f"{method.name}: {stats.info['kind']} statistics from {stats.info.get('samples')} router-split "
+                   f"samples in {stats.info['seconds']:.1f}s")
+    return method.with_data(stats)

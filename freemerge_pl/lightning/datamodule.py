@@ -6,8 +6,9 @@ import dataclasses
 import importlib
 import inspect
 import math
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -17,6 +18,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from freemerge_pl.errors import ConfigError
 from freemerge_pl.lightning.metrics import make_metric
+from freemerge_pl.settings import Range, check_value
 
 
 @dataclass
@@ -29,6 +31,16 @@ class TaskConfig:
     ``validation_args`` when it declares one (``ZooTaskDataset``: ``{"split": "val"}``), else tune-val falls
     back to a share of the router split (with a warning: that is training data of the fine-tuned models, unless
     the dataset class lists the training split in ``held_out_splits``).
+
+    Args:
+        name: the task's name (in metrics and results).
+        dataset: the dataset class, as an import path (e.g. ``freemerge_pl.zoo.vision.ZooTaskDataset``).
+        dataset_args: keyword arguments of the dataset class, shared by every split.
+        train_args: the training split's own arguments (the router split is drawn from it).
+        test_args: the test split's own arguments.
+        val_args: the task's own validation split's arguments (tune-val); None: see above.
+        metrics: torchmetrics entries to compute (``freemerge_pl.lightning.metrics``).
+        num_classes: the number of classes (default: the dataset's ``num_classes``).
     """
 
     name: str
@@ -47,16 +59,6 @@ def import_class(path: str):
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as err:
         raise ConfigError(f"cannot import dataset class {path!r}: {err}") from err
-
-
-def check_number(name: str, value: Any, low: float, high: float, *, low_open: bool = False,
-                 high_open: bool = False) -> None:
-    """A finite real number inside the interval (a ConfigError naming the setting otherwise)."""
-    lb, hb = "(" if low_open else "[", ")" if high_open else "]"
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
-        (value > low if low_open else value >= low) and (value < high if high_open else value <= high))
-    if not ok:
-        raise ConfigError(f"{name}={value!r} is outside its accepted range {lb}{low}, {high}{hb}")
 
 
 def check_task(task: TaskConfig | dict[str, Any], index: int) -> TaskConfig:
@@ -152,6 +154,22 @@ def split_off(indices: list[int], fraction: float, seed: int) -> tuple[list[int]
     return rest, held
 
 
+def check_data(datamodule, adapter) -> dict[str, list[str]]:
+    """``datamodule`` against the model ``adapter``: the same tasks in the same order, and each task's dataset
+    as many classes as its head (ConfigError otherwise); returns each task's metric names."""
+    names = list(adapter.task_names)
+    data_names = list(getattr(datamodule, "task_names", names))
+    if names != data_names:
+        raise ConfigError(f"the model adapter has {len(names)} task(s) {names} but the data module has "
+                          f"{len(data_names)} {data_names}; they must match in number and order")
+    for task in names:
+        expected = datamodule.num_classes(task) if hasattr(datamodule, "num_classes") else None
+        have = adapter.num_classes(task)
+        if expected is not None and expected != have:
+            raise ConfigError(f"task {task!r}: the head has {have} classes but the dataset has {expected}")
+    return {cfg.name: list(cfg.metrics) for cfg in getattr(datamodule, "tasks", [])}
+
+
 class MultiTaskDataModule(LightningDataModule):
     """Train loader: the router split of every task, mixed, with task ids. Test: one loader per task.
 
@@ -161,29 +179,37 @@ class MultiTaskDataModule(LightningDataModule):
     reduced), else a seeded ``tune_fraction`` share of its router split, held out (the router trains on the
     rest), with a warning: the fine-tuned models trained on it, so scores there favour memorised data.
     ``tune_val_sources`` says which kind each task uses.
+
+    Args:
+        tasks: the tasks, one entry per fine-tuned model, in the adapter's task order (``TaskConfig``).
+        router_fraction: the share of each task's training split that trains the router (0, 1].
+        min_router_samples: the least router samples per task, whatever the fraction.
+        batch_size: samples per batch, for the router's training and for scoring.
+        num_workers: DataLoader worker processes (0: load in the main process).
+        seed: seeds the choice of the router (and tune-val) samples.
+        tune_fraction: > 0 turns on tune-val (for ``tune``/``validate``); the held-out share of the router
+            split for tasks without a validation split of their own, [0, 1).
     """
 
     def __init__(
         self,
         tasks: list[TaskConfig],
-        router_fraction: float = 0.01,
-        min_router_samples: int = 16,
-        batch_size: int = 128,
-        num_workers: int = 0,
+        router_fraction: Annotated[float, Range(0, 1, low_open=True)] = 0.01,
+        min_router_samples: Annotated[int, Range(1, integer=True)] = 16,
+        batch_size: Annotated[int, Range(1, integer=True)] = 128,
+        num_workers: Annotated[int, Range(0, integer=True)] = 0,
         seed: int = 0,
-        tune_fraction: float = 0.0,
+        tune_fraction: Annotated[float, Range(0, 1, high_open=True)] = 0.0,
     ) -> None:
         super().__init__()
         # Every setting is checked here, at construction: before any data set is built or read.
         if not tasks:
             raise ConfigError("data.tasks: MultiTaskDataModule needs at least one task")
-        check_number("data.router_fraction", router_fraction, 0, 1, low_open=True)
-        check_number("data.tune_fraction", tune_fraction, 0, 1, high_open=True)
-        for name, value, low in (("min_router_samples", min_router_samples, 1), ("batch_size", batch_size, 1),
-                                 ("num_workers", num_workers, 0), ("seed", seed, None)):
-            if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
-                raise ConfigError(f"data.{name}={value!r} must be a whole number"
-                                  f"{f' ≥ {low}' if low is not None else ''}")
+        hints = typing.get_type_hints(MultiTaskDataModule.__init__, include_extras=True)
+        for name, value in (("router_fraction", router_fraction), ("min_router_samples", min_router_samples),
+                            ("batch_size", batch_size), ("num_workers", num_workers), ("seed", seed),
+                            ("tune_fraction", tune_fraction)):
+            check_value(f"data.{name}", value, hints[name])
         self.tasks = [check_task(t, i) for i, t in enumerate(tasks)]
         names = [t.name for t in self.tasks]
         repeated = sorted({n for n in names if names.count(n) > 1})
@@ -293,3 +319,7 @@ class MultiTaskDataModule(LightningDataModule):
     def test_dataloader(self) -> list[DataLoader]:
         self.setup()
         return [self._eval_loader(TaskIdDataset(self._test[t.name], i)) for i, t in enumerate(self.tasks)]
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        """``predict`` routes every task's test split (one loader per task, as ``test``)."""
+        return self.test_dataloader()

@@ -1,15 +1,23 @@
-"""Pure tensor maths for model merging (no Lightning): task vectors, the FR filter, experts, baselines."""
+"""Pure tensor maths for model merging (torch and the base layer only).
+
+Imports run one way: kernels (``topk``, ``fourier``, ``linalg``, ``ops``) → the method contract (``method``) →
+the engine over the ``TensorSource`` protocol (``engine``) and the registry → the methods (``methods/``, one
+module per family: ``basic``, ``ties``, ``pcb``, ``tsv``, ``fr``, ``released``, ``emr``, ``twin``,
+``data_dependent``; imported by name on first use) → ``merge()``.
+
+One way to run a method: a registered, typed ``MergeMethod`` dataclass through ``merge()`` (checkpoints) or
+the engine (``engine.merge_task_vectors`` on task vectors; the streaming merge job)."""
 
 from freemerge_pl.merging.base import MergeResult, TaskModule
-from freemerge_pl.merging.emr import EMRTaskModule, EMRUnified
-from freemerge_pl.merging.experts import SparseExpert, extract_experts
+from freemerge_pl.merging.experts import SparseExpert
 from freemerge_pl.merging.fourier import highpass, highpass_mask
-from freemerge_pl.merging.fr import energy_lambdas, fr_merge_tensor
-from freemerge_pl.merging.merge import MergeOutput, merge, save_merge
+from freemerge_pl.merging.merge import MergeOutput, merge
 from freemerge_pl.merging.method import MergeMethod
+from freemerge_pl.merging.methods.emr import EMRTaskModule, EMRUnified
+from freemerge_pl.merging.methods.fr import energy_lambdas, fr_merge_tensor
+from freemerge_pl.merging.methods.twin import LowRankTaskModule
 from freemerge_pl.merging.registry import build_method, get_method, list_methods, register
 from freemerge_pl.merging.task_vectors import apply_delta, task_vectors, validate_checkpoints
-from freemerge_pl.merging.twin import LowRankTaskModule
 
 __all__ = [
     "EMRTaskModule",
@@ -23,7 +31,6 @@ __all__ = [
     "apply_delta",
     "build_method",
     "energy_lambdas",
-    "extract_experts",
     "fr_merge_tensor",
     "get_method",
     "highpass",
@@ -31,7 +38,6 @@ __all__ = [
     "list_methods",
     "merge",
     "register",
-    "save_merge",
     "task_vectors",
     "validate_checkpoints",
 ]

@@ -9,16 +9,22 @@ in-memory ``merge()`` and the streaming merge compute bit-identical tensors from
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError, HyperparameterError
+from freemerge_pl.errors import (
+    CheckpointMismatchError,
+    ConfigError,
+    FreeMergeError,
+    HyperparameterError,
+    NonFiniteError,
+)
 from freemerge_pl.merging.base import MergeResult, StateDict
-from freemerge_pl.merging.experts import flat_chunks
-from freemerge_pl.merging.fourier import check_filter_ratio, highpass
+from freemerge_pl.merging.fourier import FILTER_RATIO_RANGE, highpass
 from freemerge_pl.merging.method import (
     Context,
     Finalized,
@@ -28,13 +34,13 @@ from freemerge_pl.merging.method import (
     Scan,
     VectorChunks,
 )
-from freemerge_pl.merging.task_vectors import compile_patterns
 from freemerge_pl.merging.source import TensorSource
+from freemerge_pl.merging.topk import flat_chunks
 
 
 def prefilter_transform(fr_filter_ratio: float, cutoff_mode: str = "fraction") -> Callable[[Tensor], Tensor] | None:
     """The FR high-pass as a pre-transform of every task vector (paper Table 8); None when off."""
-    check_filter_ratio(fr_filter_ratio)
+    FILTER_RATIO_RANGE.check("fr_filter_ratio", fr_filter_ratio)
     if fr_filter_ratio == 0:
         return None
     return lambda v: highpass(v, fr_filter_ratio, cutoff_mode=cutoff_mode)
@@ -49,6 +55,15 @@ def check_prefilter(method: MergeMethod, fr_filter_ratio: float) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- inputs
+
+
+def compile_patterns(patterns: str | Sequence[str] | None) -> re.Pattern | None:
+    """One regex searching for any of ``patterns`` (None when there are none)."""
+    if not patterns:
+        return None
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    return re.compile("|".join(f"(?:{p})" for p in patterns))
 
 
 class MergeInputs:
@@ -244,8 +259,6 @@ def all_finite(t: Tensor) -> bool:
 
 
 def raise_nonfinite(name: str, file: str, key: str, t: Tensor) -> None:
-    from freemerge_pl.errors import NonFiniteError
-
     n_bad = int((~torch.isfinite(t)).sum())
     where = f" ({file})" if file and file != name else ""
     raise NonFiniteError(f"checkpoint {name!r}{where} key {key!r} (shape {tuple(t.shape)}) holds {n_bad} "

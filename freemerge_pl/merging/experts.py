@@ -1,7 +1,9 @@
-"""Lightweight experts (paper Eq. 4): top-d entries of each task vector, rescaled, stored sparse.
+"""Lightweight experts (paper Eq. 4) as task modules: ``SparseExpert`` (flat indices + values per tensor, with
+loss-free compact index codes) and the rescaler μ.
 
 Symbols: ``expert_density`` d, the paper's M(v, d) keeps the top ⌈d·numel⌉ entries of v by |value|
-(per tensor; ``expert_scope="model"`` uses one global threshold instead), and
+(per tensor; ``expert_scope="model"`` uses one global threshold instead; the selection is in ``topk.py``, the
+extraction is FREE-Merging's merge pass in ``methods/fr.py``), and
 ``μ_k = −E(M(v_k, d)) · ln(d) / (λ_k · E(v_k))`` with ``E(x) = mean|x|`` over all entries (zeros of the
 sparsified tensor included), computed at the scope of λ (semantics §8).
 """
@@ -9,170 +11,15 @@ sparsified tensor included), computed at the scope of λ (semantics §8).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from freemerge_pl.errors import CheckpointMismatchError, HyperparameterError, check_range
+from freemerge_pl.errors import CheckpointMismatchError, HyperparameterError
 from freemerge_pl.merging.base import StateDict, TaskModule, resolve_tensor
-from freemerge_pl.merging.quantile import magnitude_thresholds
-
-EXPERT_SCOPES = ("tensor", "model")
-
-
-def check_density(expert_density: float) -> None:
-    check_range("expert_density", expert_density, 0.0, 1.0, low_open=True)
-
-
-def topk_count(numel: int, density: float) -> int:
-    """Number of entries an expert keeps in a tensor: ⌈d·numel⌉ (at least 1 for a non-empty tensor)."""
-    return max(1, min(numel, math.ceil(density * numel - 1e-9))) if numel else 0
-
-
-_CHUNK = 1 << 22  # elements per chunk (16 MiB of float32) of the large-tensor threshold and cut
-
-
-def flat_chunks(v: Tensor) -> Iterator[tuple[int, Tensor]]:
-    """``(offset, v.flatten()[offset:offset + _CHUNK])`` over a tensor (views, not copies)."""
-    flat = v.reshape(-1)
-    for s in range(0, flat.numel(), _CHUNK):
-        yield s, flat[s:s + _CHUNK]
-
-
-def chunked_abs_sum(chunks: Iterable[tuple[int, Tensor]]) -> float:
-    """Σ|v| over ``flat_chunks``-style chunks: one float32 sum per chunk, added in float64 (so the same
-    value whether v is whole in memory or computed chunk by chunk from checkpoints)."""
-    return sum(float(c.abs().sum()) for _, c in chunks)
-
-
-def topk_selection(magnitudes: Tensor, count: int) -> tuple[float, int]:
-    """``(t, ties)``: the ``count``-th largest of a flat tensor of magnitudes, and how many entries equal to
-    t belong to the top ``count`` (the first ones by index). Enough to cut the same entries again later.
-
-    Float32 tensors of ``_CHUNK`` elements or more: t from two radix-histogram passes over the float bits
-    (non-negative floats order like their bit patterns), chunk by chunk, the same t as ``kthvalue``, which
-    copies the tensor with int64 indices (3× its bytes) and took twice as long on 65 M elements."""
-    return topk_selection_chunks(lambda: flat_chunks(magnitudes), magnitudes.numel(), count, absolute=False)
-
-
-def topk_selection_chunks(chunks: Callable[[], Iterable[tuple[int, Tensor]]], numel: int, count: int, *,
-                          absolute: bool = True) -> tuple[float, int]:
-    """``topk_selection`` of the values (``absolute``: their magnitudes) that ``chunks()`` yields, never
-    holding more than one chunk's magnitudes when the tensor is large (``chunks`` is called once per pass)."""
-    if count <= 0:
-        return math.inf, 0
-
-    def mags() -> Iterator[Tensor]:
-        for _, c in chunks():
-            yield c.abs() if absolute else c
-
-    if numel >= _CHUNK:
-        found = _radix_kth_largest(mags, count)
-        if found is not None:
-            return found
-    m = torch.cat([c.reshape(-1) for c in mags()])
-    t = m.kthvalue(m.numel() - count + 1).values
-    return float(t), count - int((m > t).sum())
-
-
-def _radix_kth_largest(mags: Callable[[], Iterable[Tensor]], count: int) -> tuple[float, int] | None:
-    """``topk_selection`` of finite non-negative float32 values (``mags()``: their chunks, one pass per call)
-    by their bit patterns; None when a value is negative, infinite or NaN, or not float32 (left to ``kthvalue``)."""
-    buckets = 1 << 16
-    coarse = None
-    for m in mags():
-        if m.dtype != torch.float32:
-            return None
-        bits = m.reshape(-1).view(torch.int32)
-        hist = torch.bincount(torch.bitwise_and(bits >> 16, buckets - 1), minlength=buckets)
-        coarse = hist if coarse is None else coarse.add_(hist)
-    if coarse is None or int(coarse[0x7F80:].sum()):  # Inf/NaN (0x7F80...) or a sign bit set (0x8000...)
-        return None
-    at_least = coarse.flip(0).cumsum(0).flip(0)  # [b]: how many values have high bits ≥ b
-    high = int(torch.nonzero(at_least >= count).max())
-    greater = int(at_least[high + 1])  # values in higher buckets (bucket 0x7F80 and up are empty)
-    fine = torch.zeros(buckets, dtype=torch.int64, device=coarse.device)
-    for m in mags():
-        bits = m.reshape(-1).view(torch.int32)
-        fine += torch.bincount(torch.bitwise_and(bits[(bits >> 16) == high], buckets - 1), minlength=buckets)
-    fine_at_least = fine.flip(0).cumsum(0).flip(0)
-    low = int(torch.nonzero(fine_at_least >= count - greater).max())
-    greater += int(fine_at_least[low + 1]) if low + 1 < buckets else 0
-    t = torch.tensor([(high << 16) | low], dtype=torch.int32).view(torch.float32).item()
-    return t, count - greater
-
-
-def top_abs_sum(chunks: Iterable[tuple[int, Tensor]], threshold: float, ties: int) -> float:
-    """Σ|v| of the entries ``selection_entries`` keeps: those above ``threshold`` plus ``ties`` × threshold (every
-    |v| ≥ threshold when ``ties`` is negative); one float32 sum per chunk, added in float64."""
-    total = 0.0
-    for _, c in chunks:
-        m = c.abs()
-        total += float(m[m >= threshold].sum()) if ties < 0 else float(m[m > threshold].sum())
-    return total if ties < 0 else total + ties * threshold
-
-
-def selection_entries(chunks: Iterable[tuple[int, Tensor]], threshold: float, ties: int, *,
-                      absolute: bool = True) -> tuple[Tensor, Tensor]:
-    """Sorted flat indices, and the values there, of the entries whose magnitude (``absolute``; else the value)
-    is above ``threshold`` plus the first ``ties`` (by index) equal to it — every entry equal to it when
-    ``ties`` is negative (a model-wide threshold keeps all ties); chunk by chunk (no full-size masks)."""
-    idx, vals = [], []
-    budget = ties
-    for s, c in chunks:
-        c = c.reshape(-1)
-        m = c.abs() if absolute else c
-        hit = torch.nonzero(m >= threshold).flatten()
-        if ties >= 0:
-            at = m[hit]
-            equal = hit[at == threshold][:max(budget, 0)]
-            budget -= equal.numel()
-            hit = hit[at > threshold]
-            if equal.numel():
-                hit = torch.cat([hit, equal]).sort().values
-        idx.append(hit + s)
-        vals.append(c[hit])
-    if not idx:
-        return torch.zeros(0, dtype=torch.long), torch.zeros(0)
-    return torch.cat(idx), torch.cat(vals)
-
-
-def selection_indices(magnitudes: Tensor, threshold: float, ties: int, *, absolute: bool = False) -> Tensor:
-    """Sorted flat indices of the entries above ``threshold`` plus the first ``ties`` equal to it (every
-    entry equal to it when ``ties`` is negative: a model-wide threshold keeps all ties). ``absolute``: the
-    magnitudes are ``|magnitudes|`` (taken chunk by chunk, never for the whole tensor)."""
-    return selection_entries(flat_chunks(magnitudes), threshold, ties, absolute=absolute)[0]
-
-
-def topk_flat_indices(v: Tensor, density: float) -> Tensor:
-    """Sorted flat indices of the ⌈d·numel⌉ largest |v| entries (ties at the threshold: lowest index first)."""
-    mags = v.reshape(-1).abs()
-    return selection_indices(mags, *topk_selection(mags, topk_count(mags.numel(), density)))
-
-
-def global_threshold(task_vector: StateDict, keys: Sequence[str], density: float) -> float:
-    """|v| threshold keeping the top ⌈d·N⌉ entries over all ``keys`` (``expert_scope="model"``; exact)."""
-    def run(fn) -> None:
-        for k in keys:
-            fn(task_vector[k].float())
-
-    return float(magnitude_thresholds(run, lambda v: [v], 1, lambda n: topk_count(n, density))[0])
-
-
-def model_expert_thresholds(scan, num_tasks: int, density: float) -> Tensor:
-    """Per task, the model-wide |v| threshold of ``expert_scope="model"`` (two exact scans; float32 [K])."""
-    return magnitude_thresholds(lambda fn: scan(fn, "expert threshold"), lambda x: list(x.vectors()), num_tasks,
-                                lambda n: topk_count(n, density))
-
-
-def selected_indices(v: Tensor, density: float, threshold: float | None = None) -> Tensor:
-    """Flat indices of M(v, d): the top ⌈d·numel⌉ |v| of the tensor, or every |v| ≥ ``threshold``."""
-    if threshold is None:
-        return topk_flat_indices(v, density)
-    return torch.nonzero(v.reshape(-1).abs() >= threshold).flatten()
+from freemerge_pl.merging.ops import packbits, unpackbits
 
 
 def index_dtype(numel: int) -> torch.dtype:
@@ -198,8 +45,6 @@ def encode_indices(indices: Tensor, numel: int | None, code: str) -> Tensor:
     if code == "flat":
         return idx.to(index_dtype(numel if numel is not None else int(idx.max()) + 1 if idx.numel() else 0))
     if code == "bitmap":
-        from freemerge_pl.merging.ops import packbits
-
         mask = torch.zeros(numel, dtype=torch.bool, device=idx.device)
         mask[idx] = True
         return packbits(mask)
@@ -220,8 +65,6 @@ def decode_indices(stream: Tensor, numel: int | None, code: str, count: int) -> 
         return stream
     out_dtype = index_dtype(numel) if numel is not None else torch.int64
     if code == "bitmap":
-        from freemerge_pl.merging.ops import unpackbits
-
         found = torch.nonzero(unpackbits(stream, numel)).flatten()
     else:
         base = _DELTA_BASE[code]
@@ -381,9 +224,9 @@ class SparseExpert(TaskModule):
             setattr(self, f"values_{j}", getattr(self, f"values_{j}").to(target))
         return self
 
-    def to_state_dict(self) -> StateDict:
+    def to_tensors(self) -> StateDict:
         """Flat ``{key}::indices`` (the stored index stream) / ``{key}::values`` tensors, for safetensors; the
-        index codes are in ``get_extra_state`` (``save`` and ``save_task_modules`` write it as metadata)."""
+        index codes are in ``get_extra_state`` (``freemerge_pl.io.export`` writes it as metadata)."""
         out = {}
         for j, key in enumerate(self._keys):
             out[f"{key}::indices"] = getattr(self, f"indices_{j}").contiguous()
@@ -391,8 +234,8 @@ class SparseExpert(TaskModule):
         return out
 
     @classmethod
-    def from_state_dict(cls, sd: StateDict, extra_state: dict | None = None) -> SparseExpert:
-        """The expert of ``to_state_dict``'s tensors and ``get_extra_state``'s record (None: flat indices,
+    def from_tensors(cls, sd: StateDict, extra_state: dict | None = None) -> SparseExpert:
+        """The expert of ``to_tensors``'s tensors and ``get_extra_state``'s record (None: flat indices,
         keys from the tensor names, shapes unknown; how files written before compact storage load)."""
         keys = list(extra_state["keys"]) if extra_state else [k[: -len("::indices")] for k in sd
                                                                if k.endswith("::indices")]
@@ -402,25 +245,6 @@ class SparseExpert(TaskModule):
         shapes = extra_state.get("shapes") if extra_state else None
         codes = extra_state.get("index_codes", {}) if extra_state else {}
         return cls({k: (sd[f"{k}::indices"], sd[f"{k}::values"]) for k in keys}, shapes, codes=codes)
-
-    def save(self, path, metadata: dict[str, str] | None = None) -> None:
-        """Write the expert as safetensors, atomically (``extra_state`` metadata: keys, shapes, index codes)."""
-        import json
-
-        from freemerge_pl.io import save_safetensors_atomic
-
-        meta = {**(metadata or {}), "extra_state": json.dumps(self.get_extra_state(), sort_keys=True)}
-        save_safetensors_atomic(self.to_state_dict(), path, metadata=meta)
-
-    @classmethod
-    def load(cls, path) -> SparseExpert:
-        import json
-
-        from freemerge_pl.io import read_safetensors_header
-
-        meta = read_safetensors_header(path)[0]
-        extra = json.loads(meta["extra_state"]) if "extra_state" in meta else None
-        return cls.from_state_dict(load_file(str(path)), extra)
 
 
 def _sorted_unique(key: str, indices: Tensor, values: Tensor, numel: int | None) -> tuple[Tensor, Tensor]:
@@ -459,44 +283,3 @@ def rescalers_from_sums(
     return torch.where(denom > 0, -log_d * top / denom.clamp_min(1e-300), 0.0)
 
 
-def select_entries(
-    task_vector: StateDict, keys: Sequence[str], density: float, scope: str = "tensor"
-) -> dict[str, Tensor]:
-    """Flat indices of M(v, d) per key (``scope`` "tensor": top ⌈d·numel⌉ per tensor; "model": global)."""
-    check_density(density)
-    if scope not in EXPERT_SCOPES:
-        raise HyperparameterError(f"expert_scope={scope!r}; accepted: {list(EXPERT_SCOPES)}")
-    threshold = global_threshold(task_vector, keys, density) if scope == "model" else None
-    return {k: selected_indices(task_vector[k], density, threshold) for k in keys}
-
-
-def extract_experts(
-    task_vectors: Sequence[StateDict],
-    lambdas: Tensor | dict[str, Tensor],
-    *,
-    expert_density: float = 0.01,
-    expert_scope: str = "tensor",
-    expert_scale: float = 1.0,
-    value_dtype: torch.dtype = torch.float32,
-    keys: Sequence[str] | None = None,
-) -> tuple[list[SparseExpert], Tensor | dict[str, Tensor]]:
-    """Experts ``e_k = expert_scale · μ_k · M(v_k, d)`` of in-memory task vectors for given λ's, and the μ's."""
-    check_density(expert_density)
-    keys = list(keys) if keys is not None else list(task_vectors[0])
-    selected = [select_entries(tv, keys, expert_density, expert_scope) for tv in task_vectors]
-    tops = {key: torch.tensor([float(tv[key].reshape(-1)[sel[key]].abs().sum()) for tv, sel in
-                               zip(task_vectors, selected)], dtype=torch.float64) for key in keys}
-    from freemerge_pl.merging.fr import abs_sum
-
-    sums = {key: torch.tensor([abs_sum(tv[key]) for tv in task_vectors], dtype=torch.float64) for key in keys}
-    mu = rescalers_from_sums(tops, sums, lambdas, expert_density)
-    experts = []
-    for k, (tv, sel) in enumerate(zip(task_vectors, selected)):
-        entries = {}
-        for key in keys:
-            scale = expert_scale * float(mu[key][k] if isinstance(mu, dict) else mu[k])
-            idx = sel[key]
-            vals = (tv[key].reshape(-1)[idx].double() * scale).to(value_dtype)
-            entries[key] = (idx.to(index_dtype(tv[key].numel())), vals)
-        experts.append(SparseExpert(entries, {key: list(tv[key].shape) for key in keys}))
-    return experts, mu

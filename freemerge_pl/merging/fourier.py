@@ -29,9 +29,12 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from freemerge_pl.errors import HyperparameterError, check_range
+from freemerge_pl.errors import HyperparameterError
+from freemerge_pl.settings import Range
 
 CUTOFF_MODES = ("fraction", "radius")
+#: the FR filter ratio r: the share of the spectrum removed, [0, 1)
+FILTER_RATIO_RANGE = Range(0, 1, high_open=True)
 
 
 def matrix_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
@@ -135,7 +138,7 @@ def full_highpass_mask(mshape: tuple[int, ...], filter_ratio: float, cutoff_mode
 
 
 def check_filter_ratio(filter_ratio: float) -> None:
-    check_range("filter_ratio", filter_ratio, 0.0, 1.0, high_open=True)
+    FILTER_RATIO_RANGE.check("filter_ratio", filter_ratio)
 
 
 @lru_cache(maxsize=256)

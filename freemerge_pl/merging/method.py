@@ -1,7 +1,10 @@
 """A merge method as a typed configuration plus per-tensor kernels (the engine's contract).
 
-A method is a dataclass whose fields are its hyperparameters (``Literal`` for choices, ranges checked in
-``check``), so YAML, ``--help`` and validation come from one place. It implements:
+A method is a dataclass whose fields are its hyperparameters, typed for ``freemerge_pl.settings``: ``Literal``
+for choices, ``Annotated[float, Range(...)]`` for ranges (the aliases below), so YAML, ``--help``, the options
+reference and validation (``settings.check_fields``, once, at construction) come from one place; ``check``
+adds the constraints across fields. It is registered by name (``registry.register``) and run by the engine
+(``merge()``, the merge job, ``engine.merge_task_vectors``). It implements:
 
 * ``statistics(scan)``: whatever it needs across tensors (λ, thresholds, rescalers). ``scan(fn)`` calls
   ``fn(x)`` for every key with that key's ``KeyTensors`` (one key's K task vectors at a time); a method may
@@ -20,14 +23,27 @@ import types
 import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from freemerge_pl.errors import HyperparameterError
 from freemerge_pl.merging.base import TaskModule
-from freemerge_pl.merging.experts import flat_chunks
+from freemerge_pl.merging.topk import flat_chunks
+from freemerge_pl.settings import Range
+from freemerge_pl.settings import check_fields as check_typed_fields
+
+#: typed hyperparameters: the accepted range is part of the annotation (``settings.Range``)
+Finite = Annotated[float, Range(-math.inf, math.inf, low_open=True, high_open=True)]
+Positive = Annotated[float, Range(0, math.inf, low_open=True, high_open=True)]
+NonNegative = Annotated[float, Range(0, math.inf, high_open=True)]
+#: a share of entries kept (TIES/PCB density, FREE's expert density): (0, 1]
+Density = Annotated[float, Range(0, 1, low_open=True)]
+#: a probability or share that may be 0 but not 1 (drop rates, FR filter ratio): [0, 1)
+Rate = Annotated[float, Range(0, 1, high_open=True)]
+Unit = Annotated[float, Range(0, 1)]
+Count = Annotated[int, Range(1, math.inf, integer=True)]
 
 # ---------------------------------------------------------------------------------------- inputs of a key
 
@@ -237,8 +253,10 @@ def _type_name(tp: Any) -> str:
 
 
 def check_fields(obj: Any, owner: str) -> None:
-    """Check every dataclass field of ``obj`` against its annotation (``Literal`` choices, finite floats,
-    ints, bools, lists, optionals); a mismatch is a HyperparameterError naming owner, field and value."""
+    """The merge job's and the router's settings check until they move to ``settings.check_fields`` (merge
+    methods use that one): every dataclass field of ``obj`` against its annotation (``Literal`` choices,
+    finite floats, ints, bools, lists, optionals); a mismatch is a HyperparameterError naming owner, field
+    and value."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
@@ -260,15 +278,17 @@ class MergeMethod:
     filters_task_vectors: ClassVar[bool] = False
     #: the method draws random numbers (it gets a seeded generator)
     random: ClassVar[bool] = False
-    #: the method reads θ_pre (``KeyTensors.pretrained``)
-    needs_pretrained: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        check_fields(self, self.name or type(self).__name__)
+        for f in dataclasses.fields(self):  # a tuple is taken as a list (YAML and JSON give lists)
+            if isinstance(getattr(self, f.name), tuple):
+                setattr(self, f.name, list(getattr(self, f.name)))
+        check_typed_fields(self, self.name or type(self).__name__)
         self.check()
 
     def check(self) -> None:
-        """Range checks across fields (called once, at construction)."""
+        """Constraints across fields, after each field was checked against its annotation (at construction);
+        a range on a derived value uses ``Range(...).check(name, value)`` (the one message format)."""
 
     def hyperparameters(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -286,50 +306,3 @@ class MergeMethod:
 
     def begin(self, ctx: Context) -> None:
         """Checks that need the merged keys, shapes or task count (before anything is read or written)."""
-
-
-class FunctionMethod(MergeMethod):
-    """A method registered as a plain function on whole in-memory task vectors (not streamed: its
-    statistics pass collects every task vector, then the function runs once)."""
-
-    def __init__(self, spec, params: dict[str, Any]) -> None:
-        self.spec = spec
-        self.params = dict(params)
-        self.name = spec.name
-        self.reference = spec.reference
-        self.produces_task_modules = spec.produces_task_modules
-        import inspect
-
-        accepted = set(inspect.signature(spec.fn).parameters)
-        self.random = "generator" in accepted
-        self.needs_pretrained = "pretrained" in accepted
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return dict(self.params)
-
-    def statistics(self, scan: Scan) -> Any:
-        task_vectors: list[dict[str, Tensor]] = [{} for _ in range(scan.ctx.num_tasks)]
-        pretrained: dict[str, Tensor] = {}
-
-        def collect(x: KeyTensors) -> None:
-            for k, v in enumerate(x.vectors()):
-                task_vectors[k][x.key] = v
-            if self.needs_pretrained:
-                pretrained[x.key] = x.pretrained()
-
-        scan(collect, "collect")
-        context: dict[str, Any] = {}
-        if self.random:
-            context["generator"] = scan.ctx.generator
-        if self.needs_pretrained:
-            context["pretrained"] = pretrained
-        result = self.spec.fn(task_vectors, **context, **self.params)
-        from freemerge_pl.merging.base import MergeResult
-
-        return result if isinstance(result, MergeResult) else MergeResult(result)
-
-    def merge_key(self, x: KeyTensors, stats: Any, ctx: Context) -> Tensor:
-        return stats.delta[x.key]
-
-    def finalize(self, pieces: dict[str, Any], stats: Any, ctx: Context) -> Finalized:
-        return Finalized(stats.task_modules, stats.shared_modules, stats.info)

@@ -1,5 +1,6 @@
-"""Shared tensor building blocks of the baselines (peft-style small steps): magnitude trim, sign election,
-disjoint merge, random drop, magnitude-ranked drop, magnitude bands, min-max normalisation and bit packing.
+"""Shared tensor building blocks of the baselines (peft-style small steps): task weights, the fp32 sum of task
+vectors, sign election, disjoint merge, random drop, magnitude-ranked drop, min-max normalisation and bit
+packing (the top-k and threshold steps, TIES's trim and Breadcrumbs' band among them, are in ``topk.py``).
 
 Tensors of one key are handled stacked over tasks, ``[K, *shape]`` (see ``base.stack``); every function
 here is per tensor, so the in-memory and streaming drivers can share them.
@@ -7,33 +8,14 @@ here is per tensor, so the in-memory and streaming drivers can share them.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-from freemerge_pl.errors import FreeMergeError, HyperparameterError
-from freemerge_pl.merging.base import StateDict
-from freemerge_pl.merging.experts import topk_count
+from freemerge_pl.errors import HyperparameterError
 
-SIGN_ELECTIONS = ("unweighted", "weighted")
-TRIM_SCOPES = ("model", "tensor")
-
-
-# ---------------------------------------------------------------- validation helpers
-
-def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    """Raise HyperparameterError unless ``value`` is one of ``choices``."""
-    if value not in choices:
-        raise HyperparameterError(f"{name}={value!r}; accepted: {list(choices)}")
-
-
-def method_keys(task_vectors: Sequence[StateDict]) -> list[str]:
-    """The keys to merge (those of the first task vector); an empty list of task vectors is an error."""
-    if len(task_vectors) == 0:
-        raise FreeMergeError("no task vectors were given: merging needs at least one fine-tuned model")
-    return list(task_vectors[0])
+# ---------------------------------------------------------------- task weights
 
 
 def task_weights(weights: Sequence[float] | None, num_tasks: int) -> Tensor:
@@ -54,39 +36,19 @@ def per_task(w: Tensor, like: Tensor) -> Tensor:
     return w.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
 
-# ---------------------------------------------------------------- magnitude trim (TIES, PCB)
-
-def kth_largest_rows(values: Tensor, count: int) -> Tensor:
-    """The ``count``-th largest value of each row of a ``[R, N]`` tensor (``inf`` when count is 0)."""
-    n = values.shape[1]
-    if count <= 0 or n == 0:
-        return torch.full((values.shape[0],), math.inf, dtype=values.dtype, device=values.device)
-    return values.kthvalue(n - count + 1, dim=1).values
+# ---------------------------------------------------------------- sums
 
 
-def trim_thresholds(magnitudes: Tensor, density: float) -> Tensor:
-    """Per row of ``[K, N]`` magnitudes: the threshold t keeping the ⌈density·N⌉ largest (``|v| >= t``)."""
-    return kth_largest_rows(magnitudes, topk_count(magnitudes.shape[1], density))
-
-
-def model_trim_thresholds(task_vectors: Sequence[StateDict], keys: Sequence[str], density: float) -> Tensor:
-    """Statistics pass of ``trim_scope="model"``: one threshold per task over all ``keys`` together ([K])."""
-    out = []
-    for tv in task_vectors:
-        mags = torch.cat([tv[k].reshape(-1).abs().float() for k in keys]) if keys else torch.zeros(0)
-        out.append(trim_thresholds(mags[None], density)[0])
-    return torch.stack(out) if out else torch.zeros(0)
-
-
-def magnitude_trim(stacked: Tensor, density: float, thresholds: Tensor | None = None) -> Tensor:
-    """TIES trim: keep the entries of each task with ``|v| >= threshold`` (per-tensor top ⌈d·N⌉ by default).
-
-    Ties at the threshold are kept, so a task may keep a few more than ⌈d·N⌉ entries.
-    """
-    flat = stacked.reshape(stacked.shape[0], -1)
-    mags = flat.abs()
-    thr = trim_thresholds(mags, density) if thresholds is None else thresholds.to(flat.device, flat.dtype)
-    return torch.where(mags >= thr[:, None], flat, torch.zeros_like(flat)).reshape(stacked.shape)
+def sum_vectors(vectors: Iterable[Tensor]) -> Tensor:
+    """``Σ_k v_k`` in float32, accumulated in place into a fresh tensor (no [K, ...] stack: K× less memory
+    and faster); the inputs are never modified."""
+    total = None
+    for v in vectors:
+        if total is None:
+            total = v.to(dtype=torch.float32, copy=True)
+        else:
+            total.add_(v.to(device=total.device, dtype=torch.float32))
+    return total
 
 
 # ---------------------------------------------------------------- sign election + disjoint merge
@@ -166,31 +128,6 @@ def magprune(v: Tensor, drop_rate: float, epsilon: float, generator: torch.Gener
     keep = torch.rand(v.shape, generator=generator, device=v.device) >= p
     kept = v / (1.0 - p) if rescale else v
     return torch.where(keep, kept, torch.zeros_like(v))
-
-
-# ---------------------------------------------------------------- magnitude band (Breadcrumbs)
-
-def magnitude_band_mask(v: Tensor, drop_top: float, drop_bottom: float) -> Tensor:
-    """Keep-mask removing the ⌊β·n⌋ largest and the ⌊γ·n⌋ smallest |v| of the tensor (ties by index: the
-    order of a stable ascending sort of |v|). Selection by ``kthvalue`` plus an index-ordered tie count,
-    O(n) instead of the sort's O(n log n) (3× faster on a 768×3072 tensor)."""
-    flat = v.reshape(-1)
-    n = flat.numel()
-    n_top = math.floor(drop_top * n + 1e-9)
-    n_bottom = math.floor(drop_bottom * n + 1e-9)
-    mags = flat.abs()
-    dropped = torch.zeros(n, dtype=torch.bool, device=v.device)
-    if n_bottom > 0:  # the n_bottom first entries of the stable ascending order
-        t = mags.kthvalue(n_bottom).values
-        ties = mags == t
-        need = n_bottom - int((mags < t).sum())
-        dropped |= (mags < t) | (ties & (torch.cumsum(ties, 0) <= need))
-    if n_top > 0:  # the n_top last entries of that order: among ties at the threshold, the highest indices
-        t = mags.kthvalue(n - n_top + 1).values
-        ties = mags == t
-        need = n_top - int((mags > t).sum())
-        dropped |= (mags > t) | (ties & (torch.cumsum(ties.flip(0), 0).flip(0) <= need))
-    return (~dropped).reshape(v.shape)
 
 
 # ---------------------------------------------------------------- normalisation (PCB)

@@ -1,5 +1,9 @@
-"""Name → merge method registry. The signature is the schema: keyword-only typed arguments with
-defaults are a method's hyperparameters (YAML, --help and validation come from them)."""
+"""Name → merge method registry: every method is a ``MergeMethod`` dataclass registered under its name.
+
+The dataclass is the schema: its typed fields are the method's hyperparameters (YAML, ``--help``, the options
+reference and validation come from them). The builtin methods' modules are imported by name on first use
+(``importlib``), so this module imports none of them.
+"""
 
 from __future__ import annotations
 
@@ -13,32 +17,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from freemerge_pl.errors import ConfigError, HyperparameterError
+from freemerge_pl.merging.method import MergeMethod
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: its typed configuration class (or a plain function), reference and summary."""
+    """A registered method: its typed configuration class, reference, summary and needed context."""
 
     name: str
-    fn: Callable[..., Any]
+    cls: type[MergeMethod]
     reference: str
     summary: str
     needs: frozenset[str] = field(default_factory=frozenset)
-    produces_task_modules: bool = False
-    cls: type | None = None
+
+    @property
+    def produces_task_modules(self) -> bool:
+        return self.cls.produces_task_modules
 
     @property
     def hyperparameters(self) -> dict[str, Any]:
-        """Hyperparameter name → default (the config class's fields, or a function's keyword-only arguments)."""
-        if self.cls is not None:
-            return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-                    for f in dataclasses.fields(self.cls)}
-        sig = inspect.signature(self.fn)
-        return {
-            n: p.default
-            for n, p in sig.parameters.items()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in _CONTEXT_ARGS
-        }
+        """Hyperparameter name → default (the configuration class's fields)."""
+        return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                for f in dataclasses.fields(self.cls)}
 
     def validate(self, params: dict[str, Any]) -> None:
         unknown = sorted(set(params) - set(self.hyperparameters))
@@ -52,60 +52,48 @@ class MethodSpec:
                 f"accepted: {sorted(self.hyperparameters)}{hint}"
             )
 
-    def build(self, params: dict[str, Any] | None = None):
-        """The method's checked configuration object (``MergeMethod``) from hyperparameters."""
+    def build(self, params: dict[str, Any] | None = None) -> MergeMethod:
+        """The method's checked configuration object from hyperparameters."""
         params = dict(params or {})
         self.validate(params)
-        if self.cls is not None:
-            return self.cls(**params)
-        from freemerge_pl.merging.method import FunctionMethod
+        return self.cls(**params)
 
-        return FunctionMethod(self, params)
-
-
-# Keyword arguments the driver supplies from context rather than from configuration.
-_CONTEXT_ARGS = frozenset({"pretrained", "data", "generator"})
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
-def register(
-    name: str,
-    *,
-    reference: str,
-    needs: tuple[str, ...] = (),
-    produces_task_modules: bool = False,
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a ``MergeMethod`` dataclass (or a plain ``fn(task_vectors, *, hyperparameters...) ->
-    MergeResult``, which the engine runs on whole in-memory task vectors) under ``name``.
+def register(name: str, *, reference: str, needs: tuple[str, ...] = ()) -> Callable[[type], type]:
+    """Register a ``MergeMethod`` dataclass under ``name`` (class decorator; sets its ``name``/``reference``).
 
-    ``needs`` names context the method requires beyond task vectors (``pretrained``, ``data``); the
-    data-dependent methods (Fisher, RegMean, AdaMerging) join the registry with ``needs=("data",)``.
+    ``needs`` names context the method requires beyond task vectors (``data``); the data-dependent methods
+    (Fisher, RegMean, AdaMerging, MTL) join the registry with ``needs=("data",)``.
     """
 
-    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def deco(cls: type) -> type:
+        own_fields = isinstance(cls, type) and "__dataclass_fields__" in vars(cls)  # decorated itself
+        if not (own_fields and issubclass(cls, MergeMethod)):
+            raise TypeError(f"merge method {name!r}: register a MergeMethod dataclass, got {cls!r}")
         if name in _REGISTRY:
             raise ValueError(f"merge method {name!r} is already registered")
-        summary = (inspect.getdoc(fn) or "").split("\n", 1)[0]
-        if isinstance(fn, type):
-            fn.name, fn.reference = name, reference
-            _REGISTRY[name] = MethodSpec(name, functional(fn), reference, summary, frozenset(needs),
-                                         fn.produces_task_modules, cls=fn)
-        else:
-            _REGISTRY[name] = MethodSpec(name, fn, reference, summary, frozenset(needs), produces_task_modules)
-        return fn
+        cls.name, cls.reference = name, reference
+        summary = (inspect.getdoc(cls) or "").split("\n", 1)[0]
+        _REGISTRY[name] = MethodSpec(name, cls, reference, summary, frozenset(needs))
+        return cls
 
     return deco
 
 
 # Modules whose import fills the registry with the builtin methods.
 _BUILTIN_MODULES: tuple[str, ...] = (
-    "freemerge_pl.merging.baselines",
-    "freemerge_pl.merging.data_dependent",
-    "freemerge_pl.merging.emr",
-    "freemerge_pl.merging.fr",
-    "freemerge_pl.merging.released",
-    "freemerge_pl.merging.twin",
+    "freemerge_pl.merging.methods.basic",
+    "freemerge_pl.merging.methods.ties",
+    "freemerge_pl.merging.methods.pcb",
+    "freemerge_pl.merging.methods.tsv",
+    "freemerge_pl.merging.methods.data_dependent",
+    "freemerge_pl.merging.methods.emr",
+    "freemerge_pl.merging.methods.fr",
+    "freemerge_pl.merging.methods.released",
+    "freemerge_pl.merging.methods.twin",
 )
 
 
@@ -133,7 +121,7 @@ def _load_builtin() -> None:
             importlib.import_module(module_name)
     except BaseException:
         added = [name for name in _REGISTRY if name not in registered_before]
-        stale = {_REGISTRY[name].fn.__module__ for name in added}
+        stale = {_REGISTRY[name].cls.__module__ for name in added}
         stale |= {m for m in _BUILTIN_MODULES if m in sys.modules and m not in modules_before}
         for name in added:
             del _REGISTRY[name]
@@ -157,28 +145,8 @@ def list_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def functional(cls: type) -> Callable[..., Any]:
-    """``fn(task_vectors, *, generator=None, **hyperparameters) -> MergeResult`` for a method class: the
-    engine run on in-memory task vectors (one function object per class)."""
-    if "_functional" in cls.__dict__:
-        return cls.__dict__["_functional"]
-
-    def fn(task_vectors, *, generator=None, dtypes=None, **hyperparameters):
-        from freemerge_pl.merging.engine import merge_task_vectors
-
-        return merge_task_vectors(cls(**hyperparameters), task_vectors, generator=generator, dtypes=dtypes)
-
-    fn.__name__ = fn.__qualname__ = getattr(cls, "name", "") or cls.__name__
-    fn.__doc__ = cls.__doc__
-    fn.__module__ = cls.__module__
-    cls._functional = fn
-    return fn
-
-
-def build_method(method, method_args: dict[str, Any] | None = None):
+def build_method(method: str | MergeMethod, method_args: dict[str, Any] | None = None) -> MergeMethod:
     """A checked ``MergeMethod`` from a registry name plus hyperparameters, or a ready ``MergeMethod``."""
-    from freemerge_pl.merging.method import MergeMethod
-
     if isinstance(method, MergeMethod):
         if method_args:
             raise ConfigError(f"method_args {sorted(method_args)} given with a configured method object "

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from freemerge_pl.errors import ConfigError, NonFiniteError
+from freemerge_pl.merging.engine import CheckpointInputs, compile_patterns
+from freemerge_pl.merging.source import StateDictSource
 
 StateDict = dict[str, Tensor]
-
-
-def compile_patterns(patterns: str | Sequence[str] | None) -> re.Pattern | None:
-    """One regex searching for any of ``patterns`` (None when there are none)."""
-    if not patterns:
-        return None
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    return re.compile("|".join(f"(?:{p})" for p in patterns))
 
 
 def is_mergeable(tensor: Tensor) -> bool:
@@ -45,9 +37,6 @@ def validate_checkpoints(
     """Check keys, shapes, dtypes (the engine's ``CheckpointInputs`` checks) and finiteness; return the keys
     to merge. Keys matched by ``exclude_keys`` (e.g. task-specific heads) are neither compared nor merged.
     """
-    from freemerge_pl.merging.engine import CheckpointInputs
-    from freemerge_pl.merging.source import StateDictSource
-
     if len(finetuned) == 0:
         raise ConfigError("no fine-tuned models were given: merging needs at least one")
     names = list(names) if names is not None else [f"finetuned[{i}]" for i in range(len(finetuned))]

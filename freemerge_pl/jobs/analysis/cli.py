@@ -8,22 +8,29 @@ with jsonargparse exactly as ``fit``/``test`` build it) or a merge-job config (`
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
+from jsonargparse import ArgumentParser, Namespace
 
-from freemerge_pl.jobs.analysis.interference import DEFAULT_METHODS, DEFAULT_RATIOS, InterferenceReport, analyze
-from freemerge_pl.jobs.analysis.run import adapter_inputs, checkpoint_inputs, choose_tasks, write_outputs
-from freemerge_pl.errors import ConfigError
-from freemerge_pl.merging.fourier import CUTOFF_MODES
 from freemerge_pl.adapters.base import ModelAdapter
+from freemerge_pl.errors import ConfigError
+from freemerge_pl.jobs.analysis.interference import (
+    DEFAULT_METHODS,
+    DEFAULT_RATIOS,
+    InterferenceReport,
+    analyze,
+)
+from freemerge_pl.jobs.analysis.run import adapter_inputs, checkpoint_inputs, choose_tasks, write_outputs
+from freemerge_pl.merging.fourier import CUTOFF_MODES
+
+DESCRIPTION = ("Analyse the frequency-domain interference of the task vectors a config names (JSON, Markdown "
+               "and two PNGs).")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cli.py analyze", description=__doc__.split("\n\n")[0])
+def add_arguments(p: ArgumentParser) -> None:
+    """The ``analyze`` subcommand's options."""
     p.add_argument("--config", required=True,
                    help="a LightningCLI YAML (model.adapter) or a merge-job YAML (base_model, models)")
     p.add_argument("--output_dir", "--output-dir", required=True, help="directory of the outputs")
@@ -35,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="merging methods whose per-task vectors are compared (Table 1)")
     p.add_argument("--method_args", "--method-args", default=None,
                    help='JSON/YAML mapping method → hyperparameters, e.g. "{fr_merging: {filter_ratio: 0.5}}"')
-    p.add_argument("--cutoff_mode", "--cutoff-mode", default="fraction", choices=list(CUTOFF_MODES))
+    p.add_argument("--cutoff_mode", "--cutoff-mode", default="fraction", choices=list(CUTOFF_MODES),
+                   help="how a filter ratio becomes a frequency cutoff (docs/semantics.md §10)")
     p.add_argument("--include_1d", "--include-1d", action="store_true", help="also analyse 1-D tensors")
     p.add_argument("--plot_tasks", "--plot-tasks", nargs="+", default=None,
                    help="tasks in the spectra grid (default: all analysed)")
@@ -44,7 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of random methods (DARE), as the merge's")
     p.add_argument("--no-plots", "--no_plots", dest="plots", action="store_false",
                    help="write the JSON and Markdown tables only")
-    return p
 
 
 def read_config(path) -> dict[str, Any]:
@@ -85,7 +92,8 @@ def _method_args(text: str | None) -> dict[str, dict[str, Any]] | None:
     return value
 
 
-def run(args: argparse.Namespace) -> InterferenceReport:
+def run(args: Namespace) -> InterferenceReport:
+    """Run the parsed ``analyze`` command."""
     raw = read_config(args.config)
     options = {"methods": args.methods, "method_args": _method_args(args.method_args), "ratios": args.ratios,
                "layers": args.layers, "include_1d": args.include_1d, "cutoff_mode": args.cutoff_mode,
@@ -124,20 +132,3 @@ def _progress():
     from freemerge_pl.progress import progress_iter
 
     return lambda keys, desc: progress_iter(keys, desc, unit="tensor")
-
-
-def analyze_main(argv: Sequence[str]) -> InterferenceReport:
-    """``cli.py analyze ...`` (``argv`` without the subcommand)."""
-    return run(build_parser().parse_args(list(argv)))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    import sys
-
-    analyze_main(sys.argv[1:] if argv is None else argv)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from freemerge_pl.errors import ConfigError
 from freemerge_pl.jobs.analysis.spectrum import (
     AmplitudeVariance,
     centred_log_power,
@@ -34,29 +35,16 @@ from freemerge_pl.jobs.analysis.spectrum import (
     removed_masks,
     spectrum,
 )
-from freemerge_pl.errors import ConfigError
-from freemerge_pl.merging.baselines import (
-    DARE,
-    PCB,
-    TIES,
-    Breadcrumbs,
-    TaskArithmetic,
-    WeightAveraging,
-    _tensor_order_statistics,
-    pcb_beta,
-)
 from freemerge_pl.merging.engine import MergeInputs, preflight
 from freemerge_pl.merging.fourier import CUTOFF_MODES, check_filter_ratio, highpass, matrix_shape
-from freemerge_pl.merging.fr import FRMerging
 from freemerge_pl.merging.method import Context, KeyTensors, MergeMethod, Scan
-from freemerge_pl.merging.ops import (
-    agreement_mask,
-    elect_sign,
-    magnitude_band_mask,
-    magnitude_trim,
-    task_weights,
-)
+from freemerge_pl.merging.methods.basic import Breadcrumbs, TaskArithmetic, WeightAveraging
+from freemerge_pl.merging.methods.fr import FRMerging
+from freemerge_pl.merging.methods.pcb import PCB, _tensor_order_statistics, pcb_beta
+from freemerge_pl.merging.methods.ties import DARE, TIES
+from freemerge_pl.merging.ops import agreement_mask, elect_sign, task_weights
 from freemerge_pl.merging.registry import build_method
+from freemerge_pl.merging.topk import magnitude_band_mask, magnitude_trim
 
 #: Table 1's methods, in the paper's order
 DEFAULT_METHODS: tuple[str, ...] = ("task_arithmetic", "dare", "ties", "breadcrumbs", "pcb", "fr_merging")

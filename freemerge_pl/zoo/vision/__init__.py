@@ -3,12 +3,16 @@
 ``ensure_zoo(root, size, seed)`` builds it once (deterministically for a given thread count, which is part of
 its cache key) and caches it, checking every file against the manifest before use; ``ZooTaskDataset``
 reads a task's split; ``freemerge_pl.adapters.zoo_vit.ZooViTAdapter`` reads the checkpoints. The recipe is
-recorded in ``freemerge_pl/zoo/vision/README.md``.
+recorded in ``freemerge_pl/zoo/vision/README.md``. ``python -m freemerge_pl.zoo.vision --size default`` builds it
+(an interrupted build resumes from its finished stages). It is the ``ZooSpec`` ``VISION_ZOO``
+(``freemerge_pl.zoo.spec``) over the shared cache logic of ``freemerge_pl.zoo.cache``.
 """
 
 from freemerge_pl.zoo.vision.build import (
+    VISION_ZOO,
     build_vit,
     build_zoo,
+    default_zoo_root,
     ensure_zoo,
     evaluate_accuracy,
     load_task_data,
@@ -22,13 +26,17 @@ from freemerge_pl.zoo.vision.recipe import (
     ZOO_MEAN,
     ZOO_STD,
     build_threads,
-    default_zoo_root,
     recipe_hash,
     zoo_recipe,
     zoo_task_names,
 )
 
+#: the vision zoo's ``ZooSpec`` (``freemerge_pl.zoo.cache`` builds, verifies and finds it)
+SPEC = VISION_ZOO
+
 __all__ = [
+    "SPEC",
+    "VISION_ZOO",
     "ZOO_MEAN",
     "ZOO_STD",
     "ZooTaskDataset",

@@ -1,7 +1,8 @@
 """Building the zoo: data, pre-training, linear probes, full fine-tuning, atomic on-disk layout, cache.
 
-Layout of a zoo directory (every file written atomically; the whole directory is built under a temporary
-name next to its destination and renamed into place, so an interrupted build never leaves a half zoo)::
+Layout of a zoo directory (every file written atomically; the whole directory is built in a staging directory
+next to its destination and renamed into place by ``freemerge_pl.zoo.cache``, so an interrupted build never
+leaves a half zoo, and the next build resumes from the stages it finished)::
 
     manifest.json                          recipe (build environment included), recipe_hash, backbone config,
                                            per-task results, every file's size and sha256 (``files``)
@@ -21,15 +22,9 @@ again when the file changes); a damaged file raises an error naming it and the r
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import math
-import os
 import platform
-import shutil
-import tempfile
-import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -42,31 +37,16 @@ from torch.nn import functional as F
 
 from freemerge_pl._version import __version__
 from freemerge_pl.errors import ConfigError, FreeMergeError
-from freemerge_pl.io import (
-    file_records,
-    load_state_dict,
-    save_safetensors_atomic,
-    verify_manifest,
-    write_json_atomic,
-)
-from freemerge_pl.progress import format_seconds
-from freemerge_pl.zoo.vision import generators
-from freemerge_pl.zoo.vision.progress import BuildProgress, rough_duration
-from freemerge_pl.zoo.vision.recipe import (
-    ADAMW_BETAS,
-    EVAL_BATCH_SIZE,
-    ZOO_MEAN,
-    ZOO_STD,
-    check_size,
-    default_zoo_root,
-    recipe_hash,
-    zoo_recipe,
-)
+from freemerge_pl.io import file_records, load_state_dict, save_safetensors_atomic, write_json_atomic
+from freemerge_pl.zoo import cache
+from freemerge_pl.zoo.cache import MANIFEST, Stages
+from freemerge_pl.zoo.progress import BuildProgress
+from freemerge_pl.zoo.spec import ZooSpec, recipe_hash
+from freemerge_pl.zoo.training import adamw_cosine, batches, derived_seed
+from freemerge_pl.zoo.vision.generators import SPLITS, TASKS, generate_split, row_hash
+from freemerge_pl.zoo.vision.pretext import PATCH_CLASSES, PRETEXT_DIM, PRETEXT_SLICES, pretext_batch
+from freemerge_pl.zoo.vision.recipe import EVAL_BATCH_SIZE, SIZES, ZOO_MEAN, ZOO_STD, zoo_recipe
 
-#: the zoo's logger: the build's progress lines (INFO), why a zoo is rebuilt
-log = logging.getLogger("freemerge_pl.zoo.vision")
-
-MANIFEST = "manifest.json"
 FORMAT = "freemerge_pl.zoo.vision/2"  # 2: the ``files`` table (size + sha256 of every file), the recipe's environment
 
 #: seconds per unit of work on 2 threads (2 shared cores), per size: one generated task image (``data``) or
@@ -120,35 +100,11 @@ def evaluate_accuracy(backbone: nn.Module, head: nn.Module, images: Tensor, labe
 
 
 # ----------------------------------------------------------------------------------------------- training
-def _derived_seed(seed: int, *path: int) -> int:
-    return int(np.random.SeedSequence([seed, *path]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def _optimizer(params, cfg: dict[str, Any], steps: int):
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=ADAMW_BETAS, weight_decay=cfg["weight_decay"])
-    warm = max(1, round(cfg["warmup_fraction"] * steps))
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-def _batches(n: int, batch_size: int, epochs: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=g)
-        for i in range(0, n, batch_size):
-            yield perm[i:i + batch_size]
-
-
 def _pretext_loss(logits: Tensor, target: Tensor) -> Tensor:
-    a, b = generators.PRETEXT_SLICES["presence"]
+    a, b = PRETEXT_SLICES["presence"]
     loss = F.binary_cross_entropy_with_logits(logits[:, a:b], target[:, a:b])
     for name in ("type", "hue", "cell", "background", "glyph"):
-        a, b = generators.PRETEXT_SLICES[name]
+        a, b = PRETEXT_SLICES[name]
         loss = loss + F.cross_entropy(logits[:, a:b], target[:, a:b].argmax(1))
     return loss
 
@@ -158,16 +114,16 @@ def pretrain(model: VisionTransformer, images: Tensor, targets: Tensor, patch_la
     """Train the backbone with throwaway pretext heads: scene attributes from the pooled output and the
     per-patch primitive map from the output tokens. Returns the mean loss of the last tenth of steps.
     ``progress(batch_size)`` is called after each step."""
-    head = nn.Linear(model.output_dim, generators.PRETEXT_DIM)
-    patch_head = nn.Linear(model.ln_post.normalized_shape[0], generators.PATCH_CLASSES)
+    head = nn.Linear(model.output_dim, PRETEXT_DIM)
+    patch_head = nn.Linear(model.ln_post.normalized_shape[0], PATCH_CLASSES)
     steps = cfg["epochs"] * math.ceil(len(images) / cfg["batch_size"])
     params = list(model.parameters()) + list(head.parameters()) + list(patch_head.parameters())
-    opt, sched = _optimizer(params, cfg, steps)
+    opt, sched = adamw_cosine(params, cfg, steps)
     model.train()
     model.output_tokens = True
     losses = []
     try:
-        for idx in _batches(len(images), cfg["batch_size"], cfg["epochs"], seed):
+        for idx in batches(len(images), cfg["batch_size"], cfg["epochs"], seed):
             pooled, tokens = model(normalize_images(images[idx]))
             loss = _pretext_loss(head(pooled), targets[idx]) + F.cross_entropy(
                 patch_head(tokens).flatten(0, 1), patch_labels[idx].flatten())
@@ -224,10 +180,10 @@ def finetune(model: VisionTransformer, head: nn.Linear, images: Tensor, labels: 
     head.requires_grad_(train_head)
     params = list(model.parameters()) + (list(head.parameters()) if train_head else [])
     steps = cfg["epochs"] * math.ceil(len(images) / cfg["batch_size"])
-    opt, sched = _optimizer(params, cfg, steps)
+    opt, sched = adamw_cosine(params, cfg, steps)
     model.train()
     head.train()
-    for idx in _batches(len(images), cfg["batch_size"], cfg["epochs"], seed):
+    for idx in batches(len(images), cfg["batch_size"], cfg["epochs"], seed):
         loss = F.cross_entropy(head(model(normalize_images(images[idx]))), labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -241,20 +197,6 @@ def finetune(model: VisionTransformer, head: nn.Linear, images: Tensor, labels: 
 
 
 # ----------------------------------------------------------------------------------------------- building
-@contextlib.contextmanager
-def _deterministic(threads: int):
-    prev = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), \
-        torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            yield
-    finally:
-        torch.set_num_threads(prev[0])
-        torch.use_deterministic_algorithms(prev[1], warn_only=prev[2])
-
-
 def _meta(**fields) -> dict[str, str]:
     """safetensors metadata as ONE key: the format stores a hash map, so several keys come out in a
     per-process random order and the file bytes would differ between identical builds."""
@@ -283,17 +225,17 @@ def _task_data(tmp: Path, task: str, data_cfg: dict[str, int], seed: int,
     out: dict[str, Tensor] = {}
     seen: set[bytes] = set()
     n_val = data_cfg.get("n_val", 0)
-    for split in generators.SPLITS:
+    for split in SPLITS:
         n = data_cfg[f"n_{split}"] + (n_val if split == "train" else 0)
-        x, y = generators.generate_split(task, split, n, seed, exclude=seen, progress=progress)
-        seen.update(generators.row_hash(r) for r in x)
+        x, y = generate_split(task, split, n, seed, exclude=seen, progress=progress)
+        seen.update(row_hash(r) for r in x)
         if split == "train":  # the validation split: held out of the training images, before any fine-tuning
             kept, held = holdout_split(y, n_val, seed)
             out["val_x"], out["val_y"] = torch.from_numpy(x[held]), torch.from_numpy(y[held])
             x, y = x[kept], y[kept]
         out[f"{split}_x"] = torch.from_numpy(np.ascontiguousarray(x))
         out[f"{split}_y"] = torch.from_numpy(np.ascontiguousarray(y))
-    spec = generators.TASKS[task]
+    spec = TASKS[task]
     save_safetensors_atomic(out, tmp / "data" / f"{task}.safetensors",
                             metadata=_meta(role="data", task=task, class_names=list(spec.class_names)))
     return out
@@ -315,75 +257,104 @@ def _prior_seconds_per_unit(size: str, threads: int) -> dict[str, float]:
     return {k: v * (scale if k in ("train", "infer") else 1.0) for k, v in REFERENCE_SECONDS_PER_UNIT[size].items()}
 
 
-def estimate_build_seconds(size: str = "default", threads: int | None = None) -> float:
-    """A rough duration of a build of ``size`` on ``threads`` threads (default ``build_threads()``)."""
-    recipe = zoo_recipe(size, threads)
-    prior = _prior_seconds_per_unit(size, recipe["environment"]["threads"])
-    return sum(units * prior[k] for k, units in build_plan(recipe).items())
-
-
-def _write_zoo(tmp: Path, recipe: dict[str, Any], seed: int, progress: BuildProgress) -> dict[str, Any]:
-    """Everything of a build, written under ``tmp``; returns the manifest."""
-    start = time.perf_counter()
-    bcfg = recipe["backbone"]
-    normalisation = {"mean": list(ZOO_MEAN), "std": list(ZOO_STD), "scale": "uint8/255"}
-    names = list(recipe["tasks"])
-    n_tasks = len(names)
-    d_cfg = recipe["data"]
-
+def _data_stage(tmp: Path, names: list[str], d_cfg: dict[str, int], seed: int, progress: BuildProgress,
+                stages: Stages) -> dict[str, dict[str, Tensor]]:
+    """Every task's splits: generated and saved, or read back where an interrupted build saved them."""
     data = {}
     for i, task in enumerate(names):
-        progress.stage(f"generating the data of task {i + 1}/{n_tasks} ({task})", "data",
-                       sum(d_cfg[f"n_{split}"] for split in generators.SPLITS) + d_cfg.get("n_val", 0))
+        n_images = sum(d_cfg[f"n_{split}"] for split in SPLITS) + d_cfg.get("n_val", 0)
+        rel = f"data/{task}.safetensors"
+        if stages.get(rel) is not None:
+            progress.skip("data", n_images)
+            data[task] = load_state_dict(tmp / rel)
+            continue
+        progress.stage(f"generating the data of task {i + 1}/{len(names)} ({task})", "data", n_images)
         data[task] = _task_data(tmp, task, d_cfg, seed, progress.advance)
+        stages.done(rel)
+    return data
 
-    n_pre = recipe["pretrain"]["n_images"]
+
+def _pretrain_stage(tmp: Path, recipe: dict[str, Any], seed: int, progress: BuildProgress, stages: Stages,
+                    info: dict[str, Any]) -> tuple[VisionTransformer, float]:
+    """θ_pre (pre-trained and saved, or read back from an interrupted build) and its final pretext loss."""
+    bcfg, n_pre, epochs = recipe["backbone"], recipe["pretrain"]["n_images"], recipe["pretrain"]["epochs"]
+    done = stages.get("pretrained")
+    if done is not None:
+        progress.skip("scenes", n_pre)
+        progress.skip("train", n_pre * epochs)
+        model = build_vit(bcfg)
+        model.load_state_dict(load_state_dict(tmp / "pretrained" / "model.safetensors"), strict=True)
+        return model.eval(), float(done["pretext_final_loss"])
     progress.stage(f"generating {n_pre} pre-training scenes", "scenes", n_pre)
-    px, pt, pp = generators.pretext_batch(n_pre, seed, patch_grid=bcfg["image_size"] // bcfg["patch_size"],
-                                          progress=progress.advance)
-    progress.stage("pre-training the backbone", "train", n_pre * recipe["pretrain"]["epochs"])
-    torch.manual_seed(_derived_seed(seed, 1))
+    px, pt, pp = pretext_batch(n_pre, seed, patch_grid=bcfg["image_size"] // bcfg["patch_size"],
+                                       progress=progress.advance)
+    progress.stage("pre-training the backbone", "train", n_pre * epochs)
+    torch.manual_seed(derived_seed(seed, 1))
     model = build_vit(bcfg)
-    pretext_loss = pretrain(model, torch.from_numpy(px), torch.from_numpy(pt), torch.from_numpy(pp),
-                            recipe["pretrain"], _derived_seed(seed, 2), progress=progress.advance)
+    loss = pretrain(model, torch.from_numpy(px), torch.from_numpy(pt), torch.from_numpy(pp), recipe["pretrain"],
+                    derived_seed(seed, 2), progress=progress.advance)
+    save_safetensors_atomic(model.state_dict(), tmp / "pretrained" / "model.safetensors",
+                            metadata=_meta(role="pretrained"))
+    write_json_atomic({"backbone": info["backbone"], "normalisation": info["normalisation"],
+                       "pretext": {"final_loss": loss, "n_images": n_pre}}, tmp / "pretrained" / "config.json")
+    stages.done("pretrained", {"pretext_final_loss": loss})
+    return model, loss
+
+
+def _finetune_stage(tmp: Path, model: VisionTransformer, task: str, k: int, d: dict[str, Tensor],
+                    recipe: dict[str, Any], seed: int, progress: BuildProgress, info: dict[str, Any]) -> dict:
+    """Task ``k``'s linear probe on θ_pre (``model``), full fine-tuning and evaluation; its files saved."""
+    spec, n_tasks = TASKS[task], len(recipe["tasks"])
+    progress.stage(f"linear probe of task {k + 1}/{n_tasks} ({task})", "infer", len(d["train_y"]) + len(d["test_y"]))
+    features = _features(model, d["train_x"])
+    progress.advance(len(d["train_y"]))
+    head = linear_probe(features, d["train_y"], spec.num_classes, recipe["probe"])
+    probe_acc = evaluate_accuracy(model, head, d["test_x"], d["test_y"])
+    progress.advance(len(d["test_y"]))
+    progress.stage(f"fine-tuning task {k + 1}/{n_tasks} ({task})", "train",
+                   recipe["finetune"]["epochs"] * len(d["train_y"]))
+    finetune(model, head, d["train_x"], d["train_y"], recipe["finetune"], derived_seed(seed, 3, k),
+             progress=progress.advance)
+    progress.stage(f"evaluating fine-tuned task {k + 1}/{n_tasks} ({task})", "infer", len(d["test_y"]))
+    acc = evaluate_accuracy(model, head, d["test_x"], d["test_y"])
+    progress.advance(len(d["test_y"]))
+    fdir = tmp / "finetuned" / task
+    save_safetensors_atomic(model.state_dict(), fdir / "model.safetensors", metadata=_meta(role="finetuned", task=task))
+    save_safetensors_atomic({"weight": head.weight, "bias": head.bias}, fdir / "head.safetensors",
+                            metadata=_meta(role="head", task=task))
+    write_json_atomic({"task": task, "num_classes": spec.num_classes, "class_names": list(spec.class_names),
+                       **info, "head_protocol": recipe["finetune"]["head"], "individual_test_acc": acc,
+                       "pretrained_probe_acc": probe_acc}, fdir / "config.json")
+    return {"individual_test_acc": acc, "pretrained_probe_acc": probe_acc}
+
+
+def _write_zoo(tmp: Path, recipe: dict[str, Any], seed: int, progress: BuildProgress,
+               stages: Stages) -> dict[str, Any]:
+    """Everything of a build, written under ``tmp`` (stages ``stages`` records as finished are reused);
+    returns the manifest (``build.seconds`` is the caller's)."""
+    info = {"backbone": {"class": BACKBONE_CLASS, "config": recipe["backbone"]},
+            "normalisation": {"mean": list(ZOO_MEAN), "std": list(ZOO_STD), "scale": "uint8/255"}}
+    names = list(recipe["tasks"])
+    data = _data_stage(tmp, names, recipe["data"], seed, progress, stages)
+    model, pretext_loss = _pretrain_stage(tmp, recipe, seed, progress, stages, info)
     pre_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    backbone_info = {"class": BACKBONE_CLASS, "config": bcfg}
-    save_safetensors_atomic(pre_state, tmp / "pretrained" / "model.safetensors", metadata=_meta(role="pretrained"))
-    write_json_atomic({"backbone": backbone_info, "normalisation": normalisation,
-                       "pretext": {"final_loss": pretext_loss, "n_images": n_pre}}, tmp / "pretrained" / "config.json")
     pre_files = ["pretrained/model.safetensors", "pretrained/config.json"]
 
     tasks = []
     for k, task in enumerate(names):
-        spec = generators.TASKS[task]
         d = data[task]
-        model.load_state_dict(pre_state)
-        progress.stage(f"linear probe of task {k + 1}/{n_tasks} ({task})", "infer", len(d["train_y"]) + len(d["test_y"]))
-        features = _features(model, d["train_x"])
-        progress.advance(len(d["train_y"]))
-        head = linear_probe(features, d["train_y"], spec.num_classes, recipe["probe"])
-        probe_acc = evaluate_accuracy(model, head, d["test_x"], d["test_y"])
-        progress.advance(len(d["test_y"]))
-        progress.stage(f"fine-tuning task {k + 1}/{n_tasks} ({task})", "train",
-                       recipe["finetune"]["epochs"] * len(d["train_y"]))
-        finetune(model, head, d["train_x"], d["train_y"], recipe["finetune"], _derived_seed(seed, 3, k),
-                 progress=progress.advance)
-        progress.stage(f"evaluating fine-tuned task {k + 1}/{n_tasks} ({task})", "infer", len(d["test_y"]))
-        acc = evaluate_accuracy(model, head, d["test_x"], d["test_y"])
-        progress.advance(len(d["test_y"]))
-        fdir = tmp / "finetuned" / task
-        save_safetensors_atomic(model.state_dict(), fdir / "model.safetensors",
-                                metadata=_meta(role="finetuned", task=task))
-        save_safetensors_atomic({"weight": head.weight, "bias": head.bias}, fdir / "head.safetensors",
-                                metadata=_meta(role="head", task=task))
-        write_json_atomic({"task": task, "num_classes": spec.num_classes, "class_names": list(spec.class_names),
-                           "backbone": backbone_info, "normalisation": normalisation,
-                           "head_protocol": recipe["finetune"]["head"], "individual_test_acc": acc,
-                           "pretrained_probe_acc": probe_acc}, fdir / "config.json")
+        results = stages.get(f"finetuned/{task}")
+        if results is None:
+            model.load_state_dict(pre_state)
+            results = _finetune_stage(tmp, model, task, k, d, recipe, seed, progress, info)
+            stages.done(f"finetuned/{task}", results)
+        else:
+            progress.skip("infer", len(d["train_y"]) + 2 * len(d["test_y"]))
+            progress.skip("train", recipe["finetune"]["epochs"] * len(d["train_y"]))
+        spec = TASKS[task]
         tasks.append({"name": task, "num_classes": spec.num_classes, "class_names": list(spec.class_names),
                       "n_train": len(d["train_y"]), "n_val": len(d["val_y"]), "n_router": len(d["router_y"]),
-                      "n_test": len(d["test_y"]),
-                      "individual_test_acc": acc, "pretrained_probe_acc": probe_acc,
+                      "n_test": len(d["test_y"]), **results,
                       "files": [f"finetuned/{task}/{n}" for n in ("model.safetensors", "head.safetensors",
                                                                   "config.json")] + [f"data/{task}.safetensors"]})
 
@@ -394,190 +365,73 @@ def _write_zoo(tmp: Path, recipe: dict[str, Any], seed: int, progress: BuildProg
     progress.finish()
     return {
         "format": FORMAT, "size": recipe["size"], "seed": seed, "package_version": __version__,
-        "recipe": recipe, "recipe_hash": recipe_hash(recipe, seed), "backbone": backbone_info,
-        "normalisation": normalisation,
+        "recipe": recipe, "recipe_hash": recipe_hash(recipe, seed), **info,
         "pretrained": {"pretext_final_loss": pretext_loss, "files": {f: records[f]["sha256"] for f in pre_files}},
         "tasks": tasks,
         "files": records,
-        "build": {"seconds": round(time.perf_counter() - start, 2), "threads": torch.get_num_threads(),
+        "build": {"threads": torch.get_num_threads(),
                   "seconds_by_kind": progress.seconds_by_kind(), "units_by_kind": build_plan(recipe),
                   "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
                   "machine": platform.machine()},
     }
 
 
-def build_zoo(dest: str | Path, size: str = "default", seed: int = 0, reason: str | None = None) -> Path:
-    """Build a zoo at ``dest`` (replacing an out-of-date one) via a temporary directory and one rename.
-
-    Logs (logger ``freemerge_pl.zoo.vision``, INFO) where and roughly how long first, then a line per stage and one
-    at least every ``$FREEMERGE_PROGRESS_SECONDS`` (10 s) with the elapsed time and the time left."""
-    check_size(size)
-    dest = Path(dest).expanduser().absolute()
-    if dest.exists() and any(dest.iterdir()) and not (dest / MANIFEST).exists():
-        raise ConfigError(f"zoo root {dest} exists, is not empty and holds no {MANIFEST}: refusing to replace it")
-    recipe = zoo_recipe(size)
-    threads = recipe["environment"]["threads"]
-    progress = BuildProgress(build_plan(recipe), _prior_seconds_per_unit(size, threads), log)
-    log.info("building the offline zoo (size %s, seed %d) at %s%s; built once, later runs reuse it; expect %s on "
-             "%d thread%s (a progress line every %s)", size, seed, dest, f" ({reason})" if reason else "",
-             rough_duration(progress.estimate_total_s()), threads, "" if threads == 1 else "s",
-             f"{progress.interval_s:g} s")
-    def write(tmp: Path) -> dict[str, Any]:
-        with _deterministic(threads), progress:
-            return _write_zoo(tmp, recipe, seed, progress)
-
-    manifest = build_atomically(dest, write)
-    log.info("zoo %s seed %d built at %s in %s", size, seed, dest, format_seconds(manifest["build"]["seconds"]))
-    return dest
+def summary(manifest: dict) -> str:
+    """The table ``python -m freemerge_pl.zoo.vision`` prints: the build, then each task's accuracies."""
+    env = manifest["recipe"]["environment"]
+    head = (f"zoo {manifest['size']} seed {manifest['seed']}  recipe {manifest['recipe_hash'][:12]}  "
+            f"built in {manifest['build']['seconds']:.1f} s on {env['threads']} threads "
+            f"(torch {env['torch']}, {env['cpu_capability']})")
+    lines = [head,
+             f"backbone {manifest['backbone']['class']} {manifest['backbone']['config']}",
+             f"{'task':<12} {'classes':>7} {'train':>6} {'test':>5} {'probe':>7} {'finetuned':>9}"]
+    for t in manifest["tasks"]:
+        lines.append(f"{t['name']:<12} {t['num_classes']:>7} {t['n_train']:>6} {t['n_test']:>5} "
+                     f"{100 * t['pretrained_probe_acc']:>6.1f}% {100 * t['individual_test_acc']:>8.1f}%")
+    n = len(manifest["tasks"])
+    lines.append(f"{'average':<12} {'':>7} {'':>6} {'':>5} "
+                 f"{100 * sum(t['pretrained_probe_acc'] for t in manifest['tasks']) / n:>6.1f}% "
+                 f"{100 * sum(t['individual_test_acc'] for t in manifest['tasks']) / n:>8.1f}%")
+    return "\n".join(lines)
 
 
-def build_atomically(dest: Path, write: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
-    """``write(tmp)`` into a fresh hidden sibling of ``dest``, then its returned manifest (``MANIFEST``, last),
-    then ``dest`` replaced by it whole (a previous build moved aside and removed after the rename); on any error
-    or interrupt the sibling is removed and ``dest`` is untouched. Returns the manifest. (Zoo and text zoo.)"""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        manifest = write(tmp)
-        write_json_atomic(manifest, tmp / MANIFEST)
-        old = None
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-            os.replace(dest, old / "zoo")
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
+#: the vision zoo, for ``freemerge_pl.zoo.cache``
+VISION_ZOO = ZooSpec(name="zoo", module="freemerge_pl.zoo.vision", format=FORMAT, root_env="FREEMERGE_ZOO_ROOT",
+                     cache_dir="zoo", sizes=SIZES, recipe=zoo_recipe, plan=build_plan, prior=_prior_seconds_per_unit,
+                     write=_write_zoo, summary=summary)
 
 
-def read_manifest(root: str | Path) -> dict[str, Any]:
-    path = Path(root) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FreeMergeError(f"{path} does not exist: build the zoo first (ensure_zoo)") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FreeMergeError(f"{path} is damaged (not valid JSON: {err}); delete {Path(root)} to rebuild the "
-                             f"zoo") from None
-    if not isinstance(manifest, dict):
-        raise FreeMergeError(f"{path} is damaged (a JSON {type(manifest).__name__}, not an object); delete "
-                             f"{Path(root)} to rebuild the zoo")
-    return manifest
-
-
-def rebuild_hint(root: str | Path, manifest: Mapping[str, Any] | None = None, *, what: str = "zoo",
-                 module: str = "freemerge_pl.zoo.vision") -> str:
-    """How to rebuild the ``what`` at ``root`` (the ``python -m module`` command line, with its size and seed
-    when known; the text zoo passes its own)."""
-    m = manifest or {}
-    size, seed = m.get("size", "default"), m.get("seed", 0)
-    return (f"rebuild the {what}: python -m {module} --size {size} --seed {seed} --root {Path(root)} "
-            f"--rebuild (or delete {Path(root)})")
-
-
-def verify_zoo(root: str | Path, names: Iterable[str] | None = None, *, fmt: str = FORMAT, what: str = "zoo",
-               module: str = "freemerge_pl.zoo.vision") -> dict[str, Any]:
-    """Check the zoo's files (``names``: relative paths; default all) against its manifest's ``files`` table
-    (``freemerge_pl.io.verify_manifest``: size always, sha256 once per process and when a file changes);
-    returns the manifest. A damaged or missing file raises ``FreeMergeError`` naming it and the rebuild
-    (``fmt``/``what``/``module``: the manifest format and the names of another zoo, e.g. the text zoo's)."""
-    root = Path(root)
-    m = read_manifest(root)
-    hint = rebuild_hint(root, m, what=what, module=module)
-    if m.get("format") != fmt or not isinstance(m.get("files"), dict):
-        raise FreeMergeError(f"{root / MANIFEST} has format {m.get('format')!r}; this version reads {fmt!r}; "
-                             f"{hint}")
-    verify_manifest(root, m["files"], remedy=hint, names=names)
-    return m
-
-
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}."))
-    return out if out else {prefix: d}
-
-
-def recipe_changes(old: Any, new: dict[str, Any], limit: int = 4) -> str:
-    """What differs between two recipes, as ``key: old -> new`` (at most ``limit`` entries)."""
-    a, b = _flat(old if isinstance(old, dict) else {}), _flat(new)
-    diff = [f"{k.rstrip('.')}: {a.get(k, '(absent)')} -> {b.get(k, '(absent)')}" for k in sorted(set(a) | set(b))
-            if a.get(k, "(absent)") != b.get(k, "(absent)")]
-    return "; ".join(diff[:limit]) + (f"; {len(diff) - limit} more" if len(diff) > limit else "") if diff \
-        else "same recipe, another seed or hash"
-
-
-def stale_reason(root: Path, recipe: dict[str, Any], want_hash: str, *, what: str = "zoo",
-                 fmt: str = FORMAT) -> str | None:
-    """Why the ``what`` at ``root`` must be (re)built for ``recipe`` (hash ``want_hash``), or None if it is
-    current: none there, an unreadable or older manifest (format ``fmt``), another recipe or build environment,
-    or missing files. (The text zoo passes its own ``what`` and ``fmt``.)"""
-    if not (root / MANIFEST).exists():
-        return f"no {what} there yet"
-    try:
-        m = read_manifest(root)
-    except FreeMergeError as err:
-        return str(err)
-    if m.get("format") != fmt:
-        return f"its manifest has format {m.get('format')!r}, this version writes {fmt!r}"
-    if m.get("recipe_hash") != want_hash:
-        return f"it was built with another recipe or build environment: {recipe_changes(m.get('recipe'), recipe)}"
-    files = m.get("files")
-    if not isinstance(files, dict):
-        return "its manifest lists no files"
-    missing = [f for f in files if not (root / f).is_file()]
-    if missing:
-        return f"{len(missing)} of its files are missing ({missing[0]}{', ...' if len(missing) > 1 else ''})"
-    return None
-
-
-@contextlib.contextmanager
-def _build_lock(dest: Path):
-    """An exclusive lock next to ``dest`` (POSIX ``flock``), so concurrent processes build once."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    with open(dest.parent / f".{dest.name}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def default_zoo_root(size: str = "default", seed: int = 0) -> Path:
+    """``$FREEMERGE_ZOO_ROOT/<size>-seed<seed>`` if that variable is set, else the user cache directory."""
+    return VISION_ZOO.default_root(size, seed)
 
 
 def resolve_zoo_root(root: str | Path | None, size: str = "default", seed: int = 0) -> Path:
-    return Path(root).expanduser().absolute() if root else default_zoo_root(size, seed).absolute()
+    return VISION_ZOO.resolve_root(root, size, seed)
+
+
+def rebuild_hint(root: str | Path, manifest: Mapping[str, Any] | None = None) -> str:
+    return VISION_ZOO.rebuild_hint(root, manifest)
+
+
+def read_manifest(root: str | Path) -> dict[str, Any]:
+    return cache.read_manifest(root, VISION_ZOO)
+
+
+def verify_zoo(root: str | Path, names: Iterable[str] | None = None) -> dict[str, Any]:
+    """Check the zoo's files (``names``: relative paths; default all) against its manifest (``cache.verify``)."""
+    return cache.verify(VISION_ZOO, root, names)
+
+
+def build_zoo(dest: str | Path, size: str = "default", seed: int = 0, reason: str | None = None) -> Path:
+    """Build a zoo at ``dest``, resuming an interrupted build of the same recipe (``cache.build_zoo``)."""
+    return cache.build_zoo(VISION_ZOO, dest, size, seed, reason)
 
 
 def ensure_zoo(root: str | Path | None = None, size: str = "default", seed: int = 0, rebuild: bool = False) -> Path:
-    """The zoo directory, built first if it is missing, incomplete, or of another recipe or build environment
-    (its recipe hash differs), or when ``rebuild``; then every file is checked against the manifest
-    (``verify_zoo``): a damaged file raises an error naming it instead of giving wrong accuracies."""
-    dest = resolve_zoo_root(root, size, seed)
-    recipe = zoo_recipe(size)
-    return ensure_built(dest, lambda: stale_reason(dest, recipe, recipe_hash(recipe, seed)),
-                        lambda reason: build_zoo(dest, size, seed, reason=reason), verify_zoo, rebuild)
-
-
-def ensure_built(dest: Path, stale: Callable[[], str | None], build: Callable[[str], Any],
-                 verify: Callable[[Path], Any], rebuild: bool = False) -> Path:
-    """``dest`` built when ``stale()`` names a reason (or when ``rebuild``), under the build lock and asked again
-    inside it (another process may have built it meanwhile), then ``verify``-ed; shared by both zoos."""
-    if rebuild or stale() is not None:
-        with _build_lock(dest):
-            reason = "a rebuild was asked for" if rebuild else stale()
-            if reason is not None:
-                build(reason)
-    verify(dest)
-    return dest
+    """The zoo directory, built first if it is missing, incomplete or of another recipe or build environment,
+    or when ``rebuild``; every file checked against the manifest (``cache.ensure``)."""
+    return cache.ensure(VISION_ZOO, root, size, seed, rebuild)
 
 
 def load_task_data(root: str | Path, task: str) -> dict[str, Tensor]:
@@ -589,3 +443,9 @@ def load_task_data(root: str | Path, task: str) -> dict[str, Tensor]:
         raise FreeMergeError(f"zoo data file {root / rel} does not exist (task {task!r}); {rebuild_hint(root)}")
     verify_zoo(root, names=[rel])
     return load_state_dict(root / rel)
+
+
+__all__ = ["FORMAT", "MANIFEST", "VISION_ZOO", "build_plan", "build_vit", "build_zoo", "default_zoo_root",
+           "ensure_zoo", "evaluate_accuracy", "finetune", "holdout_split", "linear_probe", "load_task_data",
+           "normalize_images", "predict_logits", "pretrain", "read_manifest", "rebuild_hint", "resolve_zoo_root",
+           "summary", "verify_zoo"]

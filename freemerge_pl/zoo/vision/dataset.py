@@ -8,6 +8,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from freemerge_pl.errors import ConfigError
+from freemerge_pl.zoo.cache import task_entry
 from freemerge_pl.zoo.vision.build import (
     ensure_zoo,
     load_task_data,
@@ -54,15 +55,12 @@ class ZooTaskDataset(Dataset):
         if self._images is not None:
             return
         root = ensure_zoo(self.root, self.size, self.seed)
-        tasks = {t["name"]: t for t in read_manifest(root)["tasks"]}
-        if self.task not in tasks:
-            raise ConfigError(f"ZooTaskDataset: task={self.task!r} is not in the zoo at {root}; "
-                              f"accepted: {list(tasks)}")
+        entry = task_entry(read_manifest(root), self.task, root)
         data = load_task_data(root, self.task)
         self._images = data[f"{self.split}_x"]
         self._labels = data[f"{self.split}_y"]
-        self._num_classes = int(tasks[self.task]["num_classes"])
-        self._class_names = list(tasks[self.task]["class_names"])
+        self._num_classes = int(entry["num_classes"])
+        self._class_names = list(entry["class_names"])
 
     @property
     def zoo_root(self):

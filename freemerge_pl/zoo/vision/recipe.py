@@ -1,19 +1,15 @@
 """The zoo recipe: every hyperparameter of a build, per size, the build environment that changes its bits (thread
-count, torch version, CPU kernels), and its hash (a changed recipe ⇒ a rebuild)."""
+count, torch version, CPU kernels: ``freemerge_pl.zoo.spec.build_environment``); its hash
+(``freemerge_pl.zoo.spec.recipe_hash``) is the cache key (a changed recipe ⇒ a rebuild)."""
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import os
-from pathlib import Path
 from typing import Any
 
-import torch
-
 from freemerge_pl.errors import ConfigError
-from freemerge_pl.progress import usable_cpus
+from freemerge_pl.zoo.spec import build_environment, build_threads, recipe_hash
+from freemerge_pl.zoo.training import ADAMW_BETAS
 from freemerge_pl.zoo.vision.generators import HAS_FREETYPE, available_tasks
 
 #: bump when the generators or the training code change what a recipe produces
@@ -46,33 +42,12 @@ SIZES: dict[str, dict[str, Any]] = {
     },
 }
 HEAD_PROTOCOLS = ("probe_frozen", "probe_init_trained")
-ADAMW_BETAS = (0.9, 0.98)
 EVAL_BATCH_SIZE = 256
 
 
 def check_size(size: str) -> None:
     if size not in SIZES:
         raise ConfigError(f"unknown zoo size {size!r}; accepted: {sorted(SIZES)}")
-
-
-def build_threads() -> int:
-    """CPU threads a build uses: ``$FREEMERGE_ZOO_THREADS`` or the CPUs this process may use (≤ 8)."""
-    env = os.environ.get("FREEMERGE_ZOO_THREADS")
-    if env:
-        try:
-            return max(1, int(env))
-        except ValueError:
-            raise ConfigError(f"FREEMERGE_ZOO_THREADS={env!r} is not an integer (the zoo build's thread count)") from None
-    return max(1, min(usable_cpus(), 8))
-
-
-def build_environment(threads: int | None = None) -> dict[str, Any]:
-    """What besides the hyperparameters changes a build's bits, hence its accuracies: the intra-op thread count
-    (it changes how reductions and matrix products are split: a 1- and a 2-thread build of the default size
-    differ by up to 2 points on a task), torch's major.minor version and the CPU kernels it dispatches to."""
-    major_minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
-    return {"threads": int(threads) if threads is not None else build_threads(), "torch": major_minor,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def zoo_recipe(size: str = "default", threads: int | None = None) -> dict[str, Any]:
@@ -95,23 +70,10 @@ def zoo_recipe(size: str = "default", threads: int | None = None) -> dict[str, A
     return r
 
 
-def recipe_hash(recipe: dict[str, Any], seed: int) -> str:
-    """The zoo's cache key: SHA-256 of the recipe (environment included) and the seed."""
-    blob = json.dumps({"recipe": recipe, "seed": seed}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
 def zoo_task_names(size: str = "default") -> list[str]:
     """The zoo's downstream tasks in their fixed order (``fashion`` only where it is installed)."""
     return list(zoo_recipe(size)["tasks"])
 
 
-def default_zoo_root(size: str = "default", seed: int = 0) -> Path:
-    """``$FREEMERGE_ZOO_ROOT/<size>-seed<seed>`` if that variable is set, else the user cache directory."""
-    base = os.environ.get("FREEMERGE_ZOO_ROOT")
-    if base:
-        parent = Path(base).expanduser()
-    else:
-        cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        parent = Path(cache).expanduser() / "freemerge_pl" / "zoo"
-    return parent / f"{size}-seed{seed}"
+__all__ = ["ADAMW_BETAS", "EVAL_BATCH_SIZE", "HEAD_PROTOCOLS", "RECIPE_VERSION", "SIZES", "ZOO_MEAN", "ZOO_STD",
+           "build_environment", "build_threads", "check_size", "recipe_hash", "zoo_recipe", "zoo_task_names"]

@@ -83,10 +83,23 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from freemerge_pl.errors import ConfigError, HyperparameterError, check_range
+from freemerge_pl.errors import ConfigError, HyperparameterError
 from freemerge_pl.merging.experts import SparseExpert, index_dtype
-from freemerge_pl.merging.method import Context, Finalized, KeyOutput, KeyTensors, MergeMethod, Scan
-from freemerge_pl.merging.registry import functional, register
+from freemerge_pl.merging.method import (
+    Context,
+    Density,
+    Finalized,
+    Finite,
+    KeyOutput,
+    KeyTensors,
+    MergeMethod,
+    NonNegative,
+    Scan,
+    Unit,
+)
+from freemerge_pl.merging.registry import register
+from freemerge_pl.merging.topk import released_expert_indices
+from freemerge_pl.settings import Range
 
 RELEASED_REFERENCE = "Zheng & Wang 2025, released code github.com/Zhengsh123/FREE-Merging@36c0f41"
 # Per-profile defaults of released_fr_merge where the two scripts differ.
@@ -118,7 +131,7 @@ def _half_symmetric_mask(height: int, width: int, filter_ratio: float, dtype: to
 
 
 def check_released_filter_ratio(filter_ratio: float) -> None:
-    check_range("filter_ratio", filter_ratio, 0.0, math.inf)
+    Range(0, math.inf, high_open=True).check("filter_ratio", filter_ratio)
 
 
 def released_filter_mask(shape_hw: tuple[int, int], filter_ratio: float) -> Tensor:
@@ -154,34 +167,6 @@ def released_highpass(v: Tensor, filter_ratio: float) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- experts
-
-
-def released_expert_indices(v: Tensor, density: float, remove_density: float = 0.0) -> Tensor:
-    """Sorted flat indices of the released expert's nonzero entries of ``v``.
-
-    ``TaskVectorMiddleKeep``/``TaskVectorBREAD`` (task_vectors.py:238-258): along the last dimension,
-    zero the top ``int(remove_density·W)`` entries by |v|, then keep the top ``int(density·W)`` of the
-    rest (``torch.topk``, so ties break as there); 1-D tensors are one row; a 0-d tensor is kept whole.
-    Selected entries whose value is 0 are left out (they change nothing in the released composition).
-    """
-    flat = v.reshape(-1)
-    if v.dim() == 0:
-        return torch.nonzero(flat != 0).flatten()
-    width = v.shape[-1]
-    if width == 0 or flat.numel() == 0:
-        return torch.zeros(0, dtype=torch.long, device=v.device)
-    magnitude = flat.abs().reshape(-1, width)
-    n_remove = int(width * remove_density)
-    if n_remove > 0:
-        magnitude = magnitude.scatter(1, torch.topk(magnitude, n_remove, dim=1).indices, 0.0)
-    n_keep = int(width * density)
-    if n_keep <= 0:
-        return torch.zeros(0, dtype=torch.long, device=v.device)
-    cols = torch.topk(magnitude, n_keep, dim=1).indices
-    rows = torch.arange(magnitude.shape[0], device=v.device)[:, None]
-    indices = (rows * width + cols).reshape(-1)
-    indices = indices[magnitude.reshape(-1)[indices] != 0]
-    return indices.sort().values
 
 
 def released_rescaler(expert_abs_mean: float, shared_abs_mean: float, density: float) -> float:
@@ -334,14 +319,13 @@ class FRMergingReleased(_ReleasedBase):
     """
 
     profile: Literal["vit", "glue"] = "vit"
-    filter_ratio: float = 0.7
+    filter_ratio: NonNegative = 0.7
     align: bool | None = None
-    scaling: float | None = None
+    scaling: Finite | None = None
     key_pattern: str | None = None
     keep_first_task_bias_quirk: bool | None = None
 
     def check(self) -> None:
-        check_released_filter_ratio(self.filter_ratio)
         _check_profile_settings(self, {"key_pattern": ("vit",), "keep_first_task_bias_quirk": ("vit",)})
         self._pattern = self._vit_pattern()
 
@@ -401,30 +385,26 @@ class FREEMergingReleased(_ReleasedBase):
     produces_task_modules = True
 
     profile: Literal["vit", "glue"] = "vit"
-    filter_ratio: float = 0.7
+    filter_ratio: NonNegative = 0.7
     align: bool = False
-    scaling: float | None = None
-    expert_density: float | None = None
+    scaling: Finite | None = None
+    expert_density: Density | None = None
     key_pattern: str | None = None
     keep_first_task_bias_quirk: bool | None = None
-    glue_shared_scale: float | None = None
-    glue_expert_scale: float | None = None
-    glue_expert_density: float | None = None
-    glue_expert_remove: float | None = None
+    glue_shared_scale: Finite | None = None
+    glue_expert_scale: Finite | None = None
+    glue_expert_density: Density | None = None
+    glue_expert_remove: Unit | None = None
     expert_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
     expert_index_encoding: Literal["compact", "flat"] = "compact"
 
     def check(self) -> None:
-        check_released_filter_ratio(self.filter_ratio)
         vit, glue = ("vit",), ("glue",)
         _check_profile_settings(self, {"scaling": vit, "expert_density": vit, "key_pattern": vit,
                                        "keep_first_task_bias_quirk": vit, "glue_shared_scale": glue,
                                        "glue_expert_scale": glue, "glue_expert_density": glue,
                                        "glue_expert_remove": glue})
         self._pattern = self._vit_pattern()
-        check_range("expert_density", self.density, 0.0, 1.0, low_open=True)
-        if self.profile == "glue":
-            check_range("glue_expert_remove", self.remove, 0.0, 1.0)
 
     @property
     def s(self) -> float:
@@ -514,6 +494,3 @@ class FREEMergingReleased(_ReleasedBase):
                          "shared_abs_mean": stats.shared_means, "changed_keys": summed})
         return Finalized(experts, info=info)
 
-
-released_fr_merge = functional(FRMergingReleased)
-released_free_merge = functional(FREEMergingReleased)

@@ -9,6 +9,7 @@ authors' code; 0 when the denominator is 0); task model k = θ_pre + λ_k · M_k
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ from freemerge_pl.errors import CheckpointMismatchError
 from freemerge_pl.merging.base import DenseDeltaTaskModule
 from freemerge_pl.merging.method import Context, Finalized, KeyOutput, KeyTensors, MergeMethod, Scan
 from freemerge_pl.merging.ops import packbits, unpackbits
-from freemerge_pl.merging.registry import functional, register
+from freemerge_pl.merging.registry import register
 
 REFERENCE = "Huang et al. 2024, EMR-Merging: Tuning-Free High-Performance Model Merging (NeurIPS)"
 
@@ -42,6 +43,15 @@ class EMRUnified(nn.Module):
 
     def get_extra_state(self):
         return {"keys": self._keys}
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        """``tau_<j>`` per key (the keys, in order, are ``get_extra_state``'s)."""
+        return {f"tau_{j}": self.tensor(k) for j, k in enumerate(self._keys)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], extra: dict) -> EMRUnified:
+        """The module of ``to_tensors()`` and ``get_extra_state()``."""
+        return cls({k: tensors[f"tau_{j}"] for j, k in enumerate(extra["keys"])})
 
     def set_extra_state(self, state) -> None:
         if list(state["keys"]) != self._keys:
@@ -103,6 +113,18 @@ class EMRTaskModule(DenseDeltaTaskModule):
 
     def get_extra_state(self):
         return {"keys": self._keys, "shapes": self._shapes}
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        """The packed masks ``mask_<j>`` and the ``rescaler`` (the unified vector is saved once, on its own)."""
+        return {n: t for n, t in self.state_dict().items() if isinstance(t, Tensor)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], extra: dict) -> EMRTaskModule:
+        """The module of ``to_tensors()`` and ``get_extra_state()``, unbound (``bind`` the unified vector)."""
+        shapes = extra["shapes"]
+        masks = {k: unpackbits(tensors[f"mask_{j}"], math.prod(shapes[k])).reshape(shapes[k])
+                 for j, k in enumerate(extra["keys"])}
+        return cls(masks, float(tensors["rescaler"]))
 
     def set_extra_state(self, state) -> None:
         if list(state["keys"]) != self._keys:
@@ -174,5 +196,3 @@ class EMR(MergeMethod):
                                  unified) for k in range(ctx.num_tasks)]
         return Finalized(modules, {"emr_unified": unified}, {"rescalers": rescalers.tolist()})
 
-
-emr = functional(EMR)

@@ -27,11 +27,21 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from freemerge_pl.errors import ConfigError, check_range
-from freemerge_pl.merging.baselines import model_trim_thresholds, sum_vectors
-from freemerge_pl.merging.method import Context, KeyTensors, MergeMethod, Scan
-from freemerge_pl.merging.ops import agreement_mask, elect_sign, magnitude_trim
+from freemerge_pl.errors import ConfigError
+from freemerge_pl.merging.method import (
+    Context,
+    Count,
+    Density,
+    KeyTensors,
+    MergeMethod,
+    NonNegative,
+    Positive,
+    Scan,
+    Unit,
+)
+from freemerge_pl.merging.ops import agreement_mask, elect_sign, sum_vectors
 from freemerge_pl.merging.registry import register
+from freemerge_pl.merging.topk import magnitude_trim, model_thresholds
 
 StatisticKind = Literal["fisher", "gram", "coefficients", "delta"]
 
@@ -111,10 +121,6 @@ class DataDependentMethod(MergeMethod):
         return None
 
 
-def check_count(name: str, value: int) -> None:
-    check_range(name, value, 1, float("inf"))
-
-
 # ---------------------------------------------------------------- Fisher merging
 
 def fisher_weighted_average(vectors: Tensor, fisher: Tensor, floor: float) -> Tensor:
@@ -141,15 +147,11 @@ class FisherMerging(DataDependentMethod):
 
     statistic: ClassVar[StatisticKind] = "fisher"
 
-    fisher_batches: int = 8
-    batch_size: int = 16
+    fisher_batches: Count = 8
+    batch_size: Count = 16
     fisher_target: Literal["predicted", "label"] = "predicted"
-    fisher_floor: float = 1e-6
+    fisher_floor: Positive = 1e-6
 
-    def check(self) -> None:
-        check_count("fisher_batches", self.fisher_batches)
-        check_count("batch_size", self.batch_size)
-        check_range("fisher_floor", self.fisher_floor, 0.0, float("inf"), low_open=True)
 
     def merge_key(self, x: KeyTensors, stats, ctx: Context) -> Tensor:
         if not self.data.has("fisher", x.key):
@@ -199,14 +201,10 @@ class RegMean(DataDependentMethod):
 
     statistic: ClassVar[StatisticKind] = "gram"
 
-    gram_batches: int = 8
-    batch_size: int = 16
-    alpha: float = 0.9
+    gram_batches: Count = 8
+    batch_size: Count = 16
+    alpha: Unit = 0.9
 
-    def check(self) -> None:
-        check_count("gram_batches", self.gram_batches)
-        check_count("batch_size", self.batch_size)
-        check_range("alpha", self.alpha, 0.0, 1.0)
 
     def merge_key(self, x: KeyTensors, stats, ctx: Context) -> Tensor:
         if len(x.shape) != 2 or not self.data.has("gram", x.key):
@@ -240,17 +238,12 @@ class AdaMerging(DataDependentMethod):
     statistic: ClassVar[StatisticKind] = "coefficients"
 
     granularity: Literal["task", "layer"] = "layer"
-    steps: int = 500
-    lr: float = 1e-3
-    init: float = 0.3
-    batch_size: int = 16
+    steps: Count = 500
+    lr: Positive = 1e-3
+    init: Unit = 0.3
+    batch_size: Count = 16
     seed: int = 0
 
-    def check(self) -> None:
-        check_count("steps", self.steps)
-        check_count("batch_size", self.batch_size)
-        check_range("lr", self.lr, 0.0, float("inf"), low_open=True)
-        check_range("init", self.init, 0.0, 1.0)
 
     def vector_statistics(self, scan: Scan) -> Any:
         """Model-wide quantities of the task vectors the coefficients multiply (none for plain AdaMerging)."""
@@ -291,16 +284,13 @@ class AdaMergingPP(AdaMerging):
     ``trim_scope`` — model: the TIES code's global threshold, exact; tensor: per tensor — then keep each
     task's entries that agree with the elected sign); the coefficients are then learned as in AdaMerging."""
 
-    density: float = 0.2
+    density: Density = 0.2
     trim_scope: Literal["model", "tensor"] = "model"
 
-    def check(self) -> None:
-        super().check()
-        check_range("density", self.density, 0.0, 1.0, low_open=True)
 
     def vector_statistics(self, scan: Scan) -> Any:
         if self.trim_scope == "model" and self.density < 1:
-            return model_trim_thresholds(scan, lambda x: list(x.vectors()), scan.ctx.num_tasks, self.density)
+            return model_thresholds(scan, lambda x: list(x.vectors()), scan.ctx.num_tasks, self.density)
         return None
 
     def prepared_vectors(self, x: KeyTensors, stats: Any) -> Tensor:
@@ -327,20 +317,15 @@ class MultiTaskLearning(DataDependentMethod):
     statistic: ClassVar[StatisticKind] = "delta"
 
     data_split: Literal["router", "train"] = "router"
-    train_fraction: float = 0.1
+    train_fraction: Density = 0.1
     train_split_args: dict[str, Any] | None = None
-    epochs: int = 5
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    batch_size: int = 32
+    epochs: Count = 5
+    lr: Positive = 1e-4
+    weight_decay: NonNegative = 0.0
+    batch_size: Count = 32
     seed: int = 0
 
     def check(self) -> None:
-        check_range("train_fraction", self.train_fraction, 0.0, 1.0, low_open=True)
-        check_count("epochs", self.epochs)
-        check_count("batch_size", self.batch_size)
-        check_range("lr", self.lr, 0.0, float("inf"), low_open=True)
-        check_range("weight_decay", self.weight_decay, 0.0, float("inf"))
         if self.train_split_args is not None and self.data_split != "train":
             raise ConfigError(f"mtl: train_split_args={self.train_split_args!r} is ignored by "
                               f"data_split={self.data_split!r} (it applies to data_split 'train' only)")

@@ -17,12 +17,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from freemerge_pl.errors import CheckpointMismatchError, check_range
-from freemerge_pl.merging import linalg
+from freemerge_pl.errors import CheckpointMismatchError
 from freemerge_pl.merging.base import DenseDeltaTaskModule
 from freemerge_pl.merging.fourier import matrix_shape
-from freemerge_pl.merging.method import Context, Finalized, KeyOutput, KeyTensors, MergeMethod
-from freemerge_pl.merging.registry import functional, register
+from freemerge_pl.merging.linalg import truncated_svd_factors
+from freemerge_pl.merging.method import (
+    Context,
+    Density,
+    Finalized,
+    Finite,
+    KeyOutput,
+    KeyTensors,
+    MergeMethod,
+)
+from freemerge_pl.merging.registry import register
 
 REFERENCE = ("Lu et al. 2024, Twin-Merging: Dynamic Integration of Modular Expertise in Model Merging "
              "(NeurIPS)")
@@ -78,6 +86,24 @@ class LowRankTaskModule(DenseDeltaTaskModule):
     def get_extra_state(self):
         return {"keys": self._keys, "kinds": self._kinds, "shapes": self._shapes}
 
+    def to_tensors(self) -> dict[str, Tensor]:
+        """``us_<j>``/``vh_<j>`` per low-rank key, ``dense_<j>`` per dense key (``get_extra_state``: which)."""
+        return {n: t for n, t in self.state_dict().items() if isinstance(t, Tensor)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], extra: dict) -> LowRankTaskModule:
+        """The module of ``to_tensors()`` and ``get_extra_state()``."""
+        factors, dense = {}, {}
+        for j, k in enumerate(extra["keys"]):
+            if extra["kinds"][k] == "lowrank":
+                factors[k] = (tensors[f"us_{j}"], tensors[f"vh_{j}"])
+            else:
+                dense[k] = tensors[f"dense_{j}"]
+        module = cls(factors, dense, {k: extra["shapes"][k] for k in factors})
+        if module.keys != list(extra["keys"]):  # the constructor numbers low-rank keys first, as when saved
+            raise CheckpointMismatchError(f"key order {extra['keys'][:3]}...")
+        return module
+
     def set_extra_state(self, state) -> None:
         if list(state["keys"]) != self._keys:
             raise CheckpointMismatchError(f"low-rank task-module checkpoint keys {state['keys'][:3]}... differ from this "
@@ -105,11 +131,8 @@ class Twin(MergeMethod):
 
     produces_task_modules = True
 
-    scaling: float = 0.3
-    rank_fraction: float = 0.1
-
-    def check(self) -> None:
-        check_range("rank_fraction", self.rank_fraction, 0.0, 1.0, low_open=True)
+    scaling: Finite = 0.3
+    rank_fraction: Density = 0.1
 
     def merge_key(self, x: KeyTensors, stats, ctx: Context) -> KeyOutput:
         stacked = x.stacked()
@@ -118,7 +141,7 @@ class Twin(MergeMethod):
         for k in range(x.num_tasks):
             diff = stacked[k] - shared
             if diff.dim() >= 2 and diff.numel() > 0:
-                factors = linalg.truncated_svd_factors(diff.reshape(matrix_shape(diff.shape)),
+                factors = truncated_svd_factors(diff.reshape(matrix_shape(diff.shape)),
                                                 twin_rank(diff.shape, self.rank_fraction))
                 pieces.append(("lowrank", factors))
             else:
@@ -133,5 +156,3 @@ class Twin(MergeMethod):
             modules.append(LowRankTaskModule(factors, dense, {key: list(ctx.shapes[key]) for key in factors}))
         return Finalized(modules)
 
-
-twin = functional(Twin)

@@ -16,30 +16,38 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from freemerge_pl.errors import HyperparameterError
 from freemerge_pl.merging.base import StateDict
-from freemerge_pl.merging.experts import (
-    SparseExpert,
-    check_density,
+from freemerge_pl.merging.experts import SparseExpert, index_dtype, rescalers_from_sums
+from freemerge_pl.merging.fourier import Spectrum, highpass
+from freemerge_pl.merging.method import (
+    Context,
+    Density,
+    Finalized,
+    Finite,
+    KeyOutput,
+    KeyTensors,
+    MergeMethod,
+    Rate,
+    Scan,
+)
+from freemerge_pl.merging.registry import register
+from freemerge_pl.merging.topk import (
     chunked_abs_sum,
     flat_chunks,
-    index_dtype,
-    model_expert_thresholds,
-    rescalers_from_sums,
+    model_thresholds,
     selection_entries,
     top_abs_sum,
     topk_count,
     topk_selection_chunks,
 )
-from freemerge_pl.merging.fourier import Spectrum, check_filter_ratio, highpass
-from freemerge_pl.merging.method import Context, Finalized, KeyOutput, KeyTensors, MergeMethod, Scan
-from freemerge_pl.merging.registry import functional, register
 
 PAPER_REFERENCE = "Zheng & Wang 2025, FREE-Merging (arXiv:2411.16815)"
 LAMBDA_SCOPES = ("model", "tensor")
 
 
 def abs_sum(v: Tensor) -> float:
-    """Σ|v| of one tensor (E(v)·numel): ``experts.chunked_abs_sum`` of its chunks (one float32 ``abs().sum()``
+    """Σ|v| of one tensor (E(v)·numel): ``topk.chunked_abs_sum`` of its chunks (one float32 ``abs().sum()``
     per 4 Mi entries — twice as fast as ``vector_norm(v, 1)`` on the CPU — added in float64), the same value
     the streaming statistics compute chunk by chunk."""
     return chunked_abs_sum(flat_chunks(v))
@@ -64,8 +72,6 @@ def energy_lambdas(
     task_vectors: Sequence[StateDict], keys: Sequence[str] | None = None, scope: str = "model"
 ) -> Tensor | dict[str, Tensor]:
     """Eq. 3 coefficients λ_k = E(v_k)/Σ_j E(v_j), E = mean|·|, of in-memory task vectors."""
-    from freemerge_pl.errors import HyperparameterError
-
     if scope not in LAMBDA_SCOPES:
         raise HyperparameterError(f"lambda_scope={scope!r}; accepted: {list(LAMBDA_SCOPES)}")
     keys = list(keys) if keys is not None else list(task_vectors[0])
@@ -112,7 +118,7 @@ def _info(values: Tensor | dict[str, Tensor]) -> list | dict:
 class FRStats:
     """λ (a [K] tensor or key → [K]); for FREE also μ and each key's expert cut per task: ``(t, ties)``,
     keep |v| > t plus the first ``ties`` entries equal to t, or every |v| ≥ t when ``ties`` is −1 (model
-    scope; ``experts.selection_indices``)."""
+    scope; ``topk.selection_entries``)."""
 
     lambdas: Tensor | dict[str, Tensor]
     mu: Tensor | dict[str, Tensor] | None = None
@@ -137,14 +143,11 @@ class FRMerging(MergeMethod):
 
     filters_task_vectors = True
 
-    filter_ratio: float = 0.3
+    filter_ratio: Rate = 0.3
     cutoff_mode: Literal["fraction", "radius"] = "fraction"
     lambda_scope: Literal["model", "tensor"] = "model"
     filter_1d: bool = False
-    scaling: float = 1.0
-
-    def check(self) -> None:
-        check_filter_ratio(self.filter_ratio)
+    scaling: Finite = 1.0
 
     def statistics(self, scan: Scan) -> FRStats:
         def compute() -> dict[str, Tensor]:
@@ -180,8 +183,6 @@ class FRMerging(MergeMethod):
         return Finalized(info={"lambdas": _info(stats.lambdas)})
 
 
-fr_merging = functional(FRMerging)
-
 
 @register("free_merging", reference=PAPER_REFERENCE + ", Eq. 1-4, Alg. 1")
 @dataclass
@@ -200,15 +201,11 @@ class FREEMerging(FRMerging):
 
     produces_task_modules = True
 
-    expert_density: float = 0.01
+    expert_density: Density = 0.01
     expert_scope: Literal["tensor", "model"] = "tensor"
-    expert_scale: float = 1.0
+    expert_scale: Finite = 1.0
     expert_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
     expert_index_encoding: Literal["compact", "flat"] = "compact"
-
-    def check(self) -> None:
-        super().check()
-        check_density(self.expert_density)
 
     def statistics(self, scan: Scan) -> FRStats:
         ctx, d = scan.ctx, self.expert_density
@@ -220,7 +217,8 @@ class FREEMerging(FRMerging):
             cuts: dict[str, list[tuple[float, int]]] = {}
             thresholds = None
             if self.expert_scope == "model":
-                thresholds = model_expert_thresholds(scan, ctx.num_tasks, d)
+                thresholds = model_thresholds(scan, lambda x: list(x.vectors()), ctx.num_tasks, d,
+                                              "expert threshold")
 
             def fold(x: KeyTensors) -> None:
                 total, top, cut = [], [], []
@@ -297,5 +295,3 @@ class FREEMerging(FRMerging):
                    for k in range(ctx.num_tasks)]
         return Finalized(experts, info={"lambdas": _info(stats.lambdas), "mu": _info(stats.mu)})
 
-
-free_merging = functional(FREEMerging)

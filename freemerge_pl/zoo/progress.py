@@ -6,13 +6,17 @@ a line at once, and a background thread repeats the current stage's line every `
 (``freemerge_pl.progress.progress_interval()``: ``$FREEMERGE_PROGRESS_SECONDS``, default 10 s) while the
 work runs, also through steps that report nothing (a probe's L-BFGS). Every line carries the elapsed time and
 an estimate of the time left for the whole build: the units left of each kind times the time per unit
-measured so far in this build (the prior until that kind has run for a second). Unlike
-``freemerge_pl.progress.Ticker`` (one rate for one loop), the build's stages run at very different rates.
+measured so far in this build; a kind not measured yet (run for less than a second) takes its prior times the
+slowdown measured on the kinds that have run (a machine 10× slower than the reference is 10× slower at every
+kind). Unlike ``freemerge_pl.progress.Ticker`` (one rate for one loop), the build's stages run at very different
+rates. Lines say when the machine is loaded (``load_note``: a load average above the build's thread count), the
+usual reason a build runs many times longer than its first estimate.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -24,6 +28,20 @@ KINDS = ("data", "scenes", "train", "infer")
 UNITS = {"data": "images", "scenes": "scenes", "train": "samples", "infer": "samples"}
 #: the heartbeat thread never logs more often than this (``$FREEMERGE_PROGRESS_SECONDS=0``)
 MIN_INTERVAL_S = 0.05
+
+
+def load_note(threads: int, load: float | None = None) -> str:
+    """``" (machine loaded: load average 6.2 on 2 build threads; it will run slower)"`` when the 1-minute load
+    average (``os.getloadavg``, or ``load``) exceeds ``threads``; else ``""``."""
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):  # pragma: no cover - not POSIX
+            return ""
+    if load <= threads:
+        return ""
+    return (f" (machine loaded: load average {load:.1f} on {threads} build thread{'' if threads == 1 else 's'}; "
+            f"it will run slower)")
 
 
 def rough_duration(seconds: float) -> str:
@@ -45,13 +63,16 @@ class BuildProgress:
     """
 
     def __init__(self, plan: Mapping[str, float], prior_s_per_unit: Mapping[str, float], logger: logging.Logger,
-                 interval_s: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 interval_s: float | None = None, clock: Callable[[], float] = time.monotonic,
+                 name: str = "zoo", threads: int | None = None) -> None:
         unknown = set(plan) - set(KINDS)
         if unknown:
             raise ValueError(f"BuildProgress: unknown kinds of work {sorted(unknown)}; accepted: {KINDS}")
         self.plan = {k: float(plan.get(k, 0.0)) for k in KINDS}
         self.prior = {k: float(prior_s_per_unit.get(k, 0.0)) for k in KINDS}
         self.log = logger
+        self.name = name
+        self.threads = threads
         self.interval_s = max(MIN_INTERVAL_S, progress_interval() if interval_s is None else float(interval_s))
         self.clock = clock
         self.done = dict.fromkeys(KINDS, 0.0)
@@ -70,10 +91,19 @@ class BuildProgress:
         """The plan times the prior seconds per unit: the build's expected duration before it starts."""
         return sum(self.plan[k] * self.prior[k] for k in KINDS)
 
+    def _measured(self, kind: str) -> bool:
+        return self.spent[kind] >= 1.0 and self.done[kind] > 0
+
+    def slowdown(self) -> float:
+        """Measured time over prior time of the work done so far, over the kinds measured (1 before any)."""
+        kinds = [k for k in KINDS if self._measured(k) and self.prior[k] > 0]
+        expected = sum(self.done[k] * self.prior[k] for k in kinds)
+        return sum(self.spent[k] for k in kinds) / expected if expected > 0 else 1.0
+
     def _rate(self, kind: str) -> float:
-        if self.spent[kind] >= 1.0 and self.done[kind] > 0:
+        if self._measured(kind):
             return self.spent[kind] / self.done[kind]
-        return self.prior[kind]
+        return self.prior[kind] * self.slowdown()
 
     def _account(self, now: float) -> None:
         if self._kind is not None:
@@ -90,14 +120,16 @@ class BuildProgress:
 
     # ------------------------------------------------------------------ reporting
     def status(self) -> str:
-        """``zoo build: <stage> 320/2000 samples, elapsed 3m10s, eta 4m05s (whole build)``."""
+        """``zoo build: <stage> 320/2000 samples, elapsed 3m10s, eta 4m05s (whole build)``, plus a note when
+        the machine is loaded (``load_note``)."""
         left = self.remaining_s()
         with self._lock:
             part = ""
             if self._stage_units > 0 and self._kind is not None:
                 part = f" {int(self._stage_done)}/{int(self._stage_units)} {UNITS[self._kind]}"
-            return (f"zoo build: {self._label}{part}, elapsed {format_seconds(self.elapsed_s())}, "
-                    f"eta {format_seconds(left)} (whole build)")
+            load = load_note(self.threads) if self.threads else ""
+            return (f"{self.name} build: {self._label}{part}, elapsed {format_seconds(self.elapsed_s())}, "
+                    f"eta {format_seconds(left)} (whole build){load}")
 
     def _emit(self) -> None:
         line = self.status()
@@ -122,6 +154,11 @@ class BuildProgress:
             self._stage_done += units
             if self._kind is not None:
                 self.done[self._kind] += units
+
+    def skip(self, kind: str, units: float) -> None:
+        """``units`` of ``kind`` work are not needed (a stage reused from an interrupted build's staging)."""
+        with self._lock:
+            self.plan[kind] = max(0.0, self.plan[kind] - float(units))
 
     def finish(self) -> None:
         """Close the last stage (its time is accounted) and stop the heartbeat."""
@@ -152,4 +189,4 @@ class BuildProgress:
         self.finish()
 
 
-__all__ = ["KINDS", "UNITS", "BuildProgress", "rough_duration"]
+__all__ = ["KINDS", "UNITS", "BuildProgress", "load_note", "rough_duration"]

@@ -7,8 +7,9 @@ that way). A layer that is linear in its weights therefore computes, for the row
     y = W x + b + w·(ΔW_k x + Δb_k)
 
 so a mixed-task batch needs ONE backbone pass plus a sparse product per touched layer over each task's rows,
-instead of one backbone pass per task with the weights swapped in and out (``MergedModule.features``'
-weight-swap path). Covered (``correction_kind``):
+instead of one backbone pass per task with the weights swapped in and out (``RoutedModel.features``, the
+product's one expert path). Experimental: the product does not run it; ``benchmarks/inference_overhead.py``
+and ``benchmarks/router_compare.py`` time it against the weight swap. Covered (``correction_kind``):
 
 * ``nn.Linear`` weight/bias (sparse CSR product of the selected rows; batch on dim 0);
 * ``nn.MultiheadAttention`` ``in_proj_weight``/``in_proj_bias`` and ``out_proj`` (self-attention, batch
@@ -26,9 +27,7 @@ weight-swap path). Covered (``correction_kind``):
 
 Any other key (a parameter a parent's forward reads directly, a task module that is not
 a SparseExpert, attention that is not batch-first self-attention) makes ``ActivationExperts.supported``
-False; ``MergedModule`` then uses the weight swap for the whole batch (``expert_path="auto"``, the default,
-also keeps the weight swap when a batch forms one group: one apply/restore is cheaper than the corrections;
-for mixed batches it times both paths on the first few and keeps the faster: ``PathChooser``).
+False (run the weight swap instead).
 The results equal the weight-swap path within float32 rounding (tests/test_activation_experts.py).
 """
 
@@ -37,14 +36,10 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-
-EXPERT_PATHS = ("auto", "activation", "weight_swap")
-ExpertPath = Literal["auto", "activation", "weight_swap"]
 
 
 class UnsupportedCall(RuntimeError):
@@ -320,43 +315,6 @@ class ActivationExperts:
                 h.remove()
 
 
-class PathChooser:
-    """``expert_path="auto"`` on batches that route to several groups: the first such batches alternate between
-    the activation path and the weight swap (each path's first ``warmup`` runs untimed: the activation path builds
-    its correction tensors on first use), then the path with the lower time per sample over ``trials`` timed
-    batches each is kept. Both paths give the same features within float32 rounding, so the choice changes only
-    the speed (which depends on the model, the device and the batch: on the CPU the weight swap wins for a
-    4-task BERT and ties for an 8-task ViT)."""
-
-    PATHS = ("activation", "weight_swap")
-
-    def __init__(self, warmup: int = 1, trials: int = 2) -> None:
-        self.warmup, self.trials = warmup, trials
-        self.runs = {p: 0 for p in self.PATHS}
-        self.seconds_per_sample: dict[str, list[float]] = {p: [] for p in self.PATHS}
-        self.choice: str | None = None
-
-    def next(self) -> str:
-        """The path for the next batch: the chosen one, or while choosing the one run fewer times."""
-        return self.choice or min(self.PATHS, key=lambda p: self.runs[p])
-
-    def record(self, path: str, seconds: float, samples: int) -> str | None:
-        """Count one run of ``path``; returns the choice when this run completes it (None otherwise)."""
-        if self.choice is not None:
-            return None
-        self.runs[path] += 1
-        if self.runs[path] > self.warmup:
-            self.seconds_per_sample[path].append(seconds / max(samples, 1))
-        if all(len(v) >= self.trials for v in self.seconds_per_sample.values()):
-            self.choice = min(self.PATHS, key=lambda p: sum(self.seconds_per_sample[p]))
-            return self.choice
-        return None
-
-    @property
-    def timing(self) -> bool:
-        return self.choice is None
-
-
 class _Restore:
     """Removes an instance-level ``forward`` override (the class's forward is used again)."""
 
@@ -549,4 +507,4 @@ def _vit_hooks(vit: nn.Module, parts, batch: int) -> list:
     return handles
 
 
-__all__ = ["EXPERT_PATHS", "ActivationExperts", "ExpertPath", "PathChooser", "UnsupportedCall", "correction_kind"]
+__all__ = ["ActivationExperts", "UnsupportedCall", "correction_kind"]

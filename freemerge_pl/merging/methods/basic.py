@@ -1,0 +1,73 @@
+"""Cost-free baselines that add (masked) task vectors (semantics §6): weight averaging, task arithmetic and
+Model Breadcrumbs. The sign-electing family (TIES, DARE, DELLA) is in ``ties.py``, PCB-Merging in ``pcb.py``,
+TSV-Merging in ``tsv.py``, EMR-Merging in ``emr.py`` and Twin-Merging in ``twin.py``.
+
+Every method is a typed configuration (``MergeMethod``) with a per-tensor kernel ``merge_key`` on one key's
+fp32 task vectors ``v_k = θ_k − θ_pre`` and, where it needs model-wide quantities (TIES/PCB model-scope
+thresholds), a ``statistics`` pass; the backbone is ``θ_pre + delta``. The building blocks (trim, sign
+election, disjoint merge, drops) live in ``ops.py`` and ``topk.py`` and are shared. Random methods draw from
+the engine's seeded generator key by key, task by task, in key order (replayed identically in every pass).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from freemerge_pl.merging.method import Context, Finite, KeyTensors, MergeMethod, Unit
+from freemerge_pl.merging.ops import sum_vectors
+from freemerge_pl.merging.registry import register
+from freemerge_pl.merging.topk import magnitude_band_mask
+from freemerge_pl.settings import Range
+
+# ---------------------------------------------------------------- weight averaging, task arithmetic
+
+@register("weight_averaging", reference="Wortsman et al. 2022 (model soups); semantics §6")
+@dataclass
+class WeightAveraging(MergeMethod):
+    """Weight averaging: θ_m = (1/K) Σ_k θ_k, i.e. delta = (1/K) Σ_k v_k."""
+
+    def merge_key(self, x: KeyTensors, stats, ctx: Context) -> Tensor:
+        return sum_vectors(x.vectors()).div_(x.num_tasks)
+
+
+@register("task_arithmetic", reference="Ilharco et al. 2023, Editing Models with Task Arithmetic")
+@dataclass
+class TaskArithmetic(MergeMethod):
+    """Task arithmetic: θ_m = θ_pre + λ Σ_k v_k, with ``scaling`` λ (paper default 0.3)."""
+
+    scaling: Finite = 0.3
+
+    def merge_key(self, x: KeyTensors, stats, ctx: Context) -> Tensor:
+        return sum_vectors(x.vectors()).mul_(self.scaling)
+
+
+# ---------------------------------------------------------------- Breadcrumbs
+
+@register("breadcrumbs",
+          reference="Davari & Belilovsky 2023, Model Breadcrumbs (mask both magnitude tails, then add)")
+@dataclass
+class Breadcrumbs(MergeMethod):
+    """Model Breadcrumbs: per tensor, drop the largest β and smallest γ magnitudes, then task arithmetic.
+
+    Symbols: β = ``drop_top`` (1%: the ⌊β·n⌋ largest |v| of each tensor, outliers), γ = ``drop_bottom``
+    (90%: the ⌊γ·n⌋ smallest); θ_m = θ_pre + α Σ_k m_k ⊙ v_k with α = ``scaling`` (0.3, the
+    task-arithmetic default; the paper tunes α with β, γ on validation data).
+    """
+
+    drop_top: Unit = 0.01
+    drop_bottom: Unit = 0.9
+    scaling: Finite = 0.3
+
+    def check(self) -> None:
+        total = self.drop_top + self.drop_bottom
+        Range(0, 1, high_open=True).check("breadcrumbs.drop_top + drop_bottom", total)
+
+    def merge_key(self, x: KeyTensors, stats, ctx: Context) -> Tensor:
+        total = torch.zeros(x.shape, dtype=torch.float32, device=ctx.device)
+        for v in x.vectors():
+            total = total.to(v.device)
+            total += torch.where(magnitude_band_mask(v, self.drop_top, self.drop_bottom), v, torch.zeros_like(v))
+        return self.scaling * total
