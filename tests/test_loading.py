@@ -166,3 +166,18 @@ def test_cli_merge_refuses_a_foreign_directory_then_overwrites_and_loads(toy_roo
     x, _ = _toy_inputs(toy_root, 4)
     (f1, ids1), (f2, ids2) = cli.model(x), loaded(x)
     assert torch.equal(ids1, ids2) and torch.equal(f1, f2)
+
+
+def test_settings_an_earlier_version_saved_are_dropped_when_they_change_nothing():
+    from freemerge_pl.lightning.loading import drop_removed_settings
+
+    old = {"routing": "router", "expert_path": "auto", "metric_suffix": "",
+           "router": {"feature_source": "auto", "epochs": 20, "split_block": 3, "batch_size": 64,
+                      "shared_prefix": False, "fallback": "none", "head": "mlp"}}
+    assert drop_removed_settings(old, "m/merge_info.json") == {
+        "routing": "router", "router": {"feature_source": "auto", "epochs": 20, "head": "mlp"}}
+    assert old["router"]["split_block"] == 3  # the caller's record is left as it was
+    for router, named in (({"shared_prefix": True}, "router.shared_prefix=True"),
+                          ({"split_block": 2}, "router.split_block=2"), ({"head": "ncm"}, "head='ncm'")):
+        with pytest.raises(ConfigError, match=rf"m/merge_info.json.*{named.replace('.', '[.]')}"):
+            drop_removed_settings({"router": router}, "m/merge_info.json")

@@ -21,6 +21,37 @@ from freemerge_pl.io.export import (
 )
 from freemerge_pl.io.files import MANIFEST_NAME
 
+#: settings earlier versions saved with an export and this one no longer has, with the value this version
+#: behaves as (a saved value equal to it is dropped; any other value is refused: the export needs that version)
+REMOVED_SETTINGS: dict[str, Any] = {
+    "expert_path": None, "auto_fit_router": None, "metric_suffix": None,  # no effect on the loaded numbers
+    "router.split_block": 3, "router.pool_size": 8, "router.weight_decay": 1e-4, "router.batch_size": 64,
+    "router.seed": 0, "router.ncm_temperature": 0.05, "router.fallback_threshold": 0.0, "router.fallback": "none",
+    "router.prefix_pool": "class_token", "router.shared_prefix": False,
+}
+
+
+def drop_removed_settings(saved: dict[str, Any], where: str) -> dict[str, Any]:
+    """``saved`` without the settings of ``REMOVED_SETTINGS``; one that was set to another value is an error
+    naming it (loading would silently change what the export computes)."""
+    saved = dict(saved)
+    router = dict(saved["router"]) if isinstance(saved.get("router"), dict) else None
+    for name, same in REMOVED_SETTINGS.items():
+        scope, key = (router, name[len("router."):]) if name.startswith("router.") else (saved, name)
+        if scope is None or key not in scope:
+            continue
+        value = scope.pop(key)
+        if same is not None and value != same:
+            raise ConfigError(f"{where} was written with model.{name}={value!r}, a setting this version no longer "
+                              f"has (it behaves as {same!r}); load it with the version that wrote it")
+    if router is not None:
+        if router.get("head") == "ncm":
+            raise ConfigError(f"{where} was written with model.router.head='ncm', which this version no longer "
+                              f"has; load it with the version that wrote it")
+        saved["router"] = router
+    return saved
+
+
 if TYPE_CHECKING:
     from freemerge_pl.adapters.base import ModelAdapter
     from freemerge_pl.lightning.module import MergedModule
@@ -33,7 +64,7 @@ def module_from_export(export: MergedExport, adapter: ModelAdapter, **module_arg
     from freemerge_pl.lightning.router import RouterConfig
 
     m = export.manifest
-    saved = dict(m.get("module") or {})
+    saved = drop_removed_settings(m.get("module") or {}, str(export.path / MANIFEST_NAME))
     router_in = saved.pop("router_in_features", None)
     if router_in is None and export.router is not None and "mlp.0.weight" in export.router:
         router_in = int(export.router["mlp.0.weight"].shape[0])
@@ -80,5 +111,5 @@ def load_merged(path, adapter: ModelAdapter | None = None, **module_args: Any) -
     return export if adapter is None else module_from_export(export, adapter, **module_args)
 
 
-__all__ = ["HEADS_FILE", "ROUTER_FILE", "MergedExport", "load_merged", "module_from_export", "read_export",
+__all__ = ["HEADS_FILE", "REMOVED_SETTINGS", "ROUTER_FILE", "MergedExport", "drop_removed_settings", "load_merged", "module_from_export", "read_export",
            "read_task_module", "verify_export"]
