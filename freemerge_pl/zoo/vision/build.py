@@ -47,7 +47,7 @@ from freemerge_pl.zoo.vision.generators import SPLITS, TASKS, generate_split, ro
 from freemerge_pl.zoo.vision.pretext import PATCH_CLASSES, PRETEXT_DIM, PRETEXT_SLICES, pretext_batch
 from freemerge_pl.zoo.vision.recipe import EVAL_BATCH_SIZE, SIZES, ZOO_MEAN, ZOO_STD, zoo_recipe
 
-FORMAT = "freemerge_pl.zoo.vision/2"  # 2: the ``files`` table (size + sha256 of every file), the recipe's environment
+FORMAT = "freemerge_pl.zoo/2"  # 2: the ``files`` table (size + sha256 of every file), the recipe's environment
 
 #: seconds per unit of work on 2 threads (2 shared cores), per size: one generated task image (``data``) or
 #: pre-training scene (``scenes``), one training sample (forward + backward), one inference sample (with the
@@ -200,7 +200,7 @@ def finetune(model: VisionTransformer, head: nn.Linear, images: Tensor, labels: 
 def _meta(**fields) -> dict[str, str]:
     """safetensors metadata as ONE key: the format stores a hash map, so several keys come out in a
     per-process random order and the file bytes would differ between identical builds."""
-    return {"freemerge_pl.zoo.vision": json.dumps(fields, sort_keys=True)}
+    return {"freemerge_pl.zoo": json.dumps(fields, sort_keys=True)}
 
 
 def holdout_split(labels: np.ndarray, n_held: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
