@@ -79,11 +79,12 @@ SHARED = [
     Shared("task_arithmetic", "task_arithmetic", {"scaling": 0.3}, "task_arithmetic", {"weight": 0.3},
            convention="rounding only: mergekit scales each task vector by its weight before summing, we "
                       "scale the sum by λ; both in float32, rounded to bfloat16 (≤ 1 bf16 ulp)"),
-    Shared("ties", "ties", {"density": 0.2, "trim_scope": "tensor", "scaling": 1.0}, "ties",
-           {"weight": 1.0, "density": 0.2},
-           convention="the trim's tie rule: we keep every entry tied with the k-th largest |v| (bf16 task "
-                      "vectors tie by the thousands), mergekit keeps exactly max(1, int(d·N)) entries, "
-                      "which of the tied ones chosen by argsort; elect and disjoint mean are the same"),
+    Shared("ties", "ties", {"density": 0.2, "trim_scope": "tensor", "trim_ties": "exact_count", "scaling": 1.0},
+           "ties", {"weight": 1.0, "density": 0.2},
+           convention="the same trim (trim_ties: exact_count keeps mergekit's max(1, int(d·N)) entries, tied "
+                      "ones chosen by the same argsort; our default keep_all keeps every entry tied with the "
+                      "k-th largest |v|, and bf16 task vectors tie by the thousands), elect and disjoint "
+                      "mean: rounding only"),
     Shared("dare_ties", "dare",
            {"drop_rate": 0.8, "merge": "ties", "ties_density": 1.0, "trim_scope": "tensor", "scaling": 1.0},
            "dare_ties", {"weight": 1.0, "density": 0.2},
@@ -391,7 +392,7 @@ def evidence(c: dict[str, Any]) -> str:
                     f"{c['mergekit_rule_recomputed_max_diff']:.3g}")
     if "threshold_ties_kept_only_by_ours" in c:
         said.append(f"{c['threshold_ties_kept_only_by_ours']} task-vector entries tie with their tensor's "
-                    f"threshold beyond mergekit's count (kept by our rule only)")
+                    f"threshold beyond mergekit's count (kept by our default trim_ties=keep_all only)")
     return f". Measured: {'; '.join(said)}." if said else ""
 
 

@@ -19,7 +19,8 @@ def results_markdown(results: dict[str, Any]) -> str:
     tasks = results["tasks"]
     metrics = list(next(iter(tasks.values())).keys()) if tasks else []
     proto = results.get("protocol", {})
-    header = (f"method: `{results.get('method')}` · routing: {proto.get('routing')} · "
+    routing = proto.get("routing") or "none (no task modules: every sample runs the merged backbone)"
+    header = (f"method: `{results.get('method')}` · routing: {routing} · "
               f"heads: {proto.get('head_selection')} · task modules: {results.get('task_module_bytes')} bytes")
     lines = [header,
              "", "| task | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]

@@ -43,7 +43,7 @@ def plot_routing_confusion(matrix: list[list[int]], names: list[str], path: str 
 class RoutingStats(Callback):
     """Writes ``routing_confusion.json``, ``routing_confusion.md`` (the matrix with per-task and overall routing
     accuracy) and (with matplotlib) ``routing_confusion.png``; logs the figure to TensorBoard-like loggers that
-    offer ``experiment.add_figure``."""
+    offer ``experiment.add_figure``. A method without task modules routes nothing: no files are written."""
 
     def __init__(self, dirpath: str | None = None, plot: bool = True) -> None:
         self.dirpath = dirpath
@@ -52,7 +52,7 @@ class RoutingStats(Callback):
     @rank_zero_only
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         results = getattr(pl_module, "test_results", None)
-        if not results:
+        if not results or results.get("routing_confusion") is None:  # nothing routed (no task modules)
             return
         root = Path(self.dirpath or Path(trainer.default_root_dir) / "results")
         matrix = results["routing_confusion"]

@@ -2,6 +2,8 @@
 and one registry-wide contract run through ``merge``."""
 
 import math
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -725,3 +727,77 @@ def test_breadcrumbs_band_equals_the_stable_sort_definition_with_ties():
         want = torch.zeros(n, dtype=torch.bool)
         want[order[math.floor(bottom * n + 1e-9):n - math.floor(top * n + 1e-9)]] = True
         assert torch.equal(magnitude_band_mask(v, top, bottom), want.reshape(shape)), (shape, top, bottom)
+
+
+# ---------------------------------------------------------------- trim_ties: mergekit's exact count
+
+MERGEKIT_PYTHON = Path.home() / ".cache/freemerge_pl/mergekit-0.1.5-venv/bin/python"
+
+
+def bf16_like_tvs(K=3, shapes=None, seed=0):
+    """Task vectors rounded to bf16 (2-3 significant digits): thousands of entries tie at any threshold."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = shapes or {"w": (64, 96), "b": (200,)}
+    return [{k: (1e-3 * torch.randn(s, generator=g)).bfloat16().float() for k, s in shapes.items()}
+            for _ in range(K)]
+
+
+def mergekit_rule(v: torch.Tensor, density: float) -> torch.Tensor:
+    """mergekit 0.1.5 ``sparsify.magnitude`` re-stated: keep the first max(1, int(d·N)) entries of
+    ``torch.argsort(|v|, descending=True)`` on the flattened tensor."""
+    keep = max(1, int(density * v.numel()))
+    mask = torch.zeros(v.numel(), dtype=v.dtype)
+    mask[torch.argsort(v.abs().reshape(-1).float(), descending=True)[:keep]] = 1
+    return v * mask.reshape(v.shape)
+
+
+@pytest.mark.parametrize("density", [0.2, 0.37])
+def test_ties_exact_count_keeps_mergekits_entries_under_heavy_ties(density):
+    tvs = bf16_like_tvs()
+    # One task: the merge is that task's trimmed vector, entry for entry.
+    exact = merge_task_vectors(TIES(density=density, trim_scope="tensor", trim_ties="exact_count"), tvs[:1]).delta
+    keep_all = merge_task_vectors(TIES(density=density, trim_scope="tensor"), tvs[:1]).delta
+    for key, v in tvs[0].items():
+        want = mergekit_rule(v, density)
+        assert torch.equal(exact[key] != 0, want != 0) and torch.equal(exact[key], want)
+        assert int((exact[key] != 0).sum()) == max(1, int(density * v.numel()))
+        assert int((keep_all[key] != 0).sum()) >= int((exact[key] != 0).sum())
+    # the default keeps every tie at the threshold: more entries where the cut falls inside a tie group
+    assert int((keep_all["w"] != 0).sum()) > int((exact["w"] != 0).sum())
+    # Several tasks: TIES with exact_count = untrimmed TIES on mergekit-trimmed task vectors.
+    trimmed = [{k: mergekit_rule(v, density) for k, v in tv.items()} for tv in tvs]
+    for convention in ("unweighted", "weighted"):
+        kw = {"trim_scope": "tensor", "sign_election": convention, "weights": [1.0, 0.5, 2.0]}
+        got = merge_task_vectors(TIES(density=density, trim_ties="exact_count", **kw), tvs).delta
+        want = merge_task_vectors(TIES(density=1.0, **kw), trimmed).delta
+        for key in got:
+            assert torch.equal(got[key], want[key])
+    # DARE-TIES without a drop trims the same way
+    dare = merge_task_vectors(DARE(drop_rate=0.0, merge="ties", ties_density=density, trim_scope="tensor",
+                                   trim_ties="exact_count", scaling=1.0), tvs).delta
+    ties = merge_task_vectors(TIES(density=density, trim_scope="tensor", trim_ties="exact_count"), tvs).delta
+    assert all(torch.equal(dare[k], ties[k]) for k in ties)
+
+
+@pytest.mark.skipif(not MERGEKIT_PYTHON.exists(), reason="mergekit 0.1.5 virtual environment not installed")
+def test_ties_exact_count_equals_mergekit_itself(tmp_path):
+    tvs = bf16_like_tvs(K=2, shapes={"w": (128, 300), "b": (5000,)}, seed=4)
+    torch.save(tvs, tmp_path / "in.pt")
+    script = ("import sys, torch; from mergekit.sparsify import magnitude; tvs = torch.load(sys.argv[1]); "
+              "torch.save([{k: magnitude(v, density=0.2) for k, v in tv.items()} for tv in tvs], sys.argv[2])")
+    subprocess.run([str(MERGEKIT_PYTHON), "-c", script, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                   check=True, timeout=300)
+    theirs = torch.load(tmp_path / "out.pt")
+    for k, tv in enumerate(tvs):
+        ours = merge_task_vectors(TIES(density=0.2, trim_scope="tensor", trim_ties="exact_count"), [tv]).delta
+        for key in tv:
+            assert torch.equal(ours[key], theirs[k][key])
+
+
+def test_trim_ties_exact_count_needs_tensor_scope():
+    with pytest.raises(HyperparameterError, match=r"ties\.trim_ties='exact_count' needs trim_scope='tensor'"):
+        TIES(trim_ties="exact_count")
+    with pytest.raises(HyperparameterError, match=r"dare\.trim_ties='exact_count' needs trim_scope='tensor'"):
+        DARE(merge="ties", ties_density=0.5, trim_ties="exact_count")
+    with pytest.raises(FreeMergeError, match=r"ties\.trim_ties='all'; accepted: \['keep_all', 'exact_count'\]"):
+        TIES(trim_scope="tensor", trim_ties="all")

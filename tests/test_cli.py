@@ -166,6 +166,42 @@ def test_fit_and_test_say_where_their_outputs_went(toy_root, tmp_path, capsys):
     assert json.loads((results / "results.json").read_text())["tasks"].keys() == {"task0", "task1", "task2"}
 
 
+class _RunsCode:
+    """Pickles as a call of ``os.system``: loading it with plain pickle would create ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_malicious_or_damaged_ckpt_path_is_one_line_exit_2(toy_root, tmp_path, capsys):
+    """``test --ckpt_path``: a checkpoint that pickles a callable is refused before the code in it runs, and a
+    truncated one is a one-line error naming it; both exit 2 like any other bad input."""
+    import torch
+
+    cfg = str(toy_config(toy_root, tmp_path))
+    marker = tmp_path / "code_ran"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"routing": _RunsCode(marker)}}, evil)
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(64)}, "hyper_parameters": {}}, good)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    for path, says in ((evil, "refused"), (truncated, "truncated or damaged"), (Path(cfg), ""),
+                       (tmp_path / "missing.ckpt", "no such file")):
+        assert cli_main(["test", "--config", cfg, "--ckpt_path", str(path), "--threads", "1"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "Traceback" not in "\n".join(err), err
+        assert err[-1].startswith(f"error: --ckpt_path {path}: ") and says in err[-1], err[-1]
+    assert not marker.exists()  # the pickled call never ran
+    import pickle
+
+    pickle.loads(pickle.dumps(_RunsCode(tmp_path / "control")))
+    assert (tmp_path / "control").exists()  # control: plain unpickling runs it
+
+
 def test_ctrl_c_exits_130_with_one_line(toy_root, tmp_path, capsys, monkeypatch):
     """Lightning turns a KeyboardInterrupt inside its loop into ``exit(1)`` (and ignores SIGINT from then
     on); ``cli.py`` exits 130, the shell's status for SIGINT, with one line, and gives Ctrl-C back."""

@@ -46,6 +46,25 @@ def test_order_statistics_equal_a_full_sort_over_chunks(seed):
     assert result[1].tolist() == [-math.inf, math.inf] + [float(everything[i]) for i in range(4)]
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_order_statistics_of_magnitudes_equal_a_full_sort_of_abs(seed):
+    # absolute=True reads |v| from v's bits (no |.| copy): the same order statistics as a sort of v.abs()
+    g = torch.Generator().manual_seed(seed)
+    chunks = [(torch.randn(n, generator=g) * s * 8).round() / 8 for n, s in [(2000, 1.0), (1, 5.0), (300, 1e-2)]]
+    chunks.append(torch.tensor([-0.5, 0.5, -0.0, 0.0, -math.inf, 3.0]))  # ties across signs, both zeros, -inf
+    everything = torch.cat(chunks).abs().sort().values
+    n = everything.numel()
+    wanted = [-1, 0, 1, 5, n // 3, n // 2, n - 2, n - 1, n]
+    stats = OrderStatistics(1, lambda s, size: wanted, absolute=True)
+    for _ in range(2):
+        for c in chunks:
+            stats.observe(0, c)
+        if stats.pass_index == 0:
+            stats.next_pass()
+    want = [-math.inf] + [float(everything[i]) for i in wanted[1:-1]] + [math.inf]
+    assert stats.result()[0].tolist() == want
+
+
 def test_model_scope_ties_threshold_is_exact_on_ties():
     # 10 entries, density 0.3 → keep the 3 largest |v|; the 3rd largest (2.0) is tied: both kept
     tvs = [{"a": torch.tensor([2.0, -5.0, 1.0, 0.5]), "b": torch.tensor([[2.0, 0.1], [-3.0, 0.0], [0.2, 0.3]])}]

@@ -13,7 +13,7 @@ from freemerge_pl.adapters.toy import ToyAdapter, make_toy_models
 from freemerge_pl.errors import ConfigError, FreeMergeError
 from freemerge_pl.io.export import save_merge
 from freemerge_pl.lightning.cli import main
-from freemerge_pl.lightning.loading import MergedExport
+from freemerge_pl.lightning.loading import MergedExport, adapter_from_record, module_from_export, read_export
 from freemerge_pl.lightning.module import MergedModule
 from freemerge_pl.lightning.router import RouterConfig
 from freemerge_pl.merging import merge
@@ -131,8 +131,13 @@ def test_an_untrained_router_is_not_exported_and_the_loaded_module_knows(toy_roo
     assert not (tmp_path / "m" / "router.safetensors").exists()
     loaded = load_merged(tmp_path / "m", ToyAdapter(str(toy_root)), routing="oracle")
     assert not bool(loaded.router_trained) and loaded.routing == "oracle"
-    with pytest.raises(ConfigError, match=r"the export holds tasks \['task0', 'task1', 'task2'\]"):
+    with pytest.raises(ConfigError, match=r"exported with the adapter freemerge_pl\.adapters\.toy\.ToyAdapter\(.*"
+                                          r"but load_merged got tests\.test_loading\._TwoTasks\("):
         load_merged(tmp_path / "m", _TwoTasks(str(toy_root)))
+    export = read_export(tmp_path / "m")
+    del export.manifest["module"]["adapter"]  # an export that records no adapter: the task names are compared
+    with pytest.raises(ConfigError, match=r"the export holds tasks \['task0', 'task1', 'task2'\]"):
+        module_from_export(export, _TwoTasks(str(toy_root)))
 
 
 class _TwoTasks(ToyAdapter):
@@ -181,3 +186,62 @@ def test_settings_an_earlier_version_saved_are_dropped_when_they_change_nothing(
                           ({"split_block": 2}, "router.split_block=2"), ({"head": "ncm"}, "head='ncm'")):
         with pytest.raises(ConfigError, match=rf"m/merge_info.json.*{named.replace('.', '[.]')}"):
             drop_removed_settings({"router": router}, "m/merge_info.json")
+
+
+def test_an_export_knows_its_adapter(toy_root, tmp_path):
+    """Issue 28 item 7: the manifest records the adapter's class path and init args; ``load_merged(dir)`` rebuilds
+    it and gives a module that computes what the exported one computed; another adapter is an error naming both."""
+    x, _ = _toy_inputs(toy_root)
+    module = _module(toy_root)
+    module.build(x[:1])
+    module.fit_router([(xi, 0, ti) for xi, ti in zip(*_toy_inputs(toy_root))])
+    module.export(tmp_path / "m")
+    manifest = json.loads((tmp_path / "m" / "merge_info.json").read_text())
+    assert manifest["module"]["adapter"] == {"class_path": "freemerge_pl.adapters.toy.ToyAdapter",
+                                             "init_args": {"root": str(toy_root)}}
+    loaded = load_merged(tmp_path / "m")
+    assert isinstance(loaded, MergedModule) and type(loaded.adapter) is ToyAdapter
+    assert loaded.adapter.root == toy_root and bool(loaded.router_trained)
+    (f1, ids1), (f2, ids2) = module(x), loaded(x)
+    assert torch.equal(ids1, ids2) and torch.equal(f1, f2)
+    assert isinstance(load_merged(tmp_path / "m", ToyAdapter(str(toy_root))), MergedModule)  # the same one: fine
+    other = tmp_path / "elsewhere"
+    with pytest.raises(ConfigError, match=rf"ToyAdapter\(\{{\"root\": \"{toy_root}\"\}}\), but load_merged got "
+                                          rf"freemerge_pl\.adapters\.toy\.ToyAdapter\(\{{\"root\": \"{other}\"\}}\)"):
+        load_merged(tmp_path / "m", ToyAdapter(str(other)))
+    # exports that record no adapter (save_merge, the merge job) still load as a MergedExport
+    assert isinstance(load_merged(tiny_export(tmp_path / "plain")), MergedExport)
+
+
+def test_a_recorded_adapter_that_is_no_adapter_is_refused_not_called(tmp_path):
+    marker = tmp_path / "ran"
+    for path in ("os.system", "subprocess.run", "freemerge_pl.adapters.base.ModelAdapterX"):
+        with pytest.raises(ConfigError, match=rf"class_path='{path}'"):
+            adapter_from_record({"class_path": path, "init_args": {"command": f"touch {marker}"}}, "m.json")
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_a_tiny_zoo_export_rebuilds_its_zoo_adapter_and_no_other(tmp_path, monkeypatch):
+    """``load_merged(dir)`` on a tiny-zoo export reads the recorded zoo (its root) and builds no other (the issue:
+    ``load_merged(dir, ZooViTAdapter())`` started building the default zoo); the default adapter is refused."""
+    from freemerge_pl.adapters import zoo_vit
+    from freemerge_pl.zoo.vision.build import ensure_zoo
+    from freemerge_pl.zoo.vision.recipe import zoo_task_names
+
+    zoo = ensure_zoo(tmp_path / "tiny", size="tiny", seed=0)
+    tasks = zoo_task_names("tiny")[:3]
+    module = MergedModule(zoo_vit.ZooViTAdapter(root=str(zoo), size="tiny", tasks=tasks), method="task_arithmetic")
+    module.build()
+    module.export(tmp_path / "m")
+    roots = []
+    real = zoo_vit.ensure_zoo
+    monkeypatch.setattr(zoo_vit, "ensure_zoo", lambda root, *a, **k: roots.append(root) or real(root, *a, **k))
+    with pytest.raises(ConfigError, match=r"ZooViTAdapter\(.*\"size\": \"tiny\".*but load_merged got .*"
+                                          r"ZooViTAdapter\(.*\"size\": \"default\""):
+        load_merged(tmp_path / "m", zoo_vit.ZooViTAdapter())
+    assert roots == []  # refused before any zoo was looked at
+    loaded = load_merged(tmp_path / "m")
+    assert isinstance(loaded.adapter, zoo_vit.ZooViTAdapter) and loaded.adapter.zoo_root == zoo
+    assert loaded.task_names == tasks and roots and set(roots) == {str(zoo)}
+    assert loaded.backbone_digest == module.backbone_digest

@@ -376,3 +376,76 @@ def test_tiny_zoo_fit_then_test_routes_exactly_like_test_alone(tmp_path, monkeyp
     assert from_ckpt["routing_confusion"] == alone["routing_confusion"]
     assert from_ckpt["tasks"] == alone["tasks"] and from_ckpt["avg"] == alone["avg"]
     assert 1 / 8 < alone["avg"]["routing_accuracy"] < 1.0  # above chance over 8 tasks, not a trivial router
+
+
+@pytest.mark.parametrize("head_selection", ["dataset", "routed"])
+def test_a_method_without_task_modules_has_no_router(toy_root, tmp_path, monkeypatch, head_selection):
+    """Issue 28 item 4: TIES builds no task modules, so no router is built, trained or run (the encoder runs once
+    per batch), no routing accuracy is reported, and each sample is scored with its dataset's head on the merged
+    backbone (whatever ``routing``/``head_selection`` say): checked against that computation done by hand."""
+    from freemerge_pl.callbacks import ResultsTable
+
+    from freemerge_pl.lightning.router import Router
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the router was trained or run for a method without task modules")
+
+    monkeypatch.setattr(Router, "fit", forbidden)
+    monkeypatch.setattr(Router, "forward", forbidden)
+    monkeypatch.setattr(RoutedModel, "router_input", forbidden)
+    adapter = ToyAdapter(str(toy_root))
+    module = MergedModule(adapter, method="ties", head_selection=head_selection)
+    dm = datamodule(toy_root)
+    table = ResultsTable(dirpath=str(tmp_path / "results"))
+    tr = trainer(tmp_path, callbacks=[table])
+    tr.test(module, datamodule=dm, verbose=False)
+    assert not module.model.routes and module.router is None
+    assert not any(k.startswith("model.router.") for k in module.state_dict()) and not bool(module.router_trained)
+    assert not any(p.requires_grad for p in module.parameters())  # nothing to train
+    results = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert results["routing_confusion"] is None and results["protocol"]["routing"] is None
+    assert all(set(v) == {"accuracy"} for v in results["tasks"].values()) and set(results["avg"]) == {"accuracy"}
+    assert "routing_accuracy" not in (tmp_path / "results" / "results.md").read_text()
+    # independent: the merged backbone (TIES by hand through ``merge``) and each dataset's own fine-tuned head
+    names = list(adapter.task_names)
+    out = merge(adapter.pretrained_state_dict(), [adapter.finetuned_state_dict(t) for t in names], "ties")
+    backbone = adapter.build_backbone().eval()
+    backbone.load_state_dict(out.state_dict)
+    for name in names:
+        data = dm._test[name]
+        x = torch.stack([data[i][0] for i in range(len(data))])
+        y = torch.tensor([int(data[i][1]) for i in range(len(data))])
+        with torch.no_grad():
+            expected = (adapter.build_head(name)(backbone(x)).argmax(-1) == y).float().mean().item()
+        assert results["tasks"][name]["accuracy"] == pytest.approx(expected, abs=1e-6), name
+
+
+def test_fit_of_a_method_without_task_modules_trains_nothing(toy_root, tmp_path, capsys):
+    from freemerge_pl.lightning.cli import cli_main
+
+    cfg = write_config(tmp_path / "cfg.yaml", config(toy_root, tmp_path / "run", method="task_arithmetic"))
+    assert cli_main(["fit", "--config", str(cfg), "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "nothing to train: task_arithmetic has no task modules, so no router" in err
+    assert "router trained" not in err and not list((tmp_path / "run").rglob("*.ckpt"))
+
+
+def test_a_routed_model_without_task_modules_predicts_with_the_given_task(toy_root):
+    """Plain PyTorch: no task modules, no router; ``forward`` gives the merged backbone's features, ``predict``
+    needs the samples' task (no router to pick it) and uses that task's head."""
+    adapter = ToyAdapter(str(toy_root))
+    names = list(adapter.task_names)
+    out = merge(adapter.pretrained_state_dict(), [adapter.finetuned_state_dict(t) for t in names], "ties")
+    backbone = adapter.build_backbone()
+    backbone.load_state_dict(out.state_dict)
+    model = RoutedModel(adapter, names, backbone, out.task_modules)  # no example input needed: no router
+    assert out.task_modules in (None, []) and model.router is None and not model.routes
+    x = torch.randn(5, 16)
+    feats, ids = model(x)
+    assert ids is None and torch.equal(feats, backbone(x))
+    with pytest.raises(ConfigError, match="no task modules, so no router"):
+        model.predict(x)
+    got = model.predict(x, torch.full((5,), 2))
+    assert torch.equal(got["task"], torch.full((5,), 2))
+    with torch.no_grad():
+        assert torch.equal(got["prediction"], adapter.build_head("task2")(backbone(x)).argmax(-1).float())

@@ -158,7 +158,7 @@ def test_merge_fit_router_and_test_through_cli(ckpt, tmp_path):
                               "init_args": {"model_name": MODEL, "pretrained": str(ckpt["root"] / "pre.pth"),
                                             "finetuned": {t: str(p) for t, p in ckpt["paths"].items()},
                                             "model_kwargs": KWARGS}},
-                  "method": "ties", "router": {"epochs": 2}},
+                  "method": "free_merging", "router": {"epochs": 2}},  # with task modules: a router to fit
         "data": {"router_fraction": 0.5, "min_router_samples": 2, "batch_size": 4,
                  "tasks": [{"name": t, "dataset": f"{__name__}._Tensors",
                             "dataset_args": {"path": _write_data(tmp_path / "data" / t, c)}}

@@ -49,7 +49,11 @@ def test_mergekit_ties_rule_keeps_exactly_int_dn_while_ours_keeps_every_tie():
     theirs = vs.mergekit_rule(ties, base, [v])
     kept = int((theirs != 0).sum())
     assert kept == int(density * n) == 2 and set(theirs[theirs != 0].tolist()) == {0.5}
+    # the compared setting (trim_ties="exact_count") keeps mergekit's entries; the default keeps every tie
     ours = merge(_sd(base.tolist()), [_sd(v.tolist())], "ties", **ties.ours_parameters).state_dict["w"]
+    assert ties.ours_parameters["trim_ties"] == "exact_count" and torch.equal(ours, theirs)
+    default = {**ties.ours_parameters, "trim_ties": "keep_all"}
+    ours = merge(_sd(base.tolist()), [_sd(v.tolist())], "ties", **default).state_dict["w"]
     assert int((ours != 0).sum()) == 5  # every entry tied at the threshold
     assert vs.threshold_ties(base, [v], density) == 5 - 2
 

@@ -8,9 +8,12 @@ interface; the merge maths only ever sees state dicts.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import ClassVar, Literal
+from pathlib import PurePath
+from typing import Any, ClassVar, Literal
 
 from torch import Tensor, nn
 
@@ -20,8 +23,71 @@ StateDict = dict[str, Tensor]
 InputKind = Literal["image", "tokens", "other"]
 
 
+def _plain(value: Any) -> Any:
+    """``value`` as JSON data (paths as strings, tuples as lists); TypeError for anything else."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _plain(v) for k, v in value.items()}
+    raise TypeError(f"{type(value).__name__} is no plain value")
+
+
 class ModelAdapter:
-    """Base class. Subclasses take plain typed constructor arguments (built from YAML)."""
+    """Base class. Subclasses take plain typed constructor arguments (built from YAML).
+
+    Every subclass's ``__init__`` records the arguments it was called with (``init_args``), so an export can
+    name the adapter it was built with and ``load_merged(dir)`` rebuild it (``adapter_record``).
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None or hasattr(init, "_records_init_args"):
+            return
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def recording_init(self, *args: Any, **kw: Any) -> None:
+            if "_init_args" not in self.__dict__:  # the outermost ``__init__`` (a subclass's) records
+                bound = signature.bind(self, *args, **kw)
+                bound.apply_defaults()
+                params = list(signature.parameters.values())[1:]
+                recorded: dict[str, Any] = {}
+                for param in params:
+                    value = bound.arguments.get(param.name)
+                    if param.kind is param.VAR_KEYWORD:
+                        recorded.update(value or {})
+                    elif param.kind is not param.VAR_POSITIONAL:
+                        recorded[param.name] = value
+                    elif value:
+                        recorded = None  # positional varargs have no name to record
+                        break
+                self.__dict__["_init_args"] = recorded
+            init(self, *args, **kw)
+
+        recording_init._records_init_args = True
+        cls.__init__ = recording_init
+
+    def init_args(self) -> dict[str, Any] | None:
+        """The arguments this adapter was built with, as JSON data (None when they are no plain values, or the
+        adapter's class defines no ``__init__``: then an export cannot name it)."""
+        recorded = self.__dict__.get("_init_args", {} if type(self).__init__ is object.__init__ else None)
+        try:
+            return None if recorded is None else _plain(recorded)
+        except TypeError:
+            return None
+
+    def adapter_record(self) -> dict[str, Any] | None:
+        """``{"class_path": "module.Class", "init_args": {...}}`` (an export's ``module.adapter``), None when the
+        adapter cannot be rebuilt from it (a class defined in a function, arguments that are no plain values)."""
+        cls, init_args = type(self), self.init_args()
+        if init_args is None or "<locals>" in cls.__qualname__:
+            return None
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
 
     #: regexes of state-dict keys that are never merged (each task keeps its own)
     exclude_keys: tuple[str, ...] = ()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import pickle
 import pkgutil
 import re
 import signal
@@ -31,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback, ProgressBar
@@ -65,6 +67,31 @@ GROUP_TITLES = {
                 "argument is accepted too, as --trainer.<name>: see Lightning's Trainer docs)"),
     "data": "The tasks: their data sets, splits and metrics, and how the router and tune-val samples are drawn",
 }
+#: ``--ckpt_path`` values Lightning resolves itself (no file of that name is read)
+SPECIAL_CKPT_PATHS = ("best", "last", "hpc", "registry")
+
+
+def read_ckpt(path: str) -> dict[str, Any]:
+    """The Lightning checkpoint at ``path`` (``--ckpt_path``), read with ``torch.load(weights_only=True)``: a file
+    that pickles code (a callable, any class outside torch's allow-list) is refused before anything in it runs,
+    and a missing, truncated or damaged file is a ``FreeMergeError`` naming it (one line, exit 2)."""
+    if not Path(path).is_file():
+        raise ConfigError(f"--ckpt_path {path}: no such file (a checkpoint written by `cli.py fit`)")
+    try:
+        ckpt = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as err:
+        why = one_line(err).split(". ")[0][:160]
+        raise FreeMergeError(f"--ckpt_path {path}: refused, no checkpoint of tensors and plain values (it pickles "
+                             f"other objects, or is no checkpoint: {why}); only load checkpoints you trust and "
+                             f"that this package wrote") from None
+    except Exception as err:  # noqa: BLE001  (a damaged zip: RuntimeError; other bytes: IndexError, ...)
+        raise FreeMergeError(f"--ckpt_path {path}: not a readable PyTorch checkpoint (truncated or damaged: "
+                             f"{one_line(err)[:160]})") from None
+    if not isinstance(ckpt, dict):
+        raise FreeMergeError(f"--ckpt_path {path}: holds a {type(ckpt).__name__}, not a Lightning checkpoint")
+    return ckpt
+
+
 _ROLE = re.compile(r":(?:class|func|meth|attr|mod|obj|paramref|data|exc):`(~?)([^`]+)`")
 
 
@@ -209,6 +236,26 @@ class FreeMergeCLI(LightningCLI):
             parser._subcommands_action.add_subcommand(name, sub, help=description)
             self._subcommand_parsers[name] = sub
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's ``_parse_ckpt_path`` (the checkpoint's hyperparameters update the config) with the file read
+        by ``read_ckpt``: a malicious or damaged ``--ckpt_path`` is a one-line error before the CLI is built."""
+        sub = self.config.get("subcommand")
+        path = self.config[sub].get("ckpt_path") if sub else None
+        if not path or (isinstance(path, str) and (path in SPECIAL_CKPT_PATHS or "://" in path)):
+            return super()._parse_ckpt_path()
+        hparams = dict(read_ckpt(str(path)).get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return None
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        try:
+            self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
+            raise
+        return None
+
     @property
     def is_job(self) -> bool:
         return self.subcommand in JOB_COMMANDS
@@ -246,7 +293,9 @@ class FreeMergeCLI(LightningCLI):
         """Say where the trained router went (the checkpoint ``test --ckpt_path`` takes)."""
         checkpoint = self.trainer.checkpoint_callback
         path = getattr(checkpoint, "best_model_path", "") or getattr(checkpoint, "last_model_path", "")
-        if path:
+        if self.model.model is not None and not self.model.model.routes:
+            say(f"nothing to train: {self.model.method} has no task modules, so no router (test needs no --ckpt_path)")
+        elif path:
             say(f"checkpoint: {path} (test it: cli.py test --config ... --ckpt_path {path})")
         else:
             say("no checkpoint written (trainer.enable_checkpointing is false)")

@@ -8,6 +8,8 @@ changed file, a file the manifest does not list and an export never completed ar
 
 from __future__ import annotations
 
+import importlib
+import json
 from typing import TYPE_CHECKING, Any
 
 from freemerge_pl.errors import ConfigError, FreeMergeError
@@ -57,18 +59,52 @@ if TYPE_CHECKING:
     from freemerge_pl.lightning.module import MergedModule
 
 
+def describe_adapter(record: dict[str, Any] | None) -> str:
+    """``module.Class(init args as JSON)`` of an adapter record (``ModelAdapter.adapter_record``)."""
+    if record is None:
+        return "an adapter that records no class path and arguments"
+    return f"{record.get('class_path')}({json.dumps(record.get('init_args'), sort_keys=True)})"
+
+
+def adapter_from_record(record: dict[str, Any], where: str) -> ModelAdapter:
+    """The adapter an export's ``module.adapter`` names, built with its recorded ``init_args``; the class must be
+    a ``ModelAdapter`` subclass (anything else is refused, not called)."""
+    from freemerge_pl.adapters.base import ModelAdapter
+
+    path = str(record.get("class_path") or "")
+    module_name, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"{where}: the export's adapter module.adapter.class_path={path!r} cannot be imported "
+                          f"({err}); pass the adapter: load_merged(path, adapter)") from None
+    if not (isinstance(cls, type) and issubclass(cls, ModelAdapter)):
+        raise ConfigError(f"{where}: module.adapter.class_path={path!r} is no ModelAdapter subclass; refused")
+    try:
+        return cls(**(record.get("init_args") or {}))
+    except TypeError as err:
+        raise ConfigError(f"{where}: cannot rebuild the adapter {describe_adapter(record)}: {err}") from None
+
+
 def module_from_export(export: MergedExport, adapter: ModelAdapter, **module_args: Any) -> MergedModule:
     """A ``MergedModule`` (eval mode) holding ``export``, built from ``adapter`` without merging;
-    ``module_args`` override the exported module settings (e.g. ``routing="oracle"``)."""
+    ``module_args`` override the exported module settings (e.g. ``routing="oracle"``). An export that records
+    its adapter (``module.adapter``) accepts only that one: another class or other arguments are a
+    ``ConfigError`` naming both."""
     from freemerge_pl.lightning.module import MergedModule, state_digest
     from freemerge_pl.lightning.router import RouterConfig
 
     m = export.manifest
     saved = drop_removed_settings(m.get("module") or {}, str(export.path / MANIFEST_NAME))
+    recorded = saved.pop("adapter", None)
+    if recorded is not None and adapter.adapter_record() != recorded:
+        raise ConfigError(f"{export.path / MANIFEST_NAME} was exported with the adapter {describe_adapter(recorded)}, "
+                          f"but load_merged got {describe_adapter(adapter.adapter_record())}: pass the same "
+                          f"adapter, or none (load_merged(path) rebuilds the recorded one)")
     router_in = saved.pop("router_in_features", None)
     if router_in is None and export.router is not None and "mlp.0.weight" in export.router:
         router_in = int(export.router["mlp.0.weight"].shape[0])
-    if router_in is None:
+    if router_in is None and export.task_modules:  # without task modules there is no router to size
         raise ConfigError(f"{export.path / MANIFEST_NAME} does not record the router's input width (written by "
                           f"save_merge or a merge job, not MergedModule.export): use load_merged(path) without "
                           f"an adapter, or MergedModule.load_task_modules(path) on a built module")
@@ -94,22 +130,32 @@ def load_merged(path, adapter: ModelAdapter | None = None, **module_args: Any) -
     """Load the export at ``path`` after verifying it against its manifest (every listed file present with its
     size and sha256, no unlisted file, the export complete); errors name the file at fault.
 
-    Without ``adapter``: a ``MergedExport`` (backbone state dict, task modules, shared modules, heads, router
-    weights, manifest). With the adapter the export was made with: a ready ``MergedModule`` in eval mode,
-    built without merging, whose router (when the export has a trained one) routes as the exported module's
-    did; ``module_args`` override its settings (e.g. ``routing="oracle"``)::
+    An export written by ``MergedModule.export`` / ``cli.py export`` records the adapter it was built with
+    (``module.adapter``: class path and init args). For it, ``load_merged(path)`` returns a ready
+    ``MergedModule`` in eval mode built from that adapter (rebuilt without being told: it reads the
+    checkpoints, e.g. the zoo, the export came from and no other), without merging, whose router (when the
+    export has a trained one) routes as the exported module's did; ``module_args`` override its settings
+    (e.g. ``routing="oracle"``). Passing ``adapter`` is optional there, and one of another class or with
+    other arguments is a ``ConfigError`` naming both.
+
+    Exports that record no adapter (``save_merge``, the merge job, earlier versions) return a ``MergedExport``
+    (backbone state dict, task modules, shared modules, heads, router weights, manifest) without
+    ``adapter``, and a ``MergedModule`` with it::
 
         from freemerge_pl import load_merged
-        from freemerge_pl.adapters.toy import ToyAdapter
 
-        model = load_merged("merged", ToyAdapter("toy"))   # written by MergedModule.export / cli.py export
+        model = load_merged("merged")                      # written by MergedModule.export / cli.py export
         features, task_ids = model(x)                      # routes x, applies each sample's task module
         logits = model.head_outputs(features[task_ids == 0], 0)
         # or evaluate it: FreeMergeTrainer(...).test(model, datamodule=dm)
     """
     export = read_export(path)
+    recorded = (export.manifest.get("module") or {}).get("adapter")
+    if adapter is None and recorded is not None:
+        adapter = adapter_from_record(recorded, str(export.path / MANIFEST_NAME))
     return export if adapter is None else module_from_export(export, adapter, **module_args)
 
 
-__all__ = ["HEADS_FILE", "REMOVED_SETTINGS", "ROUTER_FILE", "MergedExport", "drop_removed_settings", "load_merged", "module_from_export", "read_export",
-           "read_task_module", "verify_export"]
+__all__ = ["HEADS_FILE", "REMOVED_SETTINGS", "ROUTER_FILE", "MergedExport", "adapter_from_record", "describe_adapter",
+           "drop_removed_settings", "load_merged", "module_from_export", "read_export", "read_task_module",
+           "verify_export"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -43,10 +44,12 @@ class MergedModule(LightningModule):
         method_args: the hyperparameters of a method given by name.
         fr_filter_ratio: FR high-pass applied to every task vector before ``method`` (0 = off).
         merge_seed: seeds a method's random choices (e.g. DARE's drops).
-        routing: ``router`` (learned, Alg. 1) or ``oracle`` (the true task picks the task module).
+        routing: ``router`` (learned, Alg. 1) or ``oracle`` (the true task picks the task module). A method
+            without task modules (task arithmetic, TIES, ...) routes nothing: no router is built, trained or run,
+            no routing accuracy is reported, and every sample uses the merged backbone with its dataset's head.
         head_selection: ``dataset`` (the evaluated dataset's head, the benchmark protocol) or ``routed``
             (the routed task's head, task-agnostic deployment; a sample routed to another task's head
-            is counted as a wrong prediction).
+            is counted as a wrong prediction). Without task modules: the dataset's head (nothing is routed).
         top_k: experts per sample (1 = Alg. 1; >1 combines the top-k with renormalised softmax weights,
             one backbone pass per distinct combination, so it is slower).
         router: the router's settings (``RouterConfig``). ``fit`` trains it once on the router split and
@@ -91,16 +94,11 @@ class MergedModule(LightningModule):
     # The routed model's parts and methods, for callers that use them through the Lightning module.
     task_names = property(lambda self: self.model.task_names if self.model is not None else [])
     backbone = property(lambda self: self.model.backbone if self.model is not None else None)
-    task_modules = property(lambda self: self.model.task_modules)
-    heads = property(lambda self: self.model.heads)
-    router = property(lambda self: self.model.router)
-    router_trained = property(lambda self: self.model.router_trained)
     router_reads_merged_backbone = property(lambda self: self.model.reads_merged_backbone)
-    fit_router = property(lambda self: self.model.fit_router)
-    reset_router = property(lambda self: self.model.reset_router)
-    features = property(lambda self: self.model.features)
-    router_logits = property(lambda self: self.model.router_logits)
-    head_outputs = property(lambda self: self.model.head_outputs)
+    (task_modules, heads, router, router_trained, fit_router, reset_router, features, router_logits,
+     head_outputs) = (property(lambda self, n=n: getattr(self.model, n)) for n in (
+        "task_modules", "heads", "router", "router_trained", "fit_router", "reset_router", "features",
+        "router_logits", "head_outputs"))
 
     def forward(self, x, task=None):
         return self.model(x, task)  # routed features and routed task ids (``RoutedModel.forward``)
@@ -168,15 +166,14 @@ class MergedModule(LightningModule):
         from freemerge_pl.io.export import read_task_modules
 
         modules, shared = read_task_modules(directory, self.task_names, self.backbone)
-        self.model.task_modules = nn.ModuleList(modules).to(self.device)
-        self.model.shared_modules = nn.ModuleDict(shared).to(self.device)
+        self.model.set_task_modules(modules, shared)
 
     # ------------------------------------------------------------------ training the router (fit)
     def configure_optimizers(self):
-        return self.router.optimizer()
+        return self.router.optimizer() if self.model.routes else None  # no task modules: nothing to train
 
     def on_train_batch_start(self, batch, batch_idx):
-        if bool(self.router_trained):  # trained in this run's first step, or restored from a checkpoint
+        if bool(self.router_trained) or not self.model.routes:  # trained (this run, a checkpoint) or no router
             self.trainer.should_stop = True
             return -1  # the rest of the epoch is skipped; ``fit`` ends after it
         return None
@@ -197,7 +194,7 @@ class MergedModule(LightningModule):
 
     # ------------------------------------------------------------------ evaluation
     def _ensure_router(self) -> None:
-        if self.routing == "router" and not bool(self.router_trained):
+        if self.routing == "router" and self.model.routes and not bool(self.router_trained):
             self._train_router()
 
     def on_test_start(self) -> None:
@@ -219,8 +216,8 @@ class MergedModule(LightningModule):
 
     def _eval_step(self, batch, dataloader_idx: int) -> None:
         x, y, t = batch
-        task = dataloader_idx
-        feats, ids, _ = self.model.routed_features(x, t if self.routing == "oracle" else None)
+        task, routes = dataloader_idx, self.model.routes  # no task modules: the true task picks the head
+        feats, ids, _ = self.model.routed_features(x, t if self.routing == "oracle" or not routes else None)
         routed = ids[:, 0]
         name = self.task_names[task]
         metrics = self.task_metric_sets[slot(name)]
@@ -235,8 +232,9 @@ class MergedModule(LightningModule):
                 out = self.model.head_outputs(feats[routed == task], task)
                 preds[routed == task] = out if regression else out.argmax(-1)
         metrics.update(preds, y)
-        self.routing_accuracy[slot(name)].update(routed, t)
-        self.routing_confusion.update(routed, t)
+        if routes:
+            self.routing_accuracy[slot(name)].update(routed, t)
+            self.routing_confusion.update(routed, t)
 
     def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
         self._eval_step(batch, dataloader_idx)
@@ -244,30 +242,35 @@ class MergedModule(LightningModule):
     validation_step = test_step
 
     def predict_step(self, batch, batch_idx, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
-        """Per sample: routed task, class prediction and confidence (``RoutedModel.predict``)."""
-        return self.model.predict(batch[0] if isinstance(batch, (tuple, list)) else batch)
+        """Per sample: routed task, class prediction and confidence (``RoutedModel.predict``; without task
+        modules the batch's task picks the head)."""
+        x, t = (batch[0], batch[2] if len(batch) > 2 else None) if isinstance(batch, (tuple, list)) else (batch, None)
+        return self.model.predict(x, t)
 
     def _reset_metrics(self) -> None:
         for m in [*self.task_metric_sets.values(), *self.routing_accuracy.values(), self.routing_confusion]:
             m.reset()
 
     def _collect(self, stage: str) -> dict[str, Any]:
-        """Compute (synchronised) and reset every metric; log ``<stage>/<task>/<metric><suffix>``."""
+        """Compute (synchronised) and reset every metric; log ``<stage>/<task>/<metric><suffix>``. Without task
+        modules: no ``routing_accuracy``, ``routing_confusion`` None, protocol ``routing`` None (nothing routed)."""
         results: dict[str, Any] = {"tasks": {}, "avg": {}}
-        sums: dict[str, list[float]] = {}
+        routes, sums = self.model.routes, {}  # sums: metric → the tasks' values
         for name in self.task_names:
             values = {k: float(v) for k, v in self.task_metric_sets[slot(name)].compute().items()}
-            values["routing_accuracy"] = float(self.routing_accuracy[slot(name)].compute())
+            if routes:
+                values["routing_accuracy"] = float(self.routing_accuracy[slot(name)].compute())
             results["tasks"][name] = values
             for k, v in values.items():
                 sums.setdefault(k, []).append(v)
         results["avg"] = {k: sum(v) / len(v) for k, v in sums.items()}
         K = len(self.task_names)  # torchmetrics squeezes a 1×1 matrix (one task) to a scalar
-        results["routing_confusion"] = self.routing_confusion.compute().reshape(K, K).tolist()
+        results["routing_confusion"] = self.routing_confusion.compute().reshape(K, K).tolist() if routes else None
         for name, values in [*results["tasks"].items(), ("avg", results["avg"])]:
             for k, v in values.items():
                 self.log(f"{stage}/{name}/{k}{self.metric_suffix}", v, add_dataloader_idx=False)
-        results.update(protocol={"routing": self.routing, "head_selection": self.head_selection, "top_k": self.top_k},
+        results.update(protocol={"routing": self.routing if routes else None, "head_selection":
+                                 self.head_selection if routes else "dataset", "top_k": self.top_k},
                        method=self.method, method_args=self.method_args, fr_filter_ratio=self.fr_filter_ratio,
                        task_module_bytes=self.model.task_module_bytes(),
                        backbone_bytes=sum(p.numel() * p.element_size() for p in self.backbone.parameters()),
@@ -286,13 +289,12 @@ class MergedModule(LightningModule):
     # ------------------------------------------------------------------ export
     def export(self, directory: str | Path, overwrite: bool = False) -> list[Path]:
         """Publish backbone, task modules, heads and, when trained, the router as safetensors plus the manifest
-        ``merge_info.json`` with the module settings ``load_merged`` needs (``RoutedModel.export``: built beside
-        ``directory``, renamed into place whole). Load it with ``freemerge_pl.load_merged``."""
-        from dataclasses import asdict
-
+        ``merge_info.json`` with the module settings and the adapter (class path, init args) ``load_merged`` needs
+        (``RoutedModel.export``: built beside ``directory``, renamed into place whole); ``load_merged(directory)``."""
         module = {"method_args": self.method_args, "fr_filter_ratio": self.fr_filter_ratio, "top_k": self.top_k,
                   "merge_seed": self.merge_seed, "routing": self.routing, "head_selection": self.head_selection,
-                  "router": asdict(self.router_config), "router_in_features": self.model.router_in_features}
+                  "router": asdict(self.router_config), "router_in_features": self.model.router_in_features,
+                  "adapter": self.adapter.adapter_record()}
         record = {**self.merge_record, "backbone_digest": self.backbone_digest, "module": module}
         return self.model.export(directory, record, method=self.method, inputs=self.adapter.checkpoint_paths(),
                                  overwrite=overwrite)

@@ -95,10 +95,13 @@ class RoutedModel(nn.Module):
         adapter: builds the backbone and heads and reads the router's prefix features.
         task_names: the tasks, in the order of ``task_modules`` and the router's outputs.
         backbone: the merged backbone (its weights are used as they are).
-        task_modules: one per task (may be empty: then every task runs the merged backbone alone).
+        task_modules: one per task (may be empty: then nothing is routed, ``routes`` is false, and no router is
+            built, trained or run: every sample runs the merged backbone and is scored with its dataset's
+            head, whatever the routing and head-selection settings).
         shared_modules: modules the task modules share (kept with them).
         router_config: the router's settings.
-        router_in_features: the router's input width; None → measured on ``example_input``.
+        router_in_features: the router's input width; None → measured on ``example_input`` when a router is
+            built (only with task modules).
         example_input: one input batch, to size the router's first layer.
         top_k: experts per sample (1 = Alg. 1; >1 combines the top-k with renormalised softmax weights).
         split_block: leading blocks the prefix sources read (not a setting: ``SPLIT_BLOCK`` everywhere in the
@@ -120,24 +123,36 @@ class RoutedModel(nn.Module):
         self.heads = nn.ModuleDict({slot(t): adapter.build_head(t) for t in self.task_names})
         self.heads.requires_grad_(False).eval()
         self.register_buffer("router_trained", torch.zeros((), dtype=torch.bool))
-        if router_in_features is None:
-            if example_input is None:
+        self.__dict__["_example_input"] = example_input  # sizes a router built later (not a buffer)
+        self.router_in_features = None if router_in_features is None else int(router_in_features)
+        self.router: Router | None = None
+        self.reset_router()
+
+    # ------------------------------------------------------------------ the router
+    @property
+    def routes(self) -> bool:
+        """Whether samples are routed: only with task modules. Without any there is nothing to route: no router
+        is built, trained or run, and every sample runs the merged backbone with its dataset's head."""
+        return len(self.task_modules) > 0
+
+    def reset_router(self) -> None:
+        """A fresh, untrained router (None without task modules); its initial weights depend on ``SEED`` only."""
+        self.router_trained.fill_(False)
+        if not self.routes:
+            self.router = None
+            return
+        device = self.router_trained.device
+        if self.router_in_features is None:
+            example = self.__dict__.get("_example_input")
+            if example is None:
                 raise ConfigError("the router needs an example input or its input width to size its first layer: "
                                   "call build(example_input), attach a data module with router_dataset(), or "
                                   "pass router_in_features (an export's manifest records it)")
             with torch.no_grad():
-                router_in_features = int(self.router_input(example_input).shape[-1])
-        self.router_in_features = int(router_in_features)
-        self.reset_router()
-
-    # ------------------------------------------------------------------ the router
-    def reset_router(self) -> None:
-        """A fresh, untrained router; its initial weights depend on ``SEED`` only."""
-        device = self.router_trained.device
+                self.router_in_features = int(self.router_input(example.to(device)).shape[-1])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(SEED)
             self.router = Router(len(self.task_names), self.router_config, self.router_in_features).to(device)
-        self.router_trained.fill_(False)
 
     @property
     def feature_source(self) -> str:
@@ -193,7 +208,10 @@ class RoutedModel(nn.Module):
 
     def fit_router(self, dataset, optimizer=None) -> None:
         """Train the router on ``dataset`` of ``(x, y, task_id)`` with ``Router.fit``, the one training loop
-        (every rank trains the same router; under DDP rank 0's weights are broadcast to be safe)."""
+        (every rank trains the same router; under DDP rank 0's weights are broadcast to be safe). Without task
+        modules there is no router: nothing is trained."""
+        if not self.routes:
+            return
         self.router.fit(*self.router_features(dataset), optimizer=optimizer)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             for b in self.router.state_dict().values():
@@ -203,8 +221,11 @@ class RoutedModel(nn.Module):
     def router_logits(self, x: Tensor) -> Tensor:
         return self.router(self.router_input(x))
 
-    def route(self, x: Tensor, task: int | Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Task ids ``[B, k]`` and weights ``[B, k]``: from ``task`` (oracle) when given, else the router."""
+    def route(self, x: Tensor, task: int | Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+        """Task ids ``[B, k]`` and weights ``[B, k]``: from ``task`` (oracle) when given, else the router; without
+        task modules (no router) and no ``task``: ``(None, None)``."""
+        if task is None and not self.routes:
+            return None, None
         if task is not None:
             ids = torch.as_tensor(task, device=x.device).long().reshape(-1)
             ids = ids.expand(x.shape[0]) if ids.numel() == 1 else ids
@@ -251,16 +272,21 @@ class RoutedModel(nn.Module):
         out = self.heads[slot(self.task_names[task])](features)
         return out.squeeze(-1) if out.shape[-1] == 1 else out
 
-    def forward(self, x: Tensor, task: int | Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Route, run the backbone with the routed task modules; returns ``(features, routed task ids [B])``."""
+    def forward(self, x: Tensor, task: int | Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Route, run the backbone with the routed task modules; returns ``(features, routed task ids [B])``
+        (without task modules: the merged backbone's features, and ``task`` as ids; None when not given)."""
         feats, ids, _ = self.routed_features(x, task)
-        return feats, ids[:, 0]
+        return feats, None if ids is None else ids[:, 0]
 
     @torch.no_grad()
-    def predict(self, x: Tensor) -> dict[str, Tensor]:
+    def predict(self, x: Tensor, task: int | Tensor | None = None) -> dict[str, Tensor]:
         """Per sample: the routed task, the routed task's head's class prediction and its softmax confidence
-        (regression heads: the value, confidence NaN)."""
-        feats, ids, _ = self.routed_features(x)
+        (regression heads: the value, confidence NaN). Without task modules nothing is routed: ``task`` (the
+        samples' dataset) picks the head, and is required."""
+        if task is None and not self.routes:
+            raise ConfigError("this merge has no task modules, so no router picks a sample's task: pass the task "
+                              "(predict(x, task)); every sample runs the merged backbone with that task's head")
+        feats, ids, _ = self.routed_features(x, None if self.routes else task)
         task = ids[:, 0]
         pred = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
         conf = torch.full_like(pred, float("nan"))
@@ -282,11 +308,10 @@ class RoutedModel(nn.Module):
                      heads: dict[str, Tensor] | None = None, router: dict[str, Tensor] | None = None) -> None:
         """Swap in another merge result: backbone weights copied in place, task modules replaced; ``heads``
         (``<task>.<param>`` tensors) replace the heads' weights, ``router`` (a trained router's state dict) the
-        router's (marked trained)."""
-        device = self.router_trained.device
+        router's (marked trained). Task modules arriving on a model without a router build a fresh one; without
+        task modules the router (if any) is kept, unused, and ``router`` weights are ignored (nothing to route)."""
         self.backbone.load_state_dict(state_dict, strict=True)
-        self.task_modules = nn.ModuleList(task_modules or []).to(device)
-        self.shared_modules = nn.ModuleDict(shared_modules or {}).to(device)
+        self.set_task_modules(task_modules, shared_modules)
         if heads is not None:
             used: set[str] = set()
             for t in self.task_names:
@@ -300,9 +325,18 @@ class RoutedModel(nn.Module):
             if set(heads) - used:
                 raise ConfigError(f"head weights {sorted(set(heads) - used)} belong to no head of the tasks "
                                   f"{self.task_names}")
-        if router is not None:
+        if router is not None and self.router is not None:
             self.router.load_state_dict(router, strict=True)
             self.router_trained.fill_(True)
+
+    def set_task_modules(self, task_modules=None, shared_modules=None) -> None:
+        """Replace the task modules and shared modules; task modules arriving on a model without a router build a
+        fresh (untrained) one."""
+        device = self.router_trained.device
+        self.task_modules = nn.ModuleList(task_modules or []).to(device)
+        self.shared_modules = nn.ModuleDict(shared_modules or {}).to(device)
+        if self.routes and self.router is None:
+            self.reset_router()
 
     def head_state(self) -> dict[str, Tensor]:
         """The heads' weights as ``<task>.<param>`` tensors (the export's ``heads.safetensors``)."""

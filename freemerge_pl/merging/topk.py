@@ -171,8 +171,10 @@ class OrderStatistics:
     one ≥ n: "keep everything" / "keep nothing" thresholds).
     """
 
-    def __init__(self, num_streams: int, indices: Callable[[int, int], Sequence[int]]) -> None:
+    def __init__(self, num_streams: int, indices: Callable[[int, int], Sequence[int]], *,
+                 absolute: bool = False) -> None:
         self.num_streams = num_streams
+        self.absolute = absolute  # observe |values| (their keys straight from the float bits, no |.| copy)
         self._indices = indices
         self.counts = torch.zeros(num_streams, BUCKETS, dtype=torch.int64)
         self.sizes = [0] * num_streams
@@ -185,6 +187,9 @@ class OrderStatistics:
         if flat.dtype != torch.float32:
             raise TypeError(f"OrderStatistics takes float32 values, got {flat.dtype}")
         for start in range(0, flat.numel(), _ORDER_CHUNK):
+            if self.absolute:
+                self._observe_absolute(stream, flat[start:start + _ORDER_CHUNK])
+                continue
             keys = ordered_keys(flat[start:start + _ORDER_CHUNK])
             high = torch.bitwise_and(torch.bitwise_right_shift(keys, 16), BUCKETS - 1)
             if self.pass_index == 0:
@@ -196,6 +201,23 @@ class OrderStatistics:
                         continue
                     low = torch.bitwise_and(keys[high == bucket], BUCKETS - 1)
                     self._fine[stream][j] += torch.bincount(low, minlength=BUCKETS).cpu()
+
+    def _observe_absolute(self, stream: int, values: Tensor) -> None:
+        """``observe`` of |values|: |v| has the bits of v without the sign bit, so its key is those bits with
+        bit 31 set, its high half ``(bits >> 16 & 0x7FFF) | 0x8000`` and its low half ``bits & 0xFFFF``
+        (the same counts as the keys of ``values.abs()``, in fewer passes)."""
+        bits = values.contiguous().view(torch.int32)
+        half = BUCKETS // 2
+        high = torch.bitwise_and(torch.bitwise_right_shift(bits, 16), half - 1)  # key's high half − 0x8000
+        if self.pass_index == 0:
+            self.counts[stream, half:] += torch.bincount(high, minlength=half).cpu()
+            self.sizes[stream] += bits.numel()
+            return
+        for j, (_, bucket, _) in enumerate(self._targets[stream]):
+            if bucket < half:
+                continue  # no |v| key is below 0x80000000 (and bucket −1: nothing to pin)
+            low = torch.bitwise_and(bits[high == bucket - half], BUCKETS - 1)
+            self._fine[stream][j] += torch.bincount(low, minlength=BUCKETS).cpu()
 
     def next_pass(self) -> None:
         """Locate every requested rank's bucket (end of pass 1)."""
@@ -241,11 +263,11 @@ def kth_largest_indices(count: Callable[[int], int]) -> Callable[[int, int], lis
 
 
 def run_order_statistics(run: Callable[[Callable], None], values_of: Callable, num_streams: int,
-                         indices: Callable[[int, int], Sequence[int]]) -> Tensor:
+                         indices: Callable[[int, int], Sequence[int]], *, absolute: bool = False) -> Tensor:
     """Exact order statistics over everything ``run(fn)`` visits (it calls ``fn(item)`` per item, e.g. per
-    key of a model scan, or once for one tensor); ``values_of(item)`` gives each stream's values. Two runs.
-    Returns float64 ``[S, J]``."""
-    stats = OrderStatistics(num_streams, indices)
+    key of a model scan, or once for one tensor); ``values_of(item)`` gives each stream's values (``absolute``:
+    of their magnitudes). Two runs. Returns float64 ``[S, J]``."""
+    stats = OrderStatistics(num_streams, indices, absolute=absolute)
 
     def observe(item) -> None:
         for s, values in enumerate(values_of(item)):
@@ -260,8 +282,8 @@ def run_order_statistics(run: Callable[[Callable], None], values_of: Callable, n
 def magnitude_thresholds(run: Callable[[Callable], None], values_of: Callable, num_streams: int,
                          count: Callable[[int], int]) -> Tensor:
     """Per stream, the ``count(n)``-th largest |value| (exact; float32 ``[S]``; +inf when count is 0)."""
-    return run_order_statistics(run, lambda item: [v.abs() for v in values_of(item)], num_streams,
-                                kth_largest_indices(count))[:, 0].float()
+    return run_order_statistics(run, values_of, num_streams, kth_largest_indices(count),
+                                absolute=True)[:, 0].float()
 
 
 def model_thresholds(scan, values_of: Callable, num_tasks: int, density: float,
@@ -299,6 +321,22 @@ def magnitude_trim(stacked: Tensor, density: float, thresholds: Tensor | None = 
     return torch.where(mags >= thr[:, None], flat, torch.zeros_like(flat)).reshape(stacked.shape)
 
 
+def exact_count_trim(stacked: Tensor, density: float) -> Tensor:
+    """mergekit's TIES trim (``sparsify.magnitude``): keep exactly ``max(1, int(d·N))`` entries of each task,
+    the first ones of ``torch.argsort(|v|.float(), descending=True)`` on the flattened tensor — the same torch
+    call, one task at a time, so entries tied at the threshold are chosen as mergekit chooses them (that
+    sort's order on ties is not the index order). O(N log N) per task."""
+    flat = stacked.reshape(stacked.shape[0], -1)
+    n = flat.shape[1]
+    if density >= 1 or n == 0:
+        return stacked
+    keep = max(1, int(density * n))
+    mask = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
+    for k in range(flat.shape[0]):
+        mask[k, torch.argsort(flat[k].abs().float(), descending=True)[:keep]] = True
+    return torch.where(mask, flat, torch.zeros_like(flat)).reshape(stacked.shape)
+
+
 def magnitude_band_mask(v: Tensor, drop_top: float, drop_bottom: float) -> Tensor:
     """Keep-mask removing the ⌊β·n⌋ largest and the ⌊γ·n⌋ smallest |v| of the tensor (ties by index: the
     order of a stable ascending sort of |v|). Selection by ``kthvalue`` plus an index-ordered tie count,
@@ -308,18 +346,21 @@ def magnitude_band_mask(v: Tensor, drop_top: float, drop_bottom: float) -> Tenso
     n_top = math.floor(drop_top * n + 1e-9)
     n_bottom = math.floor(drop_bottom * n + 1e-9)
     mags = flat.abs()
-    dropped = torch.zeros(n, dtype=torch.bool, device=v.device)
+    keep = torch.ones(n, dtype=torch.bool, device=v.device)
     if n_bottom > 0:  # the n_bottom first entries of the stable ascending order
         t = mags.kthvalue(n_bottom).values
-        ties = mags == t
-        need = n_bottom - int((mags < t).sum())
-        dropped |= (mags < t) | (ties & (torch.cumsum(ties, 0) <= need))
+        below = mags < t
+        keep &= ~below
+        need = n_bottom - int(below.sum())
+        keep[torch.nonzero(mags == t).flatten()[:need]] = False  # the first ties by index
     if n_top > 0:  # the n_top last entries of that order: among ties at the threshold, the highest indices
         t = mags.kthvalue(n - n_top + 1).values
-        ties = mags == t
-        need = n_top - int((mags > t).sum())
-        dropped |= (mags > t) | (ties & (torch.cumsum(ties.flip(0), 0).flip(0) <= need))
-    return (~dropped).reshape(v.shape)
+        above = mags > t
+        keep &= ~above
+        need = n_top - int(above.sum())
+        if need > 0:
+            keep[torch.nonzero(mags == t).flatten()[-need:]] = False
+    return keep.reshape(v.shape)
 
 
 def released_expert_indices(v: Tensor, density: float, remove_density: float = 0.0) -> Tensor:

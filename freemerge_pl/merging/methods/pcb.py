@@ -48,10 +48,13 @@ def pcb_minmax(flat: Tensor, stats: PCBPaperStats) -> None:
 
 
 def _pcb_exponents(flat: Tensor, stats: PCBPaperStats, i: int, j: int, factor: float) -> Tensor:
-    """exp(factor·Norm(τ_i ⊙ τ_j) − its maximum): the numerator of the (stable) softmax."""
+    """exp(factor·Norm(τ_i ⊙ τ_j) − its maximum): the numerator of the (stable) softmax. In place on one
+    fresh product (the same operations, in the same order, as the out-of-place formula: bit for bit)."""
     lo, hi = float(stats.lo[i, j]), float(stats.hi[i, j])
-    top = factor if hi > lo else 0.0
-    return torch.exp(factor * _normalise(flat[i] * flat[j], lo, hi) - top)
+    if not hi > lo:  # Norm is 0 everywhere: exp(factor·0 − 0)
+        return torch.ones_like(flat[i])
+    p = flat[i] * flat[j]
+    return p.sub_(lo).div_(hi - lo).mul_(factor).sub_(factor).exp_()
 
 
 def pcb_exp_sums(flat: Tensor, stats: PCBPaperStats) -> None:
@@ -66,15 +69,36 @@ def pcb_exp_sums(flat: Tensor, stats: PCBPaperStats) -> None:
             stats.z_inter[j, i] += s
 
 
+_PAIR_CACHE_BYTES = 1 << 30  # pcb_beta keeps the K(K+1)/2 inter terms of a chunk up to this size
+
+
 def pcb_beta(flat: Tensor, stats: PCBPaperStats) -> Tensor:
-    """β_i = Softmax(K·Norm(τ_i²)) ⊙ Σ_j Softmax(Norm(τ_i ⊙ τ_j)) for every task, ``[K, n]``."""
+    """β_i = Softmax(K·Norm(τ_i²)) ⊙ Σ_j Softmax(Norm(τ_i ⊙ τ_j)) for every task, ``[K, n]``.
+
+    The inter term of (i, j) equals that of (j, i) bit for bit (τ_i ⊙ τ_j is commutative, min/max and the
+    denominators are symmetric), so each pair is computed once while its K(K+1)/2 terms fit in
+    ``_PAIR_CACHE_BYTES``; the sums over j keep their order."""
     K = flat.shape[0]
-    rows = []
+    cache: dict[tuple[int, int], Tensor] | None = (
+        {} if K * (K + 1) // 2 * flat[0].numel() * flat.element_size() <= _PAIR_CACHE_BYTES else None)
+
+    def inter_term(i: int, j: int) -> Tensor:
+        pair = (min(i, j), max(i, j))
+        if cache is not None and pair in cache:
+            return cache.pop(pair) if i > j else cache[pair]
+        term = _pcb_exponents(flat, stats, i, j, 1.0).div_(float(stats.z_inter[i, j]))
+        if cache is not None and i < j:
+            cache[pair] = term
+        return term
+
+    beta = torch.empty_like(flat)
     for i in range(K):
-        intra = _pcb_exponents(flat, stats, i, i, float(K)) / float(stats.z_intra[i])
-        inter = sum(_pcb_exponents(flat, stats, i, j, 1.0) / float(stats.z_inter[i, j]) for j in range(K))
-        rows.append(intra * inter)
-    return torch.stack(rows)
+        intra = _pcb_exponents(flat, stats, i, i, float(K)).div_(float(stats.z_intra[i]))
+        inter = inter_term(i, 0).clone() if K else torch.zeros_like(intra)
+        for j in range(1, K):
+            inter += inter_term(i, j)
+        torch.mul(intra, inter, out=beta[i])
+    return beta
 
 
 def pcb_paper_statistics(run: Callable[[Callable[[Tensor], None]], None], K: int, density: float,

@@ -15,16 +15,26 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from freemerge_pl.errors import HyperparameterError
 from freemerge_pl.merging.method import Context, Density, Finite, KeyTensors, MergeMethod, Rate, Scan, Unit
 from freemerge_pl.merging.ops import magprune, per_task, random_drop, task_weights, ties_combine
 from freemerge_pl.merging.registry import register
-from freemerge_pl.merging.topk import magnitude_trim, model_thresholds
+from freemerge_pl.merging.topk import exact_count_trim, magnitude_trim, model_thresholds
 from freemerge_pl.settings import Range
 
 # ---------------------------------------------------------------- TIES
 
+TrimTies = Literal["keep_all", "exact_count"]
+
+
 def check_weights(weights: Sequence[float] | None, num_tasks: int) -> None:
     task_weights(weights, num_tasks)
+
+
+def check_trim_ties(owner: str, trim_ties: str, trim_scope: str) -> None:
+    if trim_ties == "exact_count" and trim_scope != "tensor":
+        raise HyperparameterError(f"{owner}.trim_ties='exact_count' needs trim_scope='tensor' (mergekit's "
+                                  f"per-tensor count), got trim_scope={trim_scope!r}")
 
 
 @register("ties", reference="Yadav et al. 2023, TIES-Merging (NeurIPS), Alg. 1 (trim, elect, disjoint merge)")
@@ -41,13 +51,26 @@ class TIES(MergeMethod):
     ``"weighted"`` (mergekit): elect on Σ w_k v_k, merge Σ_A w_k v_k / Σ_A w_k. ``weights`` w_k default 1,
     where the two conventions coincide. Deviation: the paper's code keeps one entry more (it thresholds at
     the ⌊N(1−k)⌋-th smallest |v| inclusive); we keep ⌈k·N⌉.
+
+    ``trim_ties`` — which entries tied at the trim threshold are kept:
+    ``"keep_all"`` (default): every |v| ≥ the ⌈k·N⌉-th largest, so a task may keep a few entries more than
+    ⌈k·N⌉; the rule of the TIES authors' code and FusionBench (a threshold compare), independent of any
+    sort order, and the only one the model-wide exact quantile can apply without a second ranking pass.
+    ``"exact_count"``: mergekit's rule (``sparsify.magnitude``), exactly ``max(1, int(k·N))`` entries per
+    tensor and task, the first of ``torch.argsort(|v|, descending=True)`` (the same call, so ties break as
+    in mergekit); needs ``trim_scope="tensor"``. bf16 task vectors tie by the thousands at the threshold,
+    where the two rules differ.
     """
 
     density: Density = 0.2
     trim_scope: Literal["model", "tensor"] = "model"
+    trim_ties: TrimTies = "keep_all"
     sign_election: Literal["unweighted", "weighted"] = "unweighted"
     weights: list[Finite] | None = None
     scaling: Finite = 1.0
+
+    def check(self) -> None:
+        check_trim_ties("ties", self.trim_ties, self.trim_scope)
 
     def begin(self, ctx: Context) -> None:
         check_weights(self.weights, ctx.num_tasks)
@@ -57,14 +80,16 @@ class TIES(MergeMethod):
         return list(x.vectors())
 
     def statistics(self, scan: Scan):
-        if self.trim_scope == "model" and self.density < 1:
+        if self.trim_scope == "model" and self.density < 1 and self.trim_ties == "keep_all":
             return model_thresholds(scan, lambda x: self.trimmed_vectors(x, scan.ctx), scan.ctx.num_tasks,
                                     self.density, "trim threshold")
         return None
 
     def merge_key(self, x: KeyTensors, thresholds, ctx: Context) -> Tensor:
         stacked = torch.stack(self.trimmed_vectors(x, ctx))
-        if self.density < 1:
+        if self.density < 1 and self.trim_ties == "exact_count":
+            stacked = exact_count_trim(stacked, self.density)
+        elif self.density < 1:
             stacked = magnitude_trim(stacked, self.density, thresholds)
         return self.scaling * ties_combine(stacked, task_weights(self.weights, x.num_tasks), self.sign_election)
 
@@ -80,7 +105,8 @@ class DARE(MergeMethod):
     ṽ = (1 − m) ⊙ v / (1 − p) (``rescale=False`` keeps ṽ = (1 − m) ⊙ v, the un-rescaled convention).
     Then ``merge``:
     ``"task_arithmetic"``: λ Σ_k w_k ṽ_k; ``"ties"``: TIES on ṽ_k (trim to ``ties_density`` — 1.0 = no
-    further trim, as mergekit's dare_ties — over ``trim_scope``, elect by ``sign_election``, disjoint
+    further trim, as mergekit's dare_ties — over ``trim_scope``, ties at the threshold by ``trim_ties``
+    as in TIES: ``"keep_all"`` default, ``"exact_count"`` mergekit's int(d·N)), elect by ``sign_election``, disjoint
     mean), times λ = ``scaling`` (0.3, the task-arithmetic default; the paper tunes it per merge).
     Deviation: mergekit's dare_ties sums the agreeing entries without dividing; we take TIES's mean.
     Reproducible under the run's seed (the engine's generator, replayed per key in every pass).
@@ -95,10 +121,12 @@ class DARE(MergeMethod):
     weights: list[Finite] | None = None
     ties_density: Density = 1.0
     trim_scope: Literal["model", "tensor"] = "model"
+    trim_ties: TrimTies = "keep_all"
     sign_election: Literal["unweighted", "weighted"] = "unweighted"
 
     def check(self) -> None:
-        self._ties = TIES(density=self.ties_density, trim_scope=self.trim_scope,
+        check_trim_ties("dare", self.trim_ties, self.trim_scope)
+        self._ties = TIES(density=self.ties_density, trim_scope=self.trim_scope, trim_ties=self.trim_ties,
                           sign_election=self.sign_election, weights=self.weights, scaling=self.scaling)
         self._ties.trimmed_vectors = self.dropped
 
@@ -133,7 +161,8 @@ class DELLA(MergeMethod):
     survivors rescaled by 1/(1 − p_i) (``rescale``). p = ``drop_rate``, ε = ``epsilon`` (the window
     width; mergekit's ``epsilon`` is ε/2). Then elect and disjoint mean as TIES (``sign_election``,
     ``weights``), θ_m = θ_pre + λ·merged with λ = ``scaling``. Defaults p = 0.3, ε = 0.14, λ = 1.1:
-    the authors' example command (declare-lab/della README).
+    the authors' example command (declare-lab/della README). DELLA has no count trim (so no
+    ``trim_ties``): entries tied in |v| are ranked in index order (a stable sort).
     """
 
     random = True
