@@ -17,8 +17,8 @@ from pathlib import Path
 
 from lightning.pytorch import Trainer
 
-from freemerge_pl.lightning.cli import FreeMergeTrainer
 from freemerge_pl.io import write_json_atomic, write_text_atomic
+from freemerge_pl.lightning.cli import FreeMergeTrainer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SPACE = {"filter_ratio": [0.1, 0.3, 0.5, 0.6], "scaling": [1.0, 1.5, 2.0, 2.5, 3.0]}

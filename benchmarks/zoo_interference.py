@@ -24,9 +24,9 @@ from typing import Any
 
 from scipy.stats import spearmanr
 
+from freemerge_pl.io import write_json_atomic, write_text_atomic
 from freemerge_pl.jobs.analysis import adapter_inputs, analyze
 from freemerge_pl.jobs.analysis.plots import cutoff_figure, save_figure, spectra_figure
-from freemerge_pl.io import write_json_atomic, write_text_atomic
 from freemerge_pl.progress import progress_iter
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from freemerge_pl._version import __version__
+
 __all__ = ["__version__", "load_merged"]
 
 

@@ -12,9 +12,9 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
-from freemerge_pl.lightning.cli import main
-from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError
 from freemerge_pl.adapters.hf_clip import PROJECTION_KEY, HFCLIPAdapter
+from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError
+from freemerge_pl.lightning.cli import main
 
 transformers = pytest.importorskip("transformers")
 

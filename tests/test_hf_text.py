@@ -21,12 +21,12 @@ from transformers import (
     RobertaTokenizerFast,
 )
 
-from freemerge_pl.lightning.cli import main
+from freemerge_pl.adapters.hf_text import HFSequenceClassificationAdapter
 from freemerge_pl.data.text import TextTask, pack_text_inputs
 from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError
-from freemerge_pl.merging import merge
+from freemerge_pl.lightning.cli import main
 from freemerge_pl.lightning.metrics import GLUE_METRICS, glue_metrics, task_metrics
-from freemerge_pl.adapters.hf_text import HFSequenceClassificationAdapter
+from freemerge_pl.merging import merge
 
 REPO = Path(__file__).resolve().parents[1]
 TABLE4 = sorted((REPO / "configs" / "paper").glob("table4_*.yaml"))

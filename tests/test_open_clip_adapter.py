@@ -9,11 +9,11 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from freemerge_pl.lightning.cli import main
+from freemerge_pl.adapters.open_clip_adapter import NormalizedLinear, OpenCLIPAdapter
 from freemerge_pl.data.image_folder import ImageFolderTask
 from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError
+from freemerge_pl.lightning.cli import main
 from freemerge_pl.merging import merge
-from freemerge_pl.adapters.open_clip_adapter import NormalizedLinear, OpenCLIPAdapter
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_CONFIGS = sorted((REPO / "configs" / "paper").glob("vit_*.yaml"))  # the OpenCLIP ones (Table 2)

@@ -10,9 +10,9 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from freemerge_pl.lightning.cli import main
-from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError
 from freemerge_pl.adapters.timm_vit import TimmViTAdapter
+from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError
+from freemerge_pl.lightning.cli import main
 
 timm = pytest.importorskip("timm")
 

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from freemerge_pl.adapters.base import ModelAdapter, StateDict
+from freemerge_pl.adapters.checks import meta_state_spec, task_order
 from freemerge_pl.data.tasks import TaskInfo, task_info
 from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError
 from freemerge_pl.io import (
@@ -50,8 +52,6 @@ from freemerge_pl.io import (
     verify_manifest,
     write_json_atomic,
 )
-from freemerge_pl.adapters.base import ModelAdapter, StateDict
-from freemerge_pl.adapters.checks import meta_state_spec, task_order
 
 #: vision-config fields every checkpoint must share with the pre-trained one (the architecture)
 VISION_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",

@@ -34,11 +34,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from freemerge_pl.adapters.base import ModelAdapter, StateDict
+from freemerge_pl.adapters.checks import meta_state_spec, task_order
 from freemerge_pl.data.text import unpack_text_inputs
 from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError
 from freemerge_pl.io import INDEX_NAME, open_checkpoint
-from freemerge_pl.adapters.base import ModelAdapter, StateDict
-from freemerge_pl.adapters.checks import meta_state_spec, task_order
 
 #: model types whose sequence-classification head was checked to take only the first token or the pooler
 SUPPORTED_MODEL_TYPES = ("roberta", "xlm-roberta", "camembert", "bert", "deberta", "deberta-v2", "distilbert",

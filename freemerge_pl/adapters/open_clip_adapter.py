@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError
-from freemerge_pl.io import PickledObjectsError, file_signature, load_state_dict, read_pickled_state_dict
 from freemerge_pl.adapters.base import ModelAdapter, OpenCLIPViTSplit, StateDict
 from freemerge_pl.adapters.checks import linear_head_tensors
+from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError
+from freemerge_pl.io import PickledObjectsError, file_signature, load_state_dict, read_pickled_state_dict
 
 #: prefixes tried, in this order, when ``key_prefix`` is None (the best-matching one wins)
 AUTO_PREFIXES = ("model.visual.", "visual.", "model.", "")

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError
-from freemerge_pl.io import PickledObjectsError, load_state_dict, open_checkpoint
 from freemerge_pl.adapters.base import ModelAdapter, StateDict
 from freemerge_pl.adapters.checks import linear_head_tensors
+from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError
+from freemerge_pl.io import PickledObjectsError, load_state_dict, open_checkpoint
 
 #: prefixes tried, in this order, when ``key_prefix`` is None (the best-matching one wins)
 AUTO_PREFIXES = ("", "module.", "model.")

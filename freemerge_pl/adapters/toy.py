@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from freemerge_pl.io import save_safetensors_atomic, write_json_atomic
 from freemerge_pl.adapters.base import ModelAdapter
+from freemerge_pl.io import save_safetensors_atomic, write_json_atomic
 
 
 class ToyBackbone(nn.Module):

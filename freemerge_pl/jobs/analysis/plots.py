@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from freemerge_pl.jobs.analysis.interference import InterferenceReport
 from freemerge_pl.errors import ConfigError
 from freemerge_pl.io import _atomic_write
+from freemerge_pl.jobs.analysis.interference import InterferenceReport
 
 
 def pyplot():

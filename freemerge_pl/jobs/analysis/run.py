@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from freemerge_pl.jobs.analysis.interference import InterferenceReport, analyze
+from freemerge_pl.adapters.base import ModelAdapter
 from freemerge_pl.errors import ConfigError
 from freemerge_pl.io import open_checkpoint, write_json_atomic, write_text_atomic
+from freemerge_pl.jobs.analysis.interference import InterferenceReport, analyze
 from freemerge_pl.merging.engine import CheckpointInputs
-from freemerge_pl.adapters.base import ModelAdapter
 from freemerge_pl.merging.source import StateDictSource, TensorSource
 
 OUTPUT_NAMES = ("interference.json", "interference.md", "spectra.png", "cutoff.png")
