@@ -1,5 +1,9 @@
-import json, sys
-a = json.load(open(sys.argv[1])); b = json.load(open(sys.argv[2]))
+"""Compare two repro.py outputs row by row: task accuracies equal, routing equal (or none after)."""
+import json
+import pathlib
+import sys
+
+a, b = (json.loads(pathlib.Path(f).read_text()) for f in sys.argv[1:3])
 same = diff = 0
 for label in a:
     if label not in b or "tasks" not in a[label] or "tasks" not in b[label]:
