@@ -8,7 +8,7 @@ from pathlib import Path
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
-from freemerge_pl.io import _atomic_write, write_json_atomic, write_text_atomic
+from freemerge_pl.io import atomic_write, write_json_atomic, write_text_atomic
 from freemerge_pl.lightning.router import routing_confusion_markdown
 
 
@@ -36,7 +36,7 @@ def plot_routing_confusion(matrix: list[list[int]], names: list[str], path: str 
             ax.text(j, i, str(int(v)), ha="center", va="center", fontsize=7)
     fig.tight_layout()
     if path is not None:
-        _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+        atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     return fig
 
 

@@ -43,7 +43,6 @@ from freemerge_pl.io.export import (
 from freemerge_pl.io.files import (
     MANIFEST_NAME,
     ZOO_MANIFEST_NAME,
-    _atomic_write,
     atomic_write,
     cached_sha256,
     check_output_dir,
@@ -75,7 +74,7 @@ __all__ = [
     "DEFAULT_SHARD_BYTES", "INDEX_NAME", "JOURNAL_NAME", "MANIFEST_NAME", "SAFETENSORS_DTYPES", "SINGLE_NAME",
     "ZOO_MANIFEST_NAME",
     "MergedExport", "OutputLockedError", "PickledModuleSource", "PickledObjectsError", "SafetensorsSource",
-    "ShardedSafetensorsSink", "TorchFileSource", "_atomic_write", "atomic_write", "cached_sha256",
+    "ShardedSafetensorsSink", "TorchFileSource", "atomic_write", "cached_sha256",
     "check_output_dir", "file_records", "file_signature", "is_own_export", "load_state_dict", "lock_path",
     "open_checkpoint", "output_lock", "publish_directory", "read_export", "read_manifest",
     "read_pickled_state_dict", "read_safetensors_header", "read_task_module", "read_task_modules",

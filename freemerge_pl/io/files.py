@@ -69,7 +69,6 @@ def atomic_write(path, write) -> None:
         raise
 
 
-_atomic_write = atomic_write  # the name callers used before the io package was split
 
 
 def write_json_atomic(obj: Any, path) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from freemerge_pl.errors import ConfigError
-from freemerge_pl.io import _atomic_write
+from freemerge_pl.io import atomic_write
 from freemerge_pl.jobs.analysis.interference import InterferenceReport
 
 
@@ -91,7 +91,7 @@ def save_figure(fig: Any, path, *, dpi: int = 110) -> Path:
     """Write ``fig`` as a PNG atomically (temp file, then rename) and close it."""
     path = Path(path)
     try:
-        _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
     finally:
         pyplot().close(fig)
     return path
