@@ -6,7 +6,9 @@ flat int32 or compact indices, on the zoo with oracle routing (the experts' own 
 For each storage choice: bytes of one task's expert as a % of the float32 backbone, bytes an entry, and the
 average test accuracy (points; goal: 16-bit values within 0.2 points of float32, storage ≤ 1.0 % at d = 1 %).
 Indices are loss-free in every choice (``experts.encode_indices``), so only the value rounding can move accuracy.
-Writes ``benchmarks/results/expert_storage.{json,md}``.
+FREE-Merging's defaults are the "bfloat16 values, compact indices" row (issue 28 item 6); every row passes its
+``expert_dtype`` explicitly, so the table does not depend on the default. Writes
+``benchmarks/results/expert_storage.{json,md}``.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ machine. Results go to benchmarks/results/merge_speed.{json,md}.
 
     python benchmarks/merge_speed.py [--tasks 8] [--repeats 3] [--naive-repeats 1] [--filter-ratio 0.3]
                                      [--methods all|none|name,name] [--name merge_speed] [--layers N]
-                                     [--method-repeats 1]
+                                     [--method-repeats 1] [--threads N]
 
 Page faults on freshly allocated output tensors are a large share of task arithmetic's time under glibc's
 default allocator settings; ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967295``
@@ -18,12 +18,14 @@ keeps freed memory for reuse and shows the ratios without them (the setting is p
 
 Every registry method (through the engine, ``merge_task_vectors(get_method(name).build(), task_vectors)``, default
 hyperparameters) is also timed from the same task vectors (the fastest of ``--method-repeats`` runs), and its wall
-and CPU time are printed relative to task arithmetic's.
+and CPU time are printed relative to task arithmetic's, with, for TSV, Twin and DELLA, the CPU time of the step
+no exact rewrite removes (their SVDs, DELLA's rank sort) timed alone: the floor of that method's ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import resource
@@ -39,7 +41,10 @@ from freemerge_pl.io import write_json_atomic, write_text_atomic
 from freemerge_pl.merging import apply_delta, energy_lambdas, list_methods
 from freemerge_pl.merging.engine import merge_task_vectors
 from freemerge_pl.merging.fourier import Spectrum, full_highpass_mask, matrix_shape
+from freemerge_pl.merging.linalg import polar_factor, top_singular_triplets, truncated_svd_factors
 from freemerge_pl.merging.methods.fr import FREEMerging, FRMerging, fr_combine
+from freemerge_pl.merging.methods.twin import twin_rank
+from freemerge_pl.merging.ops import rows_view
 from freemerge_pl.merging.registry import get_method
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -137,6 +142,40 @@ def fr_stages(tvs, filter_ratio: float) -> dict[str, callable]:
     }
 
 
+def method_floors(tvs) -> dict[str, tuple[str, callable]]:
+    """The step of a method that no exact rewrite removes, timed alone on the same task vectors at the method's
+    defaults (inputs prepared untimed): TSV's and Twin's decompositions, DELLA's per-row rank sort."""
+    K = len(tvs)
+    mats = {k: [tv[k].float() for tv in tvs] for k in tvs[0] if tvs[0][k].dim() == 2 and tvs[0][k].numel()}
+
+    def tsv_decompositions():
+        for vs in mats.values():
+            rank = max(1, math.floor(min(vs[0].shape) / K + 1e-9))
+            us, _, vhs = zip(*(top_singular_triplets(v, rank) for v in vs))
+            polar_factor(torch.cat(us, 1))
+            polar_factor(torch.cat(vhs, 0))
+
+    shared = {k: 0.3 * torch.stack([tv[k] for tv in tvs]).sum(0) for k in tvs[0] if tvs[0][k].dim() >= 2}
+    diffs = {k: [(tv[k] - shared[k]).reshape(matrix_shape(tv[k].shape)) for tv in tvs] for k in shared}
+
+    def twin_decompositions():
+        for k, ds in diffs.items():
+            for d in ds:
+                truncated_svd_factors(d, twin_rank(tvs[0][k].shape, 0.1))
+
+    def della_sorts():
+        for tv in tvs:
+            for v in tv.values():
+                torch.sort(rows_view(v).abs(), dim=1, stable=True)
+
+    return {
+        "tsv": ("its SVDs alone (each task's top-k triplets and the two polar factors per 2-D tensor)",
+                tsv_decompositions),
+        "twin": ("its SVDs alone (each task's truncated SVD per ≥2-D tensor)", twin_decompositions),
+        "della": ("its rank sorts alone (one stable sort of |v| per row, task and tensor)", della_sorts),
+    }
+
+
 def timed(fn) -> tuple[float, float, object]:
     """Wall-clock and process CPU seconds (all threads) of one call, and its result."""
     wall, cpu = time.perf_counter(), time.process_time()
@@ -180,7 +219,12 @@ def main() -> None:
                         help="timed runs of each registry method (the fastest is reported)")
     parser.add_argument("--layers", type=int, default=None,
                         help="keep only the first N of the 12 residual blocks (a shorter run; default all)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); 1 keeps CPU time free of thread spin-waits "
+                             "on a loaded machine")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     pretrained = vit_b32_visual(args.layers)
     tvs = synthetic_task_vectors(pretrained, args.tasks)
@@ -238,9 +282,12 @@ def main() -> None:
                     else args.methods.split(","))
     method_seconds: dict[str, float] = {}
     method_cpu: dict[str, float] = {}
+    floor_cpu: dict[str, float] = {}
+    floor_text: dict[str, str] = {}
+    floors = method_floors(tvs)
     for name in method_names:
         spec = get_method(name)
-        if spec.needs:
+        if spec.needs or not spec.cls.uses_task_vectors:  # data, or the checkpoints themselves
             continue
         kwargs = {"key_pattern": "attn|mlp"} if name.endswith("_released") else {}
         runs_of = [timed(lambda s=spec, kw=kwargs: apply_delta(pretrained, merge_task_vectors(s.build(kw), tvs).delta))[:2]
@@ -249,6 +296,11 @@ def main() -> None:
         method_cpu[name] = min(c for _, c in runs_of)
         print(f"{name}: {method_seconds[name]:.2f} s = {method_seconds[name] / median['task_arithmetic']:.2f} × "
               f"task arithmetic (CPU time {method_cpu[name] / median_cpu['task_arithmetic']:.2f} ×)", flush=True)
+        if name in floors:  # right after the method, so both see the same machine
+            floor_text[name], fn = floors[name]
+            floor_cpu[name] = min(timed(fn)[1] for _ in range(args.method_repeats))
+            print(f"{name} floor, {floor_text[name]}: CPU time {floor_cpu[name] / median_cpu['task_arithmetic']:.2f} × "
+                  "task arithmetic", flush=True)
 
     # the experts as the product extracts them: FREE-Merging's engine passes without the FFT (filter_ratio 0)
     expert_seconds, _, experts = timed(lambda: merge_task_vectors(
@@ -286,6 +338,9 @@ def main() -> None:
         "method_cpu_seconds": method_cpu,
         "method_over_task_arithmetic": {n: s / median["task_arithmetic"] for n, s in method_seconds.items()},
         "method_cpu_over_task_arithmetic": {n: s / median_cpu["task_arithmetic"] for n, s in method_cpu.items()},
+        "floor_cpu_seconds": floor_cpu,
+        "floor_cpu_over_task_arithmetic": {n: s / median_cpu["task_arithmetic"] for n, s in floor_cpu.items()},
+        "floor_description": floor_text,
         "expert_extraction_seconds_per_task": expert_seconds / args.tasks,
         "expert_mib_per_task": expert_mib,
         "peak_rss_mib": peak_rss_mib(),
@@ -343,11 +398,14 @@ def main() -> None:
         ta, ta_cpu = median["task_arithmetic"], median_cpu["task_arithmetic"]
         lines += [(f"## Every registry method (fastest of {args.method_repeats} run(s) each, through the engine, "
                   "default hyperparameters)"), "",
-                  "Within 20 × is judged on CPU time, the steadier measure on a shared machine.", "",
-                  "| method | wall | / task arithmetic | CPU time | / task arithmetic | within 20 × |",
-                  "|---|---|---|---|---|---|",
+                  ("Within 20 × is judged on CPU time, the steadier measure on a shared machine. Floor: the step no "
+                  "exact rewrite removes, timed alone (CPU time / task arithmetic's):"), "",
+                  *(f"- `{n}`: {text}" for n, text in floor_text.items()), "",
+                  "| method | wall | / task arithmetic | CPU time | / task arithmetic | within 20 × | floor |",
+                  "|---|---|---|---|---|---|---|",
                   *(f"| `{n}` | {s:.2f} s | {s / ta:.2f} | {method_cpu[n]:.2f} s | {method_cpu[n] / ta_cpu:.2f} | "
-                    f"{'yes' if method_cpu[n] <= 20 * ta_cpu else 'no'} |" for n, s in method_seconds.items()),
+                    f"{'yes' if method_cpu[n] <= 20 * ta_cpu else 'no'} | "
+                    f"{f'{floor_cpu[n] / ta_cpu:.2f}' if n in floor_cpu else ''} |" for n, s in method_seconds.items()),
                   ""]
     markdown = "\n".join(lines)
     print(markdown)

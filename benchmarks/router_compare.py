@@ -1,221 +1,445 @@
-"""Routers compared on the default zoo: routing accuracy and routed FREE-Merging accuracy vs oracle FREE.
+"""Routers compared on a zoo (issue 28 item 1): routing accuracy and how much of the experts' gain they keep.
 
-    python benchmarks/router_compare.py [--size default] [--threshold-grid 0,0.5,0.7,0.9]
+    python benchmarks/router_compare.py --zoo vision|text [--blend 'source|head|epochs']
 
-One FREE-Merging merge (the zoo config's defaults); for each feature source × head a router is fitted on the
-zoo's ``router`` split (100 images per task that no fine-tuned model trained on) and scored on the ``val``
-split (held out before fine-tuning: the data the default is chosen on) and on ``test`` (reported, never used to
-choose). Per router: routing accuracy, routed FREE accuracy (dataset heads, top-1, Alg. 1), the gap to
-oracle FREE (true task → its expert), the merged backbone alone (no expert), and routed FREE's throughput on
-mixed-task batches relative to the merged backbone's (measured in turns, as ``inference_overhead.py``). The
-choice is the best val routed FREE. A prefix depth other than the product's (``router.SPLIT_BLOCK``) is a
-``RoutedModel`` built here directly. Writes ``benchmarks/results/router_compare.{json,md}``, the chosen router's
-routing confusion matrix
-(``router_compare_confusion.{md,png}``, test split) and every router's (``router_compare_confusions.md``,
-``router_confusions/<router>.png``).
+For each method setting (FREE defaults, EMR defaults, FREE at the zoo table's tuned values) the merge is built
+once and every evaluation sample is scored under every routing choice: the merged backbone alone and each task's
+expert (``ok[n, 0]``: backbone, ``ok[n, 1 + k]``: expert k, each with the sample's own head, top-1 weight swap:
+the product's path). A router's routed accuracy is then a lookup, so each feature source's features are computed
+once per split (cached in ``/tmp/router_compare_<zoo>.pt``) and every head is fitted on them in a second.
+Gain kept = (routed − backbone alone) / (oracle − backbone alone), accuracies averaged over tasks; routing
+accuracy is the mean over tasks. Levers: feature source (the pre-trained model, candidate-independent: first
+blocks or the whole; class token, token mean or both; each merge's own backbone), head, epochs, a fallback to
+the merged backbone below a softmax weight and, with ``--blend``, Alg. 1's weights used as weights (run exactly).
+Choose on val (tune-val), report test. The headline: the default router (``RouterConfig()``, ``auto``) beside a
+logistic-regression probe on the pre-trained model's mean-pooled tokens, trained on the same router split (the
+default must not be below it), and the gain it keeps. Writes ``benchmarks/results/router_compare{,_text}.{json,md}``.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
+import json
+import sys
 import time
 from pathlib import Path
 
 import torch
-from freemerge_pl.callbacks.routing import plot_routing_confusion
-from inference_overhead import mixed_batches, throughput
 
-from freemerge_pl.adapters.zoo_vit import ZooViTAdapter
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from zoo_table import build
+
+from freemerge_pl.data.text import unpack_text_inputs
 from freemerge_pl.io import write_json_atomic, write_text_atomic
-from freemerge_pl.lightning.datamodule import MultiTaskDataModule, TaskConfig
-from freemerge_pl.lightning.module import MergedModule
-from freemerge_pl.lightning.routed import RoutedModel
-from freemerge_pl.lightning.router import (
-    AUTO_IMAGE_SOURCE,
-    SPLIT_BLOCK,
-    RouterConfig,
-    routing_confusion_markdown,
-)
-from freemerge_pl.zoo.vision.build import normalize_images
+from freemerge_pl.lightning.router import SEED, Router, RouterConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ROUTERS: list[dict] = [
-    *({"feature_source": "input", "head": h} for h in ("linear", "mlp")),
-    *({"feature_source": "backbone_prefix", "split_block": b, "head": h} for b in (1, 2, 3) for h in ("linear", "mlp")),
-    *({"feature_source": "backbone", "head": h} for h in ("linear", "mlp")),
-    *({"feature_source": "pretrained_backbone", "split_block": b, "head": h} for b in (0, 2)
-      for h in ("linear", "mlp")),
-]
+SETTINGS = {
+    "vision": {"FREE defaults": ("free_merging", {}), "EMR defaults": ("emr", {}),
+               "FREE tuned": ("free_merging", {"filter_ratio": 0.1, "scaling": 1.0, "expert_scale": 2.0})},
+    "text": {"FREE defaults": ("free_merging", {}), "EMR defaults": ("emr", {}),
+             "FREE tuned": ("free_merging", {"filter_ratio": 0.1, "scaling": 1.5, "expert_scale": 1.0})},
+}
 
 
-def split_tensors(dm: MultiTaskDataModule, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Images, labels and task ids of every task's ``split`` (``val`` = tune-val, ``test``)."""
+def stacked(dataset, batch: int = 512) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     xs, ys, ts = [], [], []
-    for i, name in enumerate(dm.task_names):
-        ds = dm.tune_dataset(name).dataset if split == "val" else dm._test[name]
-        xs.append(normalize_images(ds.images))
-        ys.append(ds.labels)
-        ts.append(torch.full((len(ds.labels),), i))
+    for x, y, t in torch.utils.data.DataLoader(dataset, batch_size=batch):
+        xs.append(x)
+        ys.append(y)
+        ts.append(torch.as_tensor(t).long())
     return torch.cat(xs), torch.cat(ys), torch.cat(ts)
 
 
+def splits(zoo: str):
+    """router_tune (router split less tune-val), val (tune-val), router (the zoo config's whole router split), test;
+    the task names and the FREE-defaults module the data module came with."""
+    module, dm = build("default", "free_merging", zoo=zoo)
+    dm.tune_fraction = 0.5
+    dm._train.clear()
+    dm.setup()
+    out = {"router_tune": stacked(dm.router_dataset()),
+           "val": stacked(torch.utils.data.ConcatDataset([dm.tune_dataset(t) for t in dm.task_names]))}
+    dm.tune_fraction = 0.0
+    dm._train.clear()
+    dm._val.clear()
+    dm.setup()
+    out["router"] = stacked(dm.router_dataset())
+    out["test"] = stacked(torch.utils.data.ConcatDataset([loader.dataset for loader in dm.test_dataloader()]))
+    return out, dm.task_names, module
+
+
 @torch.no_grad()
-def scores(module: RoutedModel, data, ids=None, batch: int = 512) -> dict[str, float]:
-    """Accuracy with the dataset's head (mean over tasks) for routing ``ids`` (None: the router's own;
-    ``"oracle"``: the true task; ``"none"``: the backbone alone), and routing accuracy."""
+def vision_features(backbone, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    blocks = backbone.transformer.resblocks
+    h = backbone._embeds(x)
+    batch_first = getattr(backbone.transformer, "batch_first", True)
+    if not batch_first:
+        h = h.transpose(0, 1)
+    out = {}
+    for i, block in enumerate(blocks, 1):
+        h = block(h) if batch_first else block(h.transpose(0, 1)).transpose(0, 1)
+        if i in (1, 2, 3, len(blocks)):
+            tag = str(i) if i < len(blocks) else "L"
+            out[f"cls[{tag}]"] = h[:, 0].float()
+            out[f"mean[{tag}]"] = h[:, 1:].mean(1).float()
+            out[f"cls+mean[{tag}]"] = torch.cat([h[:, 0], h[:, 1:].mean(1)], -1).float()
+    out["output"] = backbone(x).float()
+    return out
+
+
+@torch.no_grad()
+def text_features(backbone, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    encoder = getattr(backbone, backbone.prefix)
+    kw = unpack_text_inputs(x)
+    res = encoder(**kw, output_hidden_states=True, return_dict=True)
+    mask = kw.get("attention_mask", torch.ones(kw["input_ids"].shape)).float()[..., None]
+    hs = res.hidden_states
+    out = {"output": backbone(x).float()}
+    for tag, h in (("3", hs[3]), ("L", hs[-1])):
+        out[f"cls[{tag}]"] = h[:, 0].float()
+        out[f"mean[{tag}]"] = ((h * mask).sum(1) / mask.sum(1)).float()
+        out[f"cls+mean[{tag}]"] = torch.cat([out[f"cls[{tag}]"], out[f"mean[{tag}]"]], -1)
+    return out
+
+
+def features(fn, backbone, x: torch.Tensor, batch: int = 256) -> dict[str, torch.Tensor]:
+    parts: dict[str, list] = {}
+    for s in range(0, len(x), batch):
+        for k, v in fn(backbone, x[s:s + batch]).items():
+            parts.setdefault(k, []).append(v)
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+@torch.no_grad()
+def correctness(model, data, batch: int = 256) -> torch.Tensor:
+    """``ok[n, 0]``: the merged backbone alone is right on sample n; ``ok[n, 1 + k]``: with task k's expert."""
     x, y, t = data
-    correct = torch.zeros(len(y), dtype=torch.bool)
-    routed = torch.empty(len(y), dtype=torch.long)
+    K = len(model.task_names)
+    ok = torch.zeros(len(y), K + 1, dtype=torch.bool)
     for s in range(0, len(y), batch):
-        xb, tb = x[s:s + batch], t[s:s + batch]
-        if ids == "none":
-            i, feats = torch.zeros(len(tb), 1, dtype=torch.long), module.backbone(xb)
-        else:
-            feats, i, _ = module.routed_features(xb, tb if ids == "oracle" else None)
-        routed[s:s + batch] = i[:, 0]
+        xb, yb, tb = x[s:s + batch], y[s:s + batch], t[s:s + batch]
+        for e in range(K + 1):
+            ids = None if e == 0 else torch.full((len(xb), 1), e - 1)
+            feats = model.features(xb, ids)
+            for task in tb.unique().tolist():
+                sel = tb == task
+                ok[s:s + batch][sel, e] = model.head_outputs(feats[sel], task).argmax(-1) == yb[sel]
+    return ok
+
+
+def fit_head(train_feats, train_ids, K: int, head: str, epochs: int, lr: float = 1e-3) -> Router:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        router = Router(K, RouterConfig(head=head, epochs=epochs, lr=lr), train_feats.shape[-1])
+    return router.fit(train_feats, train_ids)
+
+
+def task_mean(values: torch.Tensor, t: torch.Tensor, K: int) -> float:
+    return float(torch.stack([values[t == k].float().mean() for k in range(K)]).mean())
+
+
+def score(logits: torch.Tensor, t: torch.Tensor, oks: dict[str, torch.Tensor], K: int,
+          threshold: float = 0.0) -> dict:
+    probs = logits.softmax(-1)
+    conf, routed = probs.max(-1)
+    col = torch.where(conf >= threshold, routed + 1, torch.zeros_like(routed))
+    out = {"routing": task_mean(routed == t, t, K), "kept": {}, "routed": {}}
+    for name, ok in oks.items():
+        ar = torch.arange(len(t))
+        base, oracle, got = (task_mean(ok[ar, c], t, K) for c in (torch.zeros_like(t), t + 1, col))
+        out["routed"][name] = got
+        out["kept"][name] = (got - base) / (oracle - base) if oracle != base else float("nan")
+    return out
+
+
+def collect(zoo: str, cache: Path):
+    """Every split's task ids, every feature source's features, every setting's ``ok`` matrices and baselines
+    (cached in ``cache``: the head fits and the table are then seconds)."""
+    if cache.exists():
+        return torch.load(cache)
+    start = time.perf_counter()
+    data, names, first = splits(zoo)
+    fn = vision_features if zoo == "vision" else text_features
+    feats: dict[str, dict[str, torch.Tensor]] = {}  # source → split → tensor
+    oks: dict[str, dict[str, torch.Tensor]] = {"val": {}, "test": {}}
+    baselines: dict[str, dict] = {}
+    K = len(names)
+    for n, (label, (method, margs)) in enumerate(SETTINGS[zoo].items()):
+        module = first if n == 0 else build("default", method, margs, zoo=zoo)[0]
+        model = module.model
+        if n == 0:
+            pre = module.adapter.build_backbone()
+            pre.load_state_dict(module.adapter.pretrained_state_dict())
+            pre.eval()
+            for split, (x, _, _) in data.items():
+                for k, v in features(fn, pre, x).items():
+                    feats.setdefault(f"pretrained {k}", {})[split] = v
+        for split, (x, _, _) in data.items():
+            for k, v in features(fn, model.backbone, x).items():
+                if k in ("output", "cls[3]", "mean[3]"):
+                    feats.setdefault(f"merged({label}) {k}", {})[split] = v
+        for split in ("val", "test"):
+            oks[split][label] = correctness(model, data[split])
+            t = data[split][2]
+            baselines.setdefault(label, {})[split] = {
+                "backbone": task_mean(oks[split][label][:, 0], t, K),
+                "oracle": task_mean(oks[split][label][torch.arange(len(t)), t + 1], t, K)}
+        print(f"{label}: {baselines[label]} {time.perf_counter() - start:.0f}s", flush=True)
+    out = {"ids": {k: v[2] for k, v in data.items()}, "names": names, "feats": feats, "oks": oks,
+           "baselines": baselines, "seconds": time.perf_counter() - start}
+    torch.save(out, cache)
+    return out
+
+
+HEADS = [("linear", 20), ("mlp", 20), ("linear", 100), ("mlp", 100)]
+
+
+def fitted(c, source: str, head: str, epochs: int, zoo: str) -> tuple[Router, Router]:
+    """The head fitted on router_tune (scored on val) and on the whole router split (scored on test)."""
+    K = len(c["names"])
+    r1 = fit_head(c["feats"][source]["router_tune"], c["ids"]["router_tune"], K, head, epochs)
+    r2 = r1 if zoo == "vision" else fit_head(c["feats"][source]["router"], c["ids"]["router"], K, head, epochs)
+    return r1, r2
+
+
+MODES = ("top-1", "top-1 × its weight", "top-2 blend", "top-1 if weight ≥ 0.5, else top-2 blend")
+
+
+def routes(logits: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert ids ``[N, k]`` and their scales ``[N, k]`` under one use of the router's softmax weights (Alg. 1)."""
+    p = logits.softmax(-1)
+    w1, i1 = p.max(-1, keepdim=True)
+    v2, i2 = logits.topk(2, -1)
+    w2 = v2.softmax(-1)  # renormalised over the top two (Router.route with top_k 2)
+    if mode == "top-1":
+        return i1, torch.ones_like(w1)
+    if mode == "top-1 × its weight":
+        return i1, w1
+    if mode == "top-2 blend":
+        return i2, w2
+    sure = w1[:, 0] >= 0.5
+    ids = torch.where(sure[:, None], torch.stack([i1[:, 0], i1[:, 0]], -1), i2)
+    return ids, torch.where(sure[:, None], torch.tensor([1.0, 0.0]), w2)
+
+
+@torch.no_grad()
+def routed_accuracy(model, data, ids: torch.Tensor, weights: torch.Tensor, batch: int = 256) -> float:
+    x, y, t = data
+    ok = torch.zeros(len(y), dtype=torch.bool)
+    for s in range(0, len(y), batch):
+        feats = model.features(x[s:s + batch], ids[s:s + batch], weights[s:s + batch])
+        tb, yb = t[s:s + batch], y[s:s + batch]
         for task in tb.unique().tolist():
             sel = tb == task
-            pred = module.head_outputs(feats[sel], task).argmax(-1)
-            correct[s:s + batch][sel] = pred == y[s:s + batch][sel]
-    per_task = [float(correct[t == k].float().mean()) for k in range(int(t.max()) + 1)]
-    route_acc = [float((routed[t == k] == k).float().mean()) for k in range(int(t.max()) + 1)]
-    return {"accuracy": sum(per_task) / len(per_task), "routing_accuracy": sum(route_acc) / len(route_acc),
-            "routed": routed}
+            ok[s:s + batch][sel] = model.head_outputs(feats[sel], task).argmax(-1) == yb[sel]
+    return task_mean(ok, t, int(t.max()) + 1)
 
 
-def confusion(task_ids: torch.Tensor, routed: torch.Tensor, num_tasks: int) -> torch.Tensor:
-    """Routing confusion counts ``[true task, routed task]``."""
-    return torch.zeros(num_tasks, num_tasks, dtype=torch.long).index_put_(
-        (task_ids, routed), torch.ones(len(routed), dtype=torch.long), accumulate=True)
+def blend(zoo: str, c, source: str, head: str, epochs: int) -> dict:
+    """Each mode of ``MODES`` run exactly (the weight swap with scaled experts) for every setting."""
+    data, _, first = splits(zoo)
+    r1, r2 = fitted(c, source, head, epochs, zoo)
+    with torch.no_grad():
+        logits = {"val": r1(c["feats"][source]["val"]), "test": r2(c["feats"][source]["test"])}
+    out: dict = {}
+    for n, (label, (method, margs)) in enumerate(SETTINGS[zoo].items()):
+        model = (first if n == 0 else build("default", method, margs, zoo=zoo)[0]).model
+        for split in ("val", "test"):
+            base = c["baselines"][label][split]
+            for mode in MODES:
+                acc = routed_accuracy(model, data[split], *routes(logits[split], mode))
+                kept = (acc - base["backbone"]) / (base["oracle"] - base["backbone"])
+                out.setdefault(label, {}).setdefault(split, {})[mode] = {"routed": acc, "kept": kept}
+                print(f"{label:14s} {split:4s} {mode:40s} routed {acc:.4f} kept {kept:.2f}", flush=True)
+    return out
 
 
-def slug(text: str) -> str:
-    """A file name for a router's label."""
-    return re.sub(r"[^0-9A-Za-z]+", "_", text).strip("_")
+def valid(source: str, settings: list[str]) -> list[str]:
+    """The settings a source's gain kept is meaningful for: a merged backbone's features route only its own merge."""
+    return [k for k in settings if not source.startswith("merged(") or source.startswith(f"merged({k})")]
 
 
-def use_router(merged: MergedModule, r: dict, router_data, example) -> tuple[RoutedModel, float]:
-    """The merged model with router ``r`` (its prefix depth: ``split_block``), fitted on ``router_data``."""
-    config = RouterConfig(**{k: v for k, v in r.items() if k != "split_block"})
-    model = RoutedModel(merged.adapter, merged.task_names, merged.backbone, list(merged.task_modules),
-                        dict(merged.model.shared_modules), config, example_input=example,
-                        split_block=r.get("split_block", SPLIT_BLOCK))
-    start = time.perf_counter()
-    model.fit_router(router_data)
-    return model, time.perf_counter() - start
+def mean_kept(r: dict, split: str, settings: list[str], scores: dict | None = None) -> float:
+    own = valid(r["source"], settings)
+    sc = (scores or r)[split]["kept"]
+    return sum(sc[k] for k in own) / len(own)
 
 
-def label(r: dict) -> str:
-    split = f"[{r['split_block']}]" if "split_block" in r else ""
-    return f"{r['feature_source']}{split} + {r['head']}"
+def markdown(report: dict, blend_report: dict | None = None) -> str:
+    """The levers table (choose on val, report test) and, when run, the Alg. 1 weight modes."""
+    settings = list(report["baselines"])
+    b = report["baselines"]
+    lines = [f"# Router levers on the {report['zoo']} zoo: routing accuracy and gain kept", "",
+             ("Gain kept = (routed − merged backbone alone) / (oracle − merged backbone alone), each the mean over "
+              "tasks of the task's accuracy with its own head; routing accuracy: mean over tasks. val = tune-val "
+              "(router fitted on the router split less tune-val where tune-val comes out of it), test = the zoo "
+              f"config's router split → test split. Sizes: {report['sizes']}."), "",
+             "| setting | val backbone | val oracle | test backbone | test oracle |", "|---|---|---|---|---|"]
+    for k in settings:
+        lines.append(f"| {k} | {100 * b[k]['val']['backbone']:.1f} | {100 * b[k]['val']['oracle']:.1f} | "
+                     f"{100 * b[k]['test']['backbone']:.1f} | {100 * b[k]['test']['oracle']:.1f} |")
+    head = ["source", "head", "epochs", "val routing", *(f"val kept {k}" for k in settings), "test routing",
+            *(f"test kept {k}" for k in settings)]
+    lines += ["", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in report["rows"]:
+        own = valid(r["source"], settings)
+        lines.append("| " + " | ".join([r["source"], r["head"], str(r["epochs"]), f"{100 * r['val']['routing']:.1f}",
+                                          *(f"{100 * r['val']['kept'][k]:.0f} %" if k in own else "–"
+                                            for k in settings),
+                                          f"{100 * r['test']['routing']:.1f}",
+                                          *(f"{100 * r['test']['kept'][k]:.0f} %" if k in own else "–"
+                                            for k in settings)]) + " |")
+    lines += ["", ("Linear probe (logistic regression, standardised features) on pre-trained sources, same router "
+                   "split, routing accuracy (mean over tasks):"), "", "| source | val | test |", "|---|---|---|"]
+    for source, p in report["probes"].items():
+        lines.append(f"| {source} | {100 * p['val']:.1f} | {100 * p['test']:.1f} |")
+    lines += ["", ("Fallback to the merged backbone below a softmax weight (gain kept, mean of the settings; rows: "
+                   "the best val row per source):"), "", "| source + head | threshold | val kept | test kept |",
+              "|---|---|---|---|"]
+    best_by_source: dict[str, dict] = {}
+    for r in report["rows"]:
+        mean_val = mean_kept(r, "val", settings)
+        if r["source"] not in best_by_source or mean_val > best_by_source[r["source"]]["_v"]:
+            best_by_source[r["source"]] = {**r, "_v": mean_val}
+    for source, r in best_by_source.items():
+        for th in ("0", *r["fallback"]):
+            sc = None if th == "0" else r["fallback"][th]
+            lines.append(f"| {source} {r['head']} {r['epochs']} | {th} | "
+                         f"{100 * mean_kept(r, 'val', settings, sc):.0f} % | "
+                         f"{100 * mean_kept(r, 'test', settings, sc):.0f} % |")
+    if blend_report:
+        lines += ["", (f"Alg. 1's weights as weights, run exactly (the weight swap with scaled experts), router "
+                       f"{blend_report['router']}: gain kept"), "", "| setting | mode | val kept | test kept | test routed |",
+                  "|---|---|---|---|---|"]
+        for k, by_split in blend_report["modes"].items():
+            for mode in MODES:
+                lines.append(f"| {k} | {mode} | {100 * by_split['val'][mode]['kept']:.0f} % | "
+                             f"{100 * by_split['test'][mode]['kept']:.0f} % | "
+                             f"{100 * by_split['test'][mode]['routed']:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
-def mixed_throughput(model: RoutedModel, batches) -> float:
-    """Routed FREE's images/s on mixed-task batches over the merged backbone's, measured in turns
-    (``inference_overhead.throughput``; the weight swap, the product's expert path)."""
-    backbone, routed = throughput([lambda x, t: model.backbone(x), lambda x, t: model(x)], batches, repeats=3)
-    return routed / backbone
+#: the product's routers in the study's feature names: ``auto`` resolved for the zoo's adapter, and the router
+#: ``auto`` picked before (issue 28) for comparison
+DEFAULT_SOURCE = {"vision": "pretrained cls+mean[L]", "text": "pretrained mean[3]"}
+AUTO_RESOLVED = {"vision": "pretrained", "text": "pretrained_backbone"}  # ``auto`` for ZooViT / TextZoo adapters
+OLD_SOURCE = {"vision": "cls[3]", "text": "output"}  # of each setting's own merged backbone
+PROBE_SOURCE = "pretrained mean[L]"  # the mean-pooled pre-trained features
+
+
+def headline(c, zoo: str) -> dict:
+    """The default router (``RouterConfig()`` on the zoo's adapter: mlp, 20 epochs) against the mean-pool probe
+    and the router it replaces: routing accuracy (mean over tasks and pooled), gain kept, routed − oracle."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    K, ids, oks = len(c["names"]), c["ids"], c["oks"]
+    config = RouterConfig()
+    out: dict = {"default_source": DEFAULT_SOURCE[zoo], "head": config.head, "epochs": config.epochs}
+    fs = c["feats"][PROBE_SOURCE]
+    sc = StandardScaler().fit(fs["router"].numpy())
+    clf = LogisticRegression(max_iter=2000).fit(sc.transform(fs["router"].numpy()), ids["router"].numpy())
+    pred = torch.as_tensor(clf.predict(sc.transform(fs["test"].numpy())))
+    out["probe_test_routing"] = task_mean(pred == ids["test"], ids["test"], K)
+    t = ids["test"]
+    for name, source_of in (("default", lambda k: DEFAULT_SOURCE[zoo]),
+                            ("old", lambda k: f"merged({k}) {OLD_SOURCE[zoo]}")):
+        rows = {}
+        for k in c["baselines"]:
+            _, router = fitted(c, source_of(k), config.head, config.epochs, zoo)
+            with torch.no_grad():
+                logits = router(c["feats"][source_of(k)]["test"])
+            res = score(logits, t, {k: oks["test"][k]}, K)
+            b = c["baselines"][k]["test"]
+            rows[k] = {"routing": res["routing"], "routing_pooled": float((logits.argmax(-1) == t).float().mean()),
+                       "routed": res["routed"][k], "kept": res["kept"][k], "oracle": b["oracle"],
+                       "backbone": b["backbone"], "routed_minus_oracle": res["routed"][k] - b["oracle"]}
+        out[name] = rows
+    return out
+
+
+def headline_markdown(h: dict, zoo: str) -> str:
+    d, o = h["default"], h["old"]
+    first = next(iter(d))
+    tuned = "FREE tuned"
+    lines = [f"## Default router on the {zoo} zoo (test split)", "",
+             (f"routed − oracle (tuned FREE): {100 * d[tuned]['routed_minus_oracle']:+.2f} points; gain kept: "
+              f"{100 * d[tuned]['kept']:.0f} %; default router {100 * d[first]['routing']:.1f} % vs mean-pool probe "
+              f"{100 * h['probe_test_routing']:.1f} %"), "",
+             (f"Default router: `feature_source: auto` → `{AUTO_RESOLVED[zoo]}` ({h['default_source']}), "
+              f"{h['head']} head, "
+              f"{h['epochs']} epochs, fitted on the zoo config's router split; probe: logistic regression on the "
+              f"pre-trained model's mean-pooled tokens ({PROBE_SOURCE}), same split. Routing accuracy: mean over "
+              f"tasks, pooled beside it. The router it replaces read each merge's own backbone "
+              f"({OLD_SOURCE[zoo]})."), "",
+             ("| setting | router | routing (mean over tasks) | routing (pooled) | routed | oracle | backbone alone | "
+              "gain kept | routed − oracle |"), "|---|---|---|---|---|---|---|---|---|"]
+    for k in d:
+        for name, rows in (("default (pretrained)", d), ("before (merged backbone)", o)):
+            r = rows[k]
+            lines.append(f"| {k} | {name} | {100 * r['routing']:.1f} | {100 * r['routing_pooled']:.1f} | "
+                         f"{100 * r['routed']:.1f} | {100 * r['oracle']:.1f} | {100 * r['backbone']:.1f} | "
+                         f"{100 * r['kept']:.0f} % | {100 * r['routed_minus_oracle']:+.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="default")
-    parser.add_argument("--speed-batches", type=int, default=10,
-                        help="mixed batches of 128 test images for each router's throughput ratio")
+    parser.add_argument("--zoo", choices=("vision", "text"), default="vision")
+    parser.add_argument("--cache", default=None, help="features and ok matrices (default /tmp/router_compare_<zoo>.pt)")
+    parser.add_argument("--blend", default=None, help="'source|head|epochs': run MODES exactly for that router")
     args = parser.parse_args()
     torch.manual_seed(0)
-    adapter = ZooViTAdapter(size=args.size)
-    tasks = [TaskConfig(name=t, dataset="freemerge_pl.zoo.vision.ZooTaskDataset",
-                        dataset_args={"task": t, "size": args.size}, train_args={"split": "router"})
-             for t in adapter.task_names]
-    dm = MultiTaskDataModule(tasks, router_fraction=1.0, min_router_samples=1, tune_fraction=0.5)
-    dm.setup()
-    merged = MergedModule(adapter, router=RouterConfig(feature_source="input"))
-    router_data = dm.router_dataset()
-    example = router_data[0][0][None]
-    merged.build(example)
-    module = merged.model
-    data = {s: split_tensors(dm, s) for s in ("val", "test")}
-    batches = mixed_batches(dm, args.speed_batches, 128)
-    base = {s: {"oracle_free": scores(module, d, "oracle")["accuracy"],
-                "backbone_alone": scores(module, d, "none")["accuracy"]} for s, d in data.items()}
+    torch.set_num_threads(1)  # the heads are tiny: one thread is faster on a loaded machine
+    c = collect(args.zoo, Path(args.cache or f"/tmp/router_compare_{args.zoo}.pt"))
+    suffix = "" if args.zoo == "vision" else "_text"
+    if args.blend:
+        source, head, epochs = args.blend.split("|")
+        out = blend(args.zoo, c, source, head, int(epochs))
+        write_json_atomic({"router": args.blend, "modes": out}, RESULTS / f"router_compare_blend{suffix}.json")
+        return
+    K, ids, oks = len(c["names"]), c["ids"], c["oks"]
     rows = []
-    for r in ROUTERS:
-        model, seconds = use_router(merged, r, router_data, example)
-        row = {"router": label(r), "config": r, "fit_seconds": seconds,
-               "mixed_throughput_ratio": mixed_throughput(model, batches)}
-        for s, d in data.items():
-            out = scores(model, d)
-            row[s] = {"routing_accuracy": out["routing_accuracy"], "routed_free": out["accuracy"],
-                      "gap_to_oracle": base[s]["oracle_free"] - out["accuracy"]}
-            if s == "test":
-                row["routing_confusion_test"] = confusion(d[2], out["routed"], len(dm.task_names)).tolist()
-        rows.append(row)
-        print(f"{row['router']:36s} val routing {row['val']['routing_accuracy']:.3f} free "
-              f"{row['val']['routed_free']:.4f} | test routing {row['test']['routing_accuracy']:.3f} free "
-              f"{row['test']['routed_free']:.4f} | mixed throughput {row['mixed_throughput_ratio']:.2f}", flush=True)
-    # the choice: best routed FREE on val (ties: higher routing accuracy, then the cheaper: listed first)
-    best = max(rows, key=lambda r: (round(r["val"]["routed_free"], 4), r["val"]["routing_accuracy"]))
-    test_out = scores(use_router(merged, best["config"], router_data, example)[0], data["test"])
-    K = len(dm.task_names)
-    chosen_confusion = confusion(data["test"][2], test_out["routed"], K)
-    report = {"size": args.size, "method": merged.method, "task_names": dm.task_names,
-              "router_data": "zoo router split (100/task, never fine-tuned on)", "choose_on": "val",
-              "baselines": base, "routers": rows,
-              "chosen": {"router": best["router"], "config": best["config"]},
-              "chosen_test": {"routing_accuracy": test_out["routing_accuracy"], "routed_free": test_out["accuracy"],
-                              "gap_to_oracle": base["test"]["oracle_free"] - test_out["accuracy"]},
-              "routing_confusion_test": chosen_confusion.tolist()}
-    default_label = label({"feature_source": AUTO_IMAGE_SOURCE, "split_block": SPLIT_BLOCK,
-                           "head": RouterConfig().head})
-    lines = [f"# Routers on the {args.size} zoo (FREE-Merging, top-1)", "",
-             (f"router fitted on the zoo's router split; the best chosen on val (the config default is "
-              f"{default_label}); oracle FREE val {base['val']['oracle_free']:.4f} / test "
-              f"{base['test']['oracle_free']:.4f}; merged backbone alone val {base['val']['backbone_alone']:.4f} / "
-              f"test {base['test']['backbone_alone']:.4f}"), "",
-             (f"mixed throughput: routed FREE / merged backbone images/s on {args.speed_batches} mixed-task batches "
-              f"of 128 test images, measured in turns, the weight swap, {torch.get_num_threads()} CPU threads "
-              f"(goal ≥ 0.90; the same router moved by up to 0.1 between runs on these VMs)"), "",
-             ("| router | val routing | val routed FREE | val gap | test routing | test routed FREE | test gap | "
-              "mixed throughput | fit s |"),
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['router']} | {r['val']['routing_accuracy']:.3f} | {r['val']['routed_free']:.4f} | "
-                     f"{r['val']['gap_to_oracle']:+.4f} | {r['test']['routing_accuracy']:.3f} | "
-                     f"{r['test']['routed_free']:.4f} | {r['test']['gap_to_oracle']:+.4f} | "
-                     f"{r['mixed_throughput_ratio']:.2f} | {r['fit_seconds']:.1f} |")
-    c = report["chosen_test"]
-    lines += ["", (f"chosen: {best['router']} → test routing accuracy "
-                   f"{c['routing_accuracy']:.4f}, routed FREE {c['routed_free']:.4f}, gap to oracle "
-                   f"{c['gap_to_oracle']:+.4f} (goals: routing ≥ 0.90, gap ≤ 0.01), mixed throughput "
-                   f"{best['mixed_throughput_ratio']:.2f}"), "",
-              "routing confusion (test):", "", routing_confusion_markdown(chosen_confusion.tolist(), dm.task_names),
-              "every router's routing confusion (test): `router_compare_confusions.md`, PNGs in `router_confusions/`"]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(report, RESULTS / "router_compare.json")
-    write_text_atomic("\n".join(lines) + "\n", RESULTS / "router_compare.md")
-    write_text_atomic(routing_confusion_markdown(chosen_confusion.tolist(), dm.task_names),
-                      RESULTS / "router_compare_confusion.md")
-    every = [f"# Routing confusion of every router on the {args.size} zoo's test split", ""]
-    for r in rows:
-        every += [f"## {r['router']}", "", routing_confusion_markdown(r["routing_confusion_test"], dm.task_names)]
-    write_text_atomic("\n".join(every), RESULTS / "router_compare_confusions.md")
-    folder = RESULTS / "router_confusions"
-    folder.mkdir(exist_ok=True)
-    pngs = [(r["routing_confusion_test"], r["router"], folder / f"{slug(r['router'])}.png") for r in rows]
-    for stale in set(folder.glob("*.png")) - {path for _, _, path in pngs}:  # routers no longer compared
-        stale.unlink()
-    for matrix, title, path in [(chosen_confusion.tolist(), best["router"], RESULTS / "router_compare_confusion.png"),
-                                *pngs]:
-        fig = plot_routing_confusion(matrix, dm.task_names, path, title=title)
-        if fig is not None:
-            import matplotlib.pyplot as plt
+    for source in c["feats"]:
+        for head, epochs in HEADS:
+            row = {"source": source, "head": head, "epochs": epochs}
+            r1, r2 = fitted(c, source, head, epochs, args.zoo)
+            with torch.no_grad():
+                lv, lt = r1(c["feats"][source]["val"]), r2(c["feats"][source]["test"])
+            row["val"], row["test"] = score(lv, ids["val"], oks["val"], K), score(lt, ids["test"], oks["test"], K)
+            row["fallback"] = {str(th): {"val": score(lv, ids["val"], oks["val"], K, th),
+                                         "test": score(lt, ids["test"], oks["test"], K, th)}
+                               for th in (0.3, 0.5, 0.7)}
+            rows.append(row)
+            print(f"{source:34s} {head:6s} {epochs:3d} | val routing {row['val']['routing']:.3f} kept "
+                  + " ".join(f"{v:.2f}" for v in row["val"]["kept"].values())
+                  + f" | test routing {row['test']['routing']:.3f} kept "
+                  + " ".join(f"{v:.2f}" for v in row["test"]["kept"].values()), flush=True)
+    # a linear probe (logistic regression to convergence) on each pre-trained source
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
 
-            plt.close(fig)
-    print("\n".join(lines[-(K + 8):]))
-    print(f"default router {best['router']}: test routing accuracy {c['routing_accuracy']:.3f}, "
-          f"routed FREE {c['routed_free']:.4f} vs oracle {base['test']['oracle_free']:.4f}")
+    probes = {}
+    for source in [s for s in c["feats"] if s.startswith("pretrained ")]:
+        fs = c["feats"][source]
+        out = {}
+        for train, ev in (("router_tune", "val"), ("router", "test")):
+            sc = StandardScaler().fit(fs[train].numpy())
+            clf = LogisticRegression(max_iter=2000).fit(sc.transform(fs[train].numpy()), ids[train].numpy())
+            pred = torch.as_tensor(clf.predict(sc.transform(fs[ev].numpy())))
+            out[ev] = task_mean(pred == ids[ev], ids[ev], K)
+        probes[source] = out
+        print(f"probe {source}: val {out['val']:.3f} test {out['test']:.3f}", flush=True)
+    head = headline(c, args.zoo)
+    report = {"zoo": args.zoo, "task_names": c["names"], "sizes": {k: len(v) for k, v in ids.items()},
+              "headline": head, "baselines": c["baselines"], "rows": rows, "probes": probes}
+    write_json_atomic(report, RESULTS / f"router_compare{suffix}.json")
+    blend_path = RESULTS / f"router_compare_blend{suffix}.json"
+    blend_report = json.loads(blend_path.read_text()) if blend_path.exists() else None
+    write_text_atomic(headline_markdown(head, args.zoo) + "\n" + markdown(report, blend_report),
+                      RESULTS / f"router_compare{suffix}.md")
+    print(headline_markdown(head, args.zoo))
 
 
 if __name__ == "__main__":

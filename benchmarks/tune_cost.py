@@ -1,85 +1,81 @@
-"""Cost of choosing FR/FREE hyperparameters on the router split, relative to one merge + evaluation.
+"""Cost of a routed tune against the same tune with ``routing: oracle`` (issue 28 item 2; goal ≤ 1.5).
 
-    python benchmarks/tune_cost.py [--size default|tiny] [--method free_merging]
+    python benchmarks/tune_cost.py [--zoo vision|text] [--size default] [--method free_merging]
+                                   [--router '{"feature_source": "backbone"}'] [--space '{"scaling": [1, 2]}']
 
-Measured in one run on the offline zoo: the wall time of a 20-candidate search (4 filter ratios × 5
-scalings) with ``FreeMergeTrainer.tune`` divided by the time of one merge + router fit + tune-val
-test-split evaluation of the paper defaults (goal ≤ 5), and the test accuracy of the chosen candidate minus the
-paper defaults' (both with the router trained on the same router-train half). Writes
-``benchmarks/results/tune_cost.{json,md}``.
+One run each, back to back, on the same zoo, data and search space (default: the method's ``DEFAULT_SPACES``):
+``FreeMergeTrainer.tune`` with ``model.routing: oracle`` (the true task picks the expert: no router at all),
+then with ``routing: router`` and the configured router (default: the product default). A router whose
+features do not depend on the candidate is trained once and each tune-val batch is routed once
+(``RoutedModel.cache_routes``); one that reads the merged backbone is retrained per candidate. Prints and
+writes ``benchmarks/results/tune_cost{_<zoo>}.{json,md}`` with the ratio and the load average before and after.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
 import time
 from pathlib import Path
 
-from lightning.pytorch import Trainer
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from zoo_table import build
 
 from freemerge_pl.io import write_json_atomic, write_text_atomic
-from freemerge_pl.lightning.cli import FreeMergeTrainer
+from freemerge_pl.lightning.cli import DEFAULT_SPACES, FreeMergeTrainer
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SPACE = {"filter_ratio": [0.1, 0.3, 0.5, 0.6], "scaling": [1.0, 1.5, 2.0, 2.5, 3.0]}
 
 
-def trainer(cls=Trainer):
-    return cls(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-               enable_model_summary=False, enable_checkpointing=False)
+def timed_tune(zoo: str, size: str, method: str, model: dict, out: Path, space: dict) -> tuple[float, dict]:
+    module, dm = build(size, method, model=model, zoo=zoo)
+    dm.tune_fraction = 0.5
+    dm._train.clear()
+    dm.setup()
+    module.model = None  # tune builds it itself
+    trainer = FreeMergeTrainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                               enable_model_summary=False, enable_checkpointing=False)
+    start = time.perf_counter()
+    report = trainer.tune(module, dm, space, output_dir=str(out))
+    return time.perf_counter() - start, report
 
 
 def main() -> None:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from zoo_table import build
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--zoo", choices=("vision", "text"), default="vision")
     parser.add_argument("--size", default="default")
     parser.add_argument("--method", default="free_merging")
+    parser.add_argument("--router", default="{}", help="model.router settings of the routed tune (JSON)")
+    parser.add_argument("--space", default=None, help="the search space (JSON; default: DEFAULT_SPACES[method])")
     args = parser.parse_args()
-
-    def fresh(method_args=None):
-        module, dm = build(args.size, args.method, method_args)
-        dm.tune_fraction = 0.5
-        dm._train.clear()
-        dm.setup()
-        module.reset_router()
-        return module, dm
-
-    # one merge + router fit + evaluation (the test split) of the defaults
-    start = time.perf_counter()
-    module, dm = fresh()
-    module.fit_router(dm.router_dataset())
-    trainer().test(module, datamodule=dm, verbose=False)
-    single = time.perf_counter() - start
-    default_test = module.test_results["avg"]["accuracy"]
-    trainer().validate(module, datamodule=dm, verbose=False)
-    default_val = module.val_results["avg"]["accuracy"]
-
-    module, dm = fresh()
-    module.model = None  # tune builds it itself
-    start = time.perf_counter()
-    report = trainer(FreeMergeTrainer).tune(module, dm, SPACE, output_dir=str(RESULTS / "tune_cost_run"))
-    search = time.perf_counter() - start
-    best = report["best"]["params"]
-    tuned, dm2 = fresh(best)
-    tuned.fit_router(dm2.router_dataset())
-    trainer().test(tuned, datamodule=dm2, verbose=False)
-    tuned_test = tuned.test_results["avg"]["accuracy"]
-    out = {"size": args.size, "method": args.method, "space": SPACE, "candidates": len(report["candidates"]),
-           "search_seconds": search, "single_seconds": single, "ratio": search / single,
-           "best": best, "default_tune_val": default_val, "best_tune_val": report["best"]["score"],
-           "default_test": default_test, "tuned_test": tuned_test, "gain_test": tuned_test - default_test,
-           "tune_samples": sum(report["tune_samples"].values())}
-    md = (f"`{args.method}` on the {args.size} zoo: {out['candidates']} candidates in {search:.1f}s; one merge + "
-          f"evaluation {single:.1f}s → ratio **{out['ratio']:.2f}** (goal ≤ 5).\n\n"
-          f"Chosen {best} on {out['tune_samples']} tune-val samples: tune-val {100 * out['best_tune_val']:.1f}% "
-          f"(defaults {100 * default_val:.1f}%); test {100 * tuned_test:.1f}% vs defaults "
-          f"{100 * default_test:.1f}% ({100 * out['gain_test']:+.1f} points).\n")
-    write_json_atomic(out, RESULTS / f"tune_cost{'' if args.size == 'default' else '_' + args.size}.json")
-    write_text_atomic(md, RESULTS / f"tune_cost{'' if args.size == 'default' else '_' + args.size}.md")
+    router = json.loads(args.router)
+    space = json.loads(args.space) if args.space else DEFAULT_SPACES[args.method]
+    load_before = os.getloadavg()
+    runs = {}
+    for name, model in (("oracle", {"routing": "oracle"}),
+                        ("router", {"routing": "router", **({"router": router} if router else {})})):
+        seconds, report = timed_tune(args.zoo, args.size, args.method, model, RESULTS / "tune_cost_run" / name,
+                                     space)
+        runs[name] = {"seconds": seconds, "best": report["best"]["params"], "best_score": report["best"]["score"],
+                      "candidates": len(report["candidates"])}
+        print(f"{name}: {seconds:.1f}s, best {runs[name]['best']} → {runs[name]['best_score']:.4f}", flush=True)
+    load_after = os.getloadavg()
+    ratio = runs["router"]["seconds"] / runs["oracle"]["seconds"]
+    out = {"zoo": args.zoo, "size": args.size, "method": args.method, "router": router or "product default",
+           "space": space, "runs": runs, "ratio": ratio,
+           "load_average_before": load_before, "load_average_after": load_after}
+    md = (f"`{args.method}` on the {args.zoo} zoo ({args.size}), {runs['oracle']['candidates']} candidates "
+          f"({'`DEFAULT_SPACES`' if space == DEFAULT_SPACES[args.method] else space}), one run each: routed tune {runs['router']['seconds']:.1f}s / oracle tune "
+          f"{runs['oracle']['seconds']:.1f}s = **{ratio:.2f}** (goal ≤ 1.5); router "
+          f"{router or 'product default'}; load average (1/5/15 min) before "
+          f"{' '.join(f'{v:.2f}' for v in load_before)}, after {' '.join(f'{v:.2f}' for v in load_after)} "
+          f"(2 cores).\n\nChosen: routed {runs['router']['best']} ({100 * runs['router']['best_score']:.1f}% "
+          f"tune-val), oracle {runs['oracle']['best']} ({100 * runs['oracle']['best_score']:.1f}%).\n")
+    suffix = "" if args.zoo == "vision" else "_text"
+    write_json_atomic(out, RESULTS / f"tune_cost{suffix}.json")
+    write_text_atomic(md, RESULTS / f"tune_cost{suffix}.md")
     print(md)
 
 

@@ -12,16 +12,17 @@ over ``INSTALL_TIMEOUT`` s).
 Every shared method is written as one YAML job per tool (``SHARED``: our method and settings, mergekit's
 method and per-model parameters, both computing in float32 and writing bfloat16) and run by each tool in a
 child process at one thread (``OMP_NUM_THREADS=MKL_NUM_THREADS=FREEMERGE_THREADS=1``, mergekit ``-j 1``),
-inputs page-cached, order alternating per repeat (ours, theirs / theirs, ours / ...). Per run: wall
-(``perf_counter`` around the child), CPU (user + system) and peak RSS from the child's own ``os.wait4``
-rusage, input GB/s (the bytes of the checkpoints the job names / wall). Per method: the ratio of median
+inputs page-cached, order alternating per repeat (ours, theirs / theirs, ours / ...). Per run, measured by a
+fresh launcher process around the tool (``LAUNCHER``: the peak RSS is the tool's own, not this script's
+inherited across ``execve``): wall, CPU (user + system), minor page faults and peak RSS, input GB/s (the bytes of the checkpoints the job names / wall). Per method: the ratio of median
 walls (project / mergekit), of peak RSS, the max |difference| between the two outputs and the convention
 that explains it (random methods: the drop masks come from different generators, so only statistics are
 compared). Results: ``benchmarks/results/vs_mergekit.{md,json}``; the last line printed is
-``project/mergekit wall time, worst shared method: X.XX``.
+``project/mergekit wall time, worst shared method: X.XX``. ``--ours-only`` methods (FR, FREE) run on the
+same job for this project only, reported as a ratio to our task arithmetic.
 
     python benchmarks/vs_mergekit.py [--hidden 256 --intermediate 688 --layers 2 --vocab 4096]
-        [--methods linear,ties] [--repeats 1] [--venv DIR] [--workdir DIR] [--keep]
+        [--methods linear,ties] [--ours-only fr,free] [--repeats 2] [--venv DIR] [--workdir DIR] [--keep]
 """
 
 from __future__ import annotations
@@ -106,15 +107,21 @@ SHARED = [
                       "compare"),
 ]
 BY_NAME = {m.name: m for m in SHARED}
+#: methods only this project offers, timed on the same job (ours only) against our task arithmetic: issue 27's
+#: targets are FR ≤ 2 × and FREE ≤ 3 × task arithmetic; each at its defaults
+OURS_ONLY = {"fr": ("fr_merging", {}, 2.0), "free": ("free_merging", {}, 3.0)}
 
 
 # ---------------------------------------------------------------------------------------------- configs
 
 
-def our_job(method: Shared, base: Path, finetuned: list[Path], out: Path, shard_bytes: int) -> dict[str, Any]:
-    """This project's job YAML (``cli.py merge --config``) for ``method``."""
+def our_job(method: Shared | str, base: Path, finetuned: list[Path], out: Path, shard_bytes: int,
+            parameters: dict[str, Any] | None = None) -> dict[str, Any]:
+    """This project's job YAML (``cli.py merge --config``) for ``method`` (a shared one, or a method name and
+    its ``parameters``)."""
+    name, params = (method.ours, method.ours_parameters) if isinstance(method, Shared) else (method, parameters)
     return {"base_model": str(base), "models": [{"model": str(p), "name": p.name} for p in finetuned],
-            "merge_method": method.ours, "parameters": dict(method.ours_parameters), "dtype": "bfloat16",
+            "merge_method": name, "parameters": dict(params or {}), "dtype": "bfloat16",
             "out_shard_size": shard_bytes, "output_dir": str(out), "seed": 0}
 
 
@@ -169,17 +176,36 @@ def find_mergekit(venv: Path, install: bool = True) -> tuple[list[str] | None, s
 # ---------------------------------------------------------------------------------------------- runs
 
 
+#: the small process each tool run is started from: it runs the tool as its child and writes the child's own
+#: rusage (``RUSAGE_CHILDREN``) as JSON. Linux keeps the RSS high-water mark across ``fork`` + ``execve``, so a
+#: tool started straight from this script (which grows as it compares outputs) reported this script's RSS
+#: as its peak; started from a fresh interpreter that imported nothing big, its peak RSS is its own.
+LAUNCHER = """
+import json, resource, subprocess, sys, time
+start = time.perf_counter()
+code = subprocess.call(sys.argv[2:])
+wall = time.perf_counter() - start
+ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+with open(sys.argv[1], "w") as f:
+    json.dump({"wall_s": wall, "user_s": ru.ru_utime, "sys_s": ru.ru_stime, "maxrss_kib": ru.ru_maxrss,
+               "minor_faults": ru.ru_minflt, "exit": code}, f)
+"""
+
+
 def run_child(cmd: list[str], log: Path, env: dict[str, str]) -> dict[str, Any]:
-    """Run ``cmd`` as a child; wall, CPU (user + system) and peak RSS from its own ``wait4`` rusage."""
+    """Run ``cmd`` from a fresh launcher process (``LAUNCHER``); wall, CPU (user + system), peak RSS and minor
+    page faults of ``cmd`` alone, from its own rusage."""
+    usage = log.with_suffix(".rusage.json")
+    usage.unlink(missing_ok=True)
     with open(log, "w") as out:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "user_s": usage.ru_utime,
-            "sys_s": usage.ru_stime, "peak_rss_mib": usage.ru_maxrss / 1024, "minor_faults": usage.ru_minflt,
-            "exit": proc.returncode}
+        subprocess.run([sys.executable, "-S", "-c", LAUNCHER, str(usage), *cmd], stdout=out,
+                       stderr=subprocess.STDOUT, env=env, cwd=str(REPO), check=False)
+    if not usage.exists():
+        return {"wall_s": float("nan"), "cpu_s": float("nan"), "user_s": float("nan"), "sys_s": float("nan"),
+                "peak_rss_mib": float("nan"), "minor_faults": 0, "exit": -1}
+    r = json.loads(usage.read_text())
+    return {"wall_s": r["wall_s"], "cpu_s": r["user_s"] + r["sys_s"], "user_s": r["user_s"], "sys_s": r["sys_s"],
+            "peak_rss_mib": r["maxrss_kib"] / 1024, "minor_faults": r["minor_faults"], "exit": r["exit"]}
 
 
 def alternating(repeats: int) -> list[tuple[int, str]]:
@@ -350,11 +376,15 @@ def markdown(result: dict[str, Any]) -> str:
               "at the "
              f"start and {machine['load_end']} at the end (shared machine: only the ratios mean anything). "
              f"mergekit {MERGEKIT_VERSION} ({result['mergekit']}); project {result['project_version']}."), ""]
-    lines += ["| method | tool | repeat | wall s | CPU s | peak RSS MiB | input GB/s | exit |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [("Each tool run is started from a fresh, small launcher process and measured from its own rusage "
+              "(`RUSAGE_CHILDREN` of the launcher): the peak RSS is the run's own, not inherited from this "
+              "script."), ""]
+    lines += [("| method | tool | repeat | wall s | CPU s | system s | minor faults | peak RSS MiB | input GB/s | "
+              "exit |"),
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         lines.append(f"| {r['method']} | {r['tool']} | {r['repeat']} | {r['wall_s']:.2f} | "
-                     f"{r['cpu_s']:.2f} | "
+                     f"{r['cpu_s']:.2f} | {r.get('sys_s', float('nan')):.2f} | {r.get('minor_faults', 0)} | "
                      f"{r['peak_rss_mib']:.0f} | {r['input_gb_s']:.3g} | {r['exit']} |")
     lines += ["", ("| method | project / mergekit wall | CPU | peak RSS project / mergekit MiB | "
                    "max abs diff | differing entries | changed from θ_pre (ours / mergekit) | "
@@ -375,12 +405,24 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {s['method']} | {s['wall_ratio']:.2f} | {s['cpu_ratio']:.2f} | "
                      f"{med['ours']['peak_rss_mib']:.0f} / "
                      f"{med['mergekit']['peak_rss_mib']:.0f} | {cells} |")
+    if result.get("ours_only"):
+        lines += ["", ("Methods only this project offers, on the same job (ours only; issue 27's targets: FR ≤ 2 ×, "
+                  "FREE ≤ 3 × our task arithmetic):"), "",
+                  "| method | median wall s | our task arithmetic s | ratio | target |", "|---|---|---|---|---|"]
+        for r in result["ours_only"]:
+            ratio = r["ratio_to_task_arithmetic"]
+            lines.append(f"| {r['method']} (`{r['ours']}`) | {_fmt(r['median_wall_s'])} | "
+                         f"{_fmt(r['task_arithmetic_wall_s'])} | {_fmt(ratio)} | ≤ {r['target_ratio']:.0f} |")
     lines += ["", "Which convention explains each difference:", ""]
     lines += [f"- **{s['method']}**: {BY_NAME[s['method']].convention}{evidence(s.get('comparison', {}))}"
               for s in result["methods"]]
     lines += ["", "Jobs (ours: `cli.py merge --config`; mergekit: `mergekit-yaml`):", "", "```json",
               json.dumps(result["jobs"], indent=1), "```", "", result["last_line"], ""]
     return "\n".join(lines)
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
 
 
 def evidence(c: dict[str, Any]) -> str:
@@ -406,7 +448,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=int, default=value)
     p.add_argument("--methods", default=",".join(m.name for m in SHARED),
                    help=f"comma-separated, of {[m.name for m in SHARED]}")
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--ours-only", default=",".join(OURS_ONLY),
+                   help=f"comma-separated methods timed for ours only, as a ratio to our task arithmetic, of "
+                        f"{sorted(OURS_ONLY)} ('' for none)")
+    p.add_argument("--repeats", type=int, default=2, help="runs per tool and method, order alternating")
     p.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="mergekit's own virtual environment")
     p.add_argument("--no-install", action="store_true", help="skip mergekit when it is not installed")
     p.add_argument("--workdir", type=Path, help="where models and outputs go (default: a temporary folder)")
@@ -416,6 +461,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.methods.split(",")) - set(BY_NAME))
     if unknown:
         p.error(f"--methods: unknown {unknown}; accepted: {sorted(BY_NAME)}")
+    unknown = sorted(set(filter(None, args.ours_only.split(","))) - set(OURS_ONLY))
+    if unknown:
+        p.error(f"--ours-only: unknown {unknown}; accepted: {sorted(OURS_ONLY)}")
     if args.repeats < 1:
         p.error("--repeats must be ≥ 1")
     return args
@@ -444,6 +492,30 @@ def main(argv: list[str] | None = None) -> int:
         base_tensors = OutputTensors(base)
         env = {**os.environ, **ONE_THREAD}
         runs, summaries, jobs, finetuned_tensors = [], [], {}, []
+        def publish(ours_only: list[dict[str, Any]], done: bool) -> str:
+            """Write the results so far (after every method, so an interrupted run leaves what it measured)."""
+            last = worst_line(summaries)
+            full = size == ISSUE_SIZE
+            scope = ("The issue's size (645 M parameters)." if full else
+                     f"A reduced size ({params / 1e6:.0f} M parameters), not the issue's measurement (645 M "
+                     "parameters, 5.16 GB of inputs); at small sizes start-up dominates every wall time.")
+            if not done:
+                scope += " PARTIAL: the run was still going when this was written; methods missing."
+            result = {
+                "title": "project merge job vs mergekit" + ("" if full else " (reduced size)"), "scope": scope,
+                "size": {**size, "parameters": params, "model_bytes": model_bytes}, "repeats": args.repeats,
+                "machine": {"nproc": os.cpu_count(), "cpu": _cpu_name(), "platform": platform.platform(),
+                            "python": platform.python_version(), "load_start": load_start,
+                            "load_end": [round(x, 2) for x in os.getloadavg()]},
+                "mergekit": origin if command is not None else f"skipped: {origin}",
+                "project_version": _project_version(), "threads": ONE_THREAD, "runs": runs,
+                "methods": summaries, "ours_only": ours_only, "jobs": jobs, "last_line": last}
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+            if command is not None:
+                args.out.with_suffix(".md").write_text(markdown(result))
+            return last
+
         for name in args.methods.split(","):
             method = BY_NAME[name]
             mine, theirs = work / "out" / f"{name}_ours", work / "out" / f"{name}_mergekit"
@@ -490,30 +562,61 @@ def main(argv: list[str] | None = None) -> int:
                 summary["random"] = method.random
                 summary["convention"] = method.convention
                 summaries.append(summary)
-        last = worst_line(summaries)
-        full = size == ISSUE_SIZE
-        result = {
-            "title": "project merge job vs mergekit" + ("" if full else " (tiny smoke run)"),
-            "scope": ("The issue's size (645 M parameters)." if full else
-                      "A tiny smoke run of the script at a reduced size, not the issue's measurement (645 M "
-                      "parameters, 5.16 GB of inputs): start-up dominates every wall time here."),
-            "size": {**size, "parameters": params, "model_bytes": model_bytes}, "repeats": args.repeats,
-            "machine": {"nproc": os.cpu_count(), "cpu": _cpu_name(), "platform": platform.platform(),
-                        "python": platform.python_version(), "load_start": load_start,
-                        "load_end": [round(x, 2) for x in os.getloadavg()]},
-            "mergekit": origin if command is not None else f"skipped: {origin}",
-            "project_version": _project_version(), "threads": ONE_THREAD, "runs": runs, "methods": summaries,
-            "jobs": jobs, "last_line": last}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-        if command is not None:
-            args.out.with_suffix(".md").write_text(markdown(result))
+            publish([], done=False)
+        last = publish(ours_only_rows(args, runs, jobs, work, base, finetuned, files, nbytes, shard_bytes, env),
+                       done=True)
         print(f"wrote {args.out.with_suffix('.json')}" + ("" if command is None else " and .md"), flush=True)
         print(last if command is not None else f"mergekit skipped: {origin}", flush=True)
         return 0
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def ours_only_rows(args, runs: list[dict[str, Any]], jobs: dict[str, Any], work: Path, base: Path,
+                   finetuned: list[Path], files: dict, nbytes: dict, shard_bytes: int,
+                   env: dict[str, str]) -> list[dict[str, Any]]:
+    """Time the ``--ours-only`` methods (and our task arithmetic, when the shared runs had none) on the same
+    job, order alternating per repeat; per method the median wall and its ratio to our task arithmetic's."""
+    names = [m for m in args.ours_only.split(",") if m]
+    if not names:
+        return []
+    have_ta = any(r["method"] == "task_arithmetic" and r["tool"] == "ours" and r["exit"] == 0 for r in runs)
+    order = ([] if have_ta else ["task_arithmetic"]) + names
+    for repeat in range(args.repeats):
+        for name in (order if repeat % 2 == 0 else order[::-1]):
+            method, params = (BY_NAME[name].ours, BY_NAME[name].ours_parameters) if name in BY_NAME else \
+                OURS_ONLY[name][:2]
+            out = work / "out" / f"{name}_ours"
+            job = our_job(method, base, finetuned, out, shard_bytes, params)
+            jobs.setdefault(name, {"ours": json.loads(json.dumps(job).replace(str(work), "WORK"))})
+            yaml_path = _dump(job, work / f"{name}_ours.yaml")
+            shutil.rmtree(out, ignore_errors=True)
+            sequential_read([f for d in [base, *finetuned] for f in files[d]])
+            log = work / f"{name}_ours_{repeat}.log"
+            run = run_child([sys.executable, *OUR_COMMAND, "--config", str(yaml_path), "--overwrite", "true",
+                             "--progress", "false"], log, env)
+            in_bytes = sum(nbytes[d] for d in [base, *finetuned])
+            run.update(method=name, tool="ours", repeat=repeat, input_bytes=in_bytes,
+                       input_gb_s=in_bytes / GB / run["wall_s"])
+            print(f"{name:16s} ours     #{repeat}: wall {run['wall_s']:.2f} s, CPU {run['cpu_s']:.2f} s, "
+                  f"peak RSS {run['peak_rss_mib']:.0f} MiB, exit {run['exit']}", flush=True)
+            if run["exit"] != 0:
+                print(f"  failed; log tail:\n{_tail(log)}", flush=True)
+            runs.append(run)
+
+    def median_wall(name: str) -> float | None:
+        walls = [r["wall_s"] for r in runs if r["method"] == name and r["tool"] == "ours" and r["exit"] == 0]
+        return statistics.median(walls) if walls else None
+
+    ta = median_wall("task_arithmetic")
+    rows = []
+    for name in names:
+        wall = median_wall(name)
+        rows.append({"method": name, "ours": OURS_ONLY[name][0], "median_wall_s": wall,
+                     "task_arithmetic_wall_s": ta, "target_ratio": OURS_ONLY[name][2],
+                     "ratio_to_task_arithmetic": wall / ta if wall is not None and ta else None})
+    return rows
 
 
 def _numel(shape) -> int:

@@ -8,8 +8,9 @@ Writes ``benchmarks/results/zoo_{vision,text}{,_tiny}.{md,json}``. Every row is 
 ``configs/zoo/<method>.yaml`` (vision: the procedural ViT zoo) or ``configs/text/<method>.yaml`` (text: the
 all-MiniLM-L6-v2 text zoo) — same zoo, same router split, same router recipe — with the overrides shown;
 nothing here is tuned on the test split, and the zoo recipes were fixed before any method was measured.
-"Individual" and "Pre-trained" evaluate each fine-tuned (resp. the pre-trained) backbone with the task's
-own head on its own test set.
+"Individual" and "Pre-trained" are registry methods run the same way (``configs/<zoo>/individual.yaml``: each
+task's own fine-tuned model with its head, ``routing: oracle``; ``pretrained.yaml``: θ_pre with each task's head);
+``tests/test_reference_methods.py`` checks them against an independent loop over the checkpoints.
 """
 
 from __future__ import annotations
@@ -34,15 +35,19 @@ RESULTS = REPO / "benchmarks" / "results"
 #: per zoo: its config folder, output name, title, what a sample is, and how its default router sees inputs
 ZOOS: dict[str, dict[str, str]] = {
     "vision": {"configs": "zoo", "name": "zoo_vision", "title": "Offline zoo", "samples": "img",
-               "router": "MLP on the merged backbone's first 3 blocks (feature_source auto)"},
+               "router": "MLP on the pre-trained backbone's class token and token mean (feature_source auto)"},
     "text": {"configs": "text", "name": "zoo_text", "title": "Text zoo", "samples": "text",
-             "router": "MLP on the merged encoder's pooled [CLS] features"},
+             "router": "MLP on the pre-trained encoder's token mean after 3 layers (feature_source auto)"},
 }
 
 
+#: the reference rows, first in every table: their configs' protocol (``individual``: oracle routing)
+REFERENCE_ROWS = [{"label": "Individual", "method": "individual"}, {"label": "Pre-trained", "method": "pretrained"}]
+
+
 def rows_spec(zoo: str = "vision") -> list[dict[str, Any]]:
-    """(label, config method, method_args, model overrides) of every headline row (on the text zoo the default
-    router already reads the backbone's features, so that variant is not repeated)."""
+    """(label, config method, method_args, model overrides) of every headline row after the reference rows (on
+    the text zoo the default router already reads the backbone's features, so that variant is not repeated)."""
     router = {"routing": "router", "head_selection": "dataset"}
     oracle = {"routing": "oracle", "head_selection": "dataset"}
     routed_heads = {"routing": "router", "head_selection": "routed"}
@@ -76,8 +81,7 @@ def rows_spec(zoo: str = "vision") -> list[dict[str, Any]]:
         {"label": "MTL (joint fine-tuning on 50% of the training split, 3 epochs: the upper bound)", "method": "mtl",
          "args": {"data_split": "train", "train_fraction": 0.5, "epochs": 3}},
     ]
-    if zoo == "text":  # the text zoo's default router already reads the whole merged encoder
-        rows = [r for r in rows if r["label"] != "FREE-Merging (router on the whole merged backbone)"]
+    if zoo == "text":
         for r in rows:  # the text configs' training data is the zoo's router split: name the training split
             if r["method"] == "mtl" and r.get("args", {}).get("data_split") == "train":
                 r["args"] = {**r["args"], "train_split_args": {"split": "train"}}
@@ -94,7 +98,7 @@ def sweep_spec() -> list[dict[str, Any]]:
 
 
 TUNED = [("Task Arithmetic", "task_arithmetic"), ("TIES", "ties"), ("FR-Merging (paper)", "fr_merging"),
-         ("FREE-Merging (router)", "free_merging")]
+         ("FREE-Merging (router)", "free_merging"), ("EMR (router)", "emr")]
 
 
 def build(size: str, method: str, args: dict | None = None, model: dict | None = None, zoo: str = "vision"):
@@ -127,31 +131,38 @@ def evaluate(module, dm) -> dict[str, Any]:
     trainer.test(module, datamodule=dm, verbose=False)
     seconds = time.perf_counter() - start
     res = module.test_results
+    routed = bool(module.task_modules) and module.routing == "router"  # oracle: the true task, nothing to score
+    confusion = res.get("routing_confusion") if routed else None
     return {"tasks": {t: v["accuracy"] for t, v in res["tasks"].items()},
-            # routing only matters where there are task modules to route to
-            "routing_accuracy": res["avg"]["routing_accuracy"] if module.task_modules else None,
+            # routing only matters where a router picks among task modules: the mean over tasks of each task's
+            # share routed to itself (MergedModule's ``routing_accuracy``) and the share of all samples (pooled)
+            "routing_accuracy": res["avg"]["routing_accuracy"] if routed else None,
+            "routing_accuracy_pooled": (sum(confusion[i][i] for i in range(len(confusion)))
+                                        / max(1, sum(map(sum, confusion)))) if confusion else None,
             "task_module_bytes_per_task": res["task_module_bytes"] / max(1, len(res["tasks"]))
             if module.task_modules else 0,
+            "storage_kind": storage_kind(module.task_modules),
             "backbone_bytes": res["backbone_bytes"], "merge_seconds": module.merge_record.get("seconds"),
             "router_fit_seconds": module.merge_record.get("router_fit_seconds"),
             "data_statistics": module.merge_record.get("data_statistics"),
             "images_per_s": n_images / seconds}
 
 
-@torch.no_grad()
-def own_model_accuracy(module, dm, state_dicts: dict[str, dict]) -> dict[str, float]:
-    """Accuracy of a given backbone per task with the task's own head (Individual / Pre-trained rows)."""
-    out = {}
-    for k, task in enumerate(module.task_names):
-        module.backbone.load_state_dict(state_dicts[task])
-        loader = torch.utils.data.DataLoader(dm._test[task], batch_size=256)
-        correct = total = 0
-        for x, y in loader:
-            pred = module.heads[task](module.backbone(x)).argmax(-1)
-            correct += int((pred == y).sum())
-            total += len(y)
-        out[task] = correct / total
-    return out
+def storage_kind(task_modules) -> str | None:
+    """What a task's extra storage holds, read from the task modules themselves (None without any)."""
+    if not task_modules:
+        return None
+    from freemerge_pl.merging.experts import SparseExpert
+
+    module = task_modules[0]
+    if isinstance(module, SparseExpert):
+        dtypes = {str(module.entries(k)[1].dtype).removeprefix("torch.") for k in module.keys}
+        short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}
+        values = "/".join(sorted(short.get(d, d) for d in dtypes))
+        compact = any(module.index_code(k) != "flat" for k in module.keys)
+        return f"{values} values + {'compact' if compact else 'int32'} indices"
+    return {"EMRTaskModule": "bit-packed masks + rescaler", "LowRankTaskModule": "low-rank factors",
+            "FinetunedWeights": "the whole fine-tuned model"}.get(type(module).__name__, type(module).__name__)
 
 
 def row(label: str, tasks: dict[str, float], individual: dict[str, float] | None, **extra) -> dict[str, Any]:
@@ -169,20 +180,26 @@ def merge_cell(r: dict[str, Any]) -> str:
 
 
 def markdown(rows: list[dict], tasks: list[str], title: str, tuning: bool = False, samples: str = "img") -> str:
-    head = ["method", *tasks, "avg", "norm. avg", "extra storage / task", "merge s", f"{samples}/s", "routing acc"]
+    head = ["method", *tasks, "avg", "norm. avg", "extra storage / task", "merge s", f"{samples}/s",
+            "routing acc (mean over tasks; pooled)"]
     if tuning:
         head += ["tuning s", "tune-val images"]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in rows:
         storage = r.get("task_module_bytes_per_task") or 0
         pct = 100 * storage / r["backbone_bytes"] if r.get("backbone_bytes") else 0
-        merged = r.get("merge_seconds") is not None  # not the Individual / Pre-trained reference rows
+        merged = r.get("merge_seconds") is not None  # rows of tables written before the reference methods
+        kind = f"; {r['storage_kind']}" if r.get("storage_kind") else ""
+        routing = ""
+        if r.get("routing_accuracy") is not None:
+            pooled = r.get("routing_accuracy_pooled")
+            routing = f"{100 * r['routing_accuracy']:.1f}" + (f"; {100 * pooled:.1f}" if pooled is not None else "")
         cells = [r["label"], *(f"{100 * r['tasks'][t]:.1f}" for t in tasks), f"**{100 * r['avg']:.1f}**",
                  f"{100 * r['normalised_avg']:.1f}" if r.get("normalised_avg") is not None else "",
-                 (f"{storage / 1024:.0f} KiB ({pct:.2f}%)" if storage else "0") if merged else "",
+                 (f"{storage / 1024:.0f} KiB ({pct:.2f}%{kind})" if storage else "0") if merged else "",
                  merge_cell(r) if merged else "",
                  f"{r['images_per_s']:.0f}" if r.get("images_per_s") else "",
-                 f"{100 * r['routing_accuracy']:.1f}" if r.get("routing_accuracy") is not None else ""]
+                 routing]
         if tuning:
             cells += [f"{r['tuning_seconds']:.1f}", str(r["tuning_samples"])]
         lines.append("| " + " | ".join(cells) + " |")
@@ -192,29 +209,69 @@ def markdown(rows: list[dict], tasks: list[str], title: str, tuning: bool = Fals
 def run_tuned(size: str, label: str, method: str, individual, zoo: str = "vision") -> dict[str, Any]:
     from freemerge_pl.lightning.cli import DEFAULT_SPACES, FreeMergeTrainer
 
-    module, dm = build(size, method, zoo=zoo)
-    dm.tune_fraction = 0.5
-    dm._train.clear()
-    dm.setup()
-    trainer = FreeMergeTrainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                               enable_model_summary=False, enable_checkpointing=False)
+    def built(args=None, model=None):
+        m, d = build(size, method, args=args, model=model, zoo=zoo)
+        d.tune_fraction = 0.5
+        d._train.clear()
+        d.setup()
+        return m, d
+
     start = time.perf_counter()
-    module.model = None  # tune builds it itself
-    out = RESULTS / "tune" / (f"{size}-{method}" if zoo == "vision" else f"{zoo}-{size}-{method}")
-    report = trainer.tune(module, dm, DEFAULT_SPACES[method], output_dir=str(out))
-    tune_seconds = time.perf_counter() - start
-    best = report["best"]["params"]
-    tuned, dm2 = build(size, method, args=best, zoo=zoo)
-    dm2.tune_fraction = 0.5
-    dm2._train.clear()
-    dm2.setup()
+    extra: dict[str, Any] = {"tuning_seconds": 0.0, "tuning_samples": 0, "tuned_params": {},
+                             "tune_val_source": "", "base_label": label}
+    if method in DEFAULT_SPACES:
+        module, dm = built()
+        trainer = FreeMergeTrainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                                   enable_model_summary=False, enable_checkpointing=False)
+        module.model = None  # tune builds it itself
+        out = RESULTS / "tune" / (f"{size}-{method}" if zoo == "vision" else f"{zoo}-{size}-{method}")
+        report = trainer.tune(module, dm, DEFAULT_SPACES[method], output_dir=str(out))
+        best = report["best"]["params"]  # the simplest of the candidates tied within the tune-val's SE
+        source = " / ".join(sorted({v["source"] for v in report["tune_val"].values()}))
+        extra.update(tuning_seconds=time.perf_counter() - start, tuning_samples=sum(report["tune_samples"].values()),
+                     tuned_params=best, tune_val_source=source,
+                     tune_ties={k: report["ties"][k] for k in ("tied", "standard_error", "how", "rules")})
+        title = f"{label} (tuned on the {source}: {best})"
+    else:  # EMR: tuning-free (no hyperparameter): its tuned rows are its default rows
+        best, title = {}, f"{label} (tuning-free: its defaults)"
+    tuned, dm2 = built(best)
     tuned.reset_router()
     ev = evaluate(tuned, dm2)
-    samples = sum(report["tune_samples"].values())
-    source = " / ".join(sorted({v["source"] for v in report["tune_val"].values()}))
-    return row(f"{label} (tuned on the {source}: {best})", ev["tasks"], individual,
-               **{k: v for k, v in ev.items() if k != "tasks"}, tuning_seconds=tune_seconds,
-               tuning_samples=samples, tuned_params=best, tune_val_source=source, base_label=label)
+    rows = [row(title, ev["tasks"], individual, **{k: v for k, v in ev.items() if k != "tasks"}, **extra)]
+    if tuned.task_modules:  # the same merge with the true task's module (oracle) and with none (backbone alone)
+        base = label.replace(" (router)", "")
+        for what, model in (("oracle", {"routing": "oracle"}), ("backbone alone, no task module", None)):
+            other, dm3 = built(best, model)
+            if model is None:
+                other.build(dm3.router_dataset()[0][0].unsqueeze(0))
+                other.model.set_task_modules(None)
+            ev = evaluate(other, dm3)
+            rows.append(row(title.replace(label, f"{base} ({what})"), ev["tasks"], individual,
+                            **{k: v for k, v in ev.items() if k != "tasks"},
+                            **{**extra, "base_label": f"{base} ({what})"}))
+    return rows
+
+
+def routed_summary(tuned_rows: list[dict[str, Any]], zoo: str) -> str | None:
+    """The issue-28 line: routed − oracle and the share of the oracle's gain over its own backbone that routing
+    keeps (tuned FREE), with the default router's routing accuracy beside the mean-pool probe's
+    (``benchmarks/router_compare.py``'s results, same router split)."""
+    by = {r.get("base_label"): r for r in tuned_rows}
+    routed, oracle = by.get("FREE-Merging (router)"), by.get("FREE-Merging (oracle)")
+    alone = by.get("FREE-Merging (backbone alone, no task module)")
+    if not (routed and oracle and alone):
+        return None
+    gain = oracle["avg"] - alone["avg"]
+    kept = (routed["avg"] - alone["avg"]) / gain if gain else float("nan")
+    line = (f"routed − oracle (tuned FREE): {100 * (routed['avg'] - oracle['avg']):.2f} points; gain kept: "
+            f"{100 * kept:.0f} %")
+    compare = RESULTS / f"router_compare{'' if zoo == 'vision' else '_' + zoo}.json"
+    if compare.exists():
+        data = json.loads(compare.read_text())
+        probe = data.get("probes", {}).get("pretrained mean[L]", {}).get("test")
+        line += (f"; default router {100 * routed['routing_accuracy']:.1f} % vs mean-pool probe "
+                 f"{100 * probe:.1f} %" if probe is not None else "")
+    return line
 
 
 def _row_key(r: dict[str, Any]) -> str:
@@ -239,13 +296,15 @@ def main() -> None:
     start = time.perf_counter()
 
     zoo = ZOOS[args.zoo]
-    base, dm = build(args.size, "weight_averaging", zoo=args.zoo)
+    base, dm = build(args.size, "individual", zoo=args.zoo)  # the Individual row: configs/<zoo>/individual.yaml
     router_per_task = len(dm.router_indices[dm.task_names[0]])
     adapter = base.adapter
     tasks = base.task_names
-    individual = own_model_accuracy(base, dm, {t: adapter.finetuned_state_dict(t) for t in tasks})
-    pretrained = own_model_accuracy(base, dm, {t: adapter.pretrained_state_dict() for t in tasks})
-    rows = [row("Individual", individual, individual), row("Pre-trained", pretrained, individual)]
+    first = evaluate(base, dm)
+    individual = first["tasks"]
+    rows = [row("Individual", individual, individual, **{k: v for k, v in first.items() if k != "tasks"},
+                method="individual", method_args={}, model={})]
+    del base
     specs = [] if args.skip_main else rows_spec(args.zoo)
     if args.only:
         specs = [s for s in specs if any(o in s["label"] for o in args.only)]
@@ -254,7 +313,8 @@ def main() -> None:
     def attempt(label: str, out: list, fn) -> None:
         """``out.append(fn())``; a row that fails is recorded (label and one-line error) and the run goes on."""
         try:
-            out.append(fn())
+            got = fn()
+            out.extend(got if isinstance(got, list) else [got])
         except Exception as err:  # noqa: BLE001 - a benchmark row's failure is reported, not fatal
             failed.append({"label": label, "error": f"{type(err).__name__}: {str(err).splitlines()[0]}"})
             print(f"{label}: FAILED ({failed[-1]['error']})", flush=True)
@@ -267,7 +327,7 @@ def main() -> None:
         ev = evaluate(module, dm)
         return row(spec["label"], ev["tasks"], individual, **{k: v for k, v in ev.items() if k != "tasks"}, **extra)
 
-    for spec in specs:
+    for spec in REFERENCE_ROWS[1:] + specs:
         attempt(spec["label"], rows, lambda spec=spec: measured(
             spec, method=spec["method"], method_args=spec.get("args", {}), model=spec.get("model", {})))
     tuned_rows = []
@@ -294,7 +354,7 @@ def main() -> None:
         runs += earlier.get("runs", 1)
         # tables written before totals were kept hold only their last run's seconds
         complete = complete and "runs" in earlier and earlier.get("seconds_complete", True)
-    order = ["Individual", "Pre-trained"] + [s["label"] for s in rows_spec(args.zoo)]
+    order = [s["label"] for s in REFERENCE_ROWS + rows_spec(args.zoo)]
     rows.sort(key=lambda r: order.index(r["label"]) if r["label"] in order else len(order))  # stable
     name = args.name or (zoo["name"] if args.size == "default" else f"{zoo['name']}_{args.size}")
     report = {"zoo": args.zoo, "size": args.size, "zoo_recipe_hash": manifest.get("recipe_hash"), "tasks": tasks,
@@ -318,10 +378,11 @@ def main() -> None:
                   f"this run {seconds:.0f} s; the other rows merged from earlier runs (`--merge-json`), whose times "
                   "were not all recorded.")),
           (f"Heads: each dataset's own head unless a row says *routed heads*. Router: {zoo['router']} (unless a "
-           f"row says otherwise) trained on the router split, {router_split}. *routing acc* is the share of test "
-           f"{unit}s routed to their own task (shown where there are task modules to route to). Extra storage per "
-           "task is what a task adds to the one merged backbone (sparse experts store an index and a value per "
-           "entry)."), "",
+           f"row says otherwise) trained on the router split, {router_split}. *routing acc* is the mean over tasks "
+           f"of each task's share of test {unit}s routed to itself, then (after ';') the share of all test "
+           f"{unit}s routed to their own task (pooled); shown where a router picks among task modules. Extra "
+           "storage per task is what a task adds to the one merged backbone, with what it holds (sparse experts: "
+           "a value and a compact index code per entry; Individual: the whole fine-tuned model)."), "",
           markdown(rows, tasks, "Paper-default hyperparameters", samples=unit)]
     if tuned_rows:
         sources = sorted({r.get("tune_val_source", "router split") for r in tuned_rows})
@@ -330,8 +391,14 @@ def main() -> None:
         md.append("Tuned rows: tune-val is data no fine-tuned model trained on — each task's validation split "
                   "(held out before fine-tuning; the router trains on the whole router split) or, where a task has "
                   "none, a held-out half of the router split (the router trains on the other half); each candidate "
-                  "is scored by mean accuracy on tune-val (`cli.DEFAULT_SPACES`); the chosen values are then "
-                  "evaluated once on the test split. *tuning s* is the whole search.\n")
+                  "is scored by mean accuracy on tune-val (`cli.DEFAULT_SPACES`); candidates within the tune-val's "
+                  "standard error of the best (sqrt(p(1−p)/n), n its samples) tie, and the simplest is chosen "
+                  "(smaller expert storage, then no filter, then the method's defaults, then grid order; the JSON's "
+                  "`tune_ties` lists the tied set and the rule); the chosen values are then evaluated once on the "
+                  "test split. *tuning s* is the whole search.\n")
+        summary = routed_summary(tuned_rows, args.zoo)
+        if summary:
+            md.append(summary + "\n")
     if sweep_rows:
         md.append(markdown(sweep_rows, tasks, "Sweeps: filter ratio (Table 14 analogue) and expert density",
                            samples=unit))

@@ -27,6 +27,11 @@ def results_markdown(results: dict[str, Any]) -> str:
     for name, values in tasks.items():
         lines.append(f"| {name} | " + " | ".join(f"{values[m]:.4f}" for m in metrics) + " |")
     lines.append("| **avg** | " + " | ".join(f"{results['avg'][m]:.4f}" for m in metrics) + " |")
+    matrix = results.get("routing_confusion")
+    if "routing_accuracy" in metrics and matrix and sum(map(sum, matrix)):
+        pooled = sum(matrix[i][i] for i in range(len(matrix))) / sum(map(sum, matrix))
+        lines += ["", (f"routing accuracy (mean over tasks, the avg row): {results['avg']['routing_accuracy']:.4f}; "
+                       f"routing accuracy (pooled over all samples): {pooled:.4f}")]
     return "\n".join(lines) + "\n"
 
 

@@ -49,7 +49,7 @@ def zoo_config(method: str, size: str = "default", method_args: dict | None = No
         {"class_path": "freemerge_pl.adapters.zoo_vit.ZooViTAdapter",
          "init_args": {"size": size, "seed": 0, "tasks": ZOO_TASKS}},
         method, method_args,
-        {"epochs": 20},  # feature_source auto: the merged backbone's first blocks
+        {"epochs": 20},  # feature_source auto: the pre-trained backbone's pooled features
         {"router_fraction": 0.01, "min_router_samples": 16, "batch_size": 256, "seed": 0,
          "tasks": [{"name": t, "dataset": "freemerge_pl.zoo.vision.ZooTaskDataset",
                     "dataset_args": {"task": t, "size": size, "seed": 0}} for t in ZOO_TASKS]},
@@ -64,7 +64,7 @@ def text_config(method: str, size: str = "default", method_args: dict | None = N
         {"class_path": "freemerge_pl.adapters.text_zoo.TextZooAdapter",
          "init_args": {"size": size, "seed": 0, "tasks": TEXT_TASKS}},
         method, method_args,
-        {"feature_source": "backbone", "epochs": 20},
+        {"epochs": 20},  # feature_source auto: the pre-trained encoder's first layers, token mean
         {"router_fraction": 1.0, "min_router_samples": 1, "batch_size": 128, "seed": 0,
          "tasks": [{"name": t, "dataset": "freemerge_pl.zoo.text.TextZooTaskDataset",
                     "dataset_args": {"task": t, "size": size, "seed": 0},
@@ -82,6 +82,14 @@ DATA_DEPENDENT_ZOO_ARGS = {
                       "density": 0.2},
     "mtl": {"data_split": "router", "epochs": 10, "lr": 1e-4, "batch_size": 32},
 }
+
+
+#: model settings per method: ``individual`` (each task's own fine-tuned model) is scored with the true task
+#: (``routing: oracle``, the tables' reference row; ``routing: router`` would be the upper bound of a router over
+#: whole models)
+MODEL_ARGS = {"individual": {"routing": "oracle"}}
+NOTES = {"individual": " Routing: oracle (each task runs its own fine-tuned model: the Individual row).",
+         "pretrained": " No task modules: nothing is routed (the Pre-trained row)."}
 
 
 #: the released code's language-model path (merge_lm/merge_roberta_glue.py) for the BERT encoder of the text zoo:
@@ -107,18 +115,20 @@ def main() -> None:
     assert zoo_task_names("default")[:8] == ZOO_TASKS
     for method in list_methods():
         spec = get_method(method)
-        write(HERE / "zoo" / f"{method}.yaml", zoo_config(method),
-              f"{method} ({spec.reference}) on the offline zoo, the method's default hyperparameters.")
+        write(HERE / "zoo" / f"{method}.yaml", zoo_config(method, **MODEL_ARGS.get(method, {})),
+              f"{method} ({spec.reference}) on the offline zoo, the method's default hyperparameters."
+              + NOTES.get(method, ""))
     write_data_dependent_zoo_configs()
     write(HERE / "zoo" / "tiny" / "free_merging.yaml", zoo_config("free_merging", size="tiny"),
           "FREE-Merging on the tiny zoo (seconds; what CI runs end to end).")
     assert text_zoo_task_names("default") == TEXT_TASKS
     for method in list_methods():
         spec = get_method(method)
-        write(HERE / "text" / f"{method}.yaml", text_config(method, method_args=TEXT_ARGS.get(method)),
+        write(HERE / "text" / f"{method}.yaml",
+              text_config(method, method_args=TEXT_ARGS.get(method), **MODEL_ARGS.get(method, {})),
               f"{method} ({spec.reference}) on the text zoo (all-MiniLM-L6-v2, 4 tasks), the method's defaults"
               + (f" but {TEXT_ARGS[method]} (the released code's language-model path)." if method in TEXT_ARGS
-                 else "."))
+                 else ".") + NOTES.get(method, ""))
     write(HERE / "text" / "tiny" / "free_merging.yaml", text_config("free_merging", size="tiny"),
           "FREE-Merging on the tiny text zoo (a tiny random BERT; seconds; for tests).")
 

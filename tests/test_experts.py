@@ -25,9 +25,10 @@ def expected_count(numel: int, density: float) -> int:
 
 
 def free(task_vectors, **hyperparameters):
-    """FREE-Merging through ``merge()`` (the product's path) on θ_pre = 0, so v_k = θ_k exactly."""
+    """FREE-Merging through ``merge()`` (the product's path) on θ_pre = 0, so v_k = θ_k exactly; the expert
+    values stay float32 (the worked examples pin them) unless a test asks for another ``expert_dtype``."""
     pre = {k: torch.zeros_like(v) for k, v in task_vectors[0].items()}
-    return merge(pre, task_vectors, "free_merging", **hyperparameters)
+    return merge(pre, task_vectors, "free_merging", **{"expert_dtype": "float32", **hyperparameters})
 
 
 @pytest.mark.parametrize(
@@ -149,7 +150,8 @@ def model_and_experts(dtype):
     net = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5)).to(dtype)
     pre = {k: p.detach().clone() for k, p in net.named_parameters()}
     fts = [{k: (p.float() + torch.randn(p.shape)).to(dtype) for k, p in pre.items()} for _ in range(2)]
-    experts = merge(pre, fts, "free_merging", expert_density=0.3, expert_index_encoding="flat").task_modules
+    experts = merge(pre, fts, "free_merging", expert_density=0.3, expert_index_encoding="flat",
+                    expert_dtype=None).task_modules
     assert all(e.entries(k)[1].dtype == dtype for e in experts for k in pre)
     return net, experts
 
@@ -400,6 +402,25 @@ def test_a_damaged_index_stream_is_an_error_naming_the_file(tmp_path):
         read_task_module(path, {})
     with pytest.raises(HyperparameterError, match="index_encoding='zip'"):
         SparseExpert({}, index_encoding="zip")
+
+
+def test_default_expert_costs_at_most_one_percent_of_the_fp32_backbone_on_a_vit_block():
+    """Issue 28 item 6, with FREE-Merging's defaults (d = 1 %, bfloat16 values, compact indices): one task's
+    expert on a ViT-B/32 transformer block (qkv 2304×768, proj 768×768, fc1 3072×768, fc2 768×3072, biases and
+    LayerNorms; 7.1 M float32 parameters) costs ≤ 1 % of the block's float32 bytes; the count is independent:
+    ⌈d·n⌉ entries per tensor × (2 value bytes + at least 1 index byte)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"attn.qkv.weight": (2304, 768), "attn.qkv.bias": (2304,), "attn.proj.weight": (768, 768),
+              "attn.proj.bias": (768,), "mlp.fc1.weight": (3072, 768), "mlp.fc1.bias": (3072,),
+              "mlp.fc2.weight": (768, 3072), "mlp.fc2.bias": (768,), "norm1.weight": (768,), "norm1.bias": (768,)}
+    pre = {k: 0.02 * torch.randn(s, generator=g) for k, s in shapes.items()}
+    fts = [{k: v + 1e-3 * torch.randn(v.shape, generator=g) for k, v in pre.items()} for _ in range(2)]
+    backbone_bytes = sum(t.numel() * 4 for t in pre.values())
+    entries = sum(math.ceil(0.01 * t.numel()) for t in pre.values())
+    for expert in merge(pre, fts, "free_merging").task_modules:
+        assert expert.nnz == entries
+        assert 3 * entries <= expert.nbytes <= 0.01 * backbone_bytes
+        assert all(expert.entries(k)[1].dtype == torch.bfloat16 for k in pre)
 
 
 @pytest.mark.parametrize("dtype,limit", [("bfloat16", 0.01), ("float16", 0.01), (None, 0.021)])

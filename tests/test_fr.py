@@ -186,14 +186,24 @@ def test_free_merging_backbone_is_fr_and_experts_per_task():
     assert len(free.info["mu"]) == 3
 
 
-def test_merge_expert_dtype_defaults_to_model_dtype():
+def test_merge_expert_dtype_none_keeps_the_model_dtype_and_the_default_is_bfloat16():
     pre = {"w": torch.randn(8, 8).to(torch.bfloat16), "b": torch.randn(8).to(torch.float16)}
     fts = [{k: v + 0.1 * torch.randn(v.shape).to(v.dtype) for k, v in pre.items()} for _ in range(2)]
-    experts = merge(pre, fts, "free_merging", expert_density=0.25).task_modules
+    experts = merge(pre, fts, "free_merging", expert_density=0.25, expert_dtype=None).task_modules
     for e in experts:
         assert e.entries("w")[1].dtype == torch.bfloat16 and e.entries("b")[1].dtype == torch.float16
     experts = merge(pre, fts, "free_merging", expert_density=0.25, expert_dtype="float32").task_modules
     assert all(e.entries("w")[1].dtype == torch.float32 for e in experts)
+    pre32 = {k: v.float() for k, v in pre.items()}
+    default = merge(pre32, [{k: v.float() for k, v in ft.items()} for ft in fts], "free_merging",
+                    expert_density=0.25).task_modules
+    exact = merge(pre32, [{k: v.float() for k, v in ft.items()} for ft in fts], "free_merging",
+                  expert_density=0.25, expert_dtype="float32").task_modules
+    for e, f in zip(default, exact):  # float32 checkpoints: the values rounded once to bfloat16, same entries
+        for key in ("w", "b"):
+            assert e.entries(key)[1].dtype == torch.bfloat16
+            assert torch.equal(e.entries(key)[0], f.entries(key)[0])
+            assert torch.equal(e.entries(key)[1], f.entries(key)[1].to(torch.bfloat16))
 
 
 def test_prefilter_filters_each_task_vector():

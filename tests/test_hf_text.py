@@ -463,7 +463,7 @@ def test_table4_config_parses_without_reading_files(path):
     assert [t.metrics for t in cli.datamodule.tasks] == [glue_metrics(n) for n in names]
     assert [t.dataset_args.get("label_type", "classification") for t in cli.datamodule.tasks] == \
         ["regression" if n == "STS-B" else "classification" for n in names]
-    assert cli.model.router_config.feature_source == "backbone"
+    assert cli.model.router_config.feature_source == "auto"  # token ids: the pre-trained encoder's first layers
     assert cli.model.method == path.stem.removeprefix("table4_roberta_glue_")
     assert a.pretrained == "CHECKPOINT_ROOT/roberta-base"
     assert all(t.dataset_args["path"].startswith("DATA_ROOT/glue/") for t in cli.datamodule.tasks)

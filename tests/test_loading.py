@@ -245,3 +245,52 @@ def test_a_tiny_zoo_export_rebuilds_its_zoo_adapter_and_no_other(tmp_path, monke
     assert isinstance(loaded.adapter, zoo_vit.ZooViTAdapter) and loaded.adapter.zoo_root == zoo
     assert loaded.task_names == tasks and roots and set(roots) == {str(zoo)}
     assert loaded.backbone_digest == module.backbone_digest
+
+
+class _Images(ToyAdapter):
+    input_kind = "image"
+
+
+class _ImagesWithPrefix(_Images):
+    depth = 6
+
+    def prefix_features(self, backbone, x, n_blocks):
+        return x
+
+    def backbone_depth(self, backbone):
+        return self.depth
+
+    def build_backbone(self):
+        return torch.nn.Identity()
+
+
+class _Tokens(ToyAdapter):
+    input_kind = "tokens"
+
+
+def test_an_earlier_versions_auto_router_loads_with_the_source_it_was_trained_on(toy_root, tmp_path):
+    """Exports now record the resolved feature source; a saved ``auto`` is an earlier version's, whose meaning was:
+    tokens → the whole merged backbone, images → its first 3 blocks (whole when no deeper / no prefix API)."""
+    from freemerge_pl.lightning.loading import legacy_auto_source
+
+    root = str(toy_root)
+    assert legacy_auto_source(ToyAdapter(root)) == "input"
+    assert legacy_auto_source(_Tokens(root)) == "backbone"
+    assert legacy_auto_source(_Images(root)) == "backbone"
+    deep, shallow = _ImagesWithPrefix(root), _ImagesWithPrefix(root)
+    shallow.depth = 3
+    assert legacy_auto_source(deep) == "backbone_prefix" and legacy_auto_source(shallow) == "backbone"
+    # an export whose manifest says ``auto`` (as earlier versions wrote) loads and routes as the exported module
+    x, t = _toy_inputs(toy_root)
+    module = _module(toy_root)
+    module.build(x[:1])
+    module.fit_router([(xi, 0, ti) for xi, ti in zip(x, t)])
+    module.export(tmp_path / "m")
+    path = tmp_path / "m" / "merge_info.json"
+    manifest = json.loads(path.read_text())
+    assert manifest["module"]["router"]["feature_source"] == "input"  # recorded resolved
+    manifest["module"]["router"]["feature_source"] = "auto"
+    path.write_text(json.dumps(manifest))
+    loaded = load_merged(tmp_path / "m")
+    assert loaded.model.feature_source == "input"
+    torch.testing.assert_close(loaded.router_logits(x), module.router_logits(x), rtol=0, atol=0)

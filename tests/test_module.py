@@ -449,3 +449,20 @@ def test_a_routed_model_without_task_modules_predicts_with_the_given_task(toy_ro
     assert torch.equal(got["task"], torch.full((5,), 2))
     with torch.no_grad():
         assert torch.equal(got["prediction"], adapter.build_head("task2")(backbone(x)).argmax(-1).float())
+
+
+def test_results_table_labels_both_routing_accuracies():
+    """The avg row's routing accuracy is the mean over tasks; the pooled share is printed beside it, labelled
+    (tasks of unequal size: 9/10 and 10/20 → mean 0.7, pooled 19/30)."""
+    from freemerge_pl.callbacks.results import results_markdown
+
+    results = {"tasks": {"a": {"accuracy": 0.5, "routing_accuracy": 0.9},
+                         "b": {"accuracy": 0.5, "routing_accuracy": 0.5}},
+               "avg": {"accuracy": 0.5, "routing_accuracy": 0.7}, "routing_confusion": [[9, 1], [10, 10]],
+               "protocol": {"routing": "router", "head_selection": "dataset"}}
+    md = results_markdown(results)
+    assert (f"routing accuracy (mean over tasks, the avg row): {0.7:.4f}; routing accuracy (pooled over all "
+            f"samples): {19 / 30:.4f}") in md
+    del results["routing_confusion"], results["tasks"]["a"]["routing_accuracy"], results["tasks"]["b"]["routing_accuracy"]
+    del results["avg"]["routing_accuracy"]
+    assert "routing accuracy" not in results_markdown(results)

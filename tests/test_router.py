@@ -112,9 +112,9 @@ def test_split_point_beyond_depth_fails_with_named_error(toy_root):
 def test_auto_feature_source_follows_the_adapters_inputs(toy_root):
     auto = RouterConfig()
     assert auto.feature_source == "auto"
-    assert resolve_feature_source(auto, "image") == "backbone_prefix"
-    assert resolve_feature_source(auto, "image", has_prefix=False) == "backbone"  # e.g. HF CLIP, timm
-    assert resolve_feature_source(auto, "tokens") == "backbone"
+    assert resolve_feature_source(auto, "image") == "pretrained"
+    assert resolve_feature_source(auto, "tokens") == "pretrained_backbone"  # the first blocks, token mean
+    assert resolve_feature_source(auto, "tokens", has_prefix=False) == "pretrained"
     assert resolve_feature_source(auto, "other") == "input"
     with pytest.raises(ConfigError, match="input_kind='audio'"):
         resolve_feature_source(auto, "audio")
@@ -125,12 +125,35 @@ def test_auto_feature_source_follows_the_adapters_inputs(toy_root):
 
     assert ZooViTAdapter.input_kind == OpenCLIPAdapter.input_kind == "image"
     assert HFSequenceClassificationAdapter.input_kind == PeftLoRAAdapter.input_kind == "tokens"
-    # a token adapter's default router reads the merged backbone's features, not the raw ids
+    # a token adapter without a prefix: its default router reads the pre-trained backbone's pooled features (the
+    # toy's: its output), not the raw ids and not the merge: another merge candidate routes alike
     dm = datamodule(toy_root)
-    module = built(TokenToyAdapter(str(toy_root)), dm)
+    adapter = TokenToyAdapter(str(toy_root))
+    module = built(adapter, dm)
     x = dm.router_dataset()[0][0][None]
-    assert module.model.feature_source == "backbone" and module.router_reads_merged_backbone
-    torch.testing.assert_close(module.model.router_input(x), module.backbone(x))
+    pre = ToyBackbone(**adapter.manifest["config"])
+    pre.load_state_dict(adapter.pretrained_state_dict())
+    assert module.model.feature_source == "pretrained" and not module.router_reads_merged_backbone
+    torch.testing.assert_close(module.model.router_input(x), pre(x))
+    assert not torch.allclose(module.model.router_input(x), module.backbone(x))
+
+
+def test_vit_pooled_features_are_the_last_blocks_class_token_and_token_mean():
+    """The open_clip ViT's ``pretrained`` features: after every block, the class token beside the mean of the
+    patch tokens, written out here with the transformer's own forward (blocks, no ln_post / projection)."""
+    from freemerge_pl.adapters.zoo_vit import ZooViTAdapter
+    from freemerge_pl.zoo.vision.build import build_vit
+
+    torch.manual_seed(0)
+    vit = build_vit({"image_size": 16, "patch_size": 8, "width": 16, "layers": 2, "heads": 2, "mlp_ratio": 2.0,
+                     "output_dim": 8}).eval()
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        tokens = vit.transformer(vit._embeds(x))  # [B, 1 + 4 patches, width]
+        expected = torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], -1)
+        pooled = ZooViTAdapter.pooled_features(ZooViTAdapter.__new__(ZooViTAdapter), vit, x)
+    assert pooled.shape == (3, 32)
+    torch.testing.assert_close(pooled, expected)
 
 
 def test_pretrained_and_prefix_sources_read_the_right_weights(toy_root):
@@ -206,14 +229,19 @@ def test_single_task_config_tests(toy_root, tmp_path):
     n = len(dm._test["task1"].y)
     assert results["routing_confusion"] == [[n]]
     assert results["tasks"]["task1"]["routing_accuracy"] == 1.0
-    assert (tmp_path / "results" / "routing_confusion.md").read_text().endswith("routing accuracy: 1.0000\n")
+    assert (tmp_path / "results" / "routing_confusion.md").read_text().endswith(
+        "routing accuracy (mean over tasks): 1.0000\nrouting accuracy (pooled over all samples): 1.0000\n")
 
 
 def test_routing_confusion_markdown_and_png(tmp_path):
     matrix = [[8, 2, 0], [1, 9, 0], [0, 5, 5]]
     md = routing_confusion_markdown(matrix, ["a", "b", "c"])
     assert "| a | 8 | 2 | 0 | 0.800 |" in md and "| c | 0 | 5 | 5 | 0.500 |" in md
-    assert md.endswith(f"routing accuracy: {22 / 30:.4f}\n")
+    assert md.endswith(f"routing accuracy (mean over tasks): {22 / 30:.4f}\n"
+                       f"routing accuracy (pooled over all samples): {22 / 30:.4f}\n")
+    # tasks of unequal size: the mean over tasks (0.9 and 0.5) and the pooled share (19 of 30) differ, each labelled
+    md = routing_confusion_markdown([[9, 1], [10, 10]], ["a", "b"])
+    assert md.endswith(f"(mean over tasks): {0.7:.4f}\nrouting accuracy (pooled over all samples): {19 / 30:.4f}\n")
     pytest.importorskip("matplotlib")
     from freemerge_pl.callbacks.routing import plot_routing_confusion
 
@@ -222,3 +250,38 @@ def test_routing_confusion_markdown_and_png(tmp_path):
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+def test_pretrained_source_pools_the_unmasked_tokens_of_the_pretrained_encoder():
+    """``feature_source: pretrained`` on a token adapter: the mean of θ_pre's last hidden states over the real
+    tokens; checked against each text run alone, unpadded (padding must not move the features)."""
+    from transformers import BertConfig, BertModel
+
+    from freemerge_pl.adapters.hf_text import HFSequenceClassificationAdapter, TextEncoderBackbone
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16)
+    backbone = TextEncoderBackbone(BertModel(config), "bert", "pooler").eval()
+    ids = torch.randint(1, 40, (3, 8))
+    lengths = [8, 5, 2]
+    mask = torch.zeros(3, 8, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+        ids[i, n:] = 0
+    packed = torch.stack([ids, mask], 1)
+    adapter = HFSequenceClassificationAdapter.__new__(HFSequenceClassificationAdapter)  # no checkpoints needed
+    with torch.no_grad():
+        pooled = adapter.pooled_features(backbone, packed)
+        for i, n in enumerate(lengths):
+            alone = backbone.bert(input_ids=ids[i:i + 1, :n], return_dict=True).last_hidden_state[0]
+            torch.testing.assert_close(pooled[i], alone.mean(0), atol=1e-5, rtol=1e-5)
+        # the prefix (the auto source's features on θ_pre): the token mean after the first layer
+        first = adapter.prefix_features(backbone, packed, 1)
+        for i, n in enumerate(lengths):
+            alone = backbone.bert(input_ids=ids[i:i + 1, :n], output_hidden_states=True).hidden_states[1][0]
+            torch.testing.assert_close(first[i], alone.mean(0), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(pooled, backbone(packed))  # not the pooler output
+    with pytest.raises(ConfigError, match="prefix of 3 layers is beyond the encoder's depth: BertModel has 2"):
+        adapter.prefix_features(backbone, packed, 3)
+    assert resolve_feature_source(RouterConfig(feature_source="pretrained"), "tokens") == "pretrained"

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import PurePath
 from typing import Any, ClassVar, Literal
 
+import torch
 from torch import Tensor, nn
 
 from freemerge_pl.errors import ConfigError
@@ -132,6 +133,11 @@ class ModelAdapter:
         raise ConfigError(f"{type(self).__name__} cannot run a prefix of its backbone (no prefix_features): "
                           "use model.router.feature_source 'backbone', or 'pretrained_backbone' with split_block 0")
 
+    def pooled_features(self, backbone: nn.Module, x: Tensor) -> Tensor:
+        """The router's ``pretrained`` features ``[B, D]`` of ``x`` through ``backbone`` (θ_pre, from
+        ``build_backbone``): by default the backbone's own output; token adapters pool every (unmasked) token."""
+        return backbone(x)
+
     def backbone_depth(self, backbone: nn.Module) -> int | None:
         """Optional: how many blocks ``prefix_features`` can run on ``backbone`` (None: unknown)."""
         return None
@@ -164,6 +170,14 @@ def open_clip_vit_prefix_features(adapter: ModelAdapter, backbone: nn.Module, x:
     """``prefix_features`` of an open_clip ``VisionTransformer`` (the zoo's and the open_clip adapters'):
     assign it as ``prefix_features = open_clip_vit_prefix_features`` in an adapter whose backbone is one."""
     return vit_prefix_features(backbone, x, n_blocks)
+
+
+def open_clip_vit_pooled_features(adapter: ModelAdapter, backbone: nn.Module, x: Tensor) -> Tensor:
+    """``pooled_features`` of an open_clip ``VisionTransformer`` (the router's ``pretrained`` source): its class
+    token and the mean of its patch tokens after the last block, concatenated ``[B, 2·width]`` (measured above
+    the class token alone and the projected output in ``benchmarks/router_compare.py``)."""
+    states = vit_prefix_states(backbone, x, len(_vit_blocks(backbone, 0)[1]))
+    return torch.cat([states[:, 0], states[:, 1:].mean(1)], -1)
 
 
 def vit_depth(adapter: ModelAdapter, backbone: nn.Module) -> int | None:
@@ -238,9 +252,11 @@ def vit_prefix_features(backbone: nn.Module, x: Tensor, n_blocks: int) -> Tensor
 
 class OpenCLIPViTSplit:
     """Mixin for an adapter whose backbone is an open_clip ``VisionTransformer``: the router's prefix API
-    (``prefix_features``, ``prefix_states``, ``suffix``, ``backbone_depth``). List it before ``ModelAdapter``."""
+    (``prefix_features``, ``pooled_features``, ``prefix_states``, ``suffix``, ``backbone_depth``). List it before
+    ``ModelAdapter``."""
 
     prefix_features = open_clip_vit_prefix_features
+    pooled_features = open_clip_vit_pooled_features
     prefix_states = open_clip_vit_prefix_states
     suffix = open_clip_vit_suffix
     backbone_depth = vit_depth

@@ -111,6 +111,43 @@ class TextEncoderBackbone(nn.Module):
         out = getattr(self, self.prefix)(**unpack_text_inputs(x), return_dict=True)
         return out.pooler_output if self.features == "pooler" else out.last_hidden_state[:, 0]
 
+    def token_mean(self, x: Tensor | dict[str, Tensor], n_layers: int | None = None) -> Tensor:
+        """The mean over the unmasked tokens ``[B, D]`` of the hidden states after the first ``n_layers`` layers
+        (None: the last hidden state): the router's ``pretrained_backbone`` / ``pretrained`` features (measured
+        above the first token and the pooler in ``benchmarks/router_compare.py``)."""
+        kw = unpack_text_inputs(x)
+        encoder = getattr(self, self.prefix)
+        if n_layers is None:
+            hidden = encoder(**kw, return_dict=True).last_hidden_state
+        else:
+            states = encoder(**kw, output_hidden_states=True, return_dict=True).hidden_states
+            if not 0 <= n_layers < len(states):
+                raise ConfigError(f"a prefix of {n_layers} layers is beyond the encoder's depth: "
+                                  f"{type(encoder).__name__} has {len(states) - 1} layers")
+            hidden = states[n_layers]
+        mask = kw.get("attention_mask")
+        if mask is None:
+            return hidden.mean(1)
+        mask = mask.to(hidden.dtype)[..., None]
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+def text_token_mean(adapter: ModelAdapter, backbone: TextEncoderBackbone, x: Tensor) -> Tensor:
+    """``pooled_features`` of a token adapter whose backbone is a ``TextEncoderBackbone``: the masked token mean
+    of the last hidden state (assign as ``pooled_features = text_token_mean``)."""
+    return backbone.token_mean(x)
+
+
+def text_depth(adapter: ModelAdapter, backbone: TextEncoderBackbone) -> int | None:
+    """``backbone_depth`` of such an adapter: the encoder's layer count (its config's ``num_hidden_layers``)."""
+    return getattr(getattr(getattr(backbone, backbone.prefix, None), "config", None), "num_hidden_layers", None)
+
+
+def text_prefix_features(adapter: ModelAdapter, backbone: TextEncoderBackbone, x: Tensor, n_blocks: int) -> Tensor:
+    """``prefix_features`` of such an adapter: the masked token mean after the first ``n_blocks`` layers (assign as
+    ``prefix_features = text_prefix_features``)."""
+    return backbone.token_mean(x, n_blocks)
+
 
 class HFSequenceClassificationAdapter(ModelAdapter):
     """Sequence classifiers fine-tuned from one encoder: the encoders are merged, each task keeps its head.
@@ -125,6 +162,9 @@ class HFSequenceClassificationAdapter(ModelAdapter):
 
     exclude_keys: tuple[str, ...] = ()  # the heads are not part of the backbone's state dict
     input_kind = "tokens"
+    pooled_features = text_token_mean
+    prefix_features = text_prefix_features
+    backbone_depth = text_depth
 
     def __init__(
         self,

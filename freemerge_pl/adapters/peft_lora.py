@@ -38,7 +38,12 @@ import torch
 from torch import Tensor, nn
 
 from freemerge_pl.adapters.base import ModelAdapter
-from freemerge_pl.adapters.hf_text import TextEncoderBackbone
+from freemerge_pl.adapters.hf_text import (
+    TextEncoderBackbone,
+    text_depth,
+    text_prefix_features,
+    text_token_mean,
+)
 from freemerge_pl.errors import CheckpointMismatchError, ConfigError, FreeMergeError
 from freemerge_pl.io import load_state_dict
 from freemerge_pl.merging.base import StateDict
@@ -356,6 +361,9 @@ class PeftLoRAAdapter(ModelAdapter):
     """
 
     input_kind = "tokens"
+    pooled_features = text_token_mean
+    prefix_features = text_prefix_features
+    backbone_depth = text_depth
 
     def __init__(self, base_model: str, adapters: dict[str, str]) -> None:
         if not adapters:

@@ -37,6 +37,7 @@ from freemerge_pl.merging.base import StateDict, resolve_tensor
 from freemerge_pl.merging.experts import SparseExpert
 from freemerge_pl.merging.merge import MergeOutput
 from freemerge_pl.merging.methods.emr import EMRTaskModule, EMRUnified
+from freemerge_pl.merging.methods.reference import FinetunedWeights
 from freemerge_pl.merging.methods.twin import LowRankTaskModule
 
 HEADS_FILE = "heads.safetensors"
@@ -45,7 +46,7 @@ _TASK_MODULE_FILE = re.compile(r"task_module_(\d+)\.safetensors")
 _SHARED_FILE = re.compile(r"shared_(\w+)\.safetensors")
 #: the rebuild registry: class name (a task-module file's ``type`` metadata) -> class with ``from_tensors``
 TASK_MODULE_TYPES: dict[str, type] = {c.__name__: c for c in (SparseExpert, EMRUnified, EMRTaskModule,
-                                                              LowRankTaskModule)}
+                                                              LowRankTaskModule, FinetunedWeights)}
 
 
 def task_module_file(k: int) -> str:

@@ -157,10 +157,13 @@ def cached_sha256(path) -> str:
 
 
 # ------------------------------------------------------------------------------------------ manifests
-def file_records(directory, names: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """``{name: {"bytes": size, "sha256": digest}}`` of files of ``directory`` (relative paths), names sorted."""
-    directory = Path(directory)
-    return {n: {"bytes": (directory / n).stat().st_size, "sha256": sha256_file(directory / n)} for n in sorted(names)}
+def file_records(directory, names: Iterable[str],
+                 digests: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """``{name: {"bytes": size, "sha256": digest}}`` of files of ``directory`` (relative paths), names sorted;
+    ``digests``: the sha256 of files hashed as they were written (by name), which are not read again."""
+    directory, digests = Path(directory), digests or {}
+    return {n: {"bytes": (directory / n).stat().st_size, "sha256": digests.get(n) or sha256_file(directory / n)}
+            for n in sorted(names)}
 
 
 def verify_manifest(root, files: Mapping[str, Mapping[str, Any]], *, remedy: str,
@@ -316,14 +319,15 @@ def _prune(staging: Path, keep: set[str] | None, manifest_name: str) -> list[str
 
 def publish_directory(staging, dest, record: Mapping[str, Any], *, files: Iterable[str | Path] | None = None,
                       overwrite: bool = False, replace_export: bool = True,
-                      manifest_name: str = MANIFEST_NAME) -> dict[str, Any]:
+                      manifest_name: str = MANIFEST_NAME, digests: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Publish the finished ``staging`` directory as ``dest``, whole; returns the manifest written.
 
     1. Every file of ``staging`` not named in ``files`` (paths inside ``staging``, absolute or relative) is
        removed (leftovers of an interrupted run with other settings); ``files=None`` keeps every file. A
        listed file that is absent is an error.
     2. The manifest ``{**record, "files": {relative path: {"bytes", "sha256"}}}`` (every file left; a ``files``
-       table ``record`` already holds is kept) is written last.
+       table ``record`` already holds is kept) is written last; ``digests`` (relative path → sha256 of a file
+       hashed while it was written) spares reading those files again.
     3. ``dest`` is checked again (``check_output_dir``), moved aside to ``.<name>.old`` if it exists, the staging
        directory is renamed to ``dest`` and the old one removed (put back if that rename fails). Nothing ever
        mixes files of two exports: a kill before the renames leaves the previous ``dest`` byte-identical; a
@@ -337,7 +341,7 @@ def publish_directory(staging, dest, record: Mapping[str, Any], *, files: Iterab
     if missing:
         raise FreeMergeError(f"{staging}: file(s) {missing} to publish are missing")
     table = record.get("files")
-    manifest = {**record, "files": table if isinstance(table, Mapping) else file_records(staging, names)}
+    manifest = {**record, "files": table if isinstance(table, Mapping) else file_records(staging, names, digests)}
     write_json_atomic(manifest, staging / manifest_name)
     check_output_dir(dest, overwrite=overwrite, replace_export=replace_export, manifest_name=manifest_name)
     old = _old_dir(dest)

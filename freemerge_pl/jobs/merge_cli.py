@@ -1,6 +1,10 @@
-"""``python cli.py merge --config job.yaml [--dry-run]``: the checkpoint merge job as a subcommand of the one
-``cli.py`` parser. Every field of ``MergeJobConfig`` is an option (typed and described from its docstring),
-so a value of the YAML may also be given, or overridden, on the command line (``--merge_method ties``)."""
+"""``python cli.py merge --config job.yaml [--dry-run]``: the checkpoint merge job. Every field of
+``MergeJobConfig`` is an option (typed and described from its docstring), so a value of the YAML may also be
+given, or overridden, on the command line (``--merge_method ties``).
+
+``cli.py`` runs ``main`` (its own small parser, ``parser()``) before anything imports Lightning; the one
+Lightning parser (``freemerge_pl.lightning.cli``) lists ``merge`` as a subcommand built from the same
+``add_arguments`` and ``run``, so both take the same options and behave alike."""
 
 from __future__ import annotations
 
@@ -9,7 +13,9 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
+from freemerge_pl.errors import ConfigError, one_line
 from freemerge_pl.jobs.merge_job import MergeJobConfig, run_merge_job
+from freemerge_pl.jobs.program import tidy_help
 
 DESCRIPTION = ("Merge checkpoints from a mergekit-style job YAML (base_model, models, merge_method, "
                "parameters, ...), streamed tensor by tensor.")
@@ -61,3 +67,23 @@ def run(cfg: Namespace) -> dict[str, Any]:
     else:
         log.info(f"wrote {len(report['files'])} files to {report['output']}")
     return report
+
+
+class _Parser(ArgumentParser):
+    """A bad option or value is a one-line ``ConfigError`` naming it (exit status 2 in ``run_program``)."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        raise ConfigError(f"{self.prog}: {one_line(message)}") from ex
+
+
+def parser() -> ArgumentParser:
+    """The ``cli.py merge`` parser on its own (no Lightning): the options of ``add_arguments``, tidy help."""
+    p = _Parser(prog="cli.py merge", description=DESCRIPTION, epilog=EPILOG)
+    add_arguments(p)
+    tidy_help(p, {"MergeJobConfig": MergeJobConfig.__doc__})
+    return p
+
+
+def main(args: list[str]) -> dict[str, Any]:
+    """``cli.py merge ARGS``: parse (``--help`` prints the options and exits), check, merge; the job's report."""
+    return run(parser().parse_args(args))

@@ -60,7 +60,6 @@ from freemerge_pl.io.lock import output_lock
 from freemerge_pl.jobs.stream import output_plan, stream_merge
 from freemerge_pl.merging.engine import (
     CheckpointInputs,
-    all_finite,
     check_prefilter,
     prefilter_transform,
     preflight,
@@ -134,10 +133,17 @@ class MergeJobConfig:
         vocab_mismatch: ``error``, or ``truncate_or_pad`` fine-tuned vocabulary-sized tensors to the base's
             rows.
         allow_mixed_dtypes: accept fine-tuned tensors whose dtype differs from the base's.
-        check_finite: read every input tensor once and refuse NaN/Inf before writing anything.
+        check_finite: refuse NaN/Inf in the merged inputs, checked on each tensor as the merge pass reads it
+            (the output is published only when complete: a bad tensor ends the job before that).
         copy_files: copy the base directory's config, tokenizer and other non-weight files to the output.
         allow_pickle: read ``.bin``/``.pt`` checkpoints that hold pickled Python objects (a whole module saved
             with ``torch.save(model)``); unpickling executes code from the file: only for files you trust.
+        low_memory: give freed memory back to the OS after every tensor: peak RSS 20-30 % lower, CPU time
+            1.15-1.5 × (measured on an 84 M-parameter Llama: every large buffer is then a fresh mapping the
+            kernel zero-fills).
+        prefetch: read the next tensor's inputs (and check them for NaN/Inf) on a second thread while the current
+            one is computed; peak RSS grows by one tensor's inputs. No gain was measurable on a loaded 2-core
+            machine (no core to spare); it may help where one is free.
     """
 
     base_model: str
@@ -156,6 +162,8 @@ class MergeJobConfig:
     check_finite: bool = True
     copy_files: bool = True
     allow_pickle: bool = False
+    low_memory: bool = False
+    prefetch: bool = False
 
     def __post_init__(self) -> None:
         self.models = [m if isinstance(m, ModelEntry) else
@@ -221,8 +229,12 @@ class MergeJobConfig:
         return cls(**raw)
 
     def record(self) -> dict[str, Any]:
+        """The settings that decide the output (``merge_info.json``'s ``config``, the resume fingerprint): not
+        where it goes, nor how memory and reads are managed."""
         out = asdict(self)
         out.pop("output_dir", None)
+        out.pop("low_memory", None)
+        out.pop("prefetch", None)
         return out
 
 
@@ -389,23 +401,6 @@ def _fingerprint(config: MergeJobConfig, sources: Sequence[TensorSource]) -> str
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def scan_finite(prepared: Prepared, progress: bool = False) -> None:
-    """Read every merged tensor once and fail on NaN/Inf naming checkpoint and key (before any output)."""
-    keys = prepared.inputs.keys
-    if progress:
-        from freemerge_pl.progress import progress_iter
-
-        keys = progress_iter(keys, "checking inputs for NaN/Inf", unit="tensor")
-    sources = [("base_model", prepared.base)] + list(zip(prepared.config.names, prepared.finetuned))
-    for key in keys:
-        for name, src in sources:
-            t = src.get(key)
-            if not all_finite(t):
-                n_bad = int((~torch.isfinite(t)).sum())
-                raise FreeMergeError(f"checkpoint {name!r} ({src.info(key).file}) key {key!r} (shape "
-                                     f"{tuple(t.shape)}) holds {n_bad} NaN/Inf value(s)")
-
-
 def copy_support_files(base_dir: Path, target: Path, dtype: torch.dtype | None) -> list[Path]:
     """Copy the base directory's non-weight files (config, tokenizer, generation config, ...) to ``target``;
     ``config.json`` gets the output ``torch_dtype``."""
@@ -449,14 +444,13 @@ def _run_locked(prepared: Prepared, *, overwrite: bool, resume: bool, progress: 
     if not resume and partial.is_dir():
         shutil.rmtree(partial)
         log.info("resume=False: removed the partial output %s", partial)
-    if config.check_finite:
-        scan_finite(prepared, progress)
     fingerprint = _fingerprint(config, [prepared.base, *prepared.finetuned])
     streamed = stream_merge(prepared.base, prepared.finetuned, prepared.method, partial, names=config.names,
                             exclude_keys=config.exclude_keys, fr_filter_ratio=config.fr_filter_ratio,
                             seed=config.seed, device=config.device, dtype=prepared.dtype,
                             max_shard_bytes=config.shard_bytes, fingerprint=fingerprint,
-                            strict_dtypes=not config.allow_mixed_dtypes, progress=progress)
+                            strict_dtypes=not config.allow_mixed_dtypes, check_finite=config.check_finite,
+                            low_memory=config.low_memory, prefetch=config.prefetch, progress=progress)
     files = list(streamed.files)
     task_module_files = save_task_modules(streamed.result.task_modules or [], streamed.result.shared_modules,
                                           partial, names=config.names, method=prepared.method.name)
@@ -471,5 +465,6 @@ def _run_locked(prepared: Prepared, *, overwrite: bool, resume: bool, progress: 
         "task_module_files": [p.name for p in task_module_files],
     }
     # files of an interrupted run with other settings are dropped; the manifest is written last, then renamed
-    manifest = publish_directory(partial, output, record, files=files, overwrite=overwrite, replace_export=False)
+    manifest = publish_directory(partial, output, record, files=files, overwrite=overwrite, replace_export=False,
+                                 digests=streamed.digests)  # the shards' sha256, computed while writing
     return {"output": str(output), "files": sorted(manifest["files"]), **prepared.report}

@@ -6,12 +6,14 @@ vector of each tensor is transformed once (``fourier.Spectrum``), each ``filter_
 FFT per tensor and ``scaling`` a multiplication; experts are cut once per (density, scope, scale). Every
 candidate's settings are checked before any candidate runs (``check_candidates``). ``tune`` evaluates every
 candidate with the MergedModule's own validation loop on the tune-val split (``trainer.validate``,
-exact under DDP) and returns every candidate's per-task scores and the best one.
+exact under DDP) and returns every candidate's per-task scores and the chosen one: among the candidates whose
+score is within the tune-val's standard error of the best (ties, ``choose``), the simplest (``TIE_RULES``).
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -95,14 +97,71 @@ def check_candidates(method: str, base_args: dict[str, Any] | None, fr_filter_ra
                               f"{type(err).__name__}: {err}") from err
 
 
+#: how a tie is broken: the first rule that tells two tied candidates apart decides (the simpler one wins)
+TIE_RULES = ("smaller expert storage", "no filter (the smaller filter_ratio + fr_filter_ratio)",
+             "more of the method's default values", "grid order")
+#: the hyperparameters that filter the task vectors (0: no filter)
+FILTER_KEYS = ("filter_ratio", "fr_filter_ratio")
+#: metrics that are a share of samples, whose standard error is sqrt(p(1−p)/n)
+PROPORTION_METRICS = ("accuracy", "routing_accuracy")
+
+
+def standard_error(row: dict[str, Any], metric: str, samples: int | None, normalised: bool) -> tuple[float, str]:
+    """The tune-val standard error of ``row``'s score and how it was computed (for the report).
+
+    For an accuracy: SE = sqrt(p(1−p)/n), p = the candidate's mean accuracy over tasks, n = the tune-val samples
+    summed over tasks (a normalised score's SE is scaled by score/p). Other metrics, or n unknown: 0 (only equal
+    scores tie)."""
+    if metric not in PROPORTION_METRICS or not samples:
+        why = f"metric {metric!r} is not a share of samples" if samples else "the tune-val size is unknown"
+        return 0.0, f"no standard error ({why}): only equal scores tie"
+    values = [v[metric] for v in row["scores"]["tasks"].values()]
+    p = min(1.0, max(0.0, sum(values) / len(values)))
+    se = math.sqrt(p * (1 - p) / samples)
+    scaled = se * row["score"] / p if normalised and p > 0 else se
+    how = f"SE = sqrt(p(1-p)/n) = sqrt({p:.4f}·{1 - p:.4f}/{samples}) = {se:.4f}"
+    return scaled, how + (f" (×score/p = {scaled:.4f}: normalised)" if normalised and p > 0 else "")
+
+
+def simplicity(row: dict[str, Any], order: int, defaults: dict[str, Any]) -> tuple:
+    """The sort key of ``TIE_RULES``: expert bytes, filter amount, settings off their default, order."""
+    params = row["params"]
+    filtering = sum(float(params.get(k, 0.0)) for k in FILTER_KEYS)
+    off_default = sum(1 for k, v in params.items() if k not in defaults or v != defaults[k])
+    return (row.get("task_module_bytes", 0), filtering, off_default, order)
+
+
+def choose(rows: list[dict[str, Any]], *, samples: int | None = None, metric: str = "accuracy",
+           normalised: bool = False, defaults: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The chosen candidate and the tie record: candidates whose score is ≥ best − SE (``standard_error`` of the
+    best) tie; among them the simplest by ``TIE_RULES`` is chosen. The record lists the tied candidates, the SE
+    and how it was computed, and the rules that chose (``[]``: no tie)."""
+    top = max(range(len(rows)), key=lambda i: rows[i]["score"])  # max keeps the first of equal scores
+    se, how = standard_error(rows[top], metric, samples, normalised)
+    threshold = rows[top]["score"] - se
+    tied = [i for i, r in enumerate(rows) if r["score"] >= threshold]
+    keys = {i: simplicity(rows[i], i, dict(defaults or {})) for i in tied}
+    chosen = min(tied, key=keys.__getitem__)
+    deciding = {next(j for j, (a, b) in enumerate(zip(keys[chosen], keys[i])) if a != b)
+                for i in tied if i != chosen}
+    record = {"standard_error": se, "how": how, "threshold": threshold, "best_score": rows[top]["score"],
+              "best_index": top, "tied_indices": tied, "tied": [rows[i]["params"] for i in tied],
+              "chosen_index": chosen, "rules": [TIE_RULES[j] for j in sorted(deciding)]}
+    return rows[chosen], record
+
+
 def tune(
     candidates: list[dict[str, Any]],
     merger: CandidateMerger,
     evaluate: Callable[[StateDict, MergeResult], dict[str, Any]],
     objective: Callable[[dict[str, Any]], float],
     progress: bool = True,
+    **tie_args: Any,
 ) -> dict[str, Any]:
-    """Evaluate every candidate; returns ``{"candidates": [...], "best": {...}}`` (ties: the first).
+    """Evaluate every candidate; returns ``{"candidates": [...], "best": {...}, "ties": {...}}``: ``best`` is
+    ``choose``'s (``tie_args``: its ``samples``, ``metric``, ``normalised``, ``defaults``; without ``samples``
+    only equal scores tie). Each row records its expert storage
+    (``task_module_bytes``).
 
     ``progress``: one log line per candidate (``tune: i/N, elapsed, eta · params → score``). A candidate
     that fails raises a ``ConfigError`` naming it (the settings were checked up front by
@@ -117,12 +176,13 @@ def tune(
             raise ConfigError(f"tune candidate {len(rows) + 1}/{len(candidates)} {params}: {err}") from err
         merge_seconds = time.perf_counter() - start
         scores = evaluate(state_dict, result)
-        rows.append({"params": params, "score": objective(scores), "scores": scores,
+        storage = sum(int(m.nbytes) for m in (result.task_modules or []))
+        rows.append({"params": params, "score": objective(scores), "scores": scores, "task_module_bytes": storage,
                      "merge_seconds": merge_seconds, "seconds": time.perf_counter() - start})
         if ticker is not None:
             ticker.update(len(rows), f"{params} → {rows[-1]['score']:.4f}")
-    best = max(rows, key=lambda r: r["score"])  # max keeps the first of equal scores
-    return {"candidates": rows, "best": best}
+    best, ties = choose(rows, **tie_args)
+    return {"candidates": rows, "best": best, "ties": ties}
 
 
 def mean_objective(metric: str = "accuracy", individual: dict[str, float] | None = None
@@ -163,8 +223,10 @@ def check_tune_settings(model, datamodule, space: dict[str, list[Any]] | None, m
                         n_trials: int) -> dict[str, list[Any]]:
     """The search space (given or the method's default) after checking every ``tune`` setting that needs
     no data: tune-val split, metric, search, trials, optuna installed."""
-    if datamodule.tune_fraction <= 0:
-        raise ConfigError("tune needs a tune-val split: set data.tune_fraction > 0 (e.g. 0.5)")
+    if not datamodule.tune_val_enabled:
+        raise ConfigError(f"tune needs a tune-val split: give every task a validation split (data.tasks[*].val_args; "
+                          f"missing for {[t.name for t in datamodule.tasks if t.val_args is None]}) or set "
+                          f"data.tune_fraction > 0 (e.g. 0.5)")
     space = space or DEFAULT_SPACES.get(model.method)
     if not space:
         raise ConfigError(f"no default tune space for method {model.method!r}: pass --space "
@@ -185,7 +247,8 @@ def check_tune_settings(model, datamodule, space: dict[str, list[Any]] | None, m
     return space
 
 
-def optuna_search(space, n_trials, merger, evaluate, objective, seed, progress: bool = True) -> dict[str, Any]:
+def optuna_search(space, n_trials, merger, evaluate, objective, seed, progress: bool = True,
+                  **tie_args: Any) -> dict[str, Any]:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the trial lines below say the same, once
@@ -201,21 +264,38 @@ def optuna_search(space, n_trials, merger, evaluate, objective, seed, progress: 
         return row["score"]
 
     study.optimize(propose, n_trials=n_trials)
-    return {"candidates": rows, "best": max(rows, key=lambda r: r["score"])}
+    best, ties = choose(rows, **tie_args)  # "grid order" is the order the trials ran
+    return {"candidates": rows, "best": best, "ties": ties}
 
 
 def tune_markdown(report: dict[str, Any]) -> str:
-    """Every candidate's per-task scores as a Markdown table, best first."""
-    rows = sorted(report["candidates"], key=lambda r: -r["score"])
+    """Every candidate's per-task scores as a Markdown table, best score first; tied candidates are marked, the
+    chosen one in bold, and a line says how ties were found and which rule chose."""
+    order = sorted(range(len(report["candidates"])), key=lambda i: -report["candidates"][i]["score"])
+    rows = report["candidates"]
     tasks = list(rows[0]["scores"]["tasks"])
     metric = report["metric"]
+    ties = report.get("ties") or {}
+    tied, chosen = set(ties.get("tied_indices", [])), ties.get("chosen_index")
     kinds = sorted({v["source"] for v in report.get("tune_val", {}).values()})
     header = (f"method `{report['method']}` · objective: mean {metric}"
               f"{' (normalised)' if report['normalised'] else ''} on tune-val"
               f"{' (' + ', '.join(kinds) + ')' if kinds else ''} · {report['seconds']:.1f}s")
-    lines = [header, "",
-             "| params | score | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 2) + "|"]
-    for r in rows:
+    lines = [header, ""]
+    if ties:
+        if len(tied) > 1:
+            lines.append(f"Ties: {len(tied)} candidates score within one standard error of the best "
+                         f"({ties['best_score']:.4f}; {ties['how']}), marked *tie*; the simplest was chosen by "
+                         f"{', then '.join(ties['rules'])} (rules in order: {'; '.join(TIE_RULES)}).")
+        else:
+            lines.append(f"No tie: no other candidate scores within one standard error of the best ({ties['how']}).")
+        lines.append("")
+    lines += ["| params | score | tie | expert bytes / all tasks | " + " | ".join(tasks) + " |",
+              "|---" * (len(tasks) + 4) + "|"]
+    for i in order:
+        r = rows[i]
         cells = " | ".join(f"{r['scores']['tasks'][t][metric]:.4f}" for t in tasks)
-        lines.append(f"| {r['params']} | {r['score']:.4f} | {cells} |")
+        params = f"**{r['params']}** (chosen)" if i == chosen else str(r["params"])
+        mark = "tie" if i in tied and len(tied) > 1 else ""
+        lines.append(f"| {params} | {r['score']:.4f} | {mark} | {r.get('task_module_bytes', 0)} | {cells} |")
     return "\n".join(lines) + "\n"

@@ -21,13 +21,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import pickle
 import pkgutil
-import re
-import signal
 import sys
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,20 +32,21 @@ import torch
 from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback, ProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from freemerge_pl.callbacks import LineProgressBar, ResultsTable
 from freemerge_pl.errors import ConfigError, FreeMergeError, one_line
 from freemerge_pl.io import write_text_atomic
 from freemerge_pl.jobs import merge_cli
 from freemerge_pl.jobs.analysis import cli as analyze_cli
+from freemerge_pl.jobs.program import program_options, run_program, tidy_help  # noqa: F401  (program_options: re-exported)
 from freemerge_pl.jobs.tune import DEFAULT_SPACES  # noqa: F401  (re-exported for the benchmarks)
 from freemerge_pl.lightning.datamodule import MultiTaskDataModule
 from freemerge_pl.lightning.module import MergedModule
 from freemerge_pl.lightning.trainer import FreeMergeTrainer, prepare_and_build, say
 from freemerge_pl.merging import get_method, list_methods
 from freemerge_pl.merging.method import MergeMethod
-from freemerge_pl.progress import apply_threads, setup_logging, silence_known_noise, stderr_is_terminal
+from freemerge_pl.progress import stderr_is_terminal
 
 #: the subcommands outside Lightning: name → (one-line description, add its options, run it)
 JOB_COMMANDS: dict[str, tuple[str, Callable[[Any], None], Callable[[Namespace], Any]]] = {
@@ -92,9 +89,6 @@ def read_ckpt(path: str) -> dict[str, Any]:
     return ckpt
 
 
-_ROLE = re.compile(r":(?:class|func|meth|attr|mod|obj|paramref|data|exc):`(~?)([^`]+)`")
-
-
 def import_adapters() -> list[str]:
     """Import every module of ``freemerge_pl.adapters`` (those whose optional dependency is installed), so
     that ``--model.adapter`` help lists the concrete adapters as known subclasses."""
@@ -108,37 +102,6 @@ def import_adapters() -> list[str]:
             continue
         imported.append(info.name)
     return imported
-
-
-def plain_text(text: str) -> str:
-    """Help text without reST markup: roles (``:class:`x``` → x), literals (````x```` → x), one line."""
-    text = _ROLE.sub(lambda m: m.group(2).rsplit(".", 1)[-1] if m.group(1) else m.group(2), text)
-    return " ".join(text.replace("``", "").split())
-
-
-def first_sentence(text: str) -> str:
-    """The first sentence of a docstring (its first paragraph up to the first '. '), without markup."""
-    paragraph = plain_text((text or "").strip().split("\n\n")[0])
-    match = re.search(r"\.(\s|$)", paragraph)
-    return paragraph[:match.start()] if match else paragraph
-
-
-def tidy_help(parser: argparse.ArgumentParser, docs: dict[str, str | None]) -> None:
-    """Readable ``--help``: a group's title is the first sentence of its docstring (``docs``: group key →
-    docstring; jsonargparse would cut the docstring's first line) and descriptions carry no reST markup
-    (``FreeMergeArgumentParser.format_help`` leaves the rarely used Trainer options out)."""
-    for key, group in getattr(parser, "groups", {}).items():
-        if key in GROUP_TITLES:
-            group.title = GROUP_TITLES[key]
-        elif docs.get(key):
-            group.title = first_sentence(docs[key])
-    parser.description = plain_text(parser.description) if parser.description else parser.description
-    subcommands = getattr(parser, "_subcommands_action", None)
-    for choice in getattr(subcommands, "_choices_actions", []):
-        choice.help = plain_text(choice.help or "")
-    for action in parser._actions:
-        if isinstance(action.help, str) and action.help != argparse.SUPPRESS:
-            action.help = plain_text(action.help)
 
 
 def unlisted(action: argparse.Action) -> bool:
@@ -219,7 +182,7 @@ class FreeMergeCLI(LightningCLI):
         docs = {"model": MergedModule.__doc__, "MergeJobConfig": merge_cli.MergeJobConfig.__doc__,
                 **{name: getattr(FreeMergeTrainer, name).__doc__ for name in self.subcommands()}}
         for sub in [self.parser, *getattr(self, "_subcommand_parsers", {}).values()]:
-            tidy_help(sub, docs)
+            tidy_help(sub, docs, GROUP_TITLES)
 
     def add_default_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--seed_everything", type=bool | int, default=self.seed_everything_default,
@@ -309,9 +272,10 @@ class FreeMergeCLI(LightningCLI):
             say("results were printed only (add the ResultsTable callback to write results.json)")
 
     def before_validate(self) -> None:
-        if self.datamodule.tune_fraction <= 0:
-            raise ConfigError("validate scores the tune-val split: set data.tune_fraction > 0 (e.g. 0.5, as for "
-                              "tune); the test split is scored by `test`")
+        if not self.datamodule.tune_val_enabled:
+            raise ConfigError("validate scores the tune-val split: give every task a validation split "
+                              "(data.tasks[*].val_args) or set data.tune_fraction > 0 (e.g. 0.5, as for tune); "
+                              "the test split is scored by `test`")
 
     def after_validate(self) -> None:
         """Print the tune-val scores (the objective ``tune`` maximises for these settings)."""
@@ -324,12 +288,6 @@ class FreeMergeCLI(LightningCLI):
         print("tune-val mean " + ", ".join(f"{k} {v:.4f}" for k, v in results["avg"].items()))
         if self.trainer.log_dir:
             say(f"metrics logged to {self.trainer.log_dir}")
-
-    def before_tune(self) -> None:
-        """``tune`` writes into its own ``output_dir`` only: no results table or config file of the run's
-        log dir (another run's) is moved or rewritten by its validation passes."""
-        self.trainer.callbacks = [c for c in self.trainer.callbacks
-                                  if not isinstance(c, (ResultsTable, SaveConfigCallback))]
 
     def after_tune(self) -> None:
         """Write ``<output_dir>/tuned.yaml``: the input config with the chosen hyperparameters."""
@@ -368,61 +326,11 @@ def main(args=None, run: bool = True) -> FreeMergeCLI:
                         run=run)
 
 
-def program_options(argv: list[str]) -> tuple[list[str], bool, int | None]:
-    """``argv`` without the program options ``--debug`` and ``--threads N`` (anywhere), and their values."""
-    rest: list[str] = []
-    debug, threads = False, None
-    it = iter(range(len(argv)))
-    for i in it:
-        a = argv[i]
-        if a == "--debug":
-            debug = True
-        elif a == "--threads" or a.startswith("--threads="):
-            raw = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
-            if "=" not in a:
-                next(it, None)
-            try:
-                threads = int(raw)
-            except ValueError:
-                raise ConfigError(f"--threads {raw!r}: accepted: a whole number ≥ 1") from None
-        else:
-            rest.append(a)
-    return rest, debug, threads
-
-
 def cli_main(argv: list[str] | None = None) -> int:
-    """``python cli.py ...``: logging, thread count, then ``main``; a package error prints one line naming
-    the setting, file or key at fault and returns 2 (``--debug`` / ``FREEMERGE_DEBUG=1``: with traceback);
-    Ctrl-C prints one line and returns 130 (the shell's status for SIGINT)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = os.environ.get("FREEMERGE_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
-    setup_logging()
-    silence_known_noise()
-    try:
-        argv, debug_flag, threads = program_options(argv)
-        debug = debug or debug_flag
-        apply_threads(threads)
-        main(argv)
-    except FreeMergeError as err:
-        if debug:
-            traceback.print_exc()
-        message = one_line(err)
-        hint = "" if debug else " (--debug shows the traceback)"
-        print(f"error: {message}{hint}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        _restore_sigint()
-        print("interrupted (Ctrl-C); a merge job resumes when rerun", file=sys.stderr)
-        return 130
-    return 0
-
-
-def _restore_sigint() -> None:
-    """Lightning ignores SIGINT while it shuts down; a Python caller gets Ctrl-C back."""
-    try:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    except ValueError:  # not the main thread
-        pass
+    """``python cli.py ...`` (``freemerge_pl.jobs.program.run_program`` around ``main``): logging, thread count,
+    a package error as one line naming the setting, file or key at fault with status 2 (``--debug`` /
+    ``FREEMERGE_DEBUG=1``: with traceback), Ctrl-C as one line with status 130."""
+    return run_program(list(sys.argv[1:] if argv is None else argv), main)
 
 
 def build_from_config(args) -> tuple[MergedModule, MultiTaskDataModule]:

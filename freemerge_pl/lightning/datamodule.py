@@ -173,8 +173,9 @@ def check_data(datamodule, adapter) -> dict[str, list[str]]:
 class MultiTaskDataModule(LightningDataModule):
     """Train loader: the router split of every task, mixed, with task ids. Test: one loader per task.
 
-    The router split is ⌈router_fraction·n⌉ seeded training indices per task. ``tune_fraction`` > 0 turns on
-    tune-val (``val_dataloader``, for ``tune``/``validate``): a task's own validation split where it has one
+    The router split is ⌈router_fraction·n⌉ seeded training indices per task. ``tune_fraction`` > 0, or a
+    ``val_args`` on every task, turns on tune-val (``val_dataloader``, for ``tune``/``validate``;
+    ``tune_val_enabled``): a task's own validation split where it has one
     (``TaskConfig.val_args`` or the dataset class's ``validation_args``; the router split is then not
     reduced), else a seeded ``tune_fraction`` share of its router split, held out (the router trains on the
     rest), with a warning: the fine-tuned models trained on it, so scores there favour memorised data.
@@ -187,8 +188,8 @@ class MultiTaskDataModule(LightningDataModule):
         batch_size: samples per batch, for the router's training and for scoring.
         num_workers: DataLoader worker processes (0: load in the main process).
         seed: seeds the choice of the router (and tune-val) samples.
-        tune_fraction: > 0 turns on tune-val (for ``tune``/``validate``); the held-out share of the router
-            split for tasks without a validation split of their own, [0, 1).
+        tune_fraction: > 0 turns on tune-val (for ``tune``/``validate``; not needed when every task has
+            ``val_args``); the held-out share of the router split for tasks without a validation split, [0, 1).
     """
 
     def __init__(
@@ -242,12 +243,18 @@ class MultiTaskDataModule(LightningDataModule):
                 prepare(**task.dataset_args)
 
     @property
+    def tune_val_enabled(self) -> bool:
+        """Whether there is tune-val (for ``tune``/``validate``): ``tune_fraction`` > 0, or every task names its
+        own validation split (``val_args``), which is tune-val enough."""
+        return self.tune_fraction > 0 or all(t.val_args is not None for t in self.tasks)
+
+    @property
     def tune_val_sources(self) -> dict[str, str]:
         """Per task, where tune-val comes from: ``validation split`` (data no fine-tuned model trained on),
         ``held-out router split`` (a share of a router split the dataset class declares was never fine-tuned on:
         its ``held_out_splits`` names the split of ``train_args``) or ``router split`` (a share of training data;
-        the fallback). Empty without ``tune_fraction``."""
-        if self.tune_fraction == 0:
+        the fallback). Empty without tune-val (``tune_val_enabled``)."""
+        if not self.tune_val_enabled:
             return {}
         return {t.name: "validation split" if validation_args(t) is not None
                 else "held-out router split" if held_out_training(t) else "router split" for t in self.tasks}
@@ -282,7 +289,7 @@ class MultiTaskDataModule(LightningDataModule):
         return getattr(self._test[task], "num_classes", None)
 
     def tune_dataset(self, task: str) -> Dataset:
-        """``task``'s tune-val (``tune_fraction`` > 0) for choosing hyperparameters: its validation split, else
+        """``task``'s tune-val (``tune_val_enabled``) for choosing hyperparameters: its validation split, else
         the held-out part of its router split (``tune_val_sources``)."""
         self.setup()
         i = self.task_names.index(task)
@@ -291,8 +298,8 @@ class MultiTaskDataModule(LightningDataModule):
         return TaskIdDataset(Subset(self._train[task], self.tune_indices[task]), i)
 
     def val_dataloader(self) -> list[DataLoader]:
-        """One loader per task over the tune-val split (never the test split); empty without ``tune_fraction``."""
-        if self.tune_fraction == 0:
+        """One loader per task over the tune-val split (never the test split); empty without tune-val."""
+        if not self.tune_val_enabled:
             return []
         return [self._eval_loader(self.tune_dataset(t)) for t in self.task_names]
 

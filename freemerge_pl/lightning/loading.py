@@ -54,6 +54,25 @@ def drop_removed_settings(saved: dict[str, Any], where: str) -> dict[str, Any]:
     return saved
 
 
+def legacy_auto_source(adapter: ModelAdapter) -> str:
+    """The router feature source ``auto`` meant before exports recorded the resolved one (exports written since
+    record it, so a saved ``auto`` comes from an earlier version): token ids → the whole merged backbone, images →
+    its first ``SPLIT_BLOCK`` blocks (the whole backbone when it is no deeper, or without ``prefix_features``),
+    other inputs → ``input``. The exported router's weights were trained on those features."""
+    from freemerge_pl.adapters.base import has_prefix_features
+    from freemerge_pl.lightning.router import SPLIT_BLOCK
+
+    kind = getattr(adapter, "input_kind", "other")
+    if kind == "tokens":
+        return "backbone"
+    if kind != "image":
+        return "input"
+    if not has_prefix_features(adapter):
+        return "backbone"
+    depth = adapter.backbone_depth(adapter.build_backbone())
+    return "backbone" if depth is not None and depth <= SPLIT_BLOCK else "backbone_prefix"
+
+
 if TYPE_CHECKING:
     from freemerge_pl.adapters.base import ModelAdapter
     from freemerge_pl.lightning.module import MergedModule
@@ -112,6 +131,8 @@ def module_from_export(export: MergedExport, adapter: ModelAdapter, **module_arg
         raise ConfigError(f"{export.path}: the export holds tasks {export.task_names}, the adapter "
                           f"{list(adapter.task_names)} (same names, same order)")
     if isinstance(saved.get("router"), dict):
+        if saved["router"].get("feature_source") == "auto":  # an earlier version's export: its meaning then
+            saved["router"] = {**saved["router"], "feature_source": legacy_auto_source(adapter)}
         saved["router"] = RouterConfig(**saved["router"])
     saved.setdefault("method_args", m.get("hyperparameters"))
     saved.setdefault("fr_filter_ratio", m.get("fr_filter_ratio", 0.0))
@@ -157,5 +178,5 @@ def load_merged(path, adapter: ModelAdapter | None = None, **module_args: Any) -
 
 
 __all__ = ["HEADS_FILE", "REMOVED_SETTINGS", "ROUTER_FILE", "MergedExport", "adapter_from_record", "describe_adapter",
-           "drop_removed_settings", "load_merged", "module_from_export", "read_export", "read_task_module",
-           "verify_export"]
+           "drop_removed_settings", "legacy_auto_source", "load_merged", "module_from_export", "read_export",
+           "read_task_module", "verify_export"]

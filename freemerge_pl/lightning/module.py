@@ -201,10 +201,18 @@ class MergedModule(LightningModule):
         self._ensure_router()
         self._check_rank_agreement()
 
+    #: validation (tune-val, scored once per ``tune`` candidate) reuses each batch's route while the router and
+    #: its candidate-independent features are unchanged (``RoutedModel.cache_routes``); False: route afresh
+    cache_val_routes: bool = True
+
     def on_validation_start(self) -> None:
         if not self.trainer.sanity_checking and self.trainer.state.fn == "validate":
             self._ensure_router()
         self._check_rank_agreement()
+        self.model.cache_routes = self.cache_val_routes
+
+    def on_validation_end(self) -> None:
+        self.model.cache_routes = False
 
     def _check_rank_agreement(self) -> None:
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -293,7 +301,9 @@ class MergedModule(LightningModule):
         (``RoutedModel.export``: built beside ``directory``, renamed into place whole); ``load_merged(directory)``."""
         module = {"method_args": self.method_args, "fr_filter_ratio": self.fr_filter_ratio, "top_k": self.top_k,
                   "merge_seed": self.merge_seed, "routing": self.routing, "head_selection": self.head_selection,
-                  "router": asdict(self.router_config), "router_in_features": self.model.router_in_features,
+                  # the source resolved (not ``auto``): the exported router's weights belong to it
+                  "router": {**asdict(self.router_config), "feature_source": self.model.feature_source},
+                  "router_in_features": self.model.router_in_features,
                   "adapter": self.adapter.adapter_record()}
         record = {**self.merge_record, "backbone_digest": self.backbone_digest, "module": module}
         return self.model.export(directory, record, method=self.method, inputs=self.adapter.checkpoint_paths(),

@@ -52,6 +52,13 @@ def state_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+def tensor_digest(x: Tensor) -> str:
+    """sha256 over a tensor's dtype, shape and bytes (the route cache's key for an input batch)."""
+    h = hashlib.sha256(f"{x.dtype}{tuple(x.shape)}".encode())
+    h.update(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def checked_method(method: str | MergeMethod, method_args: dict[str, Any] | None,
                     fr_filter_ratio: float) -> MergeMethod:
     """The method's checked configuration; an error names the setting (``model.method_args``, ...)."""
@@ -126,6 +133,10 @@ class RoutedModel(nn.Module):
         self.__dict__["_example_input"] = example_input  # sizes a router built later (not a buffer)
         self.router_in_features = None if router_in_features is None else int(router_in_features)
         self.router: Router | None = None
+        #: reuse each input batch's router logits while the router and its features are unchanged (only for a
+        #: feature source that does not read the merged weights: then another merge candidate routes alike)
+        self.cache_routes = False
+        self.__dict__["_route_cache"] = {}
         self.reset_router()
 
     # ------------------------------------------------------------------ the router
@@ -138,6 +149,7 @@ class RoutedModel(nn.Module):
     def reset_router(self) -> None:
         """A fresh, untrained router (None without task modules); its initial weights depend on ``SEED`` only."""
         self.router_trained.fill_(False)
+        self.clear_route_cache()
         if not self.routes:
             self.router = None
             return
@@ -157,14 +169,14 @@ class RoutedModel(nn.Module):
     @property
     def feature_source(self) -> str:
         """The feature source in use (``auto`` resolved from the adapter's ``input_kind``; ``auto`` on a
-        backbone no deeper than ``split_block`` reads the whole backbone)."""
+        backbone no deeper than ``split_block`` reads the whole pre-trained backbone: the same features)."""
         adapter = self.adapter
         source = resolve_feature_source(self.router_config, getattr(adapter, "input_kind", "other"),
                                         type(adapter).__name__, has_prefix_features(adapter))
-        if source == "backbone_prefix" and self.router_config.feature_source == "auto":
+        if source == "pretrained_backbone" and self.router_config.feature_source == "auto":
             depth = adapter.backbone_depth(self.backbone)
             if depth is not None and self.split_block >= depth:
-                return "backbone"
+                return "pretrained"
         return source
 
     @property
@@ -173,7 +185,7 @@ class RoutedModel(nn.Module):
         return self.feature_source in ("backbone", "backbone_prefix")
 
     def _pretrained_backbone(self, device: torch.device) -> nn.Module:
-        """θ_pre's backbone for the ``pretrained_backbone`` source: built once from the adapter, frozen, kept out
+        """θ_pre's backbone for the ``pretrained``/``pretrained_backbone`` sources: built once from the adapter, frozen, kept out
         of the module tree (not in checkpoints or exports: the adapter reads it again)."""
         backbone = self.__dict__.get("_pretrained")
         if backbone is None:
@@ -190,6 +202,8 @@ class RoutedModel(nn.Module):
             return InputPool(POOL_SIZE)(x)
         if source == "backbone":
             return self.backbone(x).float()
+        if source == "pretrained":
+            return self.adapter.pooled_features(self._pretrained_backbone(x.device), x).float()
         backbone = self.backbone if source == "backbone_prefix" else self._pretrained_backbone(x.device)
         if self.split_block == 0:  # a benchmark's variant: the whole (pre-trained) backbone
             return backbone(x).float()
@@ -212,14 +226,29 @@ class RoutedModel(nn.Module):
         modules there is no router: nothing is trained."""
         if not self.routes:
             return
+        self.clear_route_cache()
         self.router.fit(*self.router_features(dataset), optimizer=optimizer)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             for b in self.router.state_dict().values():
                 torch.distributed.broadcast(b.data, src=0)
         self.router_trained.fill_(True)
 
+    def clear_route_cache(self) -> None:
+        """Forget every cached route (a router fitted, reset or loaded)."""
+        self.__dict__["_route_cache"].clear()
+
     def router_logits(self, x: Tensor) -> Tensor:
-        return self.router(self.router_input(x))
+        """The router's task logits ``[B, K]``. With ``cache_routes`` and a feature source that does not read the
+        merged weights (``reads_merged_backbone`` false), a batch seen before under the same router is not run
+        again: its logits are kept under the sha256 of the input's bytes, the feature source and the router's
+        weights (``tune`` scores every candidate on the same tune-val batches with one router)."""
+        if not (self.cache_routes and isinstance(x, Tensor) and not self.reads_merged_backbone):
+            return self.router(self.router_input(x))
+        key = (tensor_digest(x), self.feature_source, self.split_block, state_digest(self.router))
+        cache = self.__dict__["_route_cache"]
+        if key not in cache:
+            cache[key] = self.router(self.router_input(x)).detach()
+        return cache[key].clone()
 
     def route(self, x: Tensor, task: int | Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
         """Task ids ``[B, k]`` and weights ``[B, k]``: from ``task`` (oracle) when given, else the router; without
@@ -326,6 +355,7 @@ class RoutedModel(nn.Module):
                 raise ConfigError(f"head weights {sorted(set(heads) - used)} belong to no head of the tasks "
                                   f"{self.task_names}")
         if router is not None and self.router is not None:
+            self.clear_route_cache()
             self.router.load_state_dict(router, strict=True)
             self.router_trained.fill_(True)
 

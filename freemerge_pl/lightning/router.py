@@ -2,9 +2,9 @@
 
 Feature sources (``RouterConfig.feature_source``; measured in ``benchmarks/router_compare.py``):
 
-* ``"auto"`` (default): chosen from the adapter's ``input_kind`` (``resolve_feature_source``): images →
-  ``AUTO_IMAGE_SOURCE`` (``"backbone"`` where the adapter cannot run a prefix), token ids → the merged
-  backbone's features, anything else → ``"input"``.
+* ``"auto"`` (default): chosen from the adapter's ``input_kind`` (``resolve_feature_source``, ``AUTO_SOURCES``):
+  images → ``"pretrained"``, token ids → ``"pretrained_backbone"`` (``"pretrained"`` where the adapter cannot
+  run a prefix), anything else → ``"input"``.
 * ``"input"``: the input average-pooled to ``POOL_SIZE × POOL_SIZE`` (images; other inputs are flattened).
   Independent of the backbone, the cheapest; meaningless on token ids (refused for ``input_kind="tokens"``).
 * ``"backbone"``: the merged backbone's features (θ_m, no expert): one extra full backbone pass per batch.
@@ -12,6 +12,12 @@ Feature sources (``RouterConfig.feature_source``; measured in ``benchmarks/route
   (``ModelAdapter.prefix_features``): ``SPLIT_BLOCK / depth`` of a backbone pass.
 * ``"pretrained_backbone"``: the pre-trained backbone's (θ_pre) features, its first ``SPLIT_BLOCK`` blocks;
   holds a second copy of the backbone's weights.
+* ``"pretrained"``: the whole pre-trained backbone's pooled features (``ModelAdapter.pooled_features``: the
+  backbone's output; token adapters: the mean of the unmasked tokens' last hidden states); holds a second copy
+  of the backbone's weights and costs a backbone pass per batch.
+
+``pretrained`` and ``pretrained_backbone`` do not depend on the merge: ``tune`` trains such a router once and,
+while it is unchanged, reuses each tune-val batch's route for every candidate (``RoutedModel.cache_routes``).
 
 Heads (``RouterConfig.head``): ``linear`` (LayerNorm → Linear) or ``mlp`` (LayerNorm → Linear → GELU →
 Linear), trained by ``Router.fit``, the one training loop (``fit`` and ``test`` both run it).
@@ -31,11 +37,12 @@ from freemerge_pl.errors import ConfigError
 from freemerge_pl.settings import Range, check_fields
 
 INPUT_KINDS = ("image", "tokens", "other")
-#: the feature source ``auto`` picks for image adapters: chosen by ``benchmarks/router_compare.py`` on the
-#: zoo's val split (backbone_prefix, 3 blocks + mlp: the best routed FREE on val, at half a backbone pass)
-AUTO_IMAGE_SOURCE = "backbone_prefix"
+#: the feature source ``auto`` picks per ``input_kind``: chosen by ``benchmarks/router_compare.py`` on both zoos'
+#: tune-val (the pre-trained model's pooled features: the best routing accuracy and gain kept there, and
+#: independent of the merge, so a routed ``tune`` trains the router once and routes each batch once)
+AUTO_SOURCES = {"image": "pretrained", "tokens": "pretrained_backbone", "other": "input"}
 #: sources that run (part of) a backbone and therefore accept any input the backbone accepts
-BACKBONE_SOURCES = ("backbone", "backbone_prefix", "pretrained_backbone")
+BACKBONE_SOURCES = ("backbone", "backbone_prefix", "pretrained_backbone", "pretrained")
 # Fixed settings (not options: every shipped run uses these; a benchmark needing a variant builds it directly).
 SPLIT_BLOCK = 3  #: leading backbone blocks the prefix sources read
 POOL_SIZE = 8  #: the ``input`` source's pooled image side
@@ -51,14 +58,16 @@ class RouterConfig:
     Args:
         feature_source: where the router's features come from: ``auto`` (chosen from the adapter's inputs),
             ``input`` (the input pooled), ``backbone`` (the merged backbone), ``backbone_prefix`` (its first
-            blocks) or ``pretrained_backbone`` (the pre-trained backbone's first blocks).
+            blocks), ``pretrained_backbone`` (the pre-trained backbone's first blocks) or ``pretrained`` (the
+            whole pre-trained backbone, pooled; token adapters: the mean over the tokens).
         head: ``linear`` or ``mlp``.
         epochs: passes of the router's training over the router split.
         lr: AdamW learning rate of the router's training.
         hidden_dim: the MLP head's hidden width.
     """
 
-    feature_source: Literal["auto", "input", "backbone", "backbone_prefix", "pretrained_backbone"] = "auto"
+    feature_source: Literal["auto", "input", "backbone", "backbone_prefix", "pretrained_backbone",
+                            "pretrained"] = "auto"
     head: Literal["linear", "mlp"] = "mlp"
     epochs: Annotated[int, Range(0, integer=True)] = 20
     lr: Annotated[float, Range(0, float("inf"), low_open=True, high_open=True)] = 1e-3
@@ -70,19 +79,20 @@ class RouterConfig:
 
 def resolve_feature_source(config: RouterConfig, input_kind: str, adapter_name: str = "the adapter",
                            has_prefix: bool = True) -> str:
-    """The feature source actually used for an adapter whose inputs are ``input_kind`` (``has_prefix``: the
-    adapter implements ``prefix_features``; without it ``auto`` on images reads the whole merged backbone); a
-    ConfigError when the configured source cannot read such inputs (``input`` on token ids)."""
+    """The feature source actually used for an adapter whose inputs are ``input_kind`` (``auto``:
+    ``AUTO_SOURCES``; ``has_prefix``: the adapter implements ``prefix_features``, without it ``auto`` reads the
+    whole pre-trained backbone); a ConfigError when the configured source cannot read such inputs (``input`` on
+    token ids)."""
     if input_kind not in INPUT_KINDS:
         raise ConfigError(f"{adapter_name}.input_kind={input_kind!r}; accepted: {list(INPUT_KINDS)}")
     source = config.feature_source
     if source == "auto":
-        image = AUTO_IMAGE_SOURCE if has_prefix else "backbone"
-        return {"image": image, "tokens": "backbone", "other": "input"}[input_kind]
+        auto = AUTO_SOURCES[input_kind]
+        return "pretrained" if auto == "pretrained_backbone" and not has_prefix else auto
     if source == "input" and input_kind == "tokens":
         raise ConfigError(f"model.router.feature_source='input' cannot route {adapter_name}'s inputs: they are "
                           "token ids, which pooling would read as numbers; use 'auto', 'backbone', "
-                          "'backbone_prefix' or 'pretrained_backbone'")
+                          "'backbone_prefix', 'pretrained_backbone' or 'pretrained'")
     return source
 
 
@@ -152,17 +162,23 @@ class Router(nn.Module):
 
 def routing_confusion_markdown(matrix: list[list[int]] | Tensor, names: list[str]) -> str:
     """A Markdown table of a routing confusion matrix (rows: true task, columns: routed task) with each
-    row's routing accuracy, and the overall accuracy below."""
+    row's routing accuracy, and below it the two overall figures, each labelled: the mean over tasks of the
+    rows' accuracies (what the results tables report) and the share of all samples routed right (pooled)."""
     m = torch.as_tensor(matrix, dtype=torch.float64)
     lines = ["| true \\ routed | " + " | ".join(names) + " | accuracy |",
              "|---" * (len(names) + 2) + "|"]
+    rows = []
     for i, name in enumerate(names):
         total = float(m[i].sum())
-        acc = f"{float(m[i, i]) / total:.3f}" if total else "–"
+        if total:
+            rows.append(float(m[i, i]) / total)
+        acc = f"{rows[-1]:.3f}" if total else "–"
         lines.append(f"| {name} | " + " | ".join(str(int(v)) for v in m[i].tolist()) + f" | {acc} |")
     total = float(m.sum())
-    overall = f"{float(m.diagonal().sum()) / total:.4f}" if total else "–"
-    return "\n".join(lines) + f"\n\nrouting accuracy: {overall}\n"
+    pooled = f"{float(m.diagonal().sum()) / total:.4f}" if total else "–"
+    mean = f"{sum(rows) / len(rows):.4f}" if rows else "–"
+    return ("\n".join(lines) + f"\n\nrouting accuracy (mean over tasks): {mean}\n"
+            f"routing accuracy (pooled over all samples): {pooled}\n")
 
 
 class RoutingConfusionMatrix(MulticlassConfusionMatrix):

@@ -8,10 +8,13 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
 from freemerge_pl.errors import ConfigError
@@ -29,6 +32,7 @@ from freemerge_pl.jobs.tune import (
 )
 from freemerge_pl.lightning.datamodule import MultiTaskDataModule
 from freemerge_pl.lightning.module import MergedModule
+from freemerge_pl.merging.registry import get_method
 
 #: rank 0 says what a run wrote (``HH:MM:SS`` lines on stderr)
 say = rank_zero_only(logging.getLogger("freemerge_pl.cli").info)
@@ -41,6 +45,21 @@ def prepare_and_build(model: MergedModule, datamodule: MultiTaskDataModule, stag
     model.prepare_data()
     model._check_data(datamodule)
     model.build(datamodule.router_dataset()[0][0].unsqueeze(0), datamodule=datamodule)
+
+
+@contextmanager
+def own_outputs_only(trainer: Trainer) -> Iterator[None]:
+    """While ``tune`` runs, nothing but its ``output_dir`` is written: its validation passes run without the
+    trainer's callbacks other than progress bars (``ResultsTable`` would move an earlier run's results aside,
+    LightningCLI's ``SaveConfigCallback`` rewrite the log dir's ``config.yaml``, a checkpoint callback save) and
+    without loggers; both are put back afterwards."""
+    callbacks, loggers = trainer.callbacks, trainer.loggers
+    trainer.callbacks = [c for c in callbacks if isinstance(c, ProgressBar)]
+    trainer.loggers = []
+    try:
+        yield
+    finally:
+        trainer.callbacks, trainer.loggers = callbacks, loggers
 
 
 class RouterFirst(Callback):
@@ -101,7 +120,7 @@ class FreeMergeTrainer(Trainer):
 
     def validate(self, model=None, dataloaders=None, ckpt_path: str | Path | None = None, verbose: bool = False,
                  datamodule=None, weights_only: bool | None = None):
-        """Merge and score the tune-val split (needs data.tune_fraction > 0); prints the tune score.
+        """Merge and score the tune-val split (every task's val_args, or data.tune_fraction > 0); prints the score.
 
         Args:
             ckpt_path: a checkpoint of a ``fit`` run (the trained router) to score instead of a fresh merge.
@@ -171,9 +190,14 @@ class FreeMergeTrainer(Trainer):
              n_trials: int = 20, output_dir: str = "tuned") -> dict[str, Any]:
         """Choose hyperparameters on tune-val, a held-out part of the router split (never the test split).
 
-        Needs ``data.tune_fraction`` > 0. Every candidate's settings are checked before any data or
-        checkpoint is read. Writes ``<output_dir>/tune_report.{json,md}`` and ``<output_dir>/tuned.yaml``
-        (the input config with the chosen values).
+        Tune-val is each task's validation split where it has one, else a held-out part of its router split;
+        needs a validation split for every task (``data.tasks[*].val_args``) or ``data.tune_fraction`` > 0.
+        Every candidate's settings are checked before any data or checkpoint is read. Candidates within the
+        tune-val's standard error of the best score tie (for accuracy SE = sqrt(p(1−p)/n), n the tune-val
+        samples of all tasks); the simplest of them is chosen: smaller expert storage, then no (or the smaller)
+        filter, then the method's defaults, then grid order (``jobs.tune.choose``). Writes only into
+        ``output_dir``: ``tune_report.{json,md}`` (every candidate, the tied set and the rule that chose) and
+        ``tuned.yaml`` (the input config with the chosen values); no other run's results or config are touched.
 
         Args:
             space: hyperparameter (or ``fr_filter_ratio``) → list of values, e.g.
@@ -192,7 +216,8 @@ class FreeMergeTrainer(Trainer):
         if bar is not None:  # one progress display: the candidate lines (not a bar per validation)
             bar.disable()
         try:
-            report = self._tune(model, datamodule, space, candidates, metric, normalised, search, n_trials)
+            with own_outputs_only(self):
+                report = self._tune(model, datamodule, space, candidates, metric, normalised, search, n_trials)
         finally:
             if bar is not None and self.is_global_zero:
                 bar.enable()
@@ -202,8 +227,11 @@ class FreeMergeTrainer(Trainer):
             write_json_atomic(report, out / "tune_report.json")
             write_text_atomic(tune_markdown(report), out / "tune_report.md")
         self.tune_report = report
-        say(f"best {report['best']['params']} → {metric} {report['best']['score']:.4f} "
-                       f"({len(report['candidates'])} candidates, {report['seconds']:.1f}s)")
+        ties = report["ties"]
+        tie_note = (f"; {len(ties['tied'])} candidates tied within SE {ties['standard_error']:.4f}, chosen by "
+                    f"{', then '.join(ties['rules'])}" if len(ties["tied"]) > 1 else "")
+        say(f"chosen {report['best']['params']} → {metric} {report['best']['score']:.4f} "
+            f"({len(report['candidates'])} candidates, {report['seconds']:.1f}s{tie_note})")
         return report
 
     def _tune(self, model: MergedModule, datamodule: MultiTaskDataModule, space: dict[str, list[Any]],
@@ -237,11 +265,14 @@ class FreeMergeTrainer(Trainer):
                 self.validate(model, datamodule=datamodule, verbose=False)
                 individual[task] = model.val_results["tasks"][task][metric]
         objective = mean_objective(metric, individual)
+        tie_args = {"samples": sum(len(datamodule.tune_indices[t]) for t in names), "metric": metric,
+                    "normalised": normalised,
+                    "defaults": {**get_method(model.method).hyperparameters, "fr_filter_ratio": 0.0}}
         if search == "grid":
-            report = tune(candidates, merger, evaluate, objective, progress=self.is_global_zero)
+            report = tune(candidates, merger, evaluate, objective, progress=self.is_global_zero, **tie_args)
         else:
             report = optuna_search(space, n_trials, merger, evaluate, objective, model.merge_seed,
-                                    progress=self.is_global_zero)
+                                   progress=self.is_global_zero, **tie_args)
         report.update({
             "method": model.method, "base_args": model.method_args, "space": space, "metric": metric,
             "normalised": normalised, "individual": individual, "search": search,

@@ -48,6 +48,9 @@ def prefilter_transform(fr_filter_ratio: float, cutoff_mode: str = "fraction") -
 
 def check_prefilter(method: MergeMethod, fr_filter_ratio: float) -> None:
     """``fr_filter_ratio`` on a method that filters itself would filter twice: an error naming both."""
+    if fr_filter_ratio and not method.uses_task_vectors:
+        raise HyperparameterError(f"fr_filter_ratio={fr_filter_ratio} has nothing to filter: method {method.name!r} "
+                                  f"uses no task vectors (θ_pre or each θ_k as stored); set it to 0")
     if fr_filter_ratio and method.filters_task_vectors:
         raise HyperparameterError(
             f"fr_filter_ratio={fr_filter_ratio} would high-pass the task vectors a second time: method "
@@ -220,7 +223,8 @@ class CheckpointInputs(MergeInputs):
 
         return KeyTensors(key, self.shapes[key], self.dtypes[key], [loader(k) for k in range(self.num_tasks)],
                           pretrained=pre, pretrained_fp32=pre_fp32, transform=self.transform,
-                          chunk_loaders=[chunk_loader(k) for k in range(self.num_tasks)])
+                          chunk_loaders=[chunk_loader(k) for k in range(self.num_tasks)],
+                          finetuned=[lambda k=k: theta(k) for k in range(self.num_tasks)])
 
 
 #: dtypes whose values float32 holds exactly: an in-place float32 op with such an operand widens it on the fly

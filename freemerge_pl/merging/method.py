@@ -28,7 +28,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from freemerge_pl.errors import HyperparameterError
+from freemerge_pl.errors import ConfigError, HyperparameterError
 from freemerge_pl.merging.base import TaskModule
 from freemerge_pl.merging.topk import flat_chunks
 from freemerge_pl.settings import Range
@@ -78,6 +78,7 @@ class KeyTensors:
         pretrained_fp32: Callable[[], Tensor] | None = None,
         transform: Callable[[Tensor], Tensor] | None = None,
         chunk_loaders: Sequence[Callable[[], VectorChunks]] | None = None,
+        finetuned: Sequence[Callable[[], Tensor]] | None = None,
     ) -> None:
         self.key = key
         self.shape = tuple(shape)
@@ -88,6 +89,7 @@ class KeyTensors:
         self._transform = transform
         self._chunk_loaders = list(chunk_loaders) if chunk_loaders is not None and transform is None else None
         self._stack: Tensor | None = None
+        self._finetuned = list(finetuned) if finetuned is not None else None
 
     @property
     def num_tasks(self) -> int:
@@ -126,6 +128,14 @@ class KeyTensors:
         if self._pretrained is None:
             raise RuntimeError(f"key {self.key!r}: θ_pre is not available to this merge")
         return self._pretrained()
+
+    def finetuned(self, k: int) -> Tensor:
+        """θ_k's tensor as its checkpoint stores it (its dtype; no pre-filter): for methods that use the
+        checkpoints themselves (``individual``); only when the inputs are checkpoints."""
+        if self._finetuned is None:
+            raise ConfigError(f"key {self.key!r}: the fine-tuned checkpoints are not available to this merge "
+                              f"(task vectors only); run the method on checkpoints (merge(), the merge job)")
+        return self._finetuned[k]()
 
     def pretrained_fp32(self) -> Tensor:
         """θ_pre in float32 (computed once per key when the inputs are checkpoints)."""
@@ -278,6 +288,8 @@ class MergeMethod:
     filters_task_vectors: ClassVar[bool] = False
     #: the method draws random numbers (it gets a seeded generator)
     random: ClassVar[bool] = False
+    #: the method reads the task vectors (False: it uses θ_pre or θ_k as stored, so a pre-filter is refused)
+    uses_task_vectors: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # a tuple is taken as a list (YAML and JSON give lists)

@@ -69,9 +69,10 @@ def disjoint_merge(stacked: Tensor, sign: Tensor, weights: Tensor | None = None,
     """Disjoint mean over agreeing entries: Σ_{k∈A} w_k v_k / |A| (``divisor="count"``, TIES paper/peft)
     or / Σ_{k∈A} w_k (``"weight_sum"``, mergekit); entries with no agreeing task are 0."""
     agree = agreement_mask(stacked, sign).to(stacked.dtype)
-    w = per_task(weights, stacked) if weights is not None else torch.ones_like(stacked[:1])
-    numerator = (stacked * w * agree).sum(0)
-    denominator = agree.sum(0) if divisor == "count" else (w * agree).sum(0)
+    unit = weights is None or bool((weights == 1).all())  # x·1 = x exactly: skip the product
+    w = None if unit else per_task(weights, stacked)
+    numerator = (stacked * agree if unit else stacked * w * agree).sum(0)
+    denominator = agree.sum(0) if divisor == "count" or unit else (w * agree).sum(0)
     safe = torch.where(denominator != 0, denominator, torch.ones_like(denominator))
     return torch.where(denominator != 0, numerator / safe, torch.zeros_like(numerator))
 
@@ -104,20 +105,25 @@ def rows_view(v: Tensor) -> Tensor:
     return v.reshape(v.shape[0], -1) if v.dim() >= 2 else v.reshape(1, -1)
 
 
-def magnitude_rank_fraction(v: Tensor) -> Tensor:
-    """Per row: the ascending |v| rank of each entry scaled to [0, 1] (0 smallest, 1 largest; one-entry
-    rows get 0.5). Ties are ranked in index order (stable sort)."""
+def _by_magnitude_rank(v: Tensor, per_rank: Tensor) -> Tensor:
+    """``per_rank[r]`` at the entry of ascending |v| rank r of each row (ties ranked in index order: stable
+    sort), ``v``'s shape: one float scatter, so a function of the rank is computed once per rank."""
     rows = rows_view(v)
-    n = rows.shape[1]
     order = torch.sort(rows.abs(), dim=1, stable=True).indices
-    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=v.device).expand_as(order))
-    frac = ranks.to(torch.float32) / (n - 1) if n > 1 else torch.full(rows.shape, 0.5, device=v.device)
-    return frac.reshape(v.shape)
+    out = torch.empty(rows.shape, dtype=per_rank.dtype, device=v.device)
+    return out.scatter_(1, order, per_rank.to(v.device).expand_as(order)).reshape(v.shape)
+
+
+def _rank_fractions(n: int) -> Tensor:
+    """r / (n − 1) for r = 0 … n − 1 in float32 (0.5 for a one-entry row)."""
+    return torch.arange(n, dtype=torch.float32) / (n - 1) if n > 1 else torch.full((n,), 0.5)
 
 
 def magprune_drop_probabilities(v: Tensor, drop_rate: float, epsilon: float) -> Tensor:
-    """DELLA's p_i: from p + ε/2 (smallest |v| of its row) down to p − ε/2 (largest), linear in rank."""
-    return drop_rate + epsilon / 2 - epsilon * magnitude_rank_fraction(v)
+    """DELLA's p_i: from p + ε/2 (smallest |v| of its row) down to p − ε/2 (largest), linear in the entry's
+    ascending |v| rank r within its row (ties ranked in index order), p_i = p + ε/2 − ε·r/(n − 1) (a one-entry
+    row: r/(n − 1) = 0.5)."""
+    return _by_magnitude_rank(v, drop_rate + epsilon / 2 - epsilon * _rank_fractions(rows_view(v).shape[1]))
 
 
 def magprune(v: Tensor, drop_rate: float, epsilon: float, generator: torch.Generator,
@@ -127,7 +133,7 @@ def magprune(v: Tensor, drop_rate: float, epsilon: float, generator: torch.Gener
     p = magprune_drop_probabilities(v, drop_rate, epsilon)
     keep = torch.rand(v.shape, generator=generator, device=v.device) >= p
     kept = v / (1.0 - p) if rescale else v
-    return torch.where(keep, kept, torch.zeros_like(v))
+    return torch.where(keep, kept, 0.0)
 
 
 # ---------------------------------------------------------------- normalisation (PCB)

@@ -94,6 +94,7 @@ _BUILTIN_MODULES: tuple[str, ...] = (
     "freemerge_pl.merging.methods.fr",
     "freemerge_pl.merging.methods.released",
     "freemerge_pl.merging.methods.twin",
+    "freemerge_pl.merging.methods.reference",
 )
 
 

@@ -10,7 +10,7 @@ authors' code; 0 when the denominator is 0); task model k = θ_pre + λ_k · M_k
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -137,19 +137,26 @@ class EMRTaskModule(DenseDeltaTaskModule):
 
 
 def emr_unify(stacked: Tensor) -> tuple[Tensor, Tensor]:
-    """Per tensor ``[K, *shape]``: (τ_uni, masks M_k as bool ``[K, *shape]``)."""
+    """Per tensor ``[K, *shape]``: (τ_uni, masks M_k as bool ``[K, *shape]``).
+
+    Where M_k holds, v_k·sgn(Σ v) > 0 means the flag is ±1 and the product is |v_k| exactly (a sign flip),
+    so the elected maximum reads the product instead of a second |v| pass."""
     flag = torch.sign(stacked.sum(0))
-    masks = (stacked * flag) > 0
-    tau = flag * torch.where(masks, stacked.abs(), torch.zeros_like(stacked)).amax(0)
+    signed = stacked * flag
+    masks = signed > 0
+    tau = flag * torch.where(masks, signed, 0.0).amax(0)
     return tau, masks
 
 
 @dataclass
 class EMRStats:
-    """Σ_tensors mean|v_k| and Σ_tensors mean|τ_uni ⊙ M_k| per task (float64 [K] each)."""
+    """Σ_tensors mean|v_k| and Σ_tensors mean|τ_uni ⊙ M_k| per task (float64 [K] each); ``unified``: each
+    key's (τ_uni, masks) from the statistics pass, taken by the merge pass (the merge keeps every key's
+    masks until the task modules are built, so holding them from the statistics pass adds nothing at peak)."""
 
     numerator: Tensor
     denominator: Tensor
+    unified: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     def rescalers(self) -> Tensor:
         """λ_k = numerator / denominator (0 where the denominator is 0)."""
@@ -157,14 +164,18 @@ class EMRStats:
         return torch.where(den > 0, self.numerator / den.clamp_min(1e-300), torch.zeros_like(self.numerator))
 
 
-def emr_fold(stats: EMRStats, stacked: Tensor) -> None:
-    """Statistics pass of EMR for one key ``[K, *shape]``: add its per-task means (empty keys add nothing)."""
+def emr_fold(stats: EMRStats, stacked: Tensor, key: str | None = None) -> None:
+    """Statistics pass of EMR for one key ``[K, *shape]``: add its per-task means (empty keys add nothing);
+    with ``key``, keep its (τ_uni, masks) in ``stats.unified``."""
     if stacked[0].numel() == 0:
         return
     tau, masks = emr_unify(stacked)
+    if key is not None:
+        stats.unified[key] = (tau, masks)
+    magnitude = tau.abs()  # |τ_uni ⊙ M_k| = |τ_uni| where M_k, else 0
     for k in range(stacked.shape[0]):
         stats.numerator[k] += float(stacked[k].abs().double().mean())
-        stats.denominator[k] += float(torch.where(masks[k], tau, 0.0).abs().double().mean())
+        stats.denominator[k] += float(torch.where(masks[k], magnitude, 0.0).double().mean())
 
 
 @register("emr", reference=REFERENCE)
@@ -182,11 +193,12 @@ class EMR(MergeMethod):
     def statistics(self, scan: Scan) -> EMRStats:
         K = scan.ctx.num_tasks
         stats = EMRStats(torch.zeros(K, dtype=torch.float64), torch.zeros(K, dtype=torch.float64))
-        scan(lambda x: emr_fold(stats, x.stacked()), "emr rescalers")
+        scan(lambda x: emr_fold(stats, x.stacked(), x.key), "emr rescalers")
         return stats
 
     def merge_key(self, x: KeyTensors, stats: EMRStats, ctx: Context) -> KeyOutput:
-        tau, masks = emr_unify(x.stacked())
+        unified = stats.unified.pop(x.key, None)
+        tau, masks = emr_unify(x.stacked()) if unified is None else unified
         return KeyOutput(tau, (tau.clone(), masks))  # the engine owns (and may update) the delta
 
     def finalize(self, pieces: dict[str, tuple[Tensor, Tensor]], stats: EMRStats, ctx: Context) -> Finalized:

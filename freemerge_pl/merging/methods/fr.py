@@ -191,12 +191,13 @@ class FREEMerging(FRMerging):
 
     ``expert_density`` d: the expert keeps the top ⌈d·numel⌉ |v_k| of each tensor (``expert_scope="model"``:
     one exact model-wide threshold per task), scaled by ``expert_scale``·μ_k. ``expert_dtype`` (the values'
-    storage) None stores the values in each tensor's dtype in the pre-trained checkpoint (float32 for bare task
-    vectors); ``"bfloat16"``/``"float16"`` halve them (rounded once; the accuracy effect on the zoo is in
-    ``benchmarks/results/expert_storage.md``). ``expert_index_encoding`` ``"compact"`` (default) stores each
-    tensor's indices in the fewest bytes of flat int32, a bitmap or uint8/uint16 gap codes (loss-free,
-    ``experts.encode_indices``); ``"flat"``: int32 flat indices. With bfloat16 values an expert at d = 1% takes
-    about 0.8% of the float32 backbone.
+    storage): ``"bfloat16"`` (default) halves float32 values (each rounded once, after μ: compact experts, issue
+    28; the accuracy effect on the zoo is in ``benchmarks/results/expert_storage.md``); ``"float32"`` keeps
+    them exact; None stores them in each tensor's dtype in the pre-trained checkpoint (float32 for bare task
+    vectors). ``expert_index_encoding`` ``"compact"`` (default) stores each tensor's indices in the fewest
+    bytes of flat int32, a bitmap or uint8/uint16 gap codes (loss-free, ``experts.encode_indices``);
+    ``"flat"``: int32 flat indices. With the defaults an expert at d = 1% takes about 0.8% of the float32
+    backbone.
     """
 
     produces_task_modules = True
@@ -204,7 +205,7 @@ class FREEMerging(FRMerging):
     expert_density: Density = 0.01
     expert_scope: Literal["tensor", "model"] = "tensor"
     expert_scale: Finite = 1.0
-    expert_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
+    expert_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = "bfloat16"
     expert_index_encoding: Literal["compact", "flat"] = "compact"
 
     def statistics(self, scan: Scan) -> FRStats:

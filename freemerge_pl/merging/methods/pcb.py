@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -22,105 +22,218 @@ def _normalise(x: Tensor, lo: float, hi: float) -> Tensor:
     return (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
 
 
+class KeyRows(list):
+    """A key's K task vectors as flat rows (views: no ``[K, n]`` stack is built), with the key's name."""
+
+    def __init__(self, x: KeyTensors) -> None:
+        super().__init__(v.reshape(-1) for v in x.vectors())
+        self.key = x.key
+
+
+BETA_STORE_BYTES = 1 << 30
+"""β of the keys seen by the threshold passes is kept for the merge up to this many bytes (recomputed after)."""
+
+
 @dataclass
 class PCBPaperStats:
     """Model- (or tensor-) wide quantities of PCB's paper formulation: min/max of τ_i ⊙ τ_j per pair, the
-    softmax denominators, and each task's β threshold (keep the ⌈r·D⌉ largest)."""
+    softmax denominators, and each task's β threshold (keep the ⌈r·D⌉ largest); ``betas``: β of keys
+    (``KeyRows``) computed for the thresholds, kept for the merge while they fit in ``BETA_STORE_BYTES``."""
 
     lo: Tensor
     hi: Tensor
     z_intra: Tensor | None = None
     z_inter: Tensor | None = None
     thresholds: Tensor | None = None
+    betas: dict[str, Tensor] = field(default_factory=dict)
+
+    def beta(self, rows) -> Tensor:
+        """``pcb_beta(rows, self)``, from (or into) ``betas`` when ``rows`` carries its key."""
+        key = getattr(rows, "key", None)
+        if key in self.betas:
+            return self.betas[key]
+        beta = pcb_beta(rows, self)
+        if key is not None and beta.nbytes + sum(b.nbytes for b in self.betas.values()) <= BETA_STORE_BYTES:
+            self.betas[key] = beta
+        return beta
 
 
 def _pairs(K: int):
     return [(i, j) for i in range(K) for j in range(i, K)]
 
 
-def pcb_minmax(flat: Tensor, stats: PCBPaperStats) -> None:
-    """Fold one chunk ``[K, n]`` into the pairwise min/max of τ_i ⊙ τ_j."""
-    for i, j in _pairs(flat.shape[0]):
-        p = flat[i] * flat[j]
-        lo, hi = float(p.min()), float(p.max())
-        stats.lo[i, j] = stats.lo[j, i] = min(float(stats.lo[i, j]), lo)
-        stats.hi[i, j] = stats.hi[j, i] = max(float(stats.hi[i, j]), hi)
+_BLOCK = 1 << 15  # columns per block of the paper kernels: a block's [K(K+1)/2, 32768] products stay in cache
 
 
-def _pcb_exponents(flat: Tensor, stats: PCBPaperStats, i: int, j: int, factor: float) -> Tensor:
-    """exp(factor·Norm(τ_i ⊙ τ_j) − its maximum): the numerator of the (stable) softmax. In place on one
-    fresh product (the same operations, in the same order, as the out-of-place formula: bit for bit)."""
-    lo, hi = float(stats.lo[i, j]), float(stats.hi[i, j])
-    if not hi > lo:  # Norm is 0 everywhere: exp(factor·0 − 0)
-        return torch.ones_like(flat[i])
-    p = flat[i] * flat[j]
-    return p.sub_(lo).div_(hi - lo).mul_(factor).sub_(factor).exp_()
+class _PairKernel:
+    """The paper formulation's elementwise work on column blocks of K task vectors, every pair at once.
+
+    ``rows``: a ``[K, n]`` tensor or K flat tensors (``KeyRows``). Each block's pair products τ_i ⊙ τ_j
+    (i ≤ j, ``_pairs`` order) are one ``[P, block]`` tensor (P = K(K+1)/2) and go through the same fp32
+    operations, in the same order, as the per-pair formula (sub the minimum, div by max − min, mul/sub the
+    softmax factor, exp, div by the denominator): elementwise, so bit for bit whatever the block; only the
+    float64 denominators are summed block by block (float64 additions in another order). Blocks keep the ~50
+    passes over the products in cache instead of memory."""
+
+    def __init__(self, rows, stats: PCBPaperStats) -> None:
+        self.rows = [r.reshape(-1) for r in rows]
+        self.n = self.rows[0].numel()
+        device = self.rows[0].device
+        K = len(self.rows)
+        pairs = _pairs(K)
+        self.first = torch.tensor([i for i, _ in pairs])
+        self.second = torch.tensor([j for _, j in pairs])
+        self.diagonal = torch.tensor([p for p, (i, j) in enumerate(pairs) if i == j], device=device)
+        self.start = [0]  # pair (i, j), i ≤ j, is row start[i] + j − i
+        for i in range(K):
+            self.start.append(self.start[-1] + K - i)
+        self.stats = stats
+
+    def blocks(self):
+        """``(start, [K, block] copy of the columns)`` over the columns."""
+        for s in range(0, self.n, _BLOCK):
+            yield s, torch.stack([r[s:s + _BLOCK] for r in self.rows])
+
+    def products(self, block: Tensor) -> Tensor:
+        """τ_i ⊙ τ_j of every pair, ``[P, block]``."""
+        K = block.shape[0]
+        out = block.new_empty(self.start[-1], block.shape[1])
+        for i in range(K):
+            torch.mul(block[i], block[i:], out=out[self.start[i]:self.start[i + 1]])
+        return out
+
+    def inter_sums(self, terms: Tensor) -> Tensor:
+        """Σ_j t(i, j) per task i, j = 0, 1, …, K − 1 in that order (fp32), t(i, j) = t(j, i) the pair rows
+        of ``terms``: for each j at once over i, the rows (j, i) for i ≥ j are contiguous."""
+        K = len(self.rows)
+        acc = terms[:K].clone()  # t(i, 0) = row (0, i)
+        for j in range(1, K):
+            acc[j:] += terms[self.start[j]:self.start[j + 1]]
+            acc[:j] += torch.stack([terms[self.start[i] + j - i] for i in range(j)])
+        return acc
+
+    def pair_values(self, m: Tensor) -> Tensor:
+        """A float64 ``[K, K]`` statistic per pair, fp32 ``[P, 1]`` on the rows' device."""
+        return m[self.first, self.second].float()[:, None].to(self.diagonal.device)
+
+    def exponent_terms(self):
+        """Per pair (fp32 ``[P, 1]``): min, max − min (as the per-pair formula's scalars: the float64
+        difference rounded once), and which pairs have max ≤ min (Norm is 0 there: the term is exp(0) = 1)."""
+        lo64, hi64 = self.stats.lo, self.stats.hi
+        live = hi64 > lo64
+        lo = self.pair_values(torch.where(live, lo64, 0.0))
+        span = self.pair_values(torch.where(live, hi64 - lo64, 1.0))
+        dead = ~live[self.first, self.second]
+        return lo, span, dead.to(lo.device) if bool(dead.any()) else None
+
+    @staticmethod
+    def exponents_(p: Tensor, lo: Tensor, span: Tensor, dead: Tensor | None, factor: float) -> Tensor:
+        """exp(factor·Norm(p) − factor) in place on the products ``p`` ([R, block], rows of ``lo``/``span``)."""
+        p.sub_(lo).div_(span)
+        if factor != 1.0:  # x·1 = x exactly
+            p.mul_(factor)
+        p.sub_(factor).exp_()
+        if dead is not None:
+            p[dead] = 1.0
+        return p
 
 
-def pcb_exp_sums(flat: Tensor, stats: PCBPaperStats) -> None:
-    """Fold one chunk into the softmax denominators (intra: scale K on τ_i², inter: scale 1 per pair)."""
-    K = flat.shape[0]
-    for i in range(K):
-        stats.z_intra[i] += float(_pcb_exponents(flat, stats, i, i, float(K)).sum(dtype=torch.float64))
-    for i, j in _pairs(K):
-        s = float(_pcb_exponents(flat, stats, i, j, 1.0).sum(dtype=torch.float64))
-        stats.z_inter[i, j] += s
-        if i != j:
-            stats.z_inter[j, i] += s
+def pcb_minmax(rows, stats: PCBPaperStats) -> None:
+    """Fold one key's K task vectors (``[K, n]`` or flat rows) into the pairwise min/max of τ_i ⊙ τ_j."""
+    kernel = _PairKernel(rows, stats)
+    i, j = kernel.first, kernel.second
+    for _, block in kernel.blocks():
+        p = kernel.products(block)
+        lo, hi = p.amin(1).double().cpu(), p.amax(1).double().cpu()  # (aminmax along rows is 10x slower)
+        for a, b in ((i, j), (j, i)):
+            stats.lo[a, b] = torch.minimum(stats.lo[a, b], lo)
+            stats.hi[a, b] = torch.maximum(stats.hi[a, b], hi)
 
 
-_PAIR_CACHE_BYTES = 1 << 30  # pcb_beta keeps the K(K+1)/2 inter terms of a chunk up to this size
+def pcb_exp_sums(rows, stats: PCBPaperStats) -> None:
+    """Fold one key into the softmax denominators (intra: scale K on τ_i², inter: scale 1 per pair)."""
+    kernel = _PairKernel(rows, stats)
+    K = len(kernel.rows)
+    lo, span, dead = kernel.exponent_terms()
+    d = kernel.diagonal
+    intra = torch.zeros(K, dtype=torch.float64, device=lo.device)
+    inter = torch.zeros(len(kernel.first), dtype=torch.float64, device=lo.device)
+    for _, block in kernel.blocks():
+        p = kernel.products(block)
+        square = p[d]  # τ_i ⊙ τ_i, the diagonal pairs' products (a copy)
+        intra += kernel.exponents_(square, lo[d], span[d], None if dead is None else dead[d],
+                                   float(K)).sum(1, dtype=torch.float64)
+        inter += kernel.exponents_(p, lo, span, dead, 1.0).sum(1, dtype=torch.float64)
+    stats.z_intra += intra.cpu()
+    i, j, inter = kernel.first, kernel.second, inter.cpu()
+    stats.z_inter[i, j] += inter
+    off = i != j
+    stats.z_inter[j[off], i[off]] += inter[off]
 
 
-def pcb_beta(flat: Tensor, stats: PCBPaperStats) -> Tensor:
-    """β_i = Softmax(K·Norm(τ_i²)) ⊙ Σ_j Softmax(Norm(τ_i ⊙ τ_j)) for every task, ``[K, n]``.
+def _beta_blocks(rows, stats: PCBPaperStats):
+    """``(start, K task vectors' block, β of that block)`` over the column blocks (``pcb_beta``)."""
+    kernel = _PairKernel(rows, stats)
+    K = len(kernel.rows)
+    lo, span, dead = kernel.exponent_terms()
+    d = kernel.diagonal
+    z_inter = kernel.pair_values(stats.z_inter)  # the divisions round z to fp32, as the per-pair formula did
+    z_intra = stats.z_intra.float()[:, None].to(lo.device)
+    for s, block in kernel.blocks():
+        p = kernel.products(block)
+        intra = kernel.exponents_(p[d], lo[d], span[d], None if dead is None else dead[d], float(K))
+        intra.div_(z_intra)
+        yield s, block, intra.mul_(kernel.inter_sums(kernel.exponents_(p, lo, span, dead, 1.0).div_(z_inter)))
+
+
+def pcb_beta(rows, stats: PCBPaperStats) -> Tensor:
+    """β_i = Softmax(K·Norm(τ_i²)) ⊙ Σ_j Softmax(Norm(τ_i ⊙ τ_j)) for every task, ``[K, n]`` (``rows``: a
+    ``[K, n]`` tensor or K flat task vectors).
 
     The inter term of (i, j) equals that of (j, i) bit for bit (τ_i ⊙ τ_j is commutative, min/max and the
-    denominators are symmetric), so each pair is computed once while its K(K+1)/2 terms fit in
-    ``_PAIR_CACHE_BYTES``; the sums over j keep their order."""
-    K = flat.shape[0]
-    cache: dict[tuple[int, int], Tensor] | None = (
-        {} if K * (K + 1) // 2 * flat[0].numel() * flat.element_size() <= _PAIR_CACHE_BYTES else None)
-
-    def inter_term(i: int, j: int) -> Tensor:
-        pair = (min(i, j), max(i, j))
-        if cache is not None and pair in cache:
-            return cache.pop(pair) if i > j else cache[pair]
-        term = _pcb_exponents(flat, stats, i, j, 1.0).div_(float(stats.z_inter[i, j]))
-        if cache is not None and i < j:
-            cache[pair] = term
-        return term
-
-    beta = torch.empty_like(flat)
-    for i in range(K):
-        intra = _pcb_exponents(flat, stats, i, i, float(K)).div_(float(stats.z_intra[i]))
-        inter = inter_term(i, 0).clone() if K else torch.zeros_like(intra)
-        for j in range(1, K):
-            inter += inter_term(i, j)
-        torch.mul(intra, inter, out=beta[i])
+    denominators are symmetric), so each pair is computed once; the sums over j keep their order
+    (j = 0, 1, …, K − 1, in fp32)."""
+    rows = [r.reshape(-1) for r in rows]
+    beta = rows[0].new_empty(len(rows), rows[0].numel())
+    for s, _, block in _beta_blocks(rows, stats):
+        beta[:, s:s + block.shape[1]] = block
     return beta
 
 
-def pcb_paper_statistics(run: Callable[[Callable[[Tensor], None]], None], K: int, density: float,
+def pcb_paper_statistics(run: Callable[[Callable], None], K: int, density: float,
                          threshold_of: Callable[..., Tensor]) -> PCBPaperStats:
-    """The three passes of PCB's paper formulation over whatever ``run`` visits (one tensor or the model)."""
+    """The passes of PCB's paper formulation over whatever ``run`` visits (one tensor or the model, as
+    ``[K, n]`` tensors or ``KeyRows``): min/max, softmax denominators, then the thresholds from
+    ``threshold_of(values_of, K, density)`` (β ≥ 0: its order statistics may be taken as magnitudes)."""
     stats = PCBPaperStats(torch.full((K, K), math.inf, dtype=torch.float64),
                           torch.full((K, K), -math.inf, dtype=torch.float64))
-    run(lambda flat: pcb_minmax(flat, stats))
+    run(lambda rows: pcb_minmax(rows, stats))
     stats.z_intra = torch.zeros(K, dtype=torch.float64)
     stats.z_inter = torch.zeros(K, K, dtype=torch.float64)
-    run(lambda flat: pcb_exp_sums(flat, stats))
-    stats.thresholds = threshold_of(lambda flat: list(pcb_beta(flat, stats)), K, density)
+    run(lambda rows: pcb_exp_sums(rows, stats))
+    stats.thresholds = threshold_of(lambda rows: list(stats.beta(rows)), K, density)
     return stats
 
 
-def pcb_paper_merge(flat: Tensor, stats: PCBPaperStats) -> Tensor:
-    """τ_m = Σ_i β̂_i ⊙ τ_i / Σ_i β̂_i (0 where Σ β̂ = 0), β̂_i = β_i where β_i ≥ its threshold."""
-    beta = pcb_beta(flat, stats)
-    beta = torch.where(beta >= stats.thresholds.to(beta)[:, None], beta, torch.zeros_like(beta))
-    numerator, total = (beta * flat).sum(0), beta.sum(0)
-    safe = torch.where(total > 0, total, torch.ones_like(total))
-    return torch.where(total > 0, numerator / safe, torch.zeros_like(total))
+def pcb_paper_merge(rows, stats: PCBPaperStats) -> Tensor:
+    """τ_m = Σ_i β̂_i ⊙ τ_i / Σ_i β̂_i (0 where Σ β̂ = 0), β̂_i = β_i where β_i ≥ its threshold; block by block
+    (each output entry from its own column: the values of the whole-tensor formula), β taken from (and
+    removed from) ``stats.betas`` when the threshold passes kept it."""
+    rows = rows if isinstance(rows, KeyRows) else [r.reshape(-1) for r in rows]
+    beta = stats.betas.pop(getattr(rows, "key", None), None)
+    thresholds = stats.thresholds.to(rows[0])[:, None]
+    out = rows[0].new_empty(rows[0].numel())
+    if beta is None:
+        blocks = _beta_blocks(rows, stats)
+    else:
+        blocks = ((s, torch.stack([r[s:s + _BLOCK] for r in rows]), beta[:, s:s + _BLOCK])
+                  for s in range(0, beta.shape[1], _BLOCK))
+    for s, x, b in blocks:
+        b = torch.where(b >= thresholds, b, torch.zeros_like(b))
+        numerator, total = (b * x).sum(0), b.sum(0)
+        safe = torch.where(total > 0, total, torch.ones_like(total))
+        out[s:s + b.shape[1]] = torch.where(total > 0, numerator / safe, torch.zeros_like(total))
+    return out
 
 
 @dataclass
@@ -193,10 +306,10 @@ def pcb_released_merge(flat: Tensor, stats: PCBReleasedStats) -> Tensor:
     return numerator / denominator.clamp_min(1e-12)
 
 
-def _tensor_order_statistics(flat: Tensor):
-    """Order statistics over one ``[K, n]`` tensor (the tensor-scope counterpart of the model scan)."""
-    def order_statistics(values_of, num_streams, indices) -> Tensor:
-        return run_order_statistics(lambda fn: fn(flat), values_of, num_streams, indices)
+def _tensor_order_statistics(flat):
+    """Order statistics over one key (``[K, n]`` or ``KeyRows``; the tensor-scope counterpart of the scan)."""
+    def order_statistics(values_of, num_streams, indices, *, absolute: bool = False) -> Tensor:
+        return run_order_statistics(lambda fn: fn(flat), values_of, num_streams, indices, absolute=absolute)
     return order_statistics
 
 
@@ -233,22 +346,28 @@ class PCB(MergeMethod):
         if self.formulation == "released_code":
             return pcb_released_statistics(run, K, self.density, self.clamp_ratio, order_statistics)
         indices = kth_largest_indices(lambda n: topk_count(n, self.density))
-        return pcb_paper_statistics(run, K, self.density,
-                                    lambda values_of, k, d: order_statistics(values_of, k, indices)[:, 0].float())
+        return pcb_paper_statistics(run, K, self.density, lambda values_of, k, d: order_statistics(
+            values_of, k, indices, absolute=True)[:, 0].float())  # β ≥ 0: |β| has β's bits
+
+    def _rows(self, x: KeyTensors):
+        """The paper kernels read the K vectors as flat rows; the released code's works on the stack."""
+        return x.stacked().reshape(x.num_tasks, -1) if self.formulation == "released_code" else KeyRows(x)
 
     def statistics(self, scan: Scan):
         if self.scope == "tensor":
             return None
-        K = scan.ctx.num_tasks
 
         def run(fn) -> None:
-            scan(lambda x: fn(x.stacked().reshape(K, -1)), "pcb statistics")
+            scan(lambda x: fn(self._rows(x)), "pcb statistics")
 
-        return self._statistics(run, lambda values_of, n, idx: run_order_statistics(run, values_of, n, idx), K)
+        def order_statistics(values_of, n, idx, *, absolute: bool = False) -> Tensor:
+            return run_order_statistics(run, values_of, n, idx, absolute=absolute)
+
+        return self._statistics(run, order_statistics, scan.ctx.num_tasks)
 
     def merge_key(self, x: KeyTensors, stats, ctx: Context) -> Tensor:
-        flat = x.stacked().reshape(x.num_tasks, -1)
+        rows = self._rows(x)
         if stats is None:
-            stats = self._statistics(lambda fn: fn(flat), _tensor_order_statistics(flat), x.num_tasks)
+            stats = self._statistics(lambda fn: fn(rows), _tensor_order_statistics(rows), x.num_tasks)
         merge = pcb_released_merge if self.formulation == "released_code" else pcb_paper_merge
-        return (self.scaling * merge(flat, stats)).reshape(x.shape)
+        return (self.scaling * merge(rows, stats)).reshape(x.shape)

@@ -1,0 +1,211 @@
+"""The faster kernels of issue 27 item 2 against the formulas they replace, bit for bit.
+
+PCB's paper formulation runs on column blocks with every pair at once, keeps β from the threshold passes for
+the merge, and takes its thresholds as magnitudes; Breadcrumbs' band finds its cuts from the float bits;
+EMR reads τ_uni's maximum off the signed product and keeps the statistics pass's masks; the disjoint merge
+skips a product by one. Each is checked here against the direct per-pair / per-task formula written out
+in the test (the old computation), with ``torch.equal``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from freemerge_pl.merging.engine import TaskVectorInputs, merge_task_vectors, preflight
+from freemerge_pl.merging.method import Scan
+from freemerge_pl.merging.methods import pcb
+from freemerge_pl.merging.methods.emr import EMR, emr_unify
+from freemerge_pl.merging.methods.pcb import PCB
+from freemerge_pl.merging.ops import disjoint_merge, elect_sign, magprune_drop_probabilities
+from freemerge_pl.merging.topk import abs_order_statistics, magnitude_band_mask
+
+
+def naive_pcb_stats(flat: torch.Tensor):
+    """min/max per pair and the softmax denominators, one pair at a time on the whole rows."""
+    K = flat.shape[0]
+    lo = torch.full((K, K), math.inf, dtype=torch.float64)
+    hi = torch.full((K, K), -math.inf, dtype=torch.float64)
+    for i in range(K):
+        for j in range(K):
+            p = flat[i] * flat[j]
+            lo[i, j], hi[i, j] = float(p.min()), float(p.max())
+    z_intra = torch.tensor([float(naive_exponents(flat, lo, hi, i, i, K).sum(dtype=torch.float64))
+                            for i in range(K)], dtype=torch.float64)
+    z_inter = torch.tensor([[float(naive_exponents(flat, lo, hi, i, j, 1).sum(dtype=torch.float64))
+                             for j in range(K)] for i in range(K)], dtype=torch.float64)
+    return lo, hi, z_intra, z_inter
+
+
+def naive_exponents(flat, lo, hi, i, j, factor):
+    a, b = float(lo[i, j]), float(hi[i, j])
+    if not b > a:
+        return torch.ones_like(flat[i])
+    return torch.exp((flat[i] * flat[j] - a) / (b - a) * float(factor) - float(factor))
+
+
+def naive_beta(flat, lo, hi, z_intra, z_inter):
+    K = flat.shape[0]
+    rows = []
+    for i in range(K):
+        intra = naive_exponents(flat, lo, hi, i, i, K) / float(z_intra[i])
+        inter = naive_exponents(flat, lo, hi, i, 0, 1) / float(z_inter[i, 0])
+        for j in range(1, K):
+            inter = inter + naive_exponents(flat, lo, hi, i, j, 1) / float(z_inter[i, j])
+        rows.append(intra * inter)
+    return torch.stack(rows)
+
+
+def pcb_tensor(K: int, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    flat = torch.randn(K, n, generator=g) * 1e-3
+    flat[:, :7] = 0.0  # ties and zero products
+    if K > 1:
+        flat[1] = 2e-3  # τ_1 ⊙ τ_1 is constant: a pair whose Norm is 0 everywhere
+    return flat
+
+
+@pytest.mark.parametrize("K,n", [(1, 40), (3, 1000), (8, 333)])
+def test_pcb_block_kernels_equal_the_per_pair_formula(monkeypatch, K, n):
+    monkeypatch.setattr(pcb, "_BLOCK", 64)  # many blocks and a ragged last one
+    flat = pcb_tensor(K, n, seed=K)
+    lo, hi, z_intra, z_inter = naive_pcb_stats(flat)
+    stats = pcb.PCBPaperStats(torch.full((K, K), math.inf, dtype=torch.float64),
+                              torch.full((K, K), -math.inf, dtype=torch.float64))
+    pcb.pcb_minmax(flat, stats)
+    assert torch.equal(stats.lo, lo) and torch.equal(stats.hi, hi)
+    stats.z_intra, stats.z_inter = torch.zeros(K, dtype=torch.float64), torch.zeros(K, K, dtype=torch.float64)
+    pcb.pcb_exp_sums(flat, stats)
+    # block-wise float64 sums: equal to the whole-row sums to float64 rounding, and as the fp32 divisors used
+    torch.testing.assert_close(stats.z_intra, z_intra, rtol=1e-13, atol=0)
+    torch.testing.assert_close(stats.z_inter, z_inter, rtol=1e-13, atol=0)
+    assert torch.equal(stats.z_intra.float(), z_intra.float()) and torch.equal(stats.z_inter.float(), z_inter.float())
+    want = naive_beta(flat, lo, hi, z_intra, z_inter)
+    assert torch.equal(pcb.pcb_beta(flat, stats), want)
+    # the merge, block by block, equals the whole-tensor formula
+    stats.thresholds = want.kthvalue(n - math.ceil(0.3 * n) + 1, dim=1).values
+    kept = torch.where(want >= stats.thresholds[:, None], want, torch.zeros_like(want))
+    num, den = (kept * flat).sum(0), kept.sum(0)
+    merged = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
+    assert torch.equal(pcb.pcb_paper_merge(flat, stats), merged)
+
+
+def pcb_task_vectors(seed: int = 0, K: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"w": (33, 20), "b": (20,), "e": (7, 3, 5)}
+    tvs = [{k: torch.randn(s, generator=g) * 1e-2 for k, s in shapes.items()} for _ in range(K)]
+    tvs[0]["w"][:4] = 0.0
+    return tvs
+
+
+@pytest.mark.parametrize("scope", ["model", "tensor"])
+def test_pcb_kept_betas_change_nothing(monkeypatch, scope):
+    """β kept from the threshold passes (the default) or recomputed for the merge: the same merge."""
+    monkeypatch.setattr(pcb, "_BLOCK", 50)
+    tvs = pcb_task_vectors()
+    kept = merge_task_vectors(PCB(density=0.3, scope=scope), tvs).delta
+    monkeypatch.setattr(pcb, "BETA_STORE_BYTES", 0)
+    recomputed = merge_task_vectors(PCB(density=0.3, scope=scope), tvs).delta
+    for key in kept:
+        assert torch.equal(kept[key], recomputed[key])
+
+
+def test_pcb_thresholds_as_magnitudes_equal_signed_order_statistics():
+    """β ≥ 0, so its order statistics taken on |β| (the float bits without the sign) are its own."""
+    tvs = pcb_task_vectors(seed=3, K=3)
+    method = PCB(density=0.25, scope="model")
+    inputs = TaskVectorInputs(tvs)
+    stats = method.statistics(Scan(inputs.keys, inputs.load, preflight(method, inputs)))
+    betas = torch.cat([naive_beta(torch.stack([tv[k].reshape(-1) for tv in tvs]), stats.lo, stats.hi,
+                                  stats.z_intra, stats.z_inter) for k in inputs.keys], 1)
+    n = betas.shape[1]
+    assert torch.equal(stats.thresholds, betas.kthvalue(n - math.ceil(0.25 * n) + 1, dim=1).values)
+
+
+@pytest.mark.parametrize("values", [
+    torch.tensor([0.0, -0.0, 1.0, -1.0, 1.0, 2.0, -2.0, 0.5, 0.0]),
+    torch.randint(-4, 5, (2000,)).float() * 0.25,
+    torch.randn(5000),
+])
+def test_abs_order_statistics_match_a_sort(values):
+    mags = values.abs()
+    s = mags.sort().values
+    n = values.numel()
+    ranks = [0, n // 3, n // 2, n - 1]
+    for (value, below, equal), r in zip(abs_order_statistics(values, ranks), ranks):
+        assert value == float(s[r])
+        assert below == int((mags < s[r]).sum()) and equal == int((mags == s[r]).sum())
+
+
+def test_abs_order_statistics_leave_non_finite_and_other_dtypes_to_kthvalue():
+    assert abs_order_statistics(torch.tensor([1.0, math.inf]), [0]) is None
+    assert abs_order_statistics(torch.tensor([1.0, math.nan]), [0]) is None
+    assert abs_order_statistics(torch.tensor([1.0, 2.0], dtype=torch.float64), [0]) is None
+
+
+@pytest.mark.parametrize("v", [
+    torch.randn(40, 30),
+    torch.randint(-3, 4, (500,)).float(),  # heavy ties at both cuts
+    torch.tensor([1.0, -1, 1, 0, 0, 2, -2, 0, -0.0, 3]),
+    torch.tensor([1.0, math.inf, 0.0, -0.0, 2.0]),
+])
+@pytest.mark.parametrize("top,bottom", [(0.01, 0.9), (0.0, 0.5), (0.3, 0.0), (0.2, 0.7)])
+def test_band_mask_equals_a_stable_sort(v, top, bottom):
+    flat = v.reshape(-1)
+    n = flat.numel()
+    order = torch.sort(flat.abs(), stable=True).indices
+    want = torch.ones(n, dtype=torch.bool)
+    want[order[:math.floor(bottom * n + 1e-9)]] = False
+    n_top = math.floor(top * n + 1e-9)
+    if n_top:
+        want[order[n - n_top:]] = False
+    assert torch.equal(magnitude_band_mask(v, top, bottom).reshape(-1), want)
+
+
+def test_emr_unify_equals_the_direct_formula():
+    g = torch.Generator().manual_seed(1)
+    stacked = torch.randn(5, 300, generator=g)
+    stacked[:, :20] = 0.0
+    stacked[:2, 20:40] = torch.tensor(0.5)
+    stacked[2:, 20:40] = -0.5  # Σ v = 0 → flag 0
+    flag = torch.sign(stacked.sum(0))
+    masks = (stacked * flag) > 0
+    tau = flag * torch.where(masks, stacked.abs(), torch.zeros_like(stacked)).amax(0)
+    got_tau, got_masks = emr_unify(stacked)
+    assert torch.equal(got_tau, tau) and torch.equal(got_masks, masks)
+    # the statistics pass's (τ_uni, masks) reused by the merge: the merge alone gives the same output
+    tvs = [{"w": stacked[k].reshape(20, 15).clone()} for k in range(5)]
+    method = EMR()
+    result = merge_task_vectors(method, tvs)
+    assert torch.equal(result.delta["w"], tau.reshape(20, 15))
+    assert all(torch.equal(m.mask("w").reshape(-1), masks[k]) for k, m in enumerate(result.task_modules))
+
+
+@pytest.mark.parametrize("divisor", ["count", "weight_sum"])
+def test_disjoint_merge_with_unit_weights_is_the_weighted_formula(divisor):
+    g = torch.Generator().manual_seed(2)
+    stacked = torch.randn(4, 100, generator=g)
+    stacked[:, :10] = 0.0
+    sign = elect_sign(stacked)
+    agree = ((stacked * sign) > 0).float()
+    w = torch.ones(4, 1)
+    num = (stacked * w * agree).sum(0)
+    den = agree.sum(0) if divisor == "count" else (w * agree).sum(0)
+    want = torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(num))
+    for weights in (None, torch.ones(4)):
+        assert torch.equal(disjoint_merge(stacked, sign, weights, divisor), want)
+
+
+@pytest.mark.parametrize("v", [torch.randn(6, 50), torch.randint(-2, 3, (4, 9)).float(), torch.randn(7),
+                               torch.tensor(2.0), torch.randn(3, 1)])
+def test_della_drop_probabilities_equal_the_rank_formula(v):
+    """p_i computed once per rank and scattered equals the per-entry formula on the ranks of a stable sort."""
+    rows = v.reshape(v.shape[0], -1) if v.dim() >= 2 else v.reshape(1, -1)
+    n = rows.shape[1]
+    order = torch.sort(rows.abs(), dim=1, stable=True).indices
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(n).expand_as(order))
+    frac = ranks.to(torch.float32) / (n - 1) if n > 1 else torch.full(rows.shape, 0.5)
+    want = (0.3 + 0.14 / 2 - 0.14 * frac).reshape(v.shape)
+    assert torch.equal(magprune_drop_probabilities(v, 0.3, 0.14), want)
