@@ -57,6 +57,20 @@ def test_then_no_filter_then_the_defaults_then_grid_order():
     assert choose(rows, samples=400, defaults=DEFAULTS)[0] is rows[1]  # the pre-filter counts as a filter
 
 
+def test_for_the_released_methods_a_larger_filter_ratio_is_less_filtering():
+    """The released code's ``filter_ratio`` is the radius of the band its mask keeps (``_filter_mask``: ones
+    inside it), so among tied candidates the larger one filters less and is the simpler."""
+    from freemerge_pl.merging.methods.released import _filter_mask
+    from freemerge_pl.merging.registry import get_method
+
+    assert float(_filter_mask(16, 16, 0.6).sum()) > float(_filter_mask(16, 16, 0.3).sum())  # keeps more
+    assert get_method("free_merging_released").cls.filter_ratio_keeps
+    assert not get_method("free_merging").cls.filter_ratio_keeps
+    rows = [row({"filter_ratio": 0.3}, [0.80], 0), row({"filter_ratio": 0.6}, [0.80], 0)]
+    assert choose(rows, samples=400, defaults={}, filter_ratio_keeps=True)[0] is rows[1]
+    assert choose(rows, samples=400, defaults={})[0] is rows[0]
+
+
 def test_without_a_standard_error_only_equal_scores_tie():
     rows = [row({"scaling": 0.3}, [0.8], 0), row({"scaling": 1.0}, [0.8], 0), row({"scaling": 0.5}, [0.79], 0)]
     best, ties = choose(rows, defaults=DEFAULTS)  # tune-val size unknown: SE 0

@@ -123,16 +123,20 @@ def standard_error(row: dict[str, Any], metric: str, samples: int | None, normal
     return scaled, how + (f" (×score/p = {scaled:.4f}: normalised)" if normalised and p > 0 else "")
 
 
-def simplicity(row: dict[str, Any], order: int, defaults: dict[str, Any]) -> tuple:
-    """The sort key of ``TIE_RULES``: expert bytes, filter amount, settings off their default, order."""
+def simplicity(row: dict[str, Any], order: int, defaults: dict[str, Any], filter_ratio_keeps: bool = False) -> tuple:
+    """The sort key of ``TIE_RULES``: expert bytes, filter amount, settings off their default, order
+    (``filter_ratio_keeps``: the method's ``filter_ratio`` sizes what its filter keeps, so a larger one filters
+    less: the released-code methods)."""
     params = row["params"]
-    filtering = sum(float(params.get(k, 0.0)) for k in FILTER_KEYS)
+    filtering = sum(float(params.get(k, 0.0)) * (-1 if k == "filter_ratio" and filter_ratio_keeps else 1)
+                    for k in FILTER_KEYS)
     off_default = sum(1 for k, v in params.items() if k not in defaults or v != defaults[k])
     return (row.get("task_module_bytes", 0), filtering, off_default, order)
 
 
 def choose(rows: list[dict[str, Any]], *, samples: int | None = None, metric: str = "accuracy",
-           normalised: bool = False, defaults: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+           normalised: bool = False, defaults: dict[str, Any] | None = None,
+           filter_ratio_keeps: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """The chosen candidate and the tie record: candidates whose score is ≥ best − SE (``standard_error`` of the
     best) tie; among them the simplest by ``TIE_RULES`` is chosen. The record lists the tied candidates, the SE
     and how it was computed, and the rules that chose (``[]``: no tie)."""
@@ -140,7 +144,7 @@ def choose(rows: list[dict[str, Any]], *, samples: int | None = None, metric: st
     se, how = standard_error(rows[top], metric, samples, normalised)
     threshold = rows[top]["score"] - se
     tied = [i for i, r in enumerate(rows) if r["score"] >= threshold]
-    keys = {i: simplicity(rows[i], i, dict(defaults or {})) for i in tied}
+    keys = {i: simplicity(rows[i], i, dict(defaults or {}), filter_ratio_keeps) for i in tied}
     chosen = min(tied, key=keys.__getitem__)
     deciding = {next(j for j, (a, b) in enumerate(zip(keys[chosen], keys[i])) if a != b)
                 for i in tied if i != chosen}

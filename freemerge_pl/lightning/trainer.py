@@ -267,7 +267,8 @@ class FreeMergeTrainer(Trainer):
         objective = mean_objective(metric, individual)
         tie_args = {"samples": sum(len(datamodule.tune_indices[t]) for t in names), "metric": metric,
                     "normalised": normalised,
-                    "defaults": {**get_method(model.method).hyperparameters, "fr_filter_ratio": 0.0}}
+                    "defaults": {**get_method(model.method).hyperparameters, "fr_filter_ratio": 0.0},
+                    "filter_ratio_keeps": get_method(model.method).cls.filter_ratio_keeps}
         if search == "grid":
             report = tune(candidates, merger, evaluate, objective, progress=self.is_global_zero, **tie_args)
         else:

@@ -290,6 +290,8 @@ class MergeMethod:
     random: ClassVar[bool] = False
     #: the method reads the task vectors (False: it uses θ_pre or θ_k as stored, so a pre-filter is refused)
     uses_task_vectors: ClassVar[bool] = True
+    #: ``filter_ratio`` sizes what the filter keeps (larger filters less), not what it removes
+    filter_ratio_keeps: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # a tuple is taken as a list (YAML and JSON give lists)

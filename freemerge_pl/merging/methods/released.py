@@ -253,6 +253,8 @@ class _ReleasedBase(MergeMethod):
     """Shared key predicates of the two released-code methods (``profile`` vit: ``key_pattern``; glue)."""
 
     filters_task_vectors = True
+    #: ``filter_ratio`` is the radius of the band the released mask keeps: larger filters less
+    filter_ratio_keeps = True
 
     def _vit_pattern(self) -> re.Pattern:
         pattern = self.key_pattern if self.key_pattern is not None else "attn|mlp"
