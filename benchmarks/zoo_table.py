@@ -385,7 +385,7 @@ def main() -> None:
            "a value and a compact index code per entry; Individual: the whole fine-tuned model)."), "",
           markdown(rows, tasks, "Paper-default hyperparameters", samples=unit)]
     if tuned_rows:
-        sources = sorted({r.get("tune_val_source", "router split") for r in tuned_rows})
+        sources = sorted({r.get("tune_val_source") or "router split" for r in tuned_rows if r.get("tuned_params")})
         md.append(markdown(tuned_rows, tasks, f"Tuned on the {' / '.join(sources)} (never the test split)",
                            tuning=True, samples=unit))
         md.append("Tuned rows: tune-val is data no fine-tuned model trained on — each task's validation split "
