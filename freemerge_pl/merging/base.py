@@ -8,7 +8,25 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from freemerge_pl.errors import CheckpointMismatchError
+
 StateDict = dict[str, Tensor]
+
+
+def register_keyed_buffers(module: nn.Module, prefix: str, tensors: StateDict | None) -> list[str]:
+    """Register ``tensors`` on ``module`` as buffers ``<prefix><j>`` in key order (state-dict names stay valid
+    for any key); returns the keys, whose order ``get_extra_state`` records."""
+    keys: list[str] = []
+    for key, t in (tensors or {}).items():
+        module.register_buffer(f"{prefix}{len(keys)}", t)
+        keys.append(key)
+    return keys
+
+
+def check_saved_keys(saved: list[str], keys: list[str], what: str) -> None:
+    """A checkpoint's recorded keys must be this module's, in order: else an error naming ``what``."""
+    if list(saved) != keys:
+        raise CheckpointMismatchError(f"{what} checkpoint keys {saved[:3]}... differ from this module's {keys[:3]}...")
 
 
 def resolve_tensor(target: nn.Module | StateDict, key: str) -> Tensor:

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from freemerge_pl.errors import CheckpointMismatchError
-from freemerge_pl.merging.base import DenseDeltaTaskModule
+from freemerge_pl.merging.base import DenseDeltaTaskModule, check_saved_keys, register_keyed_buffers
 from freemerge_pl.merging.method import Context, Finalized, KeyOutput, KeyTensors, MergeMethod, Scan
 from freemerge_pl.merging.ops import packbits, unpackbits
 from freemerge_pl.merging.registry import register
@@ -29,10 +28,7 @@ class EMRUnified(nn.Module):
 
     def __init__(self, tau: dict[str, Tensor] | None = None) -> None:
         super().__init__()
-        self._keys: list[str] = []
-        for key, t in (tau or {}).items():
-            self.register_buffer(f"tau_{len(self._keys)}", t)
-            self._keys.append(key)
+        self._keys = register_keyed_buffers(self, "tau_", tau)
 
     @property
     def keys(self) -> list[str]:
@@ -54,9 +50,7 @@ class EMRUnified(nn.Module):
         return cls({k: tensors[f"tau_{j}"] for j, k in enumerate(extra["keys"])})
 
     def set_extra_state(self, state) -> None:
-        if list(state["keys"]) != self._keys:
-            raise CheckpointMismatchError(f"EMR unified-vector checkpoint keys {state['keys'][:3]}... differ from "
-                             f"this module's {self._keys[:3]}...")
+        check_saved_keys(state["keys"], self._keys, "EMR unified-vector")
 
 
 class EMRTaskModule(DenseDeltaTaskModule):
@@ -127,9 +121,7 @@ class EMRTaskModule(DenseDeltaTaskModule):
         return cls(masks, float(tensors["rescaler"]))
 
     def set_extra_state(self, state) -> None:
-        if list(state["keys"]) != self._keys:
-            raise CheckpointMismatchError(f"EMR task-module checkpoint keys {state['keys'][:3]}... differ from this "
-                             f"module's {self._keys[:3]}...")
+        check_saved_keys(state["keys"], self._keys, "EMR task-module")
 
     def change(self, key: str, device: torch.device) -> Tensor:
         tau = self.unified.tensor(key).to(device=device, dtype=torch.float32)

@@ -15,8 +15,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from freemerge_pl.errors import CheckpointMismatchError
-from freemerge_pl.merging.base import DenseDeltaTaskModule, StateDict, resolve_tensor
+from freemerge_pl.merging.base import (
+    DenseDeltaTaskModule,
+    StateDict,
+    check_saved_keys,
+    register_keyed_buffers,
+    resolve_tensor,
+)
 from freemerge_pl.merging.method import Context, Finalized, KeyOutput, KeyTensors, MergeMethod
 from freemerge_pl.merging.registry import register
 
@@ -48,10 +53,7 @@ class FinetunedWeights(DenseDeltaTaskModule):
 
     def __init__(self, tensors: StateDict | None = None) -> None:
         super().__init__()
-        self._keys: list[str] = []
-        for key, t in (tensors or {}).items():
-            self.register_buffer(f"weight_{len(self._keys)}", t)
-            self._keys.append(key)
+        self._keys = register_keyed_buffers(self, "weight_", tensors)
 
     @property
     def keys(self) -> list[str]:
@@ -65,9 +67,7 @@ class FinetunedWeights(DenseDeltaTaskModule):
         return {"keys": self._keys}
 
     def set_extra_state(self, state) -> None:
-        if list(state["keys"]) != self._keys:
-            raise CheckpointMismatchError(f"fine-tuned weights checkpoint keys {state['keys'][:3]}... differ from "
-                                          f"this module's {self._keys[:3]}...")
+        check_saved_keys(state["keys"], self._keys, "fine-tuned weights")
 
     def to_tensors(self) -> StateDict:
         """θ_k's tensors under their own keys (the order is ``get_extra_state``'s)."""

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from freemerge_pl.errors import CheckpointMismatchError
-from freemerge_pl.merging.base import DenseDeltaTaskModule
+from freemerge_pl.merging.base import DenseDeltaTaskModule, check_saved_keys
 from freemerge_pl.merging.fourier import matrix_shape
 from freemerge_pl.merging.linalg import truncated_svd_factors
 from freemerge_pl.merging.method import (
@@ -105,9 +105,7 @@ class LowRankTaskModule(DenseDeltaTaskModule):
         return module
 
     def set_extra_state(self, state) -> None:
-        if list(state["keys"]) != self._keys:
-            raise CheckpointMismatchError(f"low-rank task-module checkpoint keys {state['keys'][:3]}... differ from this "
-                             f"module's {self._keys[:3]}...")
+        check_saved_keys(state["keys"], self._keys, "low-rank task-module")
 
     def change(self, key: str, device: torch.device) -> Tensor:
         return self.delta(key).to(device)
