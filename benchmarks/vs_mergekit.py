@@ -74,9 +74,11 @@ class Shared:
 
 
 SHARED = [
-    Shared("linear", "weight_averaging", {}, "linear", {"weight": 1.0}, theirs_reads_base=False,
-           convention="rounding only: mergekit sums Σ w_k θ_k / Σ w_k in float32, we add the mean task "
-                      "vector to θ_pre in float32; both round to bfloat16 (differences ≤ 1 bf16 ulp)"),
+    Shared("linear", "linear", {"weights": [1.0] * N_FINETUNED}, "linear", {"weight": 1.0},
+           theirs_reads_base=False,
+           convention="the same rule: Σ w_k θ_k / Σ w_k in float32 (addcmul_ in model order, one division), "
+                      "from the fine-tuned models only, rounded to bfloat16 once (our weight_averaging, "
+                      "θ_pre + the mean task vector, differs from it by ≤ 1 bf16 ulp and reads θ_pre too)"),
     Shared("task_arithmetic", "task_arithmetic", {"scaling": 0.3}, "task_arithmetic", {"weight": 0.3},
            convention="rounding only: mergekit scales each task vector by its weight before summing, we "
                       "scale the sum by λ; both in float32, rounded to bfloat16 (≤ 1 bf16 ulp)"),
@@ -253,8 +255,11 @@ def mergekit_rule(method: Shared, base, finetuned: list) -> Any:
         return None
     p = method.model_parameters
     weight = p["weight"]
-    if method.theirs == "linear":
-        return (sum(t.float() * weight for t in finetuned) / (weight * len(finetuned))).to(base.dtype)
+    if method.theirs == "linear":  # merge_methods/linear.py: zeros, addcmul_ per model, one division
+        result = torch.zeros(base.shape, dtype=torch.float32)
+        for t in finetuned:
+            result.addcmul_(t.float(), torch.tensor(float(weight)))
+        return result.div_(torch.tensor(float(weight) * len(finetuned))).to(base.dtype)
     pre = base.float()
     deltas = torch.stack([t.float() - pre for t in finetuned])
     n = pre.numel()

@@ -82,6 +82,19 @@ def check_value(name: str, value: Any, annotation: Any) -> None:
     inner, optional = _strip_optional(inner)
     if value is None and optional:
         return
+    if get_origin(inner) in (typing.Union, types.UnionType):  # X | Y: one of the arms accepts it
+        for arm in get_args(inner):
+            try:
+                return check_value(name, value, arm)
+            except (ConfigError, HyperparameterError):
+                continue
+        raise ConfigError(f"{name}={value!r} is not {describe(inner)}")
+    if get_origin(inner) is dict or inner is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}={value!r} is not a mapping")
+        return
+    if isinstance(inner, type) and dataclasses.is_dataclass(inner) and not isinstance(value, inner):
+        raise ConfigError(f"{name}={value!r} is not a {inner.__name__}")
     if get_origin(inner) is list:
         if not isinstance(value, list):
             raise ConfigError(f"{name}={value!r} is not a list")
@@ -121,5 +134,7 @@ def describe(annotation: Any) -> str:
         return describe(base) + (f" in {ranges[0]}" if ranges else "") + suffix
     if get_origin(inner) is Literal:
         return "one of " + ", ".join(repr(c) for c in get_args(inner)) + suffix
+    if get_origin(inner) in (typing.Union, types.UnionType):
+        return " or ".join(describe(arm) for arm in get_args(inner)) + suffix
     name = getattr(inner, "__name__", None) or str(inner).replace("typing.", "")
     return name + suffix

@@ -295,3 +295,39 @@ def test_vs_mergekit_launcher_reports_the_tools_own_peak_rss(tmp_path, monkeypat
                                 dict(os.environ))
     assert len(ballast) and run["exit"] == 0
     assert 95 < run["peak_rss_mib"] < 300, run
+
+
+def test_outsized_keys_are_those_over_twice_the_90th_percentile():
+    sizes = {f"layer{i}": 1000 + i for i in range(18)} | {"embed": 2000, "head": 5000, "norm": 10}
+    # sorted: 10, 1000..1017, 2000, 5000; the entry at int(0.9·21) = 18 is 1017: outsized means > 2034
+    assert stream.outsized_keys(sizes) == {"head"}
+    assert stream.outsized_keys({**sizes, "embed": 2035}) == {"embed", "head"}
+    assert stream.outsized_keys({"a": 5, "b": 5}) == set() and stream.outsized_keys({}) == set()
+
+
+def test_outsized_keys_are_computed_under_the_low_memory_policy(tmp_path, monkeypatch):
+    """The fast policy (heap, no trim) switches to the low-memory one (own mappings) for a vocabulary-sized
+    key only, and back after it, each switch before the key's inputs are read."""
+    if stream._MALLOPT is None:
+        pytest.skip("not glibc")
+    from freemerge_pl.io.sink import ShardedSafetensorsSink
+    from freemerge_pl.merging import build_method
+    from freemerge_pl.merging.source import StateDictSource
+
+    events = []
+    monkeypatch.setattr(stream, "_use", lambda low: events.append(("low" if low else "fast",)))
+    real_write = ShardedSafetensorsSink.write
+    monkeypatch.setattr(ShardedSafetensorsSink, "write",
+                        lambda self, key, t, state=None: events.append(key) or real_write(self, key, t, state))
+    g = torch.Generator().manual_seed(0)
+    keys = ["embed"] + [f"l{i}" for i in range(30)] + ["head"]  # 2 of 32 keys: above the 90th percentile
+    pre = {k: torch.randn(100, 100 if k in ("embed", "head") else 10, generator=g) for k in keys}
+    fts = [{k: v + 0.1 for k, v in pre.items()} for _ in range(2)]
+    stream.stream_merge(StateDictSource(pre, "base"), [StateDictSource(f, f"f{i}") for i, f in enumerate(fts)],
+                        build_method("task_arithmetic", {}), tmp_path / "out")
+    layers = [f"l{i}" for i in range(30)]
+    assert events == [("fast",), ("low",), "embed", ("fast",), *layers, ("low",), "head"]
+    events.clear()
+    stream.stream_merge(StateDictSource(pre, "base"), [StateDictSource(f, f"f{i}") for i, f in enumerate(fts)],
+                        build_method("task_arithmetic", {}), tmp_path / "out2", low_memory=True)
+    assert events == [("low",), "embed", *layers, "head"]

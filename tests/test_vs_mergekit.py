@@ -78,6 +78,20 @@ def test_mergekit_linear_rules_equal_ours_up_to_float_rounding(name):
     torch.testing.assert_close(vs.mergekit_rule(method, base, fts), ours, rtol=0, atol=1e-6)
 
 
+def test_our_linear_is_mergekits_rule_bit_for_bit_on_bf16_models():
+    """Our ``linear`` (from θ_k only) equals mergekit's recomputed rule exactly, in bfloat16 as the job writes it;
+    the rule is checked against a float64 mean first (within one bf16 rounding)."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(256, 64, generator=g).bfloat16()
+    fts = [(base.float() + 0.01 * torch.randn(256, 64, generator=g)).bfloat16() for _ in range(3)]
+    method = vs.BY_NAME["linear"]
+    theirs = vs.mergekit_rule(method, base, fts)
+    exact = sum(t.double() for t in fts) / 3
+    assert float((theirs.double() - exact).abs().max()) <= float(exact.abs().max()) * 2.0**-8
+    ours = merge({"w": base}, [{"w": t} for t in fts], method.ours, **method.ours_parameters).state_dict["w"]
+    assert torch.equal(ours, theirs)
+
+
 def test_mergekit_breadcrumbs_rule_keeps_the_band_below_the_top_gamma():
     n = 1000
     magnitudes = torch.randperm(n, generator=torch.Generator().manual_seed(2)).float() + 1

@@ -40,7 +40,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor
@@ -64,9 +64,9 @@ from freemerge_pl.merging.engine import (
     prefilter_transform,
     preflight,
 )
-from freemerge_pl.merging.method import check_fields
 from freemerge_pl.merging.registry import build_method
 from freemerge_pl.merging.source import TensorInfo, TensorSource
+from freemerge_pl.settings import Range, check_fields
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -140,7 +140,8 @@ class MergeJobConfig:
             with ``torch.save(model)``); unpickling executes code from the file: only for files you trust.
         low_memory: give freed memory back to the OS after every tensor: peak RSS 20-30 % lower, CPU time
             1.15-1.5 × (measured on an 84 M-parameter Llama: every large buffer is then a fresh mapping the
-            kernel zero-fills).
+            kernel zero-fills). Without it, outsized (vocabulary-sized) tensors are still computed this way:
+            on a heap fragmented by the keys before, they set the peak.
         prefetch: read the next tensor's inputs (and check them for NaN/Inf) on a second thread while the current
             one is computed; peak RSS grows by one tensor's inputs. No gain was measurable on a loaded 2-core
             machine (no core to spare); it may help where one is free.
@@ -155,7 +156,7 @@ class MergeJobConfig:
     device: str = "cpu"
     output_dir: str | None = None
     exclude_keys: list[str] = field(default_factory=list)
-    fr_filter_ratio: float = 0.0
+    fr_filter_ratio: Annotated[float, Range(0, 1, high_open=True)] = 0.0
     seed: int = 0
     vocab_mismatch: Literal["error", "truncate_or_pad"] = "error"
     allow_mixed_dtypes: bool = False

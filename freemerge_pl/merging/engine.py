@@ -193,7 +193,8 @@ class CheckpointInputs(MergeInputs):
             return cache["fp32"]
 
         def theta(k: int) -> Tensor:
-            t = self.finetuned[k].get(key).to(pre().device)
+            t = self.finetuned[k].get(key)
+            t = t if self.device is None else t.to(self.device)
             if self.check_finite and (key, k) not in self._finite and not all_finite(t):
                 raise_nonfinite(self.names[k], self.finetuned[k].info(key).file, key, t)
             self._finite.add((key, k))
@@ -201,7 +202,8 @@ class CheckpointInputs(MergeInputs):
 
         def loader(k: int) -> Callable[[], Tensor]:
             def load() -> Tensor:
-                base, t = pre(), theta(k)
+                base = pre()
+                t = theta(k).to(base.device)
                 if base.dtype in WIDEN_EXACTLY:  # fp32(θ_k) − fp32(θ_pre), θ_pre widened block by block
                     return blockwise_(t.to(torch.float32, copy=True), base, torch.Tensor.sub_)
                 return t.float() - pre_fp32()
@@ -213,7 +215,7 @@ class CheckpointInputs(MergeInputs):
                 if base.dtype not in WIDEN_EXACTLY:  # float64 θ_pre: the whole-vector path
                     v = loader(k)()
                     return VectorChunks(v.numel(), lambda: flat_chunks(v))
-                t, b = theta(k).reshape(-1), base.reshape(-1)
+                t, b = theta(k).to(base.device).reshape(-1), base.reshape(-1)
 
                 def chunks():  # fp32(θ_k) − fp32(θ_pre) per chunk: the same values as ``loader``'s
                     for s, part in flat_chunks(t):
@@ -247,10 +249,19 @@ def blockwise_(out: Tensor, other: Tensor, op) -> Tensor:
 
 def add_pretrained_(delta: Tensor, pretrained: Tensor) -> Tensor:
     """``delta += fp32(θ_pre)`` in place (``apply_key``'s sum), without an fp32 copy of a bf16/fp16 θ_pre."""
-    pretrained = pretrained.to(delta.device)
+    return _with_pretrained_(delta, pretrained, torch.Tensor.add_)
+
+
+def sub_pretrained_(weights: Tensor, pretrained: Tensor) -> Tensor:
+    """``weights −= fp32(θ_pre)`` in place: the delta of a method that returns θ_m (``output_is_weights``)."""
+    return _with_pretrained_(weights, pretrained, torch.Tensor.sub_)
+
+
+def _with_pretrained_(out: Tensor, pretrained: Tensor, op) -> Tensor:
+    pretrained = pretrained.to(out.device)
     if pretrained.dtype not in WIDEN_EXACTLY:
-        return delta.add_(pretrained.float())
-    return blockwise_(delta, pretrained.reshape(delta.shape), torch.Tensor.add_)
+        return op(out, pretrained.float())
+    return blockwise_(out, pretrained.reshape(out.shape), op)
 
 
 def all_finite(t: Tensor) -> bool:
@@ -307,6 +318,7 @@ def execute(
     progress: bool = False,
     skip_keys: Iterable[str] = (),
     resume_rng: str | None = None,
+    emit_weights: bool = False,
 ) -> Finalized:
     """Run ``method`` over ``inputs``: statistics passes, then per key in ``inputs.output_keys`` order
     ``emit(key, x, delta, rng_state)`` (``x``/``delta`` None for a key passed through from θ_pre;
@@ -315,6 +327,8 @@ def execute(
     ``skip_keys`` (resume): keys already written; they are not emitted, and are not computed at all
     unless the method builds task modules from them. ``resume_rng`` (a ``rng_state`` emitted by an earlier
     run) restores the generator before the first computed key when keys were skipped.
+    ``emit_weights``: a method whose ``merge_key`` returns θ_m (``output_is_weights``) has it emitted as is (the
+    caller writes it; θ_pre is not read); otherwise, and for every other method, ``delta`` is θ_m − θ_pre.
     """
     if method.random and generator is None:
         generator = torch.Generator(device=inputs.device or "cpu").manual_seed(seed)
@@ -339,6 +353,8 @@ def execute(
         x = inputs.load(key)
         out = method.merge_key(x, stats, ctx)
         delta, piece = (out.delta, out.pieces) if isinstance(out, KeyOutput) else (out, None)
+        if method.output_is_weights and not emit_weights:  # θ_m − fp32(θ_pre), θ_pre widened block by block
+            delta = sub_pretrained_(delta, x.pretrained())
         if piece is not None:
             pieces[key] = piece
         if key not in skip:

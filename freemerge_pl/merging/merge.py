@@ -17,6 +17,7 @@ from freemerge_pl.merging.engine import (
     check_prefilter,
     execute,
     prefilter_transform,
+    sub_pretrained_,
 )
 from freemerge_pl.merging.method import MergeMethod
 from freemerge_pl.merging.registry import build_method
@@ -84,11 +85,16 @@ def merge(
     state_dict: StateDict = {}
 
     def emit(key: str, x, d, rng_state) -> None:
-        if d is not None:
+        if d is None:
+            state_dict[key] = pretrained[key].clone()
+        elif config.output_is_weights:  # θ_m itself, cast once (as the streaming job writes it)
+            state_dict[key] = d.to(pretrained[key].dtype, copy=True)
+            delta[key] = sub_pretrained_(d, pretrained[key])
+        else:
             delta[key] = d
-        state_dict[key] = apply_key(pretrained[key], d) if d is not None else pretrained[key].clone()
+            state_dict[key] = apply_key(pretrained[key], d)
 
-    fin = execute(config, inputs, emit, seed=seed, cache=cache, progress=progress)
+    fin = execute(config, inputs, emit, seed=seed, cache=cache, progress=progress, emit_weights=True)
     result = MergeResult(delta, fin.task_modules, fin.info, fin.shared_modules)
     seconds = time.perf_counter() - start
     record = merge_record(config, fr_filter_ratio=fr_filter_ratio, seed=seed, exclude_keys=exclude_keys,

@@ -19,16 +19,14 @@ from __future__ import annotations
 import base64
 import dataclasses
 import math
-import types
-import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from freemerge_pl.errors import ConfigError, HyperparameterError
+from freemerge_pl.errors import ConfigError
 from freemerge_pl.merging.base import TaskModule
 from freemerge_pl.merging.topk import flat_chunks
 from freemerge_pl.settings import Range
@@ -225,58 +223,6 @@ class Finalized:
 # ---------------------------------------------------------------------------------------- typed configs
 
 
-def _type_ok(value: Any, tp: Any) -> bool:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return True
-    if origin is Literal:
-        return value in typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, arg) for arg in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if tp is str:
-        return isinstance(value, str)
-    if origin in (list, Sequence, tuple) or tp in (list, tuple):
-        args = typing.get_args(tp)
-        return isinstance(value, (list, tuple)) and all(_type_ok(v, args[0]) for v in value) if args else \
-            isinstance(value, (list, tuple))
-    if origin is dict or tp is dict:
-        return isinstance(value, dict)
-    return isinstance(value, tp) if isinstance(tp, type) else True
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join("None" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if tp is float:
-        return "a finite float"
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def check_fields(obj: Any, owner: str) -> None:
-    """The merge job's and the router's settings check until they move to ``settings.check_fields`` (merge
-    methods use that one): every dataclass field of ``obj`` against its annotation (``Literal`` choices,
-    finite floats, ints, bools, lists, optionals); a mismatch is a HyperparameterError naming owner, field
-    and value."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if isinstance(value, tuple) and typing.get_origin(hints[f.name]) is not tuple:
-            value = list(value)
-            setattr(obj, f.name, value)
-        if not _type_ok(value, hints[f.name]):
-            raise HyperparameterError(f"{owner}: {f.name}={value!r} must be {_type_name(hints[f.name])}")
-
-
 @dataclass
 class MergeMethod:
     """Base of every merge method: a typed, checked configuration with per-tensor kernels."""
@@ -290,6 +236,9 @@ class MergeMethod:
     random: ClassVar[bool] = False
     #: the method reads the task vectors (False: it uses θ_pre or θ_k as stored, so a pre-filter is refused)
     uses_task_vectors: ClassVar[bool] = True
+    #: ``merge_key`` returns θ_m's float32 tensor itself, not a delta from θ_pre (mergekit's ``linear``): the
+    #: streaming job writes it without reading θ_pre; ``execute`` gives every other caller θ_m − θ_pre
+    output_is_weights: ClassVar[bool] = False
     #: ``filter_ratio`` sizes what the filter keeps (larger filters less), not what it removes
     filter_ratio_keeps: ClassVar[bool] = False
 

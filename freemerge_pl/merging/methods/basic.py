@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from freemerge_pl.errors import HyperparameterError
 from freemerge_pl.merging.method import Context, Finite, KeyTensors, MergeMethod, Unit
-from freemerge_pl.merging.ops import sum_vectors
+from freemerge_pl.merging.ops import sum_vectors, task_weights
 from freemerge_pl.merging.registry import register
 from freemerge_pl.merging.topk import magnitude_band_mask
 from freemerge_pl.settings import Range
@@ -31,6 +32,44 @@ class WeightAveraging(MergeMethod):
 
     def merge_key(self, x: KeyTensors, stats, ctx: Context) -> Tensor:
         return sum_vectors(x.vectors()).div_(x.num_tasks)
+
+
+@register("linear", reference="mergekit's linear (Wortsman et al. 2022, model soups): Σ_k w_k θ_k / Σ_k w_k")
+@dataclass
+class Linear(MergeMethod):
+    """mergekit's ``linear``: θ_m = Σ_k w_k θ_k (divided by Σ_k w_k when ``normalize``), from the fine-tuned
+    checkpoints themselves, θ_pre unused (the streaming job does not read it).
+
+    ``weights`` w_k: one per fine-tuned model (the merge job's ``models[].parameters.weight``; default all 1,
+    i.e. the plain average). Computed as mergekit computes it, in float32 (float64 for float64 checkpoints):
+    a zero tensor, ``addcmul_`` of each θ_k times its weight in model order, then one division by Σ w_k, so
+    the output equals mergekit's bit for bit. ``weight_averaging`` computes the same average as θ_pre + the
+    mean task vector (one more input read; the two differ by float rounding only).
+    """
+
+    weights: list[Finite] | None = None
+    normalize: bool = True
+
+    uses_task_vectors = False
+    output_is_weights = True
+
+    def begin(self, ctx: Context) -> None:
+        w = task_weights(self.weights, ctx.num_tasks)
+        if self.normalize and float(w.sum()) == 0.0:
+            raise HyperparameterError(f"linear.weights={self.weights} sum to 0: normalize=true divides by the "
+                                      f"sum; use other weights or normalize=false")
+
+    def merge_key(self, x: KeyTensors, stats, ctx: Context) -> Tensor:
+        first = x.finetuned(0)
+        dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+        w = task_weights(self.weights, x.num_tasks).to(dtype)
+        coefficient = (1,) * len(x.shape)
+        result = torch.zeros(x.shape, dtype=dtype, device=first.device)
+        for k, w_k in enumerate(w.to(first.device).unbind(0)):
+            result.addcmul_(x.finetuned(k).to(first.device), w_k.reshape(coefficient))
+        if self.normalize:
+            result.div_(w.sum().to(first.device).reshape(coefficient))
+        return result
 
 
 @register("task_arithmetic", reference="Ilharco et al. 2023, Editing Models with Task Arithmetic")
