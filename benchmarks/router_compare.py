@@ -1,6 +1,7 @@
 """Routers compared on a zoo (issue 28 item 1): routing accuracy and how much of the experts' gain they keep.
 
-    python benchmarks/router_compare.py --zoo vision|text [--blend 'source|head|epochs']
+    python benchmarks/router_compare.py --zoo vision|text [--blend 'source|head|epochs' [--settings S ...]
+                                                                        [--modes M ...]]
 
 For each method setting (FREE defaults, EMR defaults, FREE at the zoo table's tuned values) the merge is built
 once and every evaluation sample is scored under every routing choice: the merged backbone alone and each task's
@@ -10,7 +11,8 @@ once per split (cached in ``/tmp/router_compare_<zoo>.pt``) and every head is fi
 Gain kept = (routed − backbone alone) / (oracle − backbone alone), accuracies averaged over tasks; routing
 accuracy is the mean over tasks. Levers: feature source (the pre-trained model, candidate-independent: first
 blocks or the whole; class token, token mean or both; each merge's own backbone), head, epochs, a fallback to
-the merged backbone below a softmax weight and, with ``--blend``, Alg. 1's weights used as weights (run exactly).
+the merged backbone below a softmax weight and, with ``--blend``, Alg. 1's weights used as weights (run exactly;
+results accumulate in ``router_compare_blend{,_text}.json``, which the next run without ``--blend`` tabulates).
 Choose on val (tune-val), report test. The headline: the default router (``RouterConfig()``, ``auto``) beside a
 logistic-regression probe on the pre-trained model's mean-pooled tokens, trained on the same router split (the
 default must not be below it), and the gain it keeps. Writes ``benchmarks/results/router_compare{,_text}.{json,md}``.
@@ -223,35 +225,84 @@ def routes(logits: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]
     return ids, torch.where(sure[:, None], torch.tensor([1.0, 0.0]), w2)
 
 
+def memoised(model) -> None:
+    """Each task module's per-key data (a sparse expert's decoded indices, a dense module's change) computed once
+    and kept, so that the one-pass-per-sample blends pay for the backbone, not for decoding: ``apply_`` and
+    ``restore_`` are the product's, on the same tensors (checked bit for bit in ``blend``)."""
+    from freemerge_pl.merging.base import DenseDeltaTaskModule
+    from freemerge_pl.merging.experts import SparseExpert
+
+    def once(f):
+        kept: dict = {}
+
+        def per_key(key, *rest):
+            if key not in kept:
+                kept[key] = f(key, *rest)
+            return kept[key]
+        return per_key
+
+    for m in model.task_modules:
+        for name, cls in (("entries", SparseExpert), ("change", DenseDeltaTaskModule)):
+            if isinstance(m, cls) and name not in m.__dict__:
+                m.__dict__[name] = once(getattr(m, name))
+
+
 @torch.no_grad()
 def routed_accuracy(model, data, ids: torch.Tensor, weights: torch.Tensor, batch: int = 256) -> float:
+    """Task-mean accuracy with each sample's experts ``ids`` at scales ``weights`` (the product's weight swap):
+    samples with the same experts and scales share backbone passes over the whole split (continuous weights:
+    about one pass a sample)."""
     x, y, t = data
     ok = torch.zeros(len(y), dtype=torch.bool)
-    for s in range(0, len(y), batch):
-        feats = model.features(x[s:s + batch], ids[s:s + batch], weights[s:s + batch])
-        tb, yb = t[s:s + batch], y[s:s + batch]
-        for task in tb.unique().tolist():
-            sel = tb == task
-            ok[s:s + batch][sel] = model.head_outputs(feats[sel], task).argmax(-1) == yb[sel]
+    groups: dict[tuple, list[int]] = {}
+    for n, (i, w) in enumerate(zip(ids.tolist(), weights.tolist())):
+        groups.setdefault((tuple(i), tuple(w)), []).append(n)
+    for rows in groups.values():
+        for s in range(0, len(rows), batch):
+            r = torch.tensor(rows[s:s + batch])
+            feats = model.features(x[r], ids[r], weights[r])
+            tb, yb = t[r], y[r]
+            for task in tb.unique().tolist():
+                sel = tb == task
+                ok[r[sel]] = model.head_outputs(feats[sel], task).argmax(-1) == yb[sel]
     return task_mean(ok, t, int(t.max()) + 1)
 
 
-def blend(zoo: str, c, source: str, head: str, epochs: int) -> dict:
-    """Each mode of ``MODES`` run exactly (the weight swap with scaled experts) for every setting."""
+def blend(zoo: str, c, source: str, head: str, epochs: int, settings: list[str], modes: list[str],
+          save=lambda out: None) -> dict:
+    """Each of ``modes`` run exactly (the weight swap with scaled experts) for each of ``settings``; ``top-1`` is
+    the cached lookup (the same weight swap, scored once in ``collect``); ``save(results so far)`` after each."""
     data, _, first = splits(zoo)
     r1, r2 = fitted(c, source, head, epochs, zoo)
     with torch.no_grad():
         logits = {"val": r1(c["feats"][source]["val"]), "test": r2(c["feats"][source]["test"])}
+    K = len(c["names"])
     out: dict = {}
     for n, (label, (method, margs)) in enumerate(SETTINGS[zoo].items()):
+        if label not in settings:
+            continue
         model = (first if n == 0 else build("default", method, margs, zoo=zoo)[0]).model
+        x0, probe = data["test"][0][:8], torch.arange(8)[:, None] % K
+        plain = model.features(x0, torch.cat([probe, (probe + 1) % K], 1), torch.full((8, 2), 0.5))
+        memoised(model)
+        fast = model.features(x0, torch.cat([probe, (probe + 1) % K], 1), torch.full((8, 2), 0.5))
+        assert torch.equal(plain, fast), "memoised task modules changed the features"
         for split in ("val", "test"):
             base = c["baselines"][label][split]
-            for mode in MODES:
-                acc = routed_accuracy(model, data[split], *routes(logits[split], mode))
+            for mode in modes:
+                start = time.perf_counter()
+                if mode == "top-1":
+                    acc = score(logits[split], c["ids"][split], {label: c["oks"][split][label]}, K)["routed"][label]
+                else:
+                    acc = routed_accuracy(model, data[split], *routes(logits[split], mode))
                 kept = (acc - base["backbone"]) / (base["oracle"] - base["backbone"])
-                out.setdefault(label, {}).setdefault(split, {})[mode] = {"routed": acc, "kept": kept}
-                print(f"{label:14s} {split:4s} {mode:40s} routed {acc:.4f} kept {kept:.2f}", flush=True)
+                top = logits[split].softmax(-1).max(-1)[0]
+                out.setdefault(label, {}).setdefault(split, {})[mode] = {
+                    "routed": acc, "kept": kept, "oracle": base["oracle"], "backbone": base["backbone"],
+                    "unsure_share": float((top < 0.5).float().mean()), "top_weight_median": float(top.median())}
+                print(f"{label:14s} {split:4s} {mode:40s} routed {acc:.4f} kept {kept:.2f} "
+                      f"({time.perf_counter() - start:.0f}s)", flush=True)
+                save(out)
     return out
 
 
@@ -309,14 +360,34 @@ def markdown(report: dict, blend_report: dict | None = None) -> str:
                          f"{100 * mean_kept(r, 'val', settings, sc):.0f} % | "
                          f"{100 * mean_kept(r, 'test', settings, sc):.0f} % |")
     if blend_report:
-        lines += ["", (f"Alg. 1's weights as weights, run exactly (the weight swap with scaled experts), router "
-                       f"{blend_report['router']}: gain kept"), "", "| setting | mode | val kept | test kept | test routed |",
-                  "|---|---|---|---|---|"]
-        for k, by_split in blend_report["modes"].items():
-            for mode in MODES:
-                lines.append(f"| {k} | {mode} | {100 * by_split['val'][mode]['kept']:.0f} % | "
-                             f"{100 * by_split['test'][mode]['kept']:.0f} % | "
-                             f"{100 * by_split['test'][mode]['routed']:.1f} |")
+        lines += ["", (f"Alg. 1's router weights used as weights, run exactly (the product's weight swap with each "
+                       f"expert scaled by its weight; `top-1` is the product's default), default router "
+                       f"({blend_report['router']}): gain kept, and routed − oracle on test. Weights: `top-1 × its "
+                       f"weight` scales the top expert by its softmax probability; `top-2 blend` applies the two "
+                       f"most likely experts with their softmax weights renormalised over the two (`top_k: 2`); the "
+                       f"last applies the top expert alone when its probability is ≥ 0.5, else the top-2 blend."), "",
+                  "| setting | mode | val kept | test kept | test routed | test routed − oracle |",
+                  "|---|---|---|---|---|---|"]
+        sure = next((by_split["test"][m] for by_split in blend_report["modes"].values() for m in MODES
+                     if "unsure_share" in by_split.get("test", {}).get(m, {})), None)
+        if sure:
+            lines[-4] += (f" On test the router's top probability has median {sure['top_weight_median']:.3f}; "
+                          f"{100 * sure['unsure_share']:.1f} % of samples are below 0.5.")
+        modes = blend_report["modes"]
+        changes = [100 * (by["test"][m]["routed"] - by["test"]["top-1"]["routed"]) for by in modes.values()
+                   for m in MODES[1:] if m in by.get("test", {}) and "top-1" in by["test"]]
+        if changes:
+            lines[-4] += (f" Against top-1 the other modes change test routed accuracy by {min(changes):+.2f} to "
+                          f"{max(changes):+.2f} points ({report['sizes']['test']} test samples); a mode a setting "
+                          f"lacks was not run.")
+        for k in [k for k in settings if k in modes] + [k for k in modes if k not in settings]:
+            by_split = modes[k]
+            for mode in [m for m in MODES if m in by_split.get("test", {})]:
+                val, test = by_split.get("val", {}).get(mode), by_split["test"][mode]
+                val_kept = f"{100 * val['kept']:.0f} %" if val else "–"
+                lines.append(f"| {k} | {mode} | {val_kept} | "
+                             f"{100 * test['kept']:.0f} % | {100 * test['routed']:.1f} | "
+                             f"{100 * (test['routed'] - test['oracle']):+.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -389,6 +460,8 @@ def main() -> None:
     parser.add_argument("--zoo", choices=("vision", "text"), default="vision")
     parser.add_argument("--cache", default=None, help="features and ok matrices (default /tmp/router_compare_<zoo>.pt)")
     parser.add_argument("--blend", default=None, help="'source|head|epochs': run MODES exactly for that router")
+    parser.add_argument("--settings", nargs="*", default=None, help="with --blend: these settings only")
+    parser.add_argument("--modes", nargs="*", default=None, choices=MODES, help="with --blend: these modes only")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)  # the heads are tiny: one thread is faster on a loaded machine
@@ -396,8 +469,19 @@ def main() -> None:
     suffix = "" if args.zoo == "vision" else "_text"
     if args.blend:
         source, head, epochs = args.blend.split("|")
-        out = blend(args.zoo, c, source, head, int(epochs))
-        write_json_atomic({"router": args.blend, "modes": out}, RESULTS / f"router_compare_blend{suffix}.json")
+        settings = args.settings or list(SETTINGS[args.zoo])
+        path = RESULTS / f"router_compare_blend{suffix}.json"
+        held = json.loads(path.read_text()) if path.exists() else {}
+        earlier = held.get("modes", {}) if held.get("router") == args.blend else {}
+
+        def save(out: dict) -> None:  # several runs (a setting or mode each) add up
+            merged = json.loads(json.dumps(earlier))
+            for label, by_split in out.items():
+                for split, by_mode in by_split.items():
+                    merged.setdefault(label, {}).setdefault(split, {}).update(by_mode)
+            write_json_atomic({"router": args.blend, "modes": merged}, path)
+
+        blend(args.zoo, c, source, head, int(epochs), settings, args.modes or list(MODES), save)
         return
     K, ids, oks = len(c["names"]), c["ids"], c["oks"]
     rows = []

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from zoo_table import build
 
@@ -58,21 +60,31 @@ def main() -> None:
                         ("router", {"routing": "router", **({"router": router} if router else {})})):
         seconds, report = timed_tune(args.zoo, args.size, args.method, model, RESULTS / "tune_cost_run" / name,
                                      space)
+        merging = sum(c["merge_seconds"] for c in report["candidates"])
+        scoring = sum(c["seconds"] - c["merge_seconds"] for c in report["candidates"])
         runs[name] = {"seconds": seconds, "best": report["best"]["params"], "best_score": report["best"]["score"],
-                      "candidates": len(report["candidates"])}
-        print(f"{name}: {seconds:.1f}s, best {runs[name]['best']} → {runs[name]['best_score']:.4f}", flush=True)
+                      "candidates": len(report["candidates"]), "merge_seconds": merging,
+                      "score_seconds": scoring, "other_seconds": seconds - merging - scoring,
+                      "score_seconds_per_candidate": [c["seconds"] - c["merge_seconds"] for c in report["candidates"]]}
+        print(f"{name}: {seconds:.1f}s (merges {merging:.1f}s, scoring {scoring:.1f}s, the rest "
+              f"{seconds - merging - scoring:.1f}s), best {runs[name]['best']} → {runs[name]['best_score']:.4f}",
+              flush=True)
     load_after = os.getloadavg()
     ratio = runs["router"]["seconds"] / runs["oracle"]["seconds"]
     out = {"zoo": args.zoo, "size": args.size, "method": args.method, "router": router or "product default",
-           "space": space, "runs": runs, "ratio": ratio,
+           "space": space, "runs": runs, "ratio": ratio, "torch_threads": torch.get_num_threads(),
            "load_average_before": load_before, "load_average_after": load_after}
     md = (f"`{args.method}` on the {args.zoo} zoo ({args.size}), {runs['oracle']['candidates']} candidates "
           f"({'`DEFAULT_SPACES`' if space == DEFAULT_SPACES[args.method] else space}), one run each: routed tune {runs['router']['seconds']:.1f}s / oracle tune "
           f"{runs['oracle']['seconds']:.1f}s = **{ratio:.2f}** (goal ≤ 1.5); router "
           f"{router or 'product default'}; load average (1/5/15 min) before "
           f"{' '.join(f'{v:.2f}' for v in load_before)}, after {' '.join(f'{v:.2f}' for v in load_after)} "
-          f"(2 cores).\n\nChosen: routed {runs['router']['best']} ({100 * runs['router']['best_score']:.1f}% "
-          f"tune-val), oracle {runs['oracle']['best']} ({100 * runs['oracle']['best_score']:.1f}%).\n")
+          f"({os.cpu_count()} cores, {torch.get_num_threads()} torch threads). Time split (merges / scoring "
+          f"tune-val / the rest: building, router training): routed {runs['router']['merge_seconds']:.0f} / "
+          f"{runs['router']['score_seconds']:.0f} / {runs['router']['other_seconds']:.0f}s, oracle "
+          f"{runs['oracle']['merge_seconds']:.0f} / {runs['oracle']['score_seconds']:.0f} / "
+          f"{runs['oracle']['other_seconds']:.0f}s.\n\nChosen: routed {runs['router']['best']} "
+          f"({100 * runs['router']['best_score']:.1f}% tune-val), oracle {runs['oracle']['best']} ({100 * runs['oracle']['best_score']:.1f}%).\n")
     suffix = "" if args.zoo == "vision" else "_text"
     write_json_atomic(out, RESULTS / f"tune_cost{suffix}.json")
     write_text_atomic(md, RESULTS / f"tune_cost{suffix}.md")

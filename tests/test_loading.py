@@ -268,6 +268,42 @@ class _Tokens(ToyAdapter):
     input_kind = "tokens"
 
 
+class _ImagesWithBlocks(_Images):
+    """Depth read from the built backbone's blocks (as ``vit_depth`` does); records where each build's weights
+    were allocated."""
+
+    blocks = 5
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.built_on: list[str] = []
+
+    def prefix_features(self, backbone, x, n_blocks):
+        return x
+
+    def build_backbone(self):
+        backbone = torch.nn.Sequential(*(torch.nn.Linear(512, 512) for _ in range(self.blocks)))
+        self.built_on.append(backbone[0].weight.device.type)
+        return backbone
+
+    def backbone_depth(self, backbone):
+        return len(backbone)
+
+
+def test_legacy_auto_source_reads_the_depth_without_allocating_a_backbone(toy_root):
+    """The depth an earlier version's ``auto`` depended on comes from the architecture built on the meta device: no
+    weights allocated or initialised; the answer is the one the real backbone's depth gives."""
+    from freemerge_pl.lightning.loading import legacy_auto_source
+    from freemerge_pl.lightning.router import SPLIT_BLOCK
+
+    for blocks in (SPLIT_BLOCK - 1, SPLIT_BLOCK, SPLIT_BLOCK + 1, 12):
+        adapter = _ImagesWithBlocks(str(toy_root))
+        adapter.blocks = blocks
+        source = legacy_auto_source(adapter)
+        assert adapter.built_on == ["meta"]
+        assert source == ("backbone" if blocks <= SPLIT_BLOCK else "backbone_prefix")  # the earlier rule
+
+
 def test_an_earlier_versions_auto_router_loads_with_the_source_it_was_trained_on(toy_root, tmp_path):
     """Exports now record the resolved feature source; a saved ``auto`` is an earlier version's, whose meaning was:
     tokens → the whole merged backbone, images → its first 3 blocks (whole when no deeper / no prefix API)."""

@@ -38,13 +38,18 @@ def counting(monkeypatch) -> list[int]:
     return calls
 
 
-def test_cached_logits_equal_fresh_ones_and_are_dropped_when_the_router_changes(toy_root, monkeypatch):
-    dm = datamodule(toy_root)
-    module = MergedModule(ToyAdapter(str(toy_root)), method_args={"expert_density": 0.2},
+def trained_model(root):
+    """A toy merge whose router (``pretrained`` features: independent of the merge) is trained; and its data."""
+    dm = datamodule(root)
+    module = MergedModule(ToyAdapter(str(root)), method_args={"expert_density": 0.2},
                           router=RouterConfig(feature_source="pretrained"))
     module.build(dm.router_dataset()[0][0][None])
-    model = module.model
-    model.fit_router(dm.router_dataset())
+    module.model.fit_router(dm.router_dataset())
+    return module.model, dm
+
+
+def test_cached_logits_equal_fresh_ones_and_are_dropped_when_the_router_changes(toy_root, monkeypatch):
+    model, dm = trained_model(toy_root)
     x = torch.stack([dm.router_dataset()[i][0] for i in range(8)])
     fresh = model.router_logits(x)
     calls = counting(monkeypatch)
@@ -97,3 +102,60 @@ def test_routed_tune_is_identical_with_and_without_the_route_cache(toy_root, tmp
     # split) in both; the tune-val batches are routed once per candidate without the cache, once in all with it
     assert passes[False] == 1 + router_split + 4 * tune_val
     assert passes[True] == 1 + router_split + tune_val
+
+
+def test_the_router_is_hashed_once_per_fit_reset_or_load_not_per_batch(toy_root, monkeypatch):
+    """The route cache's key holds the router's digest: hashed once after a fit/reset/load and kept over any number
+    of batches; a router changed in place (an optimiser step, load_state_dict, an edit) is hashed again, and a
+    router that changed misses the cache while one restored to the same weights hits it."""
+    from freemerge_pl.lightning import routed
+
+    model, dm = trained_model(toy_root)
+    model.cache_routes = True
+    hashed: list[int] = []
+    original = routed.state_digest
+
+    def state_digest(module):
+        hashed.append(id(module))
+        return original(module)
+
+    monkeypatch.setattr(routed, "state_digest", state_digest)
+    data = dm.router_dataset()
+    batches = [torch.stack([data[i][0] for i in range(s, s + 4)]) for s in range(0, 16, 4)]
+    first = [model.router_logits(x) for x in batches]
+    again = [model.router_logits(x) for x in batches]
+    assert hashed == [id(model.router)]  # 8 batches, one hash
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    saved = {k: v.clone() for k, v in model.router.state_dict().items()}
+    with torch.no_grad():
+        model.router.mlp[-1].bias.add_(1.0)  # in place: the version moves, the digest is recomputed once
+    calls = counting(monkeypatch)
+    changed = [model.router_logits(x) for x in batches]
+    assert len(hashed) == 2 and calls == [4, 4, 4, 4]  # another router: every batch misses
+    assert not any(torch.equal(a, b) for a, b in zip(first, changed))
+    model.router.load_state_dict(saved)  # back to the first weights: hashed again, and the first routes hit
+    restored = [model.router_logits(x) for x in batches]
+    assert len(hashed) == 3 and calls == [4, 4, 4, 4]
+    assert all(torch.equal(a, b) for a, b in zip(first, restored))
+    model.fit_router(dm.router_dataset())  # a fit forgets the digest: hashed once more, then kept
+    for x in batches * 2:
+        model.router_logits(x)
+    assert len(hashed) == 4
+
+
+def test_one_hashing_helper_gives_the_digests_written_before():
+    """``state_digest`` (recorded in exports as ``backbone_digest``) and ``tensor_digest`` are unchanged by the
+    shared helper: each equals sha256 written out by hand over the same bytes."""
+    import hashlib
+
+    from freemerge_pl.lightning.routed import state_digest, tensor_digest
+
+    module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.LayerNorm(2)).to(torch.bfloat16)
+    h = hashlib.sha256()
+    for k, t in module.state_dict().items():
+        h.update(k.encode())
+        h.update(bytes(t.view(torch.int16).numpy().astype("<i2").tobytes()))
+    assert state_digest(module) == h.hexdigest()
+    x = torch.arange(6, dtype=torch.float32).reshape(2, 3).t()  # not contiguous
+    expected = hashlib.sha256(b"torch.float32(3, 2)" + x.contiguous().numpy().tobytes()).hexdigest()
+    assert tensor_digest(x) == expected

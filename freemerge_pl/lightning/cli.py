@@ -200,24 +200,14 @@ class FreeMergeCLI(LightningCLI):
             self._subcommand_parsers[name] = sub
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning's ``_parse_ckpt_path`` (the checkpoint's hyperparameters update the config) with the file read
-        by ``read_ckpt``: a malicious or damaged ``--ckpt_path`` is a one-line error before the CLI is built."""
+        """Lightning's ``_parse_ckpt_path`` (the checkpoint's hyperparameters update the config), after the file
+        is read by ``read_ckpt``: a malicious or damaged ``--ckpt_path`` is a one-line error before the CLI is
+        built, where Lightning's own read raised a raw ``UnpicklingError``."""
         sub = self.config.get("subcommand")
         path = self.config[sub].get("ckpt_path") if sub else None
-        if not path or (isinstance(path, str) and (path in SPECIAL_CKPT_PATHS or "://" in path)):
-            return super()._parse_ckpt_path()
-        hparams = dict(read_ckpt(str(path)).get("hyper_parameters") or {})
-        hparams.pop("_instantiator", None)
-        if not hparams:
-            return None
-        if "_class_path" in hparams:
-            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
-        try:
-            self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
-        except SystemExit:
-            sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
-            raise
-        return None
+        if path and isinstance(path, str) and path not in SPECIAL_CKPT_PATHS and "://" not in path:
+            read_ckpt(path)
+        return super()._parse_ckpt_path()
 
     @property
     def is_job(self) -> bool:

@@ -58,7 +58,10 @@ def legacy_auto_source(adapter: ModelAdapter) -> str:
     """The router feature source ``auto`` meant before exports recorded the resolved one (exports written since
     record it, so a saved ``auto`` comes from an earlier version): token ids → the whole merged backbone, images →
     its first ``SPLIT_BLOCK`` blocks (the whole backbone when it is no deeper, or without ``prefix_features``),
-    other inputs → ``input``. The exported router's weights were trained on those features."""
+    other inputs → ``input``. The exported router's weights were trained on those features. The depth is read
+    from the backbone's architecture built on the meta device (no weights allocated, initialised or read)."""
+    import torch
+
     from freemerge_pl.adapters.base import has_prefix_features
     from freemerge_pl.lightning.router import SPLIT_BLOCK
 
@@ -69,7 +72,9 @@ def legacy_auto_source(adapter: ModelAdapter) -> str:
         return "input"
     if not has_prefix_features(adapter):
         return "backbone"
-    depth = adapter.backbone_depth(adapter.build_backbone())
+    with torch.device("meta"):
+        architecture = adapter.build_backbone()
+    depth = adapter.backbone_depth(architecture)
     return "backbone" if depth is not None and depth <= SPLIT_BLOCK else "backbone_prefix"
 
 

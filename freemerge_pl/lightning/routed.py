@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -43,20 +43,25 @@ def slot(name: str) -> str:
     return name.replace(".", "_")
 
 
-def state_digest(module: nn.Module) -> str:
-    """sha256 over the names and bytes of a module's state dict (used to prove ranks agree)."""
+def labelled_digest(items: Iterable[tuple[str, Tensor]]) -> str:
+    """sha256 over each ``(label, tensor)`` in turn: the label's UTF-8 bytes, then the tensor's bytes (the one
+    hashing of ``state_digest`` and ``tensor_digest``)."""
     h = hashlib.sha256()
-    for k, t in module.state_dict().items():
-        h.update(k.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for label, t in items:
+        h.update(label.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
+
+
+def state_digest(module: nn.Module) -> str:
+    """sha256 over the names and bytes of a module's state dict (used to prove ranks agree; exports record the
+    backbone's)."""
+    return labelled_digest(module.state_dict().items())
 
 
 def tensor_digest(x: Tensor) -> str:
     """sha256 over a tensor's dtype, shape and bytes (the route cache's key for an input batch)."""
-    h = hashlib.sha256(f"{x.dtype}{tuple(x.shape)}".encode())
-    h.update(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return labelled_digest([(f"{x.dtype}{tuple(x.shape)}", x)])
 
 
 def checked_method(method: str | MergeMethod, method_args: dict[str, Any] | None,
@@ -137,6 +142,7 @@ class RoutedModel(nn.Module):
         #: feature source that does not read the merged weights: then another merge candidate routes alike)
         self.cache_routes = False
         self.__dict__["_route_cache"] = {}
+        self.__dict__["_router_digest"] = None  # (digest, the state's tensors, their versions): ``router_digest``
         self.reset_router()
 
     # ------------------------------------------------------------------ the router
@@ -234,17 +240,32 @@ class RoutedModel(nn.Module):
         self.router_trained.fill_(True)
 
     def clear_route_cache(self) -> None:
-        """Forget every cached route (a router fitted, reset or loaded)."""
+        """Forget every cached route and the router's digest (a router fitted, reset or loaded)."""
         self.__dict__["_route_cache"].clear()
+        self.__dict__["_router_digest"] = None
+
+    def router_digest(self) -> str:
+        """``state_digest`` of the router, computed once per fit/reset/load and kept while every tensor of its
+        state is the same object at the same version: a change in place (an optimiser step, ``load_state_dict``,
+        ``p.add_``) bumps a tensor's version and the digest is computed again; a change through ``p.data``
+        bypasses the version (call ``clear_route_cache`` after one)."""
+        tensors = tuple(self.router.state_dict(keep_vars=True).values())
+        versions = tuple(t._version for t in tensors)
+        held = self.__dict__.get("_router_digest")
+        if held is None or held[2] != versions or any(a is not b for a, b in zip(held[1], tensors)):
+            held = (state_digest(self.router), tensors, versions)
+            self.__dict__["_router_digest"] = held
+        return held[0]
 
     def router_logits(self, x: Tensor) -> Tensor:
         """The router's task logits ``[B, K]``. With ``cache_routes`` and a feature source that does not read the
         merged weights (``reads_merged_backbone`` false), a batch seen before under the same router is not run
         again: its logits are kept under the sha256 of the input's bytes, the feature source and the router's
-        weights (``tune`` scores every candidate on the same tune-val batches with one router)."""
+        digest (``router_digest``: hashed once per fit/reset/load, not per batch; ``tune`` scores every candidate
+        on the same tune-val batches with one router)."""
         if not (self.cache_routes and isinstance(x, Tensor) and not self.reads_merged_backbone):
             return self.router(self.router_input(x))
-        key = (tensor_digest(x), self.feature_source, self.split_block, state_digest(self.router))
+        key = (tensor_digest(x), self.feature_source, self.split_block, self.router_digest())
         cache = self.__dict__["_route_cache"]
         if key not in cache:
             cache[key] = self.router(self.router_input(x)).detach()
