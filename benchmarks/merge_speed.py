@@ -18,8 +18,9 @@ keeps freed memory for reuse and shows the ratios without them (the setting is p
 
 Every registry method (through the engine, ``merge_task_vectors(get_method(name).build(), task_vectors)``, default
 hyperparameters) is also timed from the same task vectors (the fastest of ``--method-repeats`` runs), and its wall
-and CPU time are printed relative to task arithmetic's, with, for TSV, Twin and DELLA, the CPU time of the step
-no exact rewrite removes (their SVDs, DELLA's rank sort) timed alone: the floor of that method's ratio.
+and CPU time are printed relative to task arithmetic's, with, for TSV, Twin, DELLA and PCB, the CPU time of the
+step no exact rewrite removes (their SVDs, DELLA's rank sort, PCB's pair exponentials) timed alone: the floor of
+that method's ratio.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from freemerge_pl.merging import apply_delta, energy_lambdas, list_methods
 from freemerge_pl.merging.engine import merge_task_vectors
 from freemerge_pl.merging.fourier import Spectrum, full_highpass_mask, matrix_shape
 from freemerge_pl.merging.linalg import polar_factor, top_singular_triplets, truncated_svd_factors
+from freemerge_pl.merging.methods import pcb
 from freemerge_pl.merging.methods.fr import FREEMerging, FRMerging, fr_combine
 from freemerge_pl.merging.methods.twin import twin_rank
 from freemerge_pl.merging.ops import rows_view
@@ -144,7 +146,8 @@ def fr_stages(tvs, filter_ratio: float) -> dict[str, callable]:
 
 def method_floors(tvs) -> dict[str, tuple[str, callable]]:
     """The step of a method that no exact rewrite removes, timed alone on the same task vectors at the method's
-    defaults (inputs prepared untimed): TSV's and Twin's decompositions, DELLA's per-row rank sort."""
+    defaults (inputs prepared untimed): TSV's and Twin's decompositions, DELLA's per-row rank sort, PCB's pair
+    products and exponentials."""
     K = len(tvs)
     mats = {k: [tv[k].float() for tv in tvs] for k in tvs[0] if tvs[0][k].dim() == 2 and tvs[0][k].numel()}
 
@@ -168,7 +171,29 @@ def method_floors(tvs) -> dict[str, tuple[str, callable]]:
             for v in tv.values():
                 torch.sort(rows_view(v).abs(), dim=1, stable=True)
 
+    # PCB (paper formulation, model scope): the pairwise min/max come first (untimed here)
+    pcb_rows = [[tv[k].reshape(-1) for tv in tvs] for k in tvs[0] if tvs[0][k].numel()]
+    pcb_stats = pcb.PCBPaperStats(torch.full((K, K), math.inf, dtype=torch.float64),
+                                  torch.full((K, K), -math.inf, dtype=torch.float64))
+    for rows in pcb_rows:
+        pcb.pcb_minmax(rows, pcb_stats)
+
+    def pcb_exponentials():
+        for rows in pcb_rows:
+            kernel = pcb._PairKernel(rows, pcb_stats)
+            lo, span, dead = kernel.exponent_terms()
+            d = kernel.diagonal
+            for _, block in kernel.blocks():
+                kernel.products(block)  # the min/max pass
+                for _ in range(2):  # the softmax denominators' pass, then β's
+                    p = kernel.products(block)
+                    kernel.exponents_(p[d], lo[d], span[d], None if dead is None else dead[d], float(K))
+                    kernel.exponents_(p, lo, span, dead, 1.0)
+
     return {
+        "pcb": (("its pair products and exponentials alone (τ_i ⊙ τ_j of every pair in each of its three passes; "
+                "the normalise-and-exp chain of every pair twice: for the model-wide softmax denominators, then "
+                "for β)"), pcb_exponentials),
         "tsv": ("its SVDs alone (each task's top-k triplets and the two polar factors per 2-D tensor)",
                 tsv_decompositions),
         "twin": ("its SVDs alone (each task's truncated SVD per ≥2-D tensor)", twin_decompositions),

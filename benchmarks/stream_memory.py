@@ -347,7 +347,7 @@ TRACED_STEPS = [
     ("freemerge_pl.merging.engine", "all_finite", "finite check"),
     ("torch", "isfinite", "finite check (torch.isfinite)"),
     ("freemerge_pl.merging.methods.fr", "abs_sum", "Σ|v| (λ)"),
-    ("freemerge_pl.merging.topk", "topk_selection_chunks", "expert threshold (k-th largest |v|)"),
+    ("freemerge_pl.merging.topk", "topk_cut", "expert threshold (k-th largest |v|)"),
     ("freemerge_pl.merging.topk", "selection_entries", "expert cut (indices ≥ threshold)"),
     ("freemerge_pl.merging.fourier", "Spectrum.highpass", "FFT high-pass"),
     ("freemerge_pl.merging.engine", "apply_key", "θ_pre + delta → out dtype"),

@@ -19,7 +19,7 @@ from freemerge_pl.merging.method import Scan
 from freemerge_pl.merging.methods import pcb
 from freemerge_pl.merging.methods.emr import EMR, emr_unify
 from freemerge_pl.merging.methods.pcb import PCB
-from freemerge_pl.merging.ops import disjoint_merge, elect_sign, magprune_drop_probabilities
+from freemerge_pl.merging.ops import disjoint_merge, elect_sign, magprune_drop_probabilities, ties_combine
 from freemerge_pl.merging.topk import abs_order_statistics, magnitude_band_mask
 
 
@@ -209,3 +209,214 @@ def test_della_drop_probabilities_equal_the_rank_formula(v):
     frac = ranks.to(torch.float32) / (n - 1) if n > 1 else torch.full(rows.shape, 0.5)
     want = (0.3 + 0.14 / 2 - 0.14 * frac).reshape(v.shape)
     assert torch.equal(magprune_drop_probabilities(v, 0.3, 0.14), want)
+
+
+# ---------------------------------------------------------------- FREE's expert cut (topk.topk_cut)
+
+
+def naive_cut(v: torch.Tensor, chunk: int, count: int, absolute: bool = True):
+    """The old four steps: Σ|v| per chunk, kthvalue of every |v|, its ties, Σ of the top per chunk."""
+    chunks = [c for c in v.reshape(-1).split(chunk)]
+    mags = [c.abs() if absolute else c for c in chunks]
+    total = sum(float(m.sum()) for m in mags)
+    allm = torch.cat(mags)
+    t = allm.kthvalue(allm.numel() - count + 1).values
+    ties = count - int((allm > t).sum())
+    top = 0.0
+    for m in mags:
+        top += float(m[m > float(t)].sum())
+    return float(t), ties, total, top + ties * float(t)
+
+
+def same_float(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1, a) == math.copysign(1, b))
+
+
+def cut_cases():
+    g = torch.Generator().manual_seed(5)
+    gauss = torch.randn(3000, generator=g) * 1e-3
+    bf16 = (torch.randn(3000, generator=g) * 1e-3).bfloat16().float()  # ties by the dozen everywhere
+    zeros = torch.randn(3000, generator=g)
+    zeros[::3] = 0.0
+    zeros[1::3] = -0.0
+    few = torch.zeros(3000)  # fewer nonzeros than the count: t = 0, ~everything tied
+    few[::250] = torch.randn(12, generator=g)
+    one_value = torch.full((3000,), -0.25)
+    inf = gauss.clone()
+    inf[[7, 900]] = torch.tensor([math.inf, -math.inf])
+    nan = gauss.clone()
+    nan[[3, 2000]] = math.nan
+    return {"gauss": gauss, "bf16": bf16, "zeros": zeros, "few": few, "one_value": one_value, "inf": inf,
+            "nan": nan}
+
+
+@pytest.mark.parametrize("case", list(cut_cases()))
+@pytest.mark.parametrize("chunk,radix_min,bound", [(4096, 100, 1 << 22), (700, 100, 1 << 22), (700, 100, 1),
+                                                   (4096, 1 << 16, 1 << 22)])
+@pytest.mark.parametrize("count", [1, 30, 299, 1500, 3000])
+def test_topk_cut_equals_kthvalue_and_the_sums(monkeypatch, case, chunk, radix_min, bound, count):
+    """The histogram + selection cut (one chunk or several of ``chunk`` entries; kthvalue below ``radix_min``;
+    ``bound`` 1: every selection outgrows a chunk, so the low-bits pass pins t) against the old kthvalue
+    formula, bit for bit, and the entries it cuts against a sort (ties by index)."""
+    from freemerge_pl.merging import topk
+
+    v = cut_cases()[case]
+    monkeypatch.setattr(topk, "_RADIX_MIN", radix_min)
+    monkeypatch.setattr(topk, "_CHUNK", bound)
+    chunks = list(zip(range(0, v.numel(), chunk), v.split(chunk)))
+    got = topk.topk_cut(lambda: iter(chunks), v.numel(), count)
+    want = naive_cut(v, chunk, count)
+    assert same_float(got.threshold, want[0]) and got.ties == want[1]
+    assert same_float(got.total, want[2]) and same_float(got.top, want[3])
+    idx = topk.selection_entries(iter(chunks), got.threshold, got.ties)[0]
+    if not bool(v.isnan().any()):  # the cut keeps exactly count entries, ties by index
+        order = sorted(range(v.numel()), key=lambda i: (-abs(float(v[i])), i))
+        assert torch.equal(idx, torch.tensor(sorted(order[:count]), dtype=torch.long))
+
+
+def test_topk_cut_of_signed_values_leaves_negatives_to_kthvalue(monkeypatch):
+    from freemerge_pl.merging import topk
+
+    monkeypatch.setattr(topk, "_RADIX_MIN", 10)
+    v = torch.randn(500)
+    for values in (v, v.abs(), torch.cat([v.abs(), torch.tensor([-0.0])])):
+        got = topk.topk_cut(lambda values=values: topk.flat_chunks(values), values.numel(), 17, absolute=False)
+        assert (got.threshold, got.ties) == naive_cut(values, 1 << 22, 17, absolute=False)[:2]
+
+
+# ---------------------------------------------------------------- column-blocked TIES and EMR (ops.column_blocks)
+
+
+def awkward_vectors(K: int, n: int, seed: int) -> list[torch.Tensor]:
+    """K task vectors with zeros, ±0, bf16-rounded ties and an all-zero stretch (elected +, no agreement)."""
+    g = torch.Generator().manual_seed(seed)
+    vs = [(torch.randn(n, generator=g) * 1e-3).bfloat16().float() for _ in range(K)]
+    for k, v in enumerate(vs):
+        v[k::7] = 0.0
+        v[(k + 3)::11] = -0.0
+        v[:5] = 0.0
+    return vs
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 5, 8, 12])
+@pytest.mark.parametrize("n", [5, 64, 129, 64 * 5 + 1, 64 * 5 + 5, 64 * 6 + 17, 64 * 9 + 40])
+def test_ties_merge_blocks_equal_the_whole_stack(monkeypatch, K, n):
+    """Trim + elect + disjoint mean block by block (narrow blocks, every tail a sum over dim 0 can meet)
+    against the old whole-stack formula, bit for bit: both conventions, unit and other weights."""
+    from freemerge_pl.merging import ops
+    from freemerge_pl.merging.methods.ties import ties_merge
+    from freemerge_pl.merging.topk import magnitude_trim, trim_thresholds
+
+    monkeypatch.setattr(ops, "COLUMNS", 64)
+    vs = awkward_vectors(K, n, seed=K * 1000 + n)
+    stacked = torch.stack(vs)
+    thresholds = trim_thresholds(stacked.abs(), 0.3)
+    for weights in (torch.ones(K), torch.linspace(0.5, 1.5, K)):
+        for election in ("unweighted", "weighted"):
+            want = ties_combine(magnitude_trim(stacked, 0.3, thresholds), weights, election)
+            got = ties_merge(vs, weights, election, thresholds)
+            assert torch.equal(got.view(torch.int32), want.view(torch.int32))  # ±0 too
+            untrimmed = ties_merge(vs, weights, election)
+            assert torch.equal(untrimmed.view(torch.int32), ties_combine(stacked, weights, election).view(torch.int32))
+
+
+def test_ties_merge_blocks_keep_non_finite_entries_as_the_formula(monkeypatch):
+    from freemerge_pl.merging import ops
+    from freemerge_pl.merging.methods.ties import ties_merge
+    from freemerge_pl.merging.topk import magnitude_trim
+
+    monkeypatch.setattr(ops, "COLUMNS", 64)
+    vs = awkward_vectors(4, 300, seed=9)
+    vs[1][[10, 100]] = torch.tensor([math.inf, -math.inf])
+    vs[2][200] = math.nan
+    thresholds = torch.tensor([1e-4, 2e-4, math.nan, math.inf])
+    want = ties_combine(magnitude_trim(torch.stack(vs), 0.3, thresholds), torch.ones(4))
+    got = ties_merge(vs, torch.ones(4), "unweighted", thresholds)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 5, 8, 12])
+@pytest.mark.parametrize("n", [5, 129, 64 * 5 + 5, 64 * 6 + 17, 64 * 9 + 40])
+def test_emr_unify_blocks_equal_the_whole_stack(monkeypatch, K, n):
+    from freemerge_pl.merging import ops
+
+    monkeypatch.setattr(ops, "COLUMNS", 64)
+    vs = awkward_vectors(K, n, seed=n)
+    if K > 2:
+        vs[0][50:60] = 1e-3
+        vs[1][50:60] = -1e-3  # Σ v may cancel to 0: flag 0
+        vs[2][50:60] = 0.0
+    stacked = torch.stack(vs)
+    flag = torch.sign(stacked.sum(0))
+    masks = (stacked * flag) > 0
+    tau = flag * torch.where(masks, stacked.abs(), torch.zeros_like(stacked)).amax(0)
+    got_tau, got_masks = emr_unify(vs)
+    assert torch.equal(got_tau.view(torch.int32), tau.view(torch.int32)) and torch.equal(got_masks, masks)
+
+
+# ---------------------------------------------------------------- PCB: float64 sums from one buffer, drop by threshold
+
+
+def test_pcb_exp_sums_equal_a_float64_sum_of_each_block(monkeypatch):
+    """The softmax denominators summed from one reused float64 buffer equal ``sum(1, dtype=float64)`` of each
+    block's exponentials (the previous code), bit for bit, ragged last block included."""
+    monkeypatch.setattr(pcb, "_BLOCK", 64)
+    K, n = 5, 333
+    flat = pcb_tensor(K, n, seed=11)
+    stats = pcb.PCBPaperStats(torch.full((K, K), math.inf, dtype=torch.float64),
+                              torch.full((K, K), -math.inf, dtype=torch.float64))
+    pcb.pcb_minmax(flat, stats)
+    stats.z_intra, stats.z_inter = torch.zeros(K, dtype=torch.float64), torch.zeros(K, K, dtype=torch.float64)
+    pcb.pcb_exp_sums(flat, stats)
+    kernel = pcb._PairKernel(flat, stats)
+    lo, span, dead = kernel.exponent_terms()
+    d = kernel.diagonal
+    intra = torch.zeros(K, dtype=torch.float64)
+    inter = torch.zeros(len(kernel.first), dtype=torch.float64)
+    for _, block in kernel.blocks():
+        p = kernel.products(block)
+        intra += kernel.exponents_(p[d], lo[d], span[d], None if dead is None else dead[d],
+                                   float(K)).sum(1, dtype=torch.float64)
+        inter += kernel.exponents_(p, lo, span, dead, 1.0).sum(1, dtype=torch.float64)
+    assert torch.equal(stats.z_intra, intra)
+    assert torch.equal(stats.z_inter[kernel.first, kernel.second], inter)
+    assert torch.equal(stats.z_inter[kernel.second, kernel.first], inter)
+
+
+def keyed_rows(x: torch.Tensor, key: str) -> pcb.KeyRows:
+    """A key's rows as the merge receives them (``KeyRows``), without building a ``KeyTensors``."""
+    rows = pcb.KeyRows.__new__(pcb.KeyRows)
+    rows.extend(x)
+    rows.key = key
+    return rows
+
+
+@pytest.mark.parametrize("case", ["finite", "nan_beta", "inf_beta", "nan_threshold", "inf_threshold", "zero"])
+def test_pcb_merge_drop_equals_the_where_formula(case):
+    """β̂ = β where β ≥ its threshold, else 0: ``threshold`` against the float32 just below t, falling back to
+    the comparison for NaN; the merge equals the whole-tensor formula bit for bit."""
+    g = torch.Generator().manual_seed(4)
+    K, n = 4, 500
+    x = torch.randn(K, n, generator=g)
+    beta = torch.rand(K, n, generator=g)
+    beta[:, :20] = 0.0
+    beta[1, 30:40] = 0.5  # ties at the threshold
+    thresholds = torch.tensor([0.5, 0.5, 0.9, 0.1])
+    if case == "nan_beta":
+        beta[2, 7] = math.nan
+    elif case == "inf_beta":
+        beta[0, 9] = math.inf
+    elif case == "nan_threshold":
+        thresholds[1] = math.nan
+    elif case == "inf_threshold":
+        thresholds[3] = math.inf
+    elif case == "zero":
+        thresholds[0] = 0.0
+    kept = torch.where(beta >= thresholds[:, None], beta, torch.zeros_like(beta))
+    num, total = (kept * x).sum(0), kept.sum(0)
+    want = torch.where(total > 0, num / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(total))
+    stats = pcb.PCBPaperStats(torch.zeros(K, K), torch.zeros(K, K), thresholds=thresholds,
+                              betas={"w": beta.clone()})
+    got = pcb.pcb_paper_merge(keyed_rows(x, "w"), stats)
+    assert not stats.betas  # the kept β was used (and dropped)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))

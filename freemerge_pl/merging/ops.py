@@ -8,7 +8,7 @@ here is per tensor, so the in-memory and streaming drivers can share them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -34,6 +34,30 @@ def task_weights(weights: Sequence[float] | None, num_tasks: int) -> Tensor:
 def per_task(w: Tensor, like: Tensor) -> Tensor:
     """``w`` ([K]) reshaped to broadcast against a stacked ``[K, *shape]`` tensor."""
     return w.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+# ---------------------------------------------------------------- column blocks
+
+COLUMNS = 1 << 15  # columns per block of the column-wise kernels: a [K, block] stack and its temporaries stay in cache
+
+
+def column_blocks(rows: Sequence[Tensor], width: int | None = None) -> Iterator[tuple[int, Tensor]]:
+    """``(start, [K, b] stack of columns start … start + b − 1)`` over K flat tensors of equal length: blocks
+    of ``width`` columns (default ``COLUMNS``, a multiple of 64), the last one also taking the rest (up to
+    2·width − 1 columns; the whole tensor when it is shorter than ``width``).
+
+    A kernel that works column by column (elementwise steps, reductions over the K tasks) gives on each block
+    the values it gives on the whole ``[K, n]`` stack, with no ``[K, n]`` stack and every temporary in cache:
+    the CPU sum over dim 0 adds a column's K entries in an order that depends only on the column's place in
+    its run of 64 from the start and on the columns left after it, which these blocks keep (a block of the
+    last few columns alone would be summed in another order). On other devices, whose reductions are
+    organised by other rules, the whole stack is one block."""
+    n = rows[0].numel()
+    width = (width or COLUMNS) if rows[0].device.type == "cpu" else max(n, 1)
+    starts = range(0, max(n - width, 0) + 1, width) if n else range(0)
+    for s in starts:
+        stop = s + width if s + 2 * width <= n else n
+        yield s, torch.stack([r[s:stop] for r in rows])
 
 
 # ---------------------------------------------------------------- sums

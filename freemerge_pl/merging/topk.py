@@ -1,9 +1,9 @@
 """Every top-k, magnitude-threshold and order-statistic helper of the package (one module).
 
 * counts and chunks: ``topk_count`` (⌈d·numel⌉), ``flat_chunks`` (4 Mi-entry views), ``chunked_abs_sum``;
-* one tensor's top-k by |v|, chunk by chunk (FREE-Merging's experts, Eq. 4): ``topk_selection_chunks``
-  finds the cut ``(t, ties)`` (radix histograms over the float bits for large float32 tensors);
-  ``selection_entries`` / ``top_abs_sum`` apply it;
+* one tensor's top-k by |v|, chunk by chunk (FREE-Merging's experts, Eq. 4): ``topk_cut`` finds the cut
+  ``(t, ties)`` and the sums of μ (a histogram over the float bits, then kthvalue of the few entries in and
+  above the bucket of t); ``selection_entries`` / ``top_abs_sum`` apply a cut;
 * exact order statistics over a whole model, one tensor at a time (``OrderStatistics``: two histogram passes
   over order-preserving integer keys, no approximation), ``magnitude_thresholds`` and ``model_thresholds``
   (model-scope TIES, DARE-TIES, AdaMerging++ and FREE thresholds from a statistics scan);
@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -36,6 +37,7 @@ def topk_count(numel: int, density: float) -> int:
 
 
 _CHUNK = 1 << 22  # elements per chunk (16 MiB of float32) of the large-tensor threshold and cut
+BUCKETS = 1 << 16  # 16-bit halves of a float32's bits: the histograms' length
 
 
 def flat_chunks(v: Tensor) -> Iterator[tuple[int, Tensor]]:
@@ -54,57 +56,114 @@ def chunked_abs_sum(chunks: Iterable[tuple[int, Tensor]]) -> float:
 # -------------------------------------------------------------------------------------- one tensor's top-k
 
 
-def topk_selection_chunks(chunks: Callable[[], Iterable[tuple[int, Tensor]]], numel: int, count: int, *,
-                          absolute: bool = True) -> tuple[float, int]:
-    """``(t, ties)``: the ``count``-th largest of the values (``absolute``: their magnitudes) that ``chunks()``
-    yields (``flat_chunks``-style), and how many entries equal to t belong to the top ``count`` (the first
-    ones by index): enough to cut the same entries again later (``selection_entries``). Never holds more than
-    one chunk's magnitudes when the tensor is large (``chunks`` is called once per pass).
+class TopkCut(NamedTuple):
+    """One tensor's top-``count`` cut (``topk_cut``): keep the values above ``threshold`` plus the first
+    ``ties`` (by index) equal to it; ``total``: Σ of every value and ``top``: Σ of the kept ones, each one
+    float32 sum per chunk added in float64 (``chunked_abs_sum``'s and ``top_abs_sum``'s values)."""
 
-    Float32 tensors of ``_CHUNK`` elements or more: t from two radix-histogram passes over the float bits
-    (non-negative floats order like their bit patterns), chunk by chunk, the same t as ``kthvalue``, which
-    copies the tensor with int64 indices (3× its bytes) and took twice as long on 65 M elements."""
-    if count <= 0:
-        return math.inf, 0
+    threshold: float
+    ties: int
+    total: float
+    top: float
 
+
+_RADIX_MIN = 1 << 16  # entries from which the histogram beats one kthvalue of them all (the same t either way)
+
+
+def topk_cut(chunks: Callable[[], Iterable[tuple[int, Tensor]]], numel: int, count: int, *,
+             absolute: bool = True) -> TopkCut:
+    """The ``count``-th largest t of the values (``absolute``: their magnitudes) that ``chunks()`` yields
+    (``flat_chunks``-style, ``numel`` entries in all), how many entries equal to t belong to the top ``count``
+    (the first ones by index: enough to cut the same entries again later, ``selection_entries``), Σ of all the
+    values and Σ of the top ``count``. Two reads of a multi-chunk tensor, holding one chunk's values at a time;
+    one of a single chunk (its values are kept between the steps).
+
+    Float32 tensors of ``_RADIX_MIN`` entries or more whose values are finite and ≥ +0: a histogram of the
+    high 16 bits of the values (such floats order like their bit patterns) gives the bucket of the
+    ``count``-th largest, so a value a (that bucket's lowest) with at least ``count`` entries ≥ a; t is the
+    kthvalue of the entries ≥ a, which hold the top ``count``: t, the entries above t and their sum are those
+    of the whole tensor (the same entries in the same order). If those entries would outgrow a chunk (a
+    multi-chunk tensor with heavy ties), a histogram of the low 16 bits in that bucket pins t instead. Other
+    tensors (small, another dtype, a negative value or -0.0, Inf/NaN): ``kthvalue`` of all the values."""
     def mags() -> Iterator[Tensor]:
         for _, c in chunks():
-            yield c.abs() if absolute else c
+            yield (c.abs() if absolute else c).reshape(-1)
 
-    if numel >= _CHUNK:
-        found = _radix_kth_largest(mags, count)
-        if found is not None:
-            return found
-    m = torch.cat([c.reshape(-1) for c in mags()])
-    t = m.kthvalue(m.numel() - count + 1).values
-    return float(t), count - int((m > t).sum())
-
-
-def _radix_kth_largest(mags: Callable[[], Iterable[Tensor]], count: int) -> tuple[float, int] | None:
-    """``topk_selection_chunks`` of finite non-negative float32 values (``mags()``: their chunks, one pass per call)
-    by their bit patterns; None when a value is negative, infinite or NaN, or not float32 (left to ``kthvalue``)."""
-    buckets = 1 << 16
-    coarse = None
+    total, hist, held, seen = 0.0, None, None, 0
+    radix = count > 0 and numel >= _RADIX_MIN
     for m in mags():
-        if m.dtype != torch.float32:
-            return None
-        bits = m.reshape(-1).view(torch.int32)
-        hist = torch.bincount(torch.bitwise_and(bits >> 16, buckets - 1), minlength=buckets)
-        coarse = hist if coarse is None else coarse.add_(hist)
-    if coarse is None or int(coarse[0x7F80:].sum()):  # Inf/NaN (0x7F80...) or a sign bit set (0x8000...)
-        return None
-    at_least = coarse.flip(0).cumsum(0).flip(0)  # [b]: how many values have high bits ≥ b
+        seen += 1
+        held = m if seen == 1 else None
+        part = float(m.sum())
+        total += part
+        if radix:
+            h = _high_histogram(m, absolute and math.isfinite(part))
+            radix = h is not None
+            hist = h if hist is None or h is None else hist.add_(h)
+    if not radix:
+        values = [held] if seen == 1 else list(mags())
+        t, ties = math.inf, 0
+        if count > 0:
+            m = values[0] if len(values) == 1 else torch.cat(values)
+            t = float(m.kthvalue(m.numel() - count + 1).values)
+            ties = count - int(torch.count_nonzero(m > t))
+        return TopkCut(t, ties, total, _top_sum(values, t, ties))
+    at_least = hist.flip(0).cumsum(0).flip(0)  # [b]: how many values have high bits ≥ b
     high = int(torch.nonzero(at_least >= count).max())
-    greater = int(at_least[high + 1])  # values in higher buckets (bucket 0x7F80 and up are empty)
-    fine = torch.zeros(buckets, dtype=torch.int64, device=coarse.device)
+    if seen > 1 and int(at_least[high]) > _CHUNK:
+        t, ties = _low_bits_cut(mags, at_least, high, count)
+        return TopkCut(t, ties, total, _top_sum(mags(), t, ties))
+    floor = _bits_float(high << 16)
+    selected = [m[m >= floor] for m in ([held] if seen == 1 else mags())]  # per chunk, in index order
+    pool = selected[0] if len(selected) == 1 else torch.cat(selected)
+    t = float(pool.kthvalue(pool.numel() - count + 1).values)
+    ties = count - sum(int(torch.count_nonzero(s > t)) for s in selected)
+    return TopkCut(t, ties, total, _top_sum(selected, t, ties))
+
+
+def _bits_float(bits: int) -> float:
+    """The float32 of a bit pattern in [0, 2^31)."""
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+def _high_histogram(m: Tensor, finite: bool) -> Tensor | None:
+    """Counts of the high 16 bits of float32 ``m`` (``BUCKETS`` of them); None when m is not float32 or holds
+    a negative value, -0.0, Inf or NaN. ``finite``: m is ≥ 0 with a finite sum, so its bit patterns are in
+    [0, 0x7F800000) already (no mask, no check)."""
+    if m.dtype != torch.float32:
+        return None
+    bits = m.view(torch.int32)
+    if finite:
+        return torch.bincount(bits >> 16, minlength=BUCKETS)
+    hist = torch.bincount((bits >> 16).bitwise_and_(BUCKETS - 1), minlength=BUCKETS)
+    return None if int(hist[0x7F80:].sum()) else hist  # Inf/NaN (0x7F80...) or a sign bit set (0x8000...)
+
+
+def _low_bits_cut(mags: Callable[[], Iterable[Tensor]], at_least: Tensor, high: int,
+                  count: int) -> tuple[float, int]:
+    """``(t, ties)`` from the counts of the low 16 bits of the values whose high bits are ``high`` (one more
+    read, one chunk at a time); ``at_least[b]``: how many values have high bits ≥ b."""
+    greater = int(at_least[high + 1])  # values in higher buckets (0x7F80 and up are empty)
+    fine = torch.zeros(BUCKETS, dtype=torch.int64, device=at_least.device)
     for m in mags():
-        bits = m.reshape(-1).view(torch.int32)
-        fine += torch.bincount(torch.bitwise_and(bits[(bits >> 16) == high], buckets - 1), minlength=buckets)
+        bits = m.view(torch.int32)
+        fine += torch.bincount(torch.bitwise_and(bits[(bits >> 16) == high], BUCKETS - 1), minlength=BUCKETS)
     fine_at_least = fine.flip(0).cumsum(0).flip(0)
     low = int(torch.nonzero(fine_at_least >= count - greater).max())
-    greater += int(fine_at_least[low + 1]) if low + 1 < buckets else 0
-    t = torch.tensor([(high << 16) | low], dtype=torch.int32).view(torch.float32).item()
-    return t, count - greater
+    greater += int(fine_at_least[low + 1]) if low + 1 < BUCKETS else 0
+    return _bits_float((high << 16) | low), count - greater
+
+
+def _top_sum(values: Iterable[Tensor], t: float, ties: int) -> float:
+    """Σ of the kept values: per chunk the float32 sum of those above t, added in float64, plus ties × t."""
+    return sum(float(m[m > t].sum()) for m in values) + ties * t
+
+
+def topk_selection_chunks(chunks: Callable[[], Iterable[tuple[int, Tensor]]], numel: int, count: int, *,
+                          absolute: bool = True) -> tuple[float, int]:
+    """``(t, ties)`` of ``topk_cut``."""
+    cut = topk_cut(chunks, numel, count, absolute=absolute)
+    return cut.threshold, cut.ties
 
 
 def top_abs_sum(chunks: Iterable[tuple[int, Tensor]], threshold: float, ties: int) -> float:
@@ -128,13 +187,13 @@ def selection_entries(chunks: Iterable[tuple[int, Tensor]], threshold: float, ti
         c = c.reshape(-1)
         m = c.abs() if absolute else c
         hit = torch.nonzero(m >= threshold).flatten()
-        if ties >= 0:
+        if ties >= 0:  # those above, and the first `budget` equal ones: a filter keeps the index order
             at = m[hit]
-            equal = hit[at == threshold][:max(budget, 0)]
+            keep = at > threshold
+            equal = torch.nonzero(at == threshold).flatten()[:max(budget, 0)]
             budget -= equal.numel()
-            hit = hit[at > threshold]
-            if equal.numel():
-                hit = torch.cat([hit, equal]).sort().values
+            keep[equal] = True
+            hit = hit[keep]
         idx.append(hit + s)
         vals.append(c[hit])
     if not idx:
@@ -145,7 +204,6 @@ def selection_entries(chunks: Iterable[tuple[int, Tensor]], threshold: float, ti
 # ---------------------------------------------------------------------------------- exact order statistics
 
 
-BUCKETS = 1 << 16
 _ORDER_CHUNK = 1 << 24  # elements per step of OrderStatistics.observe
 
 
@@ -191,7 +249,7 @@ class OrderStatistics:
                 self._observe_absolute(stream, flat[start:start + _ORDER_CHUNK])
                 continue
             keys = ordered_keys(flat[start:start + _ORDER_CHUNK])
-            high = torch.bitwise_and(torch.bitwise_right_shift(keys, 16), BUCKETS - 1)
+            high = torch.bitwise_right_shift(keys, 16).bitwise_and_(BUCKETS - 1)
             if self.pass_index == 0:
                 self.counts[stream] += torch.bincount(high, minlength=BUCKETS).cpu()
                 self.sizes[stream] += keys.numel()
@@ -208,7 +266,7 @@ class OrderStatistics:
         (the same counts as the keys of ``values.abs()``, in fewer passes)."""
         bits = values.contiguous().view(torch.int32)
         half = BUCKETS // 2
-        high = torch.bitwise_and(torch.bitwise_right_shift(bits, 16), half - 1)  # key's high half − 0x8000
+        high = torch.bitwise_right_shift(bits, 16).bitwise_and_(half - 1)  # key's high half − 0x8000
         if self.pass_index == 0:
             self.counts[stream, half:] += torch.bincount(high, minlength=half).cpu()
             self.sizes[stream] += bits.numel()

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from freemerge_pl.merging.base import DenseDeltaTaskModule, check_saved_keys, register_keyed_buffers
 from freemerge_pl.merging.method import Context, Finalized, KeyOutput, KeyTensors, MergeMethod, Scan
-from freemerge_pl.merging.ops import packbits, unpackbits
+from freemerge_pl.merging.ops import column_blocks, packbits, unpackbits
 from freemerge_pl.merging.registry import register
 
 REFERENCE = "Huang et al. 2024, EMR-Merging: Tuning-Free High-Performance Model Merging (NeurIPS)"
@@ -128,16 +128,24 @@ class EMRTaskModule(DenseDeltaTaskModule):
         return (float(self.rescaler) * self.mask(key).to(device).to(torch.float32) - 1.0) * tau
 
 
-def emr_unify(stacked: Tensor) -> tuple[Tensor, Tensor]:
-    """Per tensor ``[K, *shape]``: (τ_uni, masks M_k as bool ``[K, *shape]``).
+def emr_unify(vectors) -> tuple[Tensor, Tensor]:
+    """Per tensor, from its K task vectors (a list or a ``[K, *shape]`` stack): (τ_uni, masks M_k as bool
+    ``[K, *shape]``), column block by column block (``ops.column_blocks``: per-column steps, the values of the
+    whole-stack formula without its full-size temporaries).
 
     Where M_k holds, v_k·sgn(Σ v) > 0 means the flag is ±1 and the product is |v_k| exactly (a sign flip),
     so the elected maximum reads the product instead of a second |v| pass."""
-    flag = torch.sign(stacked.sum(0))
-    signed = stacked * flag
-    masks = signed > 0
-    tau = flag * torch.where(masks, signed, 0.0).amax(0)
-    return tau, masks
+    rows = [v.reshape(-1) for v in vectors]
+    shape = vectors[0].shape
+    tau = rows[0].new_empty(rows[0].numel())
+    masks = torch.empty(len(rows), rows[0].numel(), dtype=torch.bool, device=rows[0].device)
+    for s, block in column_blocks(rows):
+        flag = torch.sign(block.sum(0))
+        signed = block * flag
+        agree = signed > 0
+        masks[:, s:s + block.shape[1]] = agree
+        tau[s:s + block.shape[1]] = flag * torch.where(agree, signed, 0.0).amax(0)
+    return tau.reshape(shape), masks.reshape(len(rows), *shape)
 
 
 @dataclass
@@ -156,18 +164,23 @@ class EMRStats:
         return torch.where(den > 0, self.numerator / den.clamp_min(1e-300), torch.zeros_like(self.numerator))
 
 
-def emr_fold(stats: EMRStats, stacked: Tensor, key: str | None = None) -> None:
-    """Statistics pass of EMR for one key ``[K, *shape]``: add its per-task means (empty keys add nothing);
-    with ``key``, keep its (τ_uni, masks) in ``stats.unified``."""
-    if stacked[0].numel() == 0:
+def emr_fold(stats: EMRStats, vectors, key: str | None = None) -> None:
+    """Statistics pass of EMR for one key's K task vectors (a list or ``[K, *shape]``): add its per-task means
+    (empty keys add nothing); with ``key``, keep its (τ_uni, masks) in ``stats.unified``. The means are float64
+    means of float64 copies (``x.double().mean()``), each written into one reused float64 buffer."""
+    if vectors[0].numel() == 0:
         return
-    tau, masks = emr_unify(stacked)
+    tau, masks = emr_unify(vectors)
     if key is not None:
         stats.unified[key] = (tau, masks)
-    magnitude = tau.abs()  # |τ_uni ⊙ M_k| = |τ_uni| where M_k, else 0
-    for k in range(stacked.shape[0]):
-        stats.numerator[k] += float(stacked[k].abs().double().mean())
-        stats.denominator[k] += float(torch.where(masks[k], magnitude, 0.0).double().mean())
+    magnitude = tau.abs().reshape(-1).double()  # |τ_uni ⊙ M_k| = |τ_uni| where M_k, else 0
+    wide, zero = torch.empty_like(magnitude), magnitude.new_zeros(())
+    finite = math.isfinite(float(magnitude.sum()))  # then |τ|·M_k (1 or +0.0) is the where, and faster
+    for k, v in enumerate(vectors):
+        stats.numerator[k] += float(wide.copy_(v.reshape(-1)).abs_().mean())
+        mask = masks[k].reshape(-1)
+        masked = torch.mul(magnitude, mask, out=wide) if finite else torch.where(mask, magnitude, zero, out=wide)
+        stats.denominator[k] += float(masked.mean())
 
 
 @register("emr", reference=REFERENCE)
@@ -185,12 +198,12 @@ class EMR(MergeMethod):
     def statistics(self, scan: Scan) -> EMRStats:
         K = scan.ctx.num_tasks
         stats = EMRStats(torch.zeros(K, dtype=torch.float64), torch.zeros(K, dtype=torch.float64))
-        scan(lambda x: emr_fold(stats, x.stacked(), x.key), "emr rescalers")
+        scan(lambda x: emr_fold(stats, list(x.vectors()), x.key), "emr rescalers")
         return stats
 
     def merge_key(self, x: KeyTensors, stats: EMRStats, ctx: Context) -> KeyOutput:
         unified = stats.unified.pop(x.key, None)
-        tau, masks = emr_unify(x.stacked()) if unified is None else unified
+        tau, masks = emr_unify(list(x.vectors())) if unified is None else unified
         return KeyOutput(tau, (tau.clone(), masks))  # the engine owns (and may update) the delta
 
     def finalize(self, pieces: dict[str, tuple[Tensor, Tensor]], stats: EMRStats, ctx: Context) -> Finalized:

@@ -39,7 +39,7 @@ from freemerge_pl.merging.topk import (
     selection_entries,
     top_abs_sum,
     topk_count,
-    topk_selection_chunks,
+    topk_cut,
 )
 
 PAPER_REFERENCE = "Zheng & Wang 2025, FREE-Merging (arXiv:2411.16815)"
@@ -225,13 +225,15 @@ class FREEMerging(FRMerging):
                 total, top, cut = [], [], []
                 for k in range(x.num_tasks):  # chunk by chunk: θ_k and one chunk of v_k held (engine.py)
                     v = x.vector_chunks(k)
-                    total.append(chunked_abs_sum(v))
                     if thresholds is None:  # per tensor: the ⌈d·n⌉-th largest, remembered for the merge pass
-                        t, ties = topk_selection_chunks(lambda v=v: iter(v), v.numel, topk_count(v.numel, d))
+                        found = topk_cut(lambda v=v: iter(v), v.numel, topk_count(v.numel, d))
+                        total.append(found.total)
+                        cut.append((found.threshold, found.ties))
+                        top.append(found.top)
                     else:  # one model-wide threshold: every |v| ≥ it
-                        t, ties = float(thresholds[k]), -1
-                    cut.append((t, ties))
-                    top.append(top_abs_sum(v, t, ties))
+                        total.append(chunked_abs_sum(v))
+                        cut.append((float(thresholds[k]), -1))
+                        top.append(top_abs_sum(v, float(thresholds[k]), -1))
                     del v  # θ_k freed before θ_{k+1} is read
                 sums[x.key] = torch.tensor(total, dtype=torch.float64)
                 tops[x.key] = torch.tensor(top, dtype=torch.float64)

@@ -104,12 +104,14 @@ class _PairKernel:
 
     def inter_sums(self, terms: Tensor) -> Tensor:
         """Σ_j t(i, j) per task i, j = 0, 1, …, K − 1 in that order (fp32), t(i, j) = t(j, i) the pair rows
-        of ``terms``: for each j at once over i, the rows (j, i) for i ≥ j are contiguous."""
+        of ``terms``: for each j at once over i ≥ j (the rows (j, i), i ≥ j, are contiguous), one row at a
+        time for i < j (no copies)."""
         K = len(self.rows)
         acc = terms[:K].clone()  # t(i, 0) = row (0, i)
         for j in range(1, K):
             acc[j:] += terms[self.start[j]:self.start[j + 1]]
-            acc[:j] += torch.stack([terms[self.start[i] + j - i] for i in range(j)])
+            for i in range(j):
+                acc[i] += terms[self.start[i] + j - i]
         return acc
 
     def pair_values(self, m: Tensor) -> Tensor:
@@ -158,12 +160,18 @@ def pcb_exp_sums(rows, stats: PCBPaperStats) -> None:
     d = kernel.diagonal
     intra = torch.zeros(K, dtype=torch.float64, device=lo.device)
     inter = torch.zeros(len(kernel.first), dtype=torch.float64, device=lo.device)
+    # on the CPU x.sum(1, dtype=float64) sums a fresh float64 copy of x: one reused buffer gives the same sums
+    cpu = lo.device.type == "cpu"
+    wide = torch.empty(len(kernel.first) * min(_BLOCK, kernel.n) if cpu else 0, dtype=torch.float64)
+
+    def sums(x: Tensor) -> Tensor:
+        return wide[:x.numel()].view(x.shape).copy_(x).sum(1) if cpu else x.sum(1, dtype=torch.float64)
+
     for _, block in kernel.blocks():
         p = kernel.products(block)
         square = p[d]  # τ_i ⊙ τ_i, the diagonal pairs' products (a copy)
-        intra += kernel.exponents_(square, lo[d], span[d], None if dead is None else dead[d],
-                                   float(K)).sum(1, dtype=torch.float64)
-        inter += kernel.exponents_(p, lo, span, dead, 1.0).sum(1, dtype=torch.float64)
+        intra += sums(kernel.exponents_(square, lo[d], span[d], None if dead is None else dead[d], float(K)))
+        inter += sums(kernel.exponents_(p, lo, span, dead, 1.0))
     stats.z_intra += intra.cpu()
     i, j, inter = kernel.first, kernel.second, inter.cpu()
     stats.z_inter[i, j] += inter
@@ -228,8 +236,18 @@ def pcb_paper_merge(rows, stats: PCBPaperStats) -> Tensor:
     else:
         blocks = ((s, torch.stack([r[s:s + _BLOCK] for r in rows]), beta[:, s:s + _BLOCK])
                   for s in range(0, beta.shape[1], _BLOCK))
+    # β ≥ t ⇔ β > the float32 just below t (β not NaN): ``threshold`` per row, 5× faster than ``where``
+    finite = bool(torch.isfinite(thresholds).all())
+    lows = torch.nextafter(thresholds, torch.tensor(-math.inf)).flatten().tolist() if finite else None
     for s, x, b in blocks:
-        b = torch.where(b >= thresholds, b, torch.zeros_like(b))
+        kept = None
+        if lows is not None:
+            kept = torch.empty_like(b)
+            for k, low in enumerate(lows):
+                torch.threshold(b[k], low, 0.0, out=kept[k])
+            if math.isnan(float(kept.sum())):  # a NaN β (NaN inputs) is dropped by the comparison, kept here
+                kept = None
+        b = torch.where(b >= thresholds, b, torch.zeros_like(b)) if kept is None else kept
         numerator, total = (b * x).sum(0), b.sum(0)
         safe = torch.where(total > 0, total, torch.ones_like(total))
         out[s:s + b.shape[1]] = torch.where(total > 0, numerator / safe, torch.zeros_like(total))

@@ -17,12 +17,41 @@ from torch import Tensor
 
 from freemerge_pl.errors import HyperparameterError
 from freemerge_pl.merging.method import Context, Density, Finite, KeyTensors, MergeMethod, Rate, Scan, Unit
-from freemerge_pl.merging.ops import magprune, per_task, random_drop, task_weights, ties_combine
+from freemerge_pl.merging.ops import (
+    column_blocks,
+    magprune,
+    per_task,
+    random_drop,
+    task_weights,
+    ties_combine,
+)
 from freemerge_pl.merging.registry import register
-from freemerge_pl.merging.topk import exact_count_trim, magnitude_trim, model_thresholds
+from freemerge_pl.merging.topk import (
+    exact_count_trim,
+    flat_chunks,
+    magnitude_trim,
+    model_thresholds,
+    topk_count,
+    topk_cut,
+)
 from freemerge_pl.settings import Range
 
 # ---------------------------------------------------------------- TIES
+
+
+def ties_merge(vectors: list[Tensor], weights: Tensor, sign_election: str = "unweighted",
+               thresholds: Tensor | None = None) -> Tensor:
+    """``ties_combine`` of the K task vectors trimmed to ``|v_k| >= thresholds[k]`` (``topk.magnitude_trim``;
+    None: no trim), column block by column block (``ops.column_blocks``: every step is per column, so the
+    values of the whole-stack formula, without its ``[K, *shape]`` stack or full-size temporaries)."""
+    rows = [v.reshape(-1) for v in vectors]
+    out = rows[0].new_empty(rows[0].numel())
+    for s, block in column_blocks(rows):
+        if thresholds is not None:
+            block = magnitude_trim(block, 1.0, thresholds)
+        out[s:s + block.shape[1]] = ties_combine(block, weights, sign_election)
+    return out.reshape(vectors[0].shape)
+
 
 TrimTies = Literal["keep_all", "exact_count"]
 
@@ -86,12 +115,15 @@ class TIES(MergeMethod):
         return None
 
     def merge_key(self, x: KeyTensors, thresholds, ctx: Context) -> Tensor:
-        stacked = torch.stack(self.trimmed_vectors(x, ctx))
+        vectors = self.trimmed_vectors(x, ctx)
         if self.density < 1 and self.trim_ties == "exact_count":
-            stacked = exact_count_trim(stacked, self.density)
-        elif self.density < 1:
-            stacked = magnitude_trim(stacked, self.density, thresholds)
-        return self.scaling * ties_combine(stacked, task_weights(self.weights, x.num_tasks), self.sign_election)
+            vectors, thresholds = list(exact_count_trim(torch.stack(vectors), self.density)), None
+        elif self.density < 1 and thresholds is None:  # per tensor: each task's ⌈k·N⌉-th largest |v|
+            count = topk_count(x.numel, self.density)
+            thresholds = torch.tensor([topk_cut(lambda v=v: flat_chunks(v), x.numel, count).threshold
+                                       for v in vectors], dtype=torch.float32)
+        weights = task_weights(self.weights, x.num_tasks)
+        return self.scaling * ties_merge(vectors, weights, self.sign_election, thresholds)
 
 
 # ---------------------------------------------------------------- DARE
@@ -184,6 +216,5 @@ class DELLA(MergeMethod):
 
     def merge_key(self, x: KeyTensors, stats, ctx: Context) -> Tensor:
         generator = ctx.rng(x.key)
-        pruned = torch.stack([magprune(v, self.drop_rate, self.epsilon, generator, self.rescale)
-                              for v in x.vectors()])
-        return self.scaling * ties_combine(pruned, task_weights(self.weights, x.num_tasks), self.sign_election)
+        pruned = [magprune(v, self.drop_rate, self.epsilon, generator, self.rescale) for v in x.vectors()]
+        return self.scaling * ties_merge(pruned, task_weights(self.weights, x.num_tasks), self.sign_election)
