@@ -282,6 +282,19 @@ def test_allocation_policy_restores_glibc_defaults():
         stream._MALLOPT = real
     assert calls[2:] == [(stream._M_MMAP_MAX, stream._DEFAULT_MMAP_MAX),
                          (stream._M_TRIM_THRESHOLD, stream._DEFAULT_TRIM_THRESHOLD)]
+    calls.clear()
+    stream._MALLOPT = lambda param, value: calls.append((param, value)) or real(param, value)
+    try:
+        with stream.allocation_policy(low_memory=False) as policy:
+            calls.clear()
+            policy.use(True)  # an outsized key: 32 MiB buffers and larger in their own mappings
+            assert calls == [(stream._M_MMAP_MAX, stream._DEFAULT_MMAP_MAX), (stream._M_MMAP_THRESHOLD, 32 << 20)]
+            policy.use(True)  # no change, no call
+            assert len(calls) == 2
+            policy.use(False)
+            assert calls[2:] == [(stream._M_MMAP_MAX, 0), (stream._M_TRIM_THRESHOLD, 2**31 - 1)]
+    finally:
+        stream._MALLOPT = real
 
 
 def test_vs_mergekit_launcher_reports_the_tools_own_peak_rss(tmp_path, monkeypatch):
@@ -306,8 +319,9 @@ def test_outsized_keys_are_those_over_twice_the_90th_percentile():
 
 
 def test_outsized_keys_are_computed_under_the_low_memory_policy(tmp_path, monkeypatch):
-    """The fast policy (heap, no trim) switches to the low-memory one (own mappings) for a vocabulary-sized
-    key only, and back after it, each switch before the key's inputs are read."""
+    """The fast policy (heap, no trim) switches to the outsized one (buffers of 32 MiB or more in their own
+    mappings) for a vocabulary-sized key only, and back after it, each switch before the key's inputs are
+    read; ``low_memory`` stays low throughout."""
     if stream._MALLOPT is None:
         pytest.skip("not glibc")
     from freemerge_pl.io.sink import ShardedSafetensorsSink
@@ -315,7 +329,7 @@ def test_outsized_keys_are_computed_under_the_low_memory_policy(tmp_path, monkey
     from freemerge_pl.merging.source import StateDictSource
 
     events = []
-    monkeypatch.setattr(stream, "_use", lambda low: events.append(("low" if low else "fast",)))
+    monkeypatch.setattr(stream, "_use", lambda policy: events.append((policy,)))
     real_write = ShardedSafetensorsSink.write
     monkeypatch.setattr(ShardedSafetensorsSink, "write",
                         lambda self, key, t, state=None: events.append(key) or real_write(self, key, t, state))
@@ -326,7 +340,7 @@ def test_outsized_keys_are_computed_under_the_low_memory_policy(tmp_path, monkey
     stream.stream_merge(StateDictSource(pre, "base"), [StateDictSource(f, f"f{i}") for i, f in enumerate(fts)],
                         build_method("task_arithmetic", {}), tmp_path / "out")
     layers = [f"l{i}" for i in range(30)]
-    assert events == [("fast",), ("low",), "embed", ("fast",), *layers, ("low",), "head"]
+    assert events == [("fast",), ("outsized",), "embed", ("fast",), *layers, ("outsized",), "head"]
     events.clear()
     stream.stream_merge(StateDictSource(pre, "base"), [StateDictSource(f, f"f{i}") for i, f in enumerate(fts)],
                         build_method("task_arithmetic", {}), tmp_path / "out2", low_memory=True)

@@ -140,8 +140,8 @@ class MergeJobConfig:
             with ``torch.save(model)``); unpickling executes code from the file: only for files you trust.
         low_memory: give freed memory back to the OS after every tensor: peak RSS 20-30 % lower, CPU time
             1.15-1.5 × (measured on an 84 M-parameter Llama: every large buffer is then a fresh mapping the
-            kernel zero-fills). Without it, outsized (vocabulary-sized) tensors are still computed this way:
-            on a heap fragmented by the keys before, they set the peak.
+            kernel zero-fills). Without it, the buffers of outsized (vocabulary-sized) tensors of 32 MiB or
+            more still get their own mappings: on a heap fragmented by the keys before, they set the peak.
         prefetch: read the next tensor's inputs (and check them for NaN/Inf) on a second thread while the current
             one is computed; peak RSS grows by one tensor's inputs. No gain was measurable on a loaded 2-core
             machine (no core to spare); it may help where one is free.
