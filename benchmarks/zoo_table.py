@@ -53,6 +53,7 @@ def rows_spec(zoo: str = "vision") -> list[dict[str, Any]]:
     routed_heads = {"routing": "router", "head_selection": "routed"}
     rows = [
         {"label": "Weight Averaging", "method": "weight_averaging"},
+        {"label": "Linear (mergekit)", "method": "linear"},
         {"label": "Task Arithmetic", "method": "task_arithmetic"},
         {"label": "TIES", "method": "ties"},
         {"label": "DARE (+TA)", "method": "dare"},
