@@ -29,8 +29,9 @@ def naive_selection(mags: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def select(values, count):
-    """The expert cut ``(t, ties)`` of a whole tensor of magnitudes (``topk_selection_chunks`` over its chunks)."""
-    return topk.topk_selection_chunks(lambda: topk.flat_chunks(values), values.numel(), count, absolute=False)
+    """The expert cut ``(t, ties)`` of a whole tensor of magnitudes (``topk_cut`` over its chunks)."""
+    found = topk.topk_cut(lambda: topk.flat_chunks(values), values.numel(), count, absolute=False)
+    return found.threshold, found.ties
 
 
 def cut(v, threshold, ties, absolute=False):

@@ -16,7 +16,8 @@ import yaml
 
 from freemerge_pl.adapters.toy import ToyAdapter, make_toy_models
 from freemerge_pl.errors import ConfigError, HyperparameterError
-from freemerge_pl.lightning.cli import cli_main, main, program_options
+from freemerge_pl.jobs.program import program_options
+from freemerge_pl.lightning.cli import cli_main, main
 from freemerge_pl.lightning.datamodule import MultiTaskDataModule
 from freemerge_pl.merging import get_method
 from freemerge_pl.progress import Ticker, choose_threads, progress_line

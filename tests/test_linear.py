@@ -50,12 +50,15 @@ def test_streamed_linear_is_the_weighted_mean_rounded_once_and_reads_no_base(lla
     pre = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in as_dict(base).items()}
     sds = [{k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in as_dict(p).items()} for p in fts]
     base_src = CountingSource(pre, "base")
-    streamed = stream_merge(base_src, [StateDictSource(sd, n) for sd, n in zip(sds, "abc")],
+    ft_srcs = [CountingSource(sd, n) for sd, n in zip(sds, "abc")]
+    streamed = stream_merge(base_src, ft_srcs,
                             build_method("linear", {"weights": weights}), tmp_path / "out", names=list("abc"),
                             prefetch=prefetch)
     out = as_dict(tmp_path / "out")
     floating = [k for k, v in pre.items() if v.is_floating_point()]
     assert floating and not [k for k in base_src.read if k in floating]  # θ_pre's floating tensors: never read
+    for src in ft_srcs:  # each fine-tuned tensor read exactly once
+        assert sorted(k for k in src.read if k in floating) == sorted(floating), src.name
     for key in floating:
         exact = sum(w * sd[key].double() for w, sd in zip(weights, sds)) / sum(weights)  # independent, float64
         assert out[key].dtype == torch.bfloat16

@@ -39,7 +39,7 @@ from freemerge_pl.errors import ConfigError, FreeMergeError, one_line
 from freemerge_pl.io import write_text_atomic
 from freemerge_pl.jobs import merge_cli
 from freemerge_pl.jobs.analysis import cli as analyze_cli
-from freemerge_pl.jobs.program import program_options, run_program, tidy_help  # noqa: F401  (program_options: re-exported)
+from freemerge_pl.jobs.program import run_program, tidy_help
 from freemerge_pl.jobs.tune import DEFAULT_SPACES  # noqa: F401  (re-exported for the benchmarks)
 from freemerge_pl.lightning.datamodule import MultiTaskDataModule
 from freemerge_pl.lightning.module import MergedModule

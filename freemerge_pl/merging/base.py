@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -13,14 +13,33 @@ from freemerge_pl.errors import CheckpointMismatchError
 StateDict = dict[str, Tensor]
 
 
-def register_keyed_buffers(module: nn.Module, prefix: str, tensors: StateDict | None) -> list[str]:
-    """Register ``tensors`` on ``module`` as buffers ``<prefix><j>`` in key order (state-dict names stay valid
-    for any key); returns the keys, whose order ``get_extra_state`` records."""
-    keys: list[str] = []
-    for key, t in (tensors or {}).items():
-        module.register_buffer(f"{prefix}{len(keys)}", t)
-        keys.append(key)
-    return keys
+class KeyedBuffers:
+    """Mixin (list it before ``nn.Module``/``TaskModule``) for a module holding one tensor per key as buffers
+    ``<buffer_prefix><j>`` in key order (state-dict names stay valid for any key): ``keys``, ``tensor(key)`` and
+    the key order as extra state, checked on load (``check_saved_keys``, naming ``saved_as``)."""
+
+    buffer_prefix: ClassVar[str] = ""
+    saved_as: ClassVar[str] = ""
+
+    def _register_keyed(self, tensors: StateDict | None) -> None:
+        self._keys: list[str] = []
+        for key, t in (tensors or {}).items():
+            self.register_buffer(f"{self.buffer_prefix}{len(self._keys)}", t)
+            self._keys.append(key)
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def tensor(self, key: str) -> Tensor:
+        """The buffer of ``key``."""
+        return getattr(self, f"{self.buffer_prefix}{self._keys.index(key)}")
+
+    def get_extra_state(self):
+        return {"keys": self._keys}
+
+    def set_extra_state(self, state) -> None:
+        check_saved_keys(state["keys"], self._keys, self.saved_as)
 
 
 def check_saved_keys(saved: list[str], keys: list[str], what: str) -> None:

@@ -159,13 +159,6 @@ def _top_sum(values: Iterable[Tensor], t: float, ties: int) -> float:
     return sum(float(m[m > t].sum()) for m in values) + ties * t
 
 
-def topk_selection_chunks(chunks: Callable[[], Iterable[tuple[int, Tensor]]], numel: int, count: int, *,
-                          absolute: bool = True) -> tuple[float, int]:
-    """``(t, ties)`` of ``topk_cut``."""
-    cut = topk_cut(chunks, numel, count, absolute=absolute)
-    return cut.threshold, cut.ties
-
-
 def top_abs_sum(chunks: Iterable[tuple[int, Tensor]], threshold: float, ties: int) -> float:
     """Σ|v| of the entries ``selection_entries`` keeps: those above ``threshold`` plus ``ties`` × threshold (every
     |v| ≥ threshold when ``ties`` is negative); one float32 sum per chunk, added in float64."""

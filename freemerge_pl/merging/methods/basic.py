@@ -66,7 +66,8 @@ class Linear(MergeMethod):
         coefficient = (1,) * len(x.shape)
         result = torch.zeros(x.shape, dtype=dtype, device=first.device)
         for k, w_k in enumerate(w.to(first.device).unbind(0)):
-            result.addcmul_(x.finetuned(k).to(first.device), w_k.reshape(coefficient))
+            theta = first if k == 0 else x.finetuned(k).to(first.device)  # each checkpoint read once
+            result.addcmul_(theta, w_k.reshape(coefficient))
         if self.normalize:
             result.div_(w.sum().to(first.device).reshape(coefficient))
         return result

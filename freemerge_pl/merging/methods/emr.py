@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from freemerge_pl.merging.base import DenseDeltaTaskModule, check_saved_keys, register_keyed_buffers
+from freemerge_pl.merging.base import DenseDeltaTaskModule, KeyedBuffers, check_saved_keys
 from freemerge_pl.merging.method import Context, Finalized, KeyOutput, KeyTensors, MergeMethod, Scan
 from freemerge_pl.merging.ops import column_blocks, packbits, unpackbits
 from freemerge_pl.merging.registry import register
@@ -23,22 +23,15 @@ from freemerge_pl.merging.registry import register
 REFERENCE = "Huang et al. 2024, EMR-Merging: Tuning-Free High-Performance Model Merging (NeurIPS)"
 
 
-class EMRUnified(nn.Module):
+class EMRUnified(KeyedBuffers, nn.Module):
     """The unified task vector τ_uni shared by every task's ``EMRTaskModule`` (one buffer per key)."""
+
+    buffer_prefix = "tau_"
+    saved_as = "EMR unified-vector"
 
     def __init__(self, tau: dict[str, Tensor] | None = None) -> None:
         super().__init__()
-        self._keys = register_keyed_buffers(self, "tau_", tau)
-
-    @property
-    def keys(self) -> list[str]:
-        return list(self._keys)
-
-    def tensor(self, key: str) -> Tensor:
-        return getattr(self, f"tau_{self._keys.index(key)}")
-
-    def get_extra_state(self):
-        return {"keys": self._keys}
+        self._register_keyed(tau)
 
     def to_tensors(self) -> dict[str, Tensor]:
         """``tau_<j>`` per key (the keys, in order, are ``get_extra_state``'s)."""
@@ -48,9 +41,6 @@ class EMRUnified(nn.Module):
     def from_tensors(cls, tensors: dict[str, Tensor], extra: dict) -> EMRUnified:
         """The module of ``to_tensors()`` and ``get_extra_state()``."""
         return cls({k: tensors[f"tau_{j}"] for j, k in enumerate(extra["keys"])})
-
-    def set_extra_state(self, state) -> None:
-        check_saved_keys(state["keys"], self._keys, "EMR unified-vector")
 
 
 class EMRTaskModule(DenseDeltaTaskModule):

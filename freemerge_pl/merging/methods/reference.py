@@ -15,13 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from freemerge_pl.merging.base import (
-    DenseDeltaTaskModule,
-    StateDict,
-    check_saved_keys,
-    register_keyed_buffers,
-    resolve_tensor,
-)
+from freemerge_pl.merging.base import DenseDeltaTaskModule, KeyedBuffers, StateDict, resolve_tensor
 from freemerge_pl.merging.method import Context, Finalized, KeyOutput, KeyTensors, MergeMethod
 from freemerge_pl.merging.registry import register
 
@@ -42,7 +36,7 @@ class Pretrained(MergeMethod):
         return unchanged(x, ctx)
 
 
-class FinetunedWeights(DenseDeltaTaskModule):
+class FinetunedWeights(KeyedBuffers, DenseDeltaTaskModule):
     """Task k of ``individual``: θ_k's own tensors (buffers, in θ_k's dtype), written over the backbone's.
 
     ``apply_(target, w)`` saves each touched tensor whole and sets it to θ_k (w = 1: ``copy_``, bit-exact, not
@@ -51,23 +45,12 @@ class FinetunedWeights(DenseDeltaTaskModule):
     per task: the storage an upper bound costs.
     """
 
+    buffer_prefix = "weight_"
+    saved_as = "fine-tuned weights"
+
     def __init__(self, tensors: StateDict | None = None) -> None:
         super().__init__()
-        self._keys = register_keyed_buffers(self, "weight_", tensors)
-
-    @property
-    def keys(self) -> list[str]:
-        return list(self._keys)
-
-    def tensor(self, key: str) -> Tensor:
-        """θ_k's tensor of ``key``."""
-        return getattr(self, f"weight_{self._keys.index(key)}")
-
-    def get_extra_state(self):
-        return {"keys": self._keys}
-
-    def set_extra_state(self, state) -> None:
-        check_saved_keys(state["keys"], self._keys, "fine-tuned weights")
+        self._register_keyed(tensors)
 
     def to_tensors(self) -> StateDict:
         """θ_k's tensors under their own keys (the order is ``get_extra_state``'s)."""
