@@ -214,11 +214,11 @@ class CheckpointInputs(MergeInputs):
                 base = pre()
                 if base.dtype not in WIDEN_EXACTLY:  # float64 θ_pre: the whole-vector path
                     v = loader(k)()
-                    return VectorChunks(v.numel(), lambda: flat_chunks(v))
+                    return VectorChunks(v.numel(), lambda size: flat_chunks(v, size))
                 t, b = theta(k).to(base.device).reshape(-1), base.reshape(-1)
 
-                def chunks():  # fp32(θ_k) − fp32(θ_pre) per chunk: the same values as ``loader``'s
-                    for s, part in flat_chunks(t):
+                def chunks(size: int | None):  # fp32(θ_k) − fp32(θ_pre) per chunk: the same values as ``loader``'s
+                    for s, part in flat_chunks(t, size):
                         yield s, part.to(torch.float32, copy=True).sub_(b[s:s + part.numel()])
                 return VectorChunks(t.numel(), chunks)
             return load

@@ -158,6 +158,13 @@ def _band_remove_mask(mshape: tuple[int, ...], filter_ratio: float, cutoff_mode:
     return out
 
 
+@lru_cache(maxsize=256)
+def _band_keep_mask(mshape: tuple[int, ...], filter_ratio: float, cutoff_mode: str) -> Tensor:
+    """The complement of ``_band_remove_mask``: the band's coefficients the low-pass zeroes (``masked_fill_``
+    with it is the mask product, without a complex copy of the boolean mask per tensor)."""
+    return ~_band_remove_mask(mshape, filter_ratio, cutoff_mode)
+
+
 def _band_width(n_real: int, d0: float) -> int:
     """How many non-negative frequencies k of a real axis of length n lie below D0 (k < D0)."""
     return min(n_real // 2 + 1, math.ceil(d0)) if math.isfinite(d0) else n_real // 2 + 1
@@ -176,20 +183,22 @@ def _row_tiles(n: int, device: torch.device) -> list[slice]:
     return [slice(i, i + _TRANSPOSE_ROWS) for i in range(0, n, _TRANSPOSE_ROWS)]
 
 
-def _band_highpass_(x: Tensor, mask: Tensor, width: int, real_dim: int) -> Tensor:
+def _band_highpass_(x: Tensor, keep: Tensor, width: int, real_dim: int) -> Tensor:
     """x − L(x) into x (2-D, float32/64), transforming along ``real_dim`` (the longer axis), in blocks of
     ``_BLOCK_ELEMENTS`` along the other axis: the real transform of each block (a tall x's column block is first
     copied transposed into a row buffer, so every transform runs along a contiguous axis), its first ``width``
-    coefficients (the band) kept, the complex transform of the band along the other axis, the removal ``mask``
-    (``(n_other, width)``), the inverse, and each block's inverse real transform subtracted from x.
+    coefficients (the band) kept, the complex transform of the band along the other axis, the coefficients
+    ``keep`` (``(n_other, width)``, ``_band_keep_mask``) zeroed, the inverse, and each block's inverse real
+    transform subtracted from x.
 
-    The inverse reuses the forward's coefficient buffer with its columns past the band zeroed once (``irfft``'s own
-    zero-padding filled a fresh buffer per block), and a tall x takes the subtraction in row tiles."""
+    A single block's band is transformed where it lies (a view of the coefficients; no copy). The inverse reuses
+    the forward's coefficient buffer with its columns past the band zeroed once (``irfft``'s own zero-padding
+    filled a fresh buffer per block), and a tall x takes the subtraction in row tiles."""
     other = 1 - real_dim
     n_real, n_other = x.shape[real_dim], x.shape[other]
     step = min(n_other, max(1, _BLOCK_ELEMENTS // n_real))
     ctype = torch.complex128 if x.dtype == torch.float64 else torch.complex64
-    band = torch.empty((n_other, width), dtype=ctype, device=x.device)
+    band = torch.empty((n_other, width), dtype=ctype, device=x.device) if step < n_other else None
     rows = torch.empty((step, n_real), dtype=x.dtype, device=x.device) if real_dim == 0 else None
     spec = None
     for i in range(0, n_other, step):
@@ -200,8 +209,10 @@ def _band_highpass_(x: Tensor, mask: Tensor, width: int, real_dim: int) -> Tenso
                 rows[:s, r].copy_(block[r].T)
             block = rows[:s]
         spec = torch.fft.rfft(block, dim=-1)
-        band[i:i + s] = spec[:, :width]
-    low = torch.fft.ifft(torch.fft.fft(band, dim=0).mul_(mask), dim=0)
+        if band is not None:
+            band[i:i + s] = spec[:, :width]
+    low = torch.fft.ifft(torch.fft.fft(spec[:, :width] if band is None else band, dim=0).masked_fill_(keep, 0),
+                         dim=0)
     del band
     if spec.shape[0] != step:  # the last block was short: a full-height buffer for the inverse
         spec = torch.empty((step, spec.shape[1]), dtype=ctype, device=x.device)
@@ -271,10 +282,11 @@ class Spectrum:
             return None
         n_real = self.shape[-1]
         band = self.real_transform[..., : _band_width(n_real, d0)]
-        mask = _band_remove_mask(self.shape, float(filter_ratio), self.cutoff_mode).to(band.device)
         if len(self.shape) == 1:
+            mask = _band_remove_mask(self.shape, float(filter_ratio), self.cutoff_mode).to(band.device)
             return torch.fft.irfft(band * mask, n=n_real)
-        coefficients = torch.fft.fft(band, dim=0).mul_(mask)
+        keep = _band_keep_mask(self.shape, float(filter_ratio), self.cutoff_mode).to(band.device)
+        coefficients = torch.fft.fft(band, dim=0).masked_fill_(keep, 0)
         if not self.keep:
             del band
             self._real = None
@@ -292,13 +304,13 @@ class Spectrum:
             return None
         n_real = self.shape[-1]
         width = _band_width(n_real, d0)
-        mask = _band_remove_mask(self.shape, float(filter_ratio), self.cutoff_mode)
+        keep = _band_keep_mask(self.shape, float(filter_ratio), self.cutoff_mode)
         if self.transposed and self.v.dtype in (torch.float32, torch.float64) and self.v.is_contiguous():
             # a tall v is transformed along its own first axis in column blocks: no transposed copy
             x = self.v.view(self.mshape)
-            return _band_highpass_(x, mask.to(x.device), width, real_dim=0).view(self.v.shape)
+            return _band_highpass_(x, keep.to(x.device), width, real_dim=0).view(self.v.shape)
         work = self.work
-        out = _band_highpass_(work, mask.to(work.device), width, real_dim=1)
+        out = _band_highpass_(work, keep.to(work.device), width, real_dim=1)
         return (out.T if self.transposed else out).reshape(self.v.shape)
 
     def highpass(self, filter_ratio: float) -> Tensor:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from freemerge_pl.errors import ConfigError
 from freemerge_pl.merging.base import TaskModule
-from freemerge_pl.merging.topk import flat_chunks
+from freemerge_pl.merging.topk import SUM_BLOCK, flat_chunks
 from freemerge_pl.settings import Range
 from freemerge_pl.settings import check_fields as check_typed_fields
 
@@ -47,14 +47,19 @@ Count = Annotated[int, Range(1, math.inf, integer=True)]
 
 
 class VectorChunks:
-    """A task vector as ``(offset, flat float32 chunk)`` pairs, re-iterable (each iteration is one pass)."""
+    """A task vector as ``(offset, flat float32 chunk)`` pairs, re-iterable (each iteration is one pass):
+    ``flat_chunks``' chunks, or ``blocks(size)`` of another size (the same values; ``chunks(size)`` yields them,
+    ``chunks(None)`` ``flat_chunks``' default)."""
 
-    def __init__(self, numel: int, chunks: Callable[[], Iterator[tuple[int, Tensor]]]) -> None:
+    def __init__(self, numel: int, chunks: Callable[[int | None], Iterator[tuple[int, Tensor]]]) -> None:
         self.numel = numel
         self._chunks = chunks
 
     def __iter__(self) -> Iterator[tuple[int, Tensor]]:
-        return self._chunks()
+        return self._chunks(None)
+
+    def blocks(self, size: int) -> Iterator[tuple[int, Tensor]]:
+        return self._chunks(size)
 
 
 class KeyTensors:
@@ -115,7 +120,43 @@ class KeyTensors:
         if self._stack is None and self._chunk_loaders is not None:
             return self._chunk_loaders[k]()
         v = self.vector(k)
-        return VectorChunks(v.numel(), lambda: flat_chunks(v))
+        return VectorChunks(v.numel(), lambda size: flat_chunks(v, size))
+
+    def weighted_sum(self, weights: Sequence[float] | None = None,
+                     consume: Callable[[int, Iterator[tuple[int, Tensor]]], None] | None = None) -> Tensor:
+        """``Σ_k w_k v_k`` in float32 (``weights`` None: ``Σ_k v_k``), accumulated block by block
+        (``SUM_BLOCK``) as each v_k's blocks are computed (``vector_chunks``): from checkpoints no float32 v_k
+        exists, and each block's work runs in cache. Elementwise the same float32 operations as over whole
+        vectors (v_0 copied, or v_0·w_0; then ``add_`` of v_k, with ``alpha=w_k``), so the same values.
+
+        ``consume(k, blocks)``: task k's ``(offset, block)`` iterator is handed to it, and the sum grows as it
+        pulls the blocks (FREE's expert cut reads v_k in the same pass); what it leaves is drained. Without it
+        the blocks are only summed."""
+        out: list[Tensor] = []  # the sum, allocated on the first block's device
+
+        def summed(k: int) -> Iterator[tuple[int, Tensor]]:
+            w = None if weights is None else weights[k]
+            for s, c in self.vector_chunks(k).blocks(SUM_BLOCK):
+                c = c.reshape(-1)
+                c = c if c.dtype == torch.float32 else c.to(torch.float32)
+                if not out:
+                    out.append(torch.empty(self.numel, dtype=torch.float32, device=c.device))
+                part = out[0][s:s + c.numel()]
+                if k == 0:
+                    part.copy_(c) if w is None else torch.mul(c, w, out=part)
+                else:
+                    part.add_(c) if w is None else part.add_(c, alpha=w)
+                yield s, c
+
+        for k in range(self.num_tasks):
+            blocks = summed(k)
+            if consume is not None:
+                consume(k, blocks)
+            for _ in blocks:  # what ``consume`` left (all of it without one)
+                pass
+            del blocks  # θ_k freed before θ_{k+1} is read
+        total = out[0] if out else torch.zeros(self.numel, dtype=torch.float32)
+        return total.view(self.shape)
 
     def stacked(self) -> Tensor:
         if self._stack is None:

@@ -8,7 +8,7 @@ here is per tensor, so the in-memory and streaming drivers can share them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -58,21 +58,6 @@ def column_blocks(rows: Sequence[Tensor], width: int | None = None) -> Iterator[
     for s in starts:
         stop = s + width if s + 2 * width <= n else n
         yield s, torch.stack([r[s:stop] for r in rows])
-
-
-# ---------------------------------------------------------------- sums
-
-
-def sum_vectors(vectors: Iterable[Tensor]) -> Tensor:
-    """``Σ_k v_k`` in float32, accumulated in place into a fresh tensor (no [K, ...] stack: K× less memory
-    and faster); the inputs are never modified."""
-    total = None
-    for v in vectors:
-        if total is None:
-            total = v.to(dtype=torch.float32, copy=True)
-        else:
-            total.add_(v.to(device=total.device, dtype=torch.float32))
-    return total
 
 
 # ---------------------------------------------------------------- sign election + disjoint merge

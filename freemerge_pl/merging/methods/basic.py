@@ -18,7 +18,7 @@ from torch import Tensor
 
 from freemerge_pl.errors import HyperparameterError
 from freemerge_pl.merging.method import Context, Finite, KeyTensors, MergeMethod, Unit
-from freemerge_pl.merging.ops import sum_vectors, task_weights
+from freemerge_pl.merging.ops import task_weights
 from freemerge_pl.merging.registry import register
 from freemerge_pl.merging.topk import magnitude_band_mask
 from freemerge_pl.settings import Range
@@ -31,7 +31,7 @@ class WeightAveraging(MergeMethod):
     """Weight averaging: θ_m = (1/K) Σ_k θ_k, i.e. delta = (1/K) Σ_k v_k."""
 
     def merge_key(self, x: KeyTensors, stats, ctx: Context) -> Tensor:
-        return sum_vectors(x.vectors()).div_(x.num_tasks)
+        return x.weighted_sum().div_(x.num_tasks)
 
 
 @register("linear", reference="mergekit's linear (Wortsman et al. 2022, model soups): Σ_k w_k θ_k / Σ_k w_k")
@@ -81,7 +81,7 @@ class TaskArithmetic(MergeMethod):
     scaling: Finite = 0.3
 
     def merge_key(self, x: KeyTensors, stats, ctx: Context) -> Tensor:
-        return sum_vectors(x.vectors()).mul_(self.scaling)
+        return x.weighted_sum().mul_(self.scaling)
 
 
 # ---------------------------------------------------------------- Breadcrumbs

@@ -39,7 +39,7 @@ from freemerge_pl.merging.method import (
     Scan,
     Unit,
 )
-from freemerge_pl.merging.ops import agreement_mask, elect_sign, sum_vectors
+from freemerge_pl.merging.ops import agreement_mask, elect_sign
 from freemerge_pl.merging.registry import register
 from freemerge_pl.merging.topk import magnitude_trim, model_thresholds
 
@@ -156,7 +156,7 @@ class FisherMerging(DataDependentMethod):
     def merge_key(self, x: KeyTensors, stats, ctx: Context) -> Tensor:
         if not self.data.has("fisher", x.key):
             ctx.info.setdefault("averaged_keys", []).append(x.key)
-            return sum_vectors(x.vectors()).div_(x.num_tasks)
+            return x.weighted_sum().div_(x.num_tasks)
         return fisher_weighted_average(x.stacked(), self.data.get("fisher", x.key), self.fisher_floor)
 
 
@@ -209,7 +209,7 @@ class RegMean(DataDependentMethod):
     def merge_key(self, x: KeyTensors, stats, ctx: Context) -> Tensor:
         if len(x.shape) != 2 or not self.data.has("gram", x.key):
             ctx.info.setdefault("averaged_keys", []).append(x.key)
-            return sum_vectors(x.vectors()).div_(x.num_tasks)
+            return x.weighted_sum().div_(x.num_tasks)
         grams = self.data.get("gram", x.key).to(ctx.device)
         if grams.shape[-1] != x.shape[1]:
             raise ConfigError(f"regmean: key {x.key!r} has shape {x.shape} but its Gram matrices are "

@@ -79,6 +79,11 @@ def energy_lambdas(
     return lambdas_from_sums(sums, len(task_vectors), scope)
 
 
+def _weights(lambdas: Tensor) -> list[float]:
+    """λ as the float32 values ``fr_combine`` multiplies by (``KeyTensors.weighted_sum``'s weights)."""
+    return lambdas.to(dtype=torch.float32).tolist()
+
+
 def fr_combine(vectors: Iterable[Tensor] | Tensor, lambdas: Tensor) -> Tensor:
     """``Σ_k λ_k v_k`` in float32 for one tensor (the input of the single FFT of ``fr_merge_tensor``),
     accumulated in place as the vectors arrive (no [K, ...] stack)."""
@@ -118,11 +123,13 @@ def _info(values: Tensor | dict[str, Tensor]) -> list | dict:
 class FRStats:
     """λ (a [K] tensor or key → [K]); for FREE also μ and each key's expert cut per task: ``(t, ties)``,
     keep |v| > t plus the first ``ties`` entries equal to t, or every |v| ≥ t when ``ties`` is −1 (model
-    scope; ``topk.selection_entries``)."""
+    scope; ``topk.selection_entries``); ``selected``: per key and task the entries of that cut (flat indices,
+    v_k there) when the scan found them (``TopkCut.entries``), else None."""
 
     lambdas: Tensor | dict[str, Tensor]
     mu: Tensor | dict[str, Tensor] | None = None
     cuts: dict[str, list[tuple[float, int]]] | None = None
+    selected: dict[str, list[tuple[Tensor, Tensor] | None]] | None = None  # the cut's entries, found by the scan
 
     def lambdas_of(self, key: str) -> Tensor:
         return self.lambdas[key] if isinstance(self.lambdas, dict) else self.lambdas
@@ -152,8 +159,8 @@ class FRMerging(MergeMethod):
     def statistics(self, scan: Scan) -> FRStats:
         def compute() -> dict[str, Tensor]:
             sums: dict[str, Tensor] = {}
-            scan(lambda x: sums.__setitem__(x.key, torch.tensor([abs_sum(v) for v in x.vectors()],
-                                                                 dtype=torch.float64)), "λ")
+            scan(lambda x: sums.__setitem__(x.key, torch.tensor(  # chunk by chunk: no float32 v_k (= abs_sum)
+                [chunked_abs_sum(x.vector_chunks(k)) for k in range(x.num_tasks)], dtype=torch.float64)), "λ")
             return sums
 
         sums = scan.ctx.memo(("fr-abs-sums",), compute)
@@ -165,7 +172,7 @@ class FRMerging(MergeMethod):
     def filtered(self, x: KeyTensors, stats: FRStats, ctx: Context, combined: Tensor | None = None) -> Tensor:
         """s·G(Σ_k λ_k v_k) of one key (the spectrum and each ratio's inverse are memoised when tuning)."""
         def spectrum(keep: bool = True) -> Spectrum:
-            c = combined if combined is not None else fr_combine(x.vectors(), stats.lambdas_of(x.key))
+            c = combined if combined is not None else x.weighted_sum(_weights(stats.lambdas_of(x.key)))
             return Spectrum(c, cutoff_mode=self.cutoff_mode, filter_1d=self.filter_1d, keep=keep,
                             overwrite=not keep)  # one ratio: Σλv (built here) may take the result
 
@@ -216,35 +223,40 @@ class FREEMerging(FRMerging):
             sums: dict[str, Tensor] = {}
             tops: dict[str, Tensor] = {}
             cuts: dict[str, list[tuple[float, int]]] = {}
+            selected: dict[str, list] = {}
             thresholds = None
             if self.expert_scope == "model":
                 thresholds = model_thresholds(scan, lambda x: list(x.vectors()), ctx.num_tasks, d,
                                               "expert threshold")
 
             def fold(x: KeyTensors) -> None:
-                total, top, cut = [], [], []
+                total, top, cut, entries = [], [], [], []
                 for k in range(x.num_tasks):  # chunk by chunk: θ_k and one chunk of v_k held (engine.py)
                     v = x.vector_chunks(k)
-                    if thresholds is None:  # per tensor: the ⌈d·n⌉-th largest, remembered for the merge pass
-                        found = topk_cut(lambda v=v: iter(v), v.numel, topk_count(v.numel, d))
+                    if thresholds is None:  # per tensor: the ⌈d·n⌉-th largest, and its entries for the merge pass
+                        found = topk_cut(lambda v=v: iter(v), v.numel, topk_count(v.numel, d), keep_entries=True)
                         total.append(found.total)
                         cut.append((found.threshold, found.ties))
                         top.append(found.top)
+                        entries.append(found.entries and (found.entries[0].to(index_dtype(v.numel)),
+                                                          found.entries[1]))  # held until the merge pass
                     else:  # one model-wide threshold: every |v| ≥ it
                         total.append(chunked_abs_sum(v))
                         cut.append((float(thresholds[k]), -1))
                         top.append(top_abs_sum(v, float(thresholds[k]), -1))
+                        entries.append(None)
                     del v  # θ_k freed before θ_{k+1} is read
                 sums[x.key] = torch.tensor(total, dtype=torch.float64)
                 tops[x.key] = torch.tensor(top, dtype=torch.float64)
                 cuts[x.key] = cut
+                selected[x.key] = entries
 
             scan(fold, "λ, μ")
-            return sums, tops, cuts
+            return sums, tops, cuts, selected
 
-        sums, tops, cuts = ctx.memo(key, compute)
+        sums, tops, cuts, selected = ctx.memo(key, compute)
         lambdas = lambdas_from_sums(sums, ctx.num_tasks, self.lambda_scope)
-        return FRStats(lambdas, rescalers_from_sums(tops, sums, lambdas, d), cuts)
+        return FRStats(lambdas, rescalers_from_sums(tops, sums, lambdas, d), cuts, selected)
 
     def _value_dtype(self, ctx: Context, key: str) -> torch.dtype:
         return getattr(torch, self.expert_dtype) if self.expert_dtype else ctx.dtypes.get(key, torch.float32)
@@ -263,32 +275,18 @@ class FREEMerging(FRMerging):
         cached = ctx.cache is not None and entries_key in ctx.cache
         if ctx.cache is not None and self._spectrum_key(key) in ctx.cache and cached:
             return KeyOutput(self.filtered(x, stats, ctx), ctx.cache[entries_key])
-        # one pass over the K task vectors, chunk by chunk: accumulate Σλv for the filter and cut each expert
-        lam = stats.lambdas_of(key).to(dtype=torch.float32).tolist()
-        out: dict[str, Tensor] = {}  # "combined": Σλv, allocated on the chunks' device
+        # one pass over the K task vectors, block by block: accumulate Σλv for the filter and take each expert's
+        # entries (found by the statistics scan, or cut here)
         entries = []
-        for k in range(x.num_tasks):
-            v = x.vector_chunks(k)
 
-            def accumulate(v=v, k=k):
-                for s, c in v:
-                    c = c.reshape(-1)
-                    if "combined" not in out:
-                        out["combined"] = torch.empty(x.numel, dtype=torch.float32, device=c.device)
-                    part = out["combined"][s:s + c.numel()]
-                    if k == 0:
-                        torch.mul(c, lam[0], out=part)
-                    else:
-                        part.add_(c, alpha=lam[k])
-                    yield s, c
-            if cached:
-                for _ in accumulate():
-                    pass
-            else:  # the cut reads each chunk right after it is accumulated
-                idx, values = selection_entries(accumulate(), *stats.cuts[key][k])
-                entries.append(self._entries(idx, values, v.numel, k, stats, ctx, key))
-            del v, accumulate  # θ_k freed before θ_{k+1} is read (the closure's default held it too)
-        combined = out.get("combined", torch.zeros(0)).view(x.shape)
+        def cut(k: int, blocks) -> None:  # reads each block right after it is accumulated
+            found = stats.selected[key][k] if stats.selected else None
+            if found is not None and ctx.cache is None:  # used once: not held past this key
+                stats.selected[key][k] = None
+            idx, values = found if found is not None else selection_entries(blocks, *stats.cuts[key][k])
+            entries.append(self._entries(idx, values, x.numel, k, stats, ctx, key))
+
+        combined = x.weighted_sum(_weights(stats.lambdas_of(key)), None if cached else cut)
         entries = ctx.cache[entries_key] if cached else ctx.memo(entries_key, lambda: entries)
         return KeyOutput(self.filtered(x, stats, ctx, combined), entries)
 
