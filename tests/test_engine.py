@@ -165,3 +165,36 @@ def test_wrong_types_are_named_at_construction():
         TIES(weights=[1.0, math.nan])
     with pytest.raises(ConfigError, match=re.escape("dare.rescale=1 is not a bool")):
         build_method("dare", {"rescale": 1})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("weights", [None, [0.5, -1.25, 0.3]])
+def test_weighted_sum_block_by_block_equals_the_whole_vector_sum(monkeypatch, dtype, weights):
+    """``KeyTensors.weighted_sum`` from checkpoints (blocks of v_k = fp32(θ_k) − fp32(θ_pre), never a whole fp32
+    v_k) against the formula over whole tensors, bit for bit; ``consume`` sees each task's blocks once, in
+    order, with their offsets, while the sum grows."""
+    from freemerge_pl.merging import method as method_module
+    from freemerge_pl.merging.engine import CheckpointInputs
+    from freemerge_pl.merging.source import StateDictSource
+
+    monkeypatch.setattr(method_module, "SUM_BLOCK", 100)  # 37 × 29 = 1073 entries: 11 blocks, the last short
+    g = torch.Generator().manual_seed(3)
+    pre = {"w": torch.randn(37, 29, generator=g).to(dtype)}
+    fts = [{"w": (pre["w"].float() + 0.01 * torch.randn(37, 29, generator=g)).to(dtype)} for _ in range(3)]
+    x = CheckpointInputs(StateDictSource(pre, "pre"), [StateDictSource(f, f"ft{i}") for i, f in enumerate(fts)]
+                         ).load("w")
+    vs = [f["w"].float() - pre["w"].float() for f in fts]
+    want = vs[0].clone() if weights is None else vs[0] * weights[0]  # the whole-vector formula (fr_combine's)
+    for k in (1, 2):
+        want.add_(vs[k], alpha=1 if weights is None else weights[k])
+    seen = []
+
+    def consume(k, blocks):
+        for s, c in blocks:
+            seen.append((k, s, c.numel()))
+            assert torch.equal(c, vs[k].reshape(-1)[s:s + c.numel()])
+    got = x.weighted_sum(weights, consume)
+    assert got.shape == (37, 29) and got.dtype == torch.float32
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert seen == [(k, s, min(100, 1073 - s)) for k in range(3) for s in range(0, 1073, 100)]
+    assert torch.equal(x.weighted_sum(weights), got)  # without consume: only summed

@@ -77,6 +77,10 @@ class TopkCut(NamedTuple):
 
 
 _RADIX_MIN = 1 << 16  # entries from which the histogram beats one kthvalue of them all (the same t either way)
+HELD_ENTRIES = 1 << 26
+"""Up to this many entries (256 MiB of float32: a Llama's 32000 × 2048 embedding) ``topk_cut(keep_entries=True)``
+keeps a tensor's values between its reads: FREE's statistics scan holds one task's fp32 v_k of one key, less than
+the merge pass holds for that key (Σλv and its transforms), instead of computing it twice."""
 
 
 def topk_cut(chunks: Callable[[], Iterable[tuple[int, Tensor]]], numel: int, count: int, *,
@@ -97,10 +101,23 @@ def topk_cut(chunks: Callable[[], Iterable[tuple[int, Tensor]]], numel: int, cou
 
     ``keep_entries``: on the histogram path the entries ≥ a are gathered with their flat indices and values, so
     the cut's ``selection_entries`` comes out of the same reads (``TopkCut.entries``; FREE's experts need no
-    selection pass)."""
-    def pieces() -> Iterator[tuple[int, Tensor, Tensor]]:  # (offset, values, magnitudes)
+    selection pass), and a tensor of at most ``HELD_ENTRIES`` entries keeps its chunks' values from the first
+    read for the later steps instead of having ``chunks()`` compute them again (θ_k − θ_pre from checkpoints)."""
+    kept: list[tuple[int, Tensor]] | None = [] if keep_entries and numel <= HELD_ENTRIES else None
+    first = [True]
+
+    def read() -> Iterator[tuple[int, Tensor]]:
+        if kept is not None and not first[0]:
+            yield from kept
+            return
         for s, c in chunks():
             c = c.reshape(-1)
+            if kept is not None:
+                kept.append((s, c))
+            yield s, c
+
+    def pieces() -> Iterator[tuple[int, Tensor, Tensor]]:  # (offset, values, magnitudes)
+        for s, c in read():
             yield s, c, (c.abs() if absolute else c)
 
     def mags() -> Iterator[Tensor]:
@@ -118,6 +135,7 @@ def topk_cut(chunks: Callable[[], Iterable[tuple[int, Tensor]]], numel: int, cou
             h = _high_histogram(m, absolute and math.isfinite(part))
             radix = h is not None
             hist = h if hist is None or h is None else hist.add_(h)
+    first[0] = False
     if not radix:
         values = [held[2]] if seen == 1 else list(mags())
         t, ties = math.inf, 0
