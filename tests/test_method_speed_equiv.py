@@ -287,6 +287,31 @@ def test_topk_cut_equals_kthvalue_and_the_sums(monkeypatch, case, chunk, radix_m
             assert v.numel() < radix_min or bound == 1 or not bool(v.isfinite().all()) or case == "zeros"
 
 
+@pytest.mark.parametrize("layout", ["gauss", "aliased"])
+def test_topk_cut_of_held_values_places_the_cut_from_a_sample(monkeypatch, layout):
+    """Held values (FREE's scan): the candidates come from a sampled floor, without the histogram ("gauss");
+    when the sample misjudges the tensor (every sampled entry large, the rest small: "aliased", the sample's
+    floor leaves fewer than count entries) the cut falls back to the histogram. Both give the naive cut and
+    its entries."""
+    from freemerge_pl.merging import topk
+
+    g = torch.Generator().manual_seed(11)
+    v = (torch.randn(200_000, generator=g) * 1e-3).bfloat16().float()  # ties by the dozen
+    count = 2000
+    if layout == "aliased":  # the sample's stride is min(64, count // 256) = 7
+        v[::7] = 10.0 + torch.rand(v[::7].shape, generator=g)
+    histograms = []
+    real = topk._high_histogram
+    monkeypatch.setattr(topk, "_high_histogram", lambda *a: histograms.append(1) or real(*a))
+    monkeypatch.setattr(topk, "_CHUNK", 28_000)  # 8 chunks, each starting on the stride
+    got = topk.topk_cut(lambda: topk.flat_chunks(v), v.numel(), count, keep_entries=True)
+    want = naive_cut(v, 28_000, count)
+    assert (got.threshold, got.ties, got.total, got.top) == want
+    order = sorted(range(v.numel()), key=lambda i: (-abs(float(v[i])), i))[:count]
+    assert torch.equal(got.entries[0], torch.tensor(sorted(order)))
+    assert bool(histograms) == (layout == "aliased")
+
+
 def test_topk_cut_of_signed_values_leaves_negatives_to_kthvalue(monkeypatch):
     from freemerge_pl.merging import topk
 

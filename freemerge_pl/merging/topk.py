@@ -125,17 +125,31 @@ def topk_cut(chunks: Callable[[], Iterable[tuple[int, Tensor]]], numel: int, cou
 
     total, hist, held, seen = 0.0, None, None, 0
     radix = count > 0 and numel >= _RADIX_MIN
+    sampled = kept is not None and absolute  # held magnitudes: a sampled floor first, the histogram if it fails
     for piece in pieces():
         m = piece[2]
         seen += 1
         held = piece if seen == 1 else None
         part = float(m.sum())
         total += part
-        if radix:
+        if radix and not sampled:
             h = _high_histogram(m, absolute and math.isfinite(part))
             radix = h is not None
             hist = h if hist is None or h is None else hist.add_(h)
     first[0] = False
+    picked = None
+    if radix and sampled:
+        usable = bool(kept) and kept[0][1].dtype == torch.float32 and math.isfinite(total)  # finite, ≥ +0
+        floor = _sampled_floor([c for _, c in kept], count, numel) if usable else None
+        if floor is not None:
+            picked = _picked(pieces(), floor)
+            if sum(p[1].numel() for p in picked) < count:  # the sample ran high: fewer than count entries ≥ it
+                picked = None
+        if picked is None:
+            for m in mags():
+                h = _high_histogram(m, False)
+                radix = radix and h is not None
+                hist = h if hist is None or h is None else hist.add_(h)
     if not radix:
         values = [held[2]] if seen == 1 else list(mags())
         t, ties = math.inf, 0
@@ -144,23 +158,52 @@ def topk_cut(chunks: Callable[[], Iterable[tuple[int, Tensor]]], numel: int, cou
             t = float(m.kthvalue(m.numel() - count + 1).values)
             ties = count - int(torch.count_nonzero(m > t))
         return TopkCut(t, ties, total, _top_sum(values, t, ties))
-    at_least = hist.flip(0).cumsum(0).flip(0)  # [b]: how many values have high bits ≥ b
-    high = int(torch.nonzero(at_least >= count).max())
-    if seen > 1 and int(at_least[high]) > _CHUNK:
-        t, ties = _low_bits_cut(mags, at_least, high, count)
-        return TopkCut(t, ties, total, _top_sum(mags(), t, ties))
-    floor = _bits_float(high << 16)
-    found = [held] if seen == 1 else pieces()
-    if keep_entries:  # per chunk, in index order: (offset, where, their magnitudes, their values)
-        picked = [(s, hit, m[hit], c[hit]) for s, c, m in found for hit in [torch.nonzero(m >= floor).flatten()]]
-        selected = [p[2] for p in picked]
+    if picked is None:
+        at_least = hist.flip(0).cumsum(0).flip(0)  # [b]: how many values have high bits ≥ b
+        high = int(torch.nonzero(at_least >= count).max())
+        if seen > 1 and int(at_least[high]) > _CHUNK:
+            t, ties = _low_bits_cut(mags, at_least, high, count)
+            return TopkCut(t, ties, total, _top_sum(mags(), t, ties))
+        floor = _bits_float(high << 16)
+        found = [held] if seen == 1 else pieces()
+        if keep_entries:  # per chunk, in index order: (offset, where, their magnitudes, their values)
+            picked = _picked(found, floor)
+            selected = [p[2] for p in picked]
+        else:
+            selected = [m[m >= floor] for _, _, m in found]
     else:
-        selected = [m[m >= floor] for _, _, m in found]
+        selected = [p[2] for p in picked]
     pool = selected[0] if len(selected) == 1 else torch.cat(selected)
     t = float(pool.kthvalue(pool.numel() - count + 1).values)
     ties = count - sum(int(torch.count_nonzero(s > t)) for s in selected)
     entries = _selected(((s, hit, m, c) for s, hit, m, c in picked), t, ties) if keep_entries else None
     return TopkCut(t, ties, total, _top_sum(selected, t, ties), entries)
+
+
+def _picked(pieces: Iterable[tuple[int, Tensor, Tensor]], floor: float) -> list[tuple[int, Tensor, Tensor, Tensor]]:
+    """Per chunk, in index order, the entries whose magnitude is ≥ ``floor``: ``(offset, where, their magnitudes,
+    their values)``."""
+    return [(s, hit, m[hit], c[hit]) for s, c, m in pieces for hit in [torch.nonzero(m >= floor).flatten()]]
+
+
+_SAMPLE_STRIDE = 64  # one entry in this many enters the sampled floor of ``topk_cut``
+_SAMPLE_MIN = 256  # sampled entries expected above the count-th largest, at least
+
+
+def _sampled_floor(values: Sequence[Tensor], count: int, numel: int) -> float | None:
+    """A magnitude a with (most likely) at least ``count`` entries ≥ a, from every ``stride``-th entry of
+    ``values`` (flat float32 chunks of ``numel`` entries in all, finite): the sample's magnitude of rank
+    ``1.1·count/stride + 4`` from the top, below the sample's own estimate of the count-th largest (about 10 %
+    more candidates than needed). The caller counts the entries ≥ a and falls back to the histogram when there
+    are fewer than ``count``; None when the top ``count`` is too small a share for a sample to place it."""
+    stride = min(_SAMPLE_STRIDE, count // _SAMPLE_MIN)
+    if stride < 2:
+        return None
+    sample = torch.cat([v[::stride] for v in values]).abs_()
+    rank = math.ceil(1.1 * count / stride) + 4
+    if rank > sample.numel():
+        return None
+    return float(sample.kthvalue(sample.numel() - rank + 1).values)
 
 
 def _bits_float(bits: int) -> float:
