@@ -55,8 +55,27 @@ def flat_chunks(v: Tensor, size: int | None = None) -> Iterator[tuple[int, Tenso
 
 def chunked_abs_sum(chunks: Iterable[tuple[int, Tensor]]) -> float:
     """Σ|v| over ``flat_chunks``-style chunks: one float32 sum per chunk, added in float64 (so the same
-    value whether v is whole in memory or computed chunk by chunk from checkpoints)."""
-    return sum(float(c.abs().sum()) for _, c in chunks)
+    value whether v is whole in memory or computed chunk by chunk from checkpoints).
+
+    Chunks that can be had in smaller blocks (``VectorChunks.blocks``: θ_k − θ_pre computed on the fly) are
+    built ``SUM_BLOCK`` entries at a time, each block's |v| written into one reused chunk-sized buffer that is
+    summed when full: the same values summed as one tensor of the same length, so the same float32 sum, with
+    each block's conversion, subtraction and abs in cache (about 1 ns an entry against 4)."""
+    blocks = getattr(chunks, "blocks", None)
+    size = _CHUNK
+    step = min(SUM_BLOCK, size)
+    if blocks is None or size % step:
+        return sum(float(c.abs().sum()) for _, c in chunks)
+    total, buf = 0.0, None
+    for s, c in blocks(step):
+        c = c.reshape(-1)
+        if buf is None or buf.dtype != c.dtype:
+            buf = torch.empty(min(size, chunks.numel), dtype=c.dtype, device=c.device)
+        start, stop = s % size, s % size + c.numel()
+        torch.abs(c, out=buf[start:stop])
+        if stop == size or s + c.numel() == chunks.numel:  # a chunk complete (or the tensor's last, short one)
+            total += float(buf[:stop].sum())
+    return total
 
 
 # -------------------------------------------------------------------------------------- one tensor's top-k
