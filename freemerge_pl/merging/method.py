@@ -126,17 +126,19 @@ class KeyTensors:
                      consume: Callable[[int, Iterator[tuple[int, Tensor]]], None] | None = None) -> Tensor:
         """``Σ_k w_k v_k`` in float32 (``weights`` None: ``Σ_k v_k``), accumulated block by block
         (``SUM_BLOCK``) as each v_k's blocks are computed (``vector_chunks``): from checkpoints no float32 v_k
-        exists, and each block's work runs in cache. Elementwise the same float32 operations as over whole
+        exists, and each block's work runs in cache (task vectors already in memory are one block). Elementwise the same float32 operations as over whole
         vectors (v_0 copied, or v_0·w_0; then ``add_`` of v_k, with ``alpha=w_k``), so the same values.
 
         ``consume(k, blocks)``: task k's ``(offset, block)`` iterator is handed to it, and the sum grows as it
         pulls the blocks (FREE's expert cut reads v_k in the same pass); what it leaves is drained. Without it
         the blocks are only summed."""
         out: list[Tensor] = []  # the sum, allocated on the first block's device
+        computed = self._stack is None and self._chunk_loaders is not None  # else v_k is in memory: one block
+        size = SUM_BLOCK if computed else max(1, self.numel)
 
         def summed(k: int) -> Iterator[tuple[int, Tensor]]:
             w = None if weights is None else weights[k]
-            for s, c in self.vector_chunks(k).blocks(SUM_BLOCK):
+            for s, c in self.vector_chunks(k).blocks(size):
                 c = c.reshape(-1)
                 c = c if c.dtype == torch.float32 else c.to(torch.float32)
                 if not out:
