@@ -126,8 +126,9 @@ class KeyTensors:
                      consume: Callable[[int, Iterator[tuple[int, Tensor]]], None] | None = None) -> Tensor:
         """``Σ_k w_k v_k`` in float32 (``weights`` None: ``Σ_k v_k``), accumulated block by block
         (``SUM_BLOCK``) as each v_k's blocks are computed (``vector_chunks``): from checkpoints no float32 v_k
-        exists, and each block's work runs in cache (task vectors already in memory are one block). Elementwise the same float32 operations as over whole
-        vectors (v_0 copied, or v_0·w_0; then ``add_`` of v_k, with ``alpha=w_k``), so the same values.
+        exists, and each block's work runs in cache (task vectors already in memory are one block). Elementwise
+        the same float32 operations as over whole vectors (v_0 copied, or v_0·w_0; then ``add_`` of v_k, with
+        ``alpha=w_k``), so the same values.
 
         ``consume(k, blocks)``: task k's ``(offset, block)`` iterator is handed to it, and the sum grows as it
         pulls the blocks (FREE's expert cut reads v_k in the same pass); what it leaves is drained. Without it

@@ -121,7 +121,10 @@ def topk_cut(chunks: Callable[[], Iterable[tuple[int, Tensor]]], numel: int, cou
     ``keep_entries``: on the histogram path the entries ≥ a are gathered with their flat indices and values, so
     the cut's ``selection_entries`` comes out of the same reads (``TopkCut.entries``; FREE's experts need no
     selection pass), and a tensor of at most ``HELD_ENTRIES`` entries keeps its chunks' values from the first
-    read for the later steps instead of having ``chunks()`` compute them again (θ_k − θ_pre from checkpoints)."""
+    read for the later steps instead of having ``chunks()`` compute them again (θ_k − θ_pre from checkpoints).
+    Held magnitudes skip the histogram: a ≤ t comes from a strided sample (``_sampled_floor``), is checked by
+    counting the entries ≥ a, and the histogram is built only when fewer than ``count`` are (the same t, ties,
+    sums and entries either way)."""
     kept: list[tuple[int, Tensor]] | None = [] if keep_entries and numel <= HELD_ENTRIES else None
     first = [True]
 
@@ -159,7 +162,7 @@ def topk_cut(chunks: Callable[[], Iterable[tuple[int, Tensor]]], numel: int, cou
     picked = None
     if radix and sampled:
         usable = bool(kept) and kept[0][1].dtype == torch.float32 and math.isfinite(total)  # finite, ≥ +0
-        floor = _sampled_floor([c for _, c in kept], count, numel) if usable else None
+        floor = _sampled_floor([c for _, c in kept], count) if usable else None
         if floor is not None:
             picked = _picked(pieces(), floor)
             if sum(p[1].numel() for p in picked) < count:  # the sample ran high: fewer than count entries ≥ it
@@ -209,9 +212,9 @@ _SAMPLE_STRIDE = 64  # one entry in this many enters the sampled floor of ``topk
 _SAMPLE_MIN = 256  # sampled entries expected above the count-th largest, at least
 
 
-def _sampled_floor(values: Sequence[Tensor], count: int, numel: int) -> float | None:
-    """A magnitude a with (most likely) at least ``count`` entries ≥ a, from every ``stride``-th entry of
-    ``values`` (flat float32 chunks of ``numel`` entries in all, finite): the sample's magnitude of rank
+def _sampled_floor(values: Sequence[Tensor], count: int) -> float | None:
+    """A magnitude a with (most likely) at least ``count`` entries ≥ a, from every ``stride``-th entry of each
+    of ``values`` (flat float32 chunks, finite): the sample's magnitude of rank
     ``1.1·count/stride + 4`` from the top, below the sample's own estimate of the count-th largest (about 10 %
     more candidates than needed). The caller counts the entries ≥ a and falls back to the histogram when there
     are fewer than ``count``; None when the top ``count`` is too small a share for a sample to place it."""
