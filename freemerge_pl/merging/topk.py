@@ -121,10 +121,8 @@ def topk_cut(chunks: Callable[[], Iterable[tuple[int, Tensor]]], numel: int, cou
     ``keep_entries``: on the histogram path the entries ≥ a are gathered with their flat indices and values, so
     the cut's ``selection_entries`` comes out of the same reads (``TopkCut.entries``; FREE's experts need no
     selection pass), and a tensor of at most ``HELD_ENTRIES`` entries keeps its chunks' values from the first
-    read for the later steps instead of having ``chunks()`` compute them again (θ_k − θ_pre from checkpoints).
-    Held magnitudes skip the histogram: a ≤ t comes from a strided sample (``_sampled_floor``), is checked by
-    counting the entries ≥ a, and the histogram is built only when fewer than ``count`` are (the same t, ties,
-    sums and entries either way)."""
+    read for the later steps instead of having ``chunks()`` compute them again (θ_k − θ_pre from checkpoints);
+    held magnitudes take a from a sample (``_sampled_floor``), the histogram only if fewer than count are ≥ it."""
     kept: list[tuple[int, Tensor]] | None = [] if keep_entries and numel <= HELD_ENTRIES else None
     first = [True]
 
@@ -203,8 +201,7 @@ def topk_cut(chunks: Callable[[], Iterable[tuple[int, Tensor]]], numel: int, cou
 
 
 def _picked(pieces: Iterable[tuple[int, Tensor, Tensor]], floor: float) -> list[tuple[int, Tensor, Tensor, Tensor]]:
-    """Per chunk, in index order, the entries whose magnitude is ≥ ``floor``: ``(offset, where, their magnitudes,
-    their values)``."""
+    """Per chunk, in index order, ``(offset, where, magnitudes, values)`` of the entries with magnitude ≥ floor."""
     return [(s, hit, m[hit], c[hit]) for s, c, m in pieces for hit in [torch.nonzero(m >= floor).flatten()]]
 
 
