@@ -219,3 +219,22 @@ def test_chunked_abs_sum_in_blocks_equals_one_sum_per_chunk(monkeypatch, chunk, 
     want = sum(float(v[s:s + chunk].abs().sum()) for s in range(0, v.numel(), chunk))
     assert topk.chunked_abs_sum(x.vector_chunks(0)) == want
     assert topk.chunked_abs_sum(topk.flat_chunks(v)) == want  # the in-memory path (no blocks)
+
+
+def test_values_at_sorted_indices_from_chunks_equals_indexing():
+    """FREE's merge pass reads v_k at the cut's indices (kept by the statistics scan as a delta8 stream) from the
+    blocks it sums: the values equal plain indexing of the whole vector, whatever the block boundaries."""
+    from freemerge_pl.merging.experts import decode_indices, encode_indices
+    from freemerge_pl.merging.methods.fr import values_at
+
+    g = torch.Generator().manual_seed(9)
+    v = torch.randn(10_000, generator=g)
+    idx = torch.randperm(10_000, generator=g)[:137].sort().values
+    idx = torch.cat([idx, torch.tensor([9_999])]).unique()  # the last entry too
+    stream = encode_indices(idx, v.numel(), "delta8")
+    back = decode_indices(stream, v.numel(), "delta8", idx.numel())
+    assert torch.equal(back.long(), idx)
+    for size in (1, 97, 4096, 10_000):
+        chunks = [(s, v[s:s + size]) for s in range(0, v.numel(), size)]
+        assert torch.equal(values_at(iter(chunks), back), v[idx])
+    assert values_at(iter([]), back[:0]).numel() == 0

@@ -211,9 +211,10 @@ def _band_highpass_(x: Tensor, keep: Tensor, width: int, real_dim: int) -> Tenso
         spec = torch.fft.rfft(block, dim=-1)
         if band is not None:
             band[i:i + s] = spec[:, :width]
-    low = torch.fft.ifft(torch.fft.fft(spec[:, :width] if band is None else band, dim=0).masked_fill_(keep, 0),
-                         dim=0)
-    del band
+    coefficients = torch.fft.fft(spec[:, :width] if band is None else band, dim=0)
+    del band  # freed before the inverse: two band-sized buffers at a time, not three (a vocabulary-sized key's peak)
+    low = torch.fft.ifft(coefficients.masked_fill_(keep, 0), dim=0)
+    del coefficients
     if spec.shape[0] != step:  # the last block was short: a full-height buffer for the inverse
         spec = torch.empty((step, spec.shape[1]), dtype=ctype, device=x.device)
     spec[:, width:] = 0

@@ -18,7 +18,13 @@ from torch import Tensor
 
 from freemerge_pl.errors import HyperparameterError
 from freemerge_pl.merging.base import StateDict
-from freemerge_pl.merging.experts import SparseExpert, index_dtype, rescalers_from_sums
+from freemerge_pl.merging.experts import (
+    SparseExpert,
+    decode_indices,
+    encode_indices,
+    index_dtype,
+    rescalers_from_sums,
+)
 from freemerge_pl.merging.fourier import Spectrum, highpass
 from freemerge_pl.merging.method import (
     Context,
@@ -113,6 +119,18 @@ def fr_merge_tensor(
     return filtered if scaling == 1 else scaling * filtered
 
 
+def values_at(chunks: Iterable[tuple[int, Tensor]], idx: Tensor) -> Tensor:
+    """The values at sorted flat indices ``idx`` of a tensor given as ``(offset, flat chunk)`` pairs in order
+    (every chunk is read; the values are the chunks' own, as ``selection_entries`` returns them)."""
+    found, lo = [], 0
+    for s, c in chunks:
+        c = c.reshape(-1)
+        hi = int(torch.searchsorted(idx, s + c.numel()))
+        found.append(c[(idx[lo:hi] - s).long()])
+        lo = hi
+    return torch.cat(found) if found else torch.zeros(0)
+
+
 def _info(values: Tensor | dict[str, Tensor]) -> list | dict:
     if isinstance(values, dict):
         return {k: v.tolist() for k, v in values.items()}
@@ -123,13 +141,14 @@ def _info(values: Tensor | dict[str, Tensor]) -> list | dict:
 class FRStats:
     """λ (a [K] tensor or key → [K]); for FREE also μ and each key's expert cut per task: ``(t, ties)``,
     keep |v| > t plus the first ``ties`` entries equal to t, or every |v| ≥ t when ``ties`` is −1 (model
-    scope; ``topk.selection_entries``); ``selected``: per key and task the entries of that cut (flat indices,
-    v_k there) when the scan found them (``TopkCut.entries``), else None."""
+    scope; ``topk.selection_entries``); ``selected``: per key and task the flat indices of that cut when the scan
+    found them (``TopkCut.entries``) as a ``delta8`` stream and their count (about a byte an entry: held from
+    the scan to the merge pass, which reads v_k there), else None."""
 
     lambdas: Tensor | dict[str, Tensor]
     mu: Tensor | dict[str, Tensor] | None = None
     cuts: dict[str, list[tuple[float, int]]] | None = None
-    selected: dict[str, list[tuple[Tensor, Tensor] | None]] | None = None  # the cut's entries, found by the scan
+    selected: dict[str, list[tuple[Tensor, int] | None]] | None = None  # the cut's indices, found by the scan
 
     def lambdas_of(self, key: str) -> Tensor:
         return self.lambdas[key] if isinstance(self.lambdas, dict) else self.lambdas
@@ -238,8 +257,8 @@ class FREEMerging(FRMerging):
                         total.append(found.total)
                         cut.append((found.threshold, found.ties))
                         top.append(found.top)
-                        entries.append(found.entries and (found.entries[0].to(index_dtype(v.numel)),
-                                                          found.entries[1]))  # held until the merge pass
+                        entries.append(None if found.entries is None else  # held until the merge pass
+                                       (encode_indices(found.entries[0], v.numel, "delta8"), len(found.entries[0])))
                     else:  # one model-wide threshold: every |v| ≥ it
                         total.append(chunked_abs_sum(v))
                         cut.append((float(thresholds[k]), -1))
@@ -283,7 +302,11 @@ class FREEMerging(FRMerging):
             found = stats.selected[key][k] if stats.selected else None
             if found is not None and ctx.cache is None:  # used once: not held past this key
                 stats.selected[key][k] = None
-            idx, values = found if found is not None else selection_entries(blocks, *stats.cuts[key][k])
+            if found is None:
+                idx, values = selection_entries(blocks, *stats.cuts[key][k])
+            else:
+                idx = decode_indices(found[0], x.numel, "delta8", found[1])
+                values = values_at(blocks, idx)
             entries.append(self._entries(idx, values, x.numel, k, stats, ctx, key))
 
         combined = x.weighted_sum(_weights(stats.lambdas_of(key)), None if cached else cut)
