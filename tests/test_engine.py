@@ -189,7 +189,8 @@ def test_weighted_sum_block_by_block_equals_the_whole_vector_sum(monkeypatch, dt
         want.add_(vs[k], alpha=1 if weights is None else weights[k])
     seen = []
 
-    def consume(k, blocks):
+    def consume(k, chunks, blocks):
+        assert chunks.numel == 37 * 29
         for s, c in blocks:
             seen.append((k, s, c.numel()))
             assert torch.equal(c, vs[k].reshape(-1)[s:s + c.numel()])
@@ -221,20 +222,22 @@ def test_chunked_abs_sum_in_blocks_equals_one_sum_per_chunk(monkeypatch, chunk, 
     assert topk.chunked_abs_sum(topk.flat_chunks(v)) == want  # the in-memory path (no blocks)
 
 
-def test_values_at_sorted_indices_from_chunks_equals_indexing():
-    """FREE's merge pass reads v_k at the cut's indices (kept by the statistics scan as a delta8 stream) from the
-    blocks it sums: the values equal plain indexing of the whole vector, whatever the block boundaries."""
+def test_vector_chunks_at_indices_equals_the_whole_task_vector():
+    """FREE's merge pass reads v_k at the cut's indices (kept by the statistics scan as a delta8 stream) with
+    ``VectorChunks.at``: from checkpoints fp32(θ_k) − fp32(θ_pre) at those entries only, bit for bit the whole
+    task vector's values there; in memory plain indexing."""
+    from freemerge_pl.merging.engine import CheckpointInputs, TaskVectorInputs
     from freemerge_pl.merging.experts import decode_indices, encode_indices
-    from freemerge_pl.merging.methods.fr import values_at
+    from freemerge_pl.merging.source import StateDictSource
 
     g = torch.Generator().manual_seed(9)
-    v = torch.randn(10_000, generator=g)
-    idx = torch.randperm(10_000, generator=g)[:137].sort().values
-    idx = torch.cat([idx, torch.tensor([9_999])]).unique()  # the last entry too
-    stream = encode_indices(idx, v.numel(), "delta8")
-    back = decode_indices(stream, v.numel(), "delta8", idx.numel())
+    pre = {"w": torch.randn(100, 100, generator=g).bfloat16()}
+    ft = {"w": (pre["w"].float() + 0.01 * torch.randn(100, 100, generator=g)).bfloat16()}
+    v = (ft["w"].float() - pre["w"].float()).reshape(-1)
+    idx = torch.cat([torch.randperm(10_000, generator=g)[:137], torch.tensor([9_999])]).unique()
+    back = decode_indices(encode_indices(idx, 10_000, "delta8"), 10_000, "delta8", idx.numel())
     assert torch.equal(back.long(), idx)
-    for size in (1, 97, 4096, 10_000):
-        chunks = [(s, v[s:s + size]) for s in range(0, v.numel(), size)]
-        assert torch.equal(values_at(iter(chunks), back), v[idx])
-    assert values_at(iter([]), back[:0]).numel() == 0
+    x = CheckpointInputs(StateDictSource(pre, "pre"), [StateDictSource(ft, "ft")]).load("w")
+    assert torch.equal(x.vector_chunks(0).at(idx).view(torch.int32), v[idx].view(torch.int32))
+    y = TaskVectorInputs([{"w": v.reshape(100, 100)}]).load("w")
+    assert torch.equal(y.vector_chunks(0).at(idx), v[idx])

@@ -214,13 +214,14 @@ class CheckpointInputs(MergeInputs):
                 base = pre()
                 if base.dtype not in WIDEN_EXACTLY:  # float64 θ_pre: the whole-vector path
                     v = loader(k)()
-                    return VectorChunks(v.numel(), lambda size: flat_chunks(v, size))
+                    return VectorChunks(v.numel(), lambda size: flat_chunks(v, size), lambda idx: v.reshape(-1)[idx])
                 t, b = theta(k).to(base.device).reshape(-1), base.reshape(-1)
 
                 def chunks(size: int | None):  # fp32(θ_k) − fp32(θ_pre) per chunk: the same values as ``loader``'s
                     for s, part in flat_chunks(t, size):
                         yield s, part.to(torch.float32, copy=True).sub_(b[s:s + part.numel()])
-                return VectorChunks(t.numel(), chunks)
+                return VectorChunks(t.numel(), chunks,  # the same float32 operation at the given entries
+                                    lambda idx: t[idx].to(torch.float32).sub_(b[idx]))
             return load
 
         return KeyTensors(key, self.shapes[key], self.dtypes[key], [loader(k) for k in range(self.num_tasks)],

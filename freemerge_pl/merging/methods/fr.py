@@ -119,18 +119,6 @@ def fr_merge_tensor(
     return filtered if scaling == 1 else scaling * filtered
 
 
-def values_at(chunks: Iterable[tuple[int, Tensor]], idx: Tensor) -> Tensor:
-    """The values at sorted flat indices ``idx`` of a tensor given as ``(offset, flat chunk)`` pairs in order
-    (every chunk is read; the values are the chunks' own, as ``selection_entries`` returns them)."""
-    found, lo = [], 0
-    for s, c in chunks:
-        c = c.reshape(-1)
-        hi = int(torch.searchsorted(idx, s + c.numel()))
-        found.append(c[(idx[lo:hi] - s).long()])
-        lo = hi
-    return torch.cat(found) if found else torch.zeros(0)
-
-
 def _info(values: Tensor | dict[str, Tensor]) -> list | dict:
     if isinstance(values, dict):
         return {k: v.tolist() for k, v in values.items()}
@@ -298,7 +286,7 @@ class FREEMerging(FRMerging):
         # entries (found by the statistics scan, or cut here)
         entries = []
 
-        def cut(k: int, blocks) -> None:  # reads each block right after it is accumulated
+        def cut(k: int, chunks, blocks) -> None:  # reads each block right after it is accumulated
             found = stats.selected[key][k] if stats.selected else None
             if found is not None and ctx.cache is None:  # used once: not held past this key
                 stats.selected[key][k] = None
@@ -306,7 +294,7 @@ class FREEMerging(FRMerging):
                 idx, values = selection_entries(blocks, *stats.cuts[key][k])
             else:
                 idx = decode_indices(found[0], x.numel, "delta8", found[1])
-                values = values_at(blocks, idx)
+                values = chunks.at(idx.long())
             entries.append(self._entries(idx, values, x.numel, k, stats, ctx, key))
 
         combined = x.weighted_sum(_weights(stats.lambdas_of(key)), None if cached else cut)
