@@ -190,7 +190,7 @@ def key_kind(key: str) -> str:
     return re.sub(r"^model\.layers\.\d+\.", "layers.*.", key)
 
 
-OTHER = "other (not in a traced step: Σλv, expert gathers, θ_pre + delta, bookkeeping)"
+OTHER = "other (not in a traced step: expert entries read back and stored, output casts, bookkeeping)"
 
 
 class Tracer:
@@ -346,11 +346,13 @@ TRACED_STEPS = [
     ("freemerge_pl.merging.method", "KeyTensors.vector", "task vector θ_k − θ_pre (+ θ_pre → fp32)"),
     ("freemerge_pl.merging.engine", "all_finite", "finite check"),
     ("torch", "isfinite", "finite check (torch.isfinite)"),
-    ("freemerge_pl.merging.methods.fr", "abs_sum", "Σ|v| (λ)"),
+    ("freemerge_pl.merging.method", "KeyTensors.weighted_sum", "Σ_k w_k v_k, block by block (+ θ_k − θ_pre)"),
+    ("freemerge_pl.merging.topk", "chunked_abs_sum", "Σ|v| (λ)"),
     ("freemerge_pl.merging.topk", "topk_cut", "expert threshold (k-th largest |v|)"),
     ("freemerge_pl.merging.topk", "selection_entries", "expert cut (indices ≥ threshold)"),
     ("freemerge_pl.merging.fourier", "Spectrum.highpass", "FFT high-pass"),
     ("freemerge_pl.merging.engine", "apply_key", "θ_pre + delta → out dtype"),
+    ("freemerge_pl.merging.engine", "add_pretrained_", "θ_pre + delta (in place)"),
 ]
 
 

@@ -213,8 +213,7 @@ class CheckpointInputs(MergeInputs):
             def load() -> VectorChunks:
                 base = pre()
                 if base.dtype not in WIDEN_EXACTLY:  # float64 θ_pre: the whole-vector path
-                    v = loader(k)()
-                    return VectorChunks(v.numel(), lambda size: flat_chunks(v, size), lambda idx: v.reshape(-1)[idx])
+                    return VectorChunks.of(loader(k)())
                 t, b = theta(k).to(base.device).reshape(-1), base.reshape(-1)
 
                 def chunks(size: int | None):  # fp32(θ_k) − fp32(θ_pre) per chunk: the same values as ``loader``'s

@@ -61,6 +61,11 @@ class VectorChunks:
         """The values at flat indices ``idx`` (the chunks' own values, computed at those entries only)."""
         return self._at(idx)
 
+    @classmethod
+    def of(cls, v: Tensor) -> VectorChunks:
+        """Views of a task vector held in memory."""
+        return cls(v.numel(), lambda size: flat_chunks(v, size), lambda idx: v.reshape(-1)[idx])
+
     def __iter__(self) -> Iterator[tuple[int, Tensor]]:
         return self._chunks(None)
 
@@ -123,10 +128,14 @@ class KeyTensors:
         read once and each chunk of θ_k − θ_pre is computed when reached, so a pass over a large tensor holds
         θ_k and one chunk instead of a float32 v_k; otherwise views of ``vector(k)``. The values equal
         ``vector(k)``'s element for element."""
-        if self._stack is None and self._chunk_loaders is not None:
+        if self._computed:
             return self._chunk_loaders[k]()
-        v = self.vector(k)
-        return VectorChunks(v.numel(), lambda size: flat_chunks(v, size), lambda idx: v.reshape(-1)[idx])
+        return VectorChunks.of(self.vector(k))
+
+    @property
+    def _computed(self) -> bool:
+        """v_k is computed chunk by chunk from checkpoints (``vector_chunks``), not held in memory."""
+        return self._stack is None and self._chunk_loaders is not None
 
     def weighted_sum(self, weights: Sequence[float] | None = None,
                      consume: Callable[[int, VectorChunks, Iterator[tuple[int, Tensor]]], None] | None = None
@@ -141,8 +150,7 @@ class KeyTensors:
         and the sum grows as it pulls the blocks (FREE's expert cut reads v_k in the same pass); what it leaves is
         drained. Without it the blocks are only summed."""
         out: list[Tensor] = []  # the sum, allocated on the first block's device
-        computed = self._stack is None and self._chunk_loaders is not None  # else v_k is in memory: one block
-        size = SUM_BLOCK if computed else max(1, self.numel)
+        size = SUM_BLOCK if self._computed else max(1, self.numel)  # a v_k in memory is one block
 
         def summed(k: int, chunks: VectorChunks) -> Iterator[tuple[int, Tensor]]:
             w = None if weights is None else weights[k]
