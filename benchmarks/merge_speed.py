@@ -182,13 +182,10 @@ def method_floors(tvs) -> dict[str, tuple[str, callable]]:
         for rows in pcb_rows:
             kernel = pcb._PairKernel(rows, pcb_stats)
             lo, span, dead = kernel.exponent_terms()
-            d = kernel.diagonal
             for _, block in kernel.blocks():
                 kernel.products(block)  # the min/max pass
                 for _ in range(2):  # the softmax denominators' pass, then β's
-                    p = kernel.products(block)
-                    kernel.exponents_(p[d], lo[d], span[d], None if dead is None else dead[d], float(K))
-                    kernel.exponents_(p, lo, span, dead, 1.0)
+                    kernel.exponentials(block, lo, span, dead)
 
     return {
         "pcb": (("its pair products and exponentials alone (τ_i ⊙ τ_j of every pair in each of its three passes; "

@@ -15,7 +15,7 @@ from freemerge_pl.errors import ConfigError, HyperparameterError
 from freemerge_pl.merging import build_method, get_method, list_methods
 from freemerge_pl.merging.engine import TaskVectorInputs, execute, merge_task_vectors
 from freemerge_pl.merging.methods.ties import TIES
-from freemerge_pl.merging.topk import OrderStatistics, key_to_float, ordered_keys
+from freemerge_pl.merging.order_statistics import OrderStatistics, key_to_float, ordered_keys
 from freemerge_pl.settings import Range
 
 

@@ -15,12 +15,13 @@ import pytest
 import torch
 
 from freemerge_pl.merging.engine import TaskVectorInputs, merge_task_vectors, preflight
-from freemerge_pl.merging.method import Scan
+from freemerge_pl.merging.method import Scan, VectorChunks
 from freemerge_pl.merging.methods import pcb
 from freemerge_pl.merging.methods.emr import EMR, emr_unify
 from freemerge_pl.merging.methods.pcb import PCB
 from freemerge_pl.merging.ops import disjoint_merge, elect_sign, magprune_drop_probabilities, ties_combine
-from freemerge_pl.merging.topk import abs_order_statistics, magnitude_band_mask
+from freemerge_pl.merging.order_statistics import abs_order_statistics
+from freemerge_pl.merging.topk import magnitude_band_mask
 
 
 def naive_pcb_stats(flat: torch.Tensor):
@@ -272,44 +273,102 @@ def test_topk_cut_equals_kthvalue_and_the_sums(monkeypatch, case, chunk, radix_m
     if not bool(v.isnan().any()):  # the cut keeps exactly count entries, ties by index
         order = sorted(range(v.numel()), key=lambda i: (-abs(float(v[i])), i))
         assert torch.equal(idx, torch.tensor(sorted(order[:count]), dtype=torch.long))
-    for held in (v.numel(), v.numel() - 1):  # values held between the reads, or read again
-        monkeypatch.setattr(topk, "HELD_ENTRIES", held)
-        reads = []
-        kept = topk.topk_cut(lambda reads=reads: reads.append(1) or iter(chunks), v.numel(), count,
-                             keep_entries=True)
-        assert all(same_float(a, b) for a, b in zip(kept[:4], got[:4]))  # the entries change nothing else
-        if held == v.numel():
-            assert len(reads) == 1
-        if kept.entries is not None:  # found on the way: the cut's own entries, values as stored in v
-            assert torch.equal(kept.entries[0], idx)
-            assert torch.equal(kept.entries[1].view(torch.int32), v[idx].view(torch.int32))
-        else:  # only off the histogram path: kthvalue (small, negative, non-finite) or the low-bits pass
-            assert v.numel() < radix_min or bound == 1 or not bool(v.isfinite().all()) or case == "zeros"
+    indexed = topk.topk_cut(lambda: iter(chunks), v.numel(), count, keep_indices=True)
+    assert all(same_float(a, b) for a, b in zip(indexed[:4], got[:4]))  # the indices change nothing else
+    if indexed.indices is not None:  # found on the way: the cut's own entries
+        assert torch.equal(indexed.indices, idx)
+    else:  # only off the histogram path: kthvalue (small, negative, non-finite) or the low-bits pass
+        assert v.numel() < radix_min or bound == 1 or not bool(v.isfinite().all()) or case == "zeros"
+
+
+def counted_chunks(v: torch.Tensor, reads: list) -> VectorChunks:
+    """``VectorChunks.of(v)`` that counts its reads (a whole pass of blocks or chunks) in ``reads``."""
+    inner = VectorChunks.of(v)
+    return VectorChunks(v.numel(), lambda size: reads.append(size) or inner.blocks(size), inner.at)
+
+
+@pytest.mark.parametrize("case", list(cut_cases()))
+@pytest.mark.parametrize("count", [1, 30, 299, 1500, 2900])
+def test_sampled_cut_equals_the_naive_cut_in_one_read(monkeypatch, case, count):
+    """``sampled_cut`` (a floor from every stride-th |v|, candidates gathered block by block while |v| is
+    summed): the naive cut's t, ties and sums bit for bit and the sorted top ``count`` (ties by index); one read
+    when the sample places the cut, ``topk_cut``'s otherwise (small stride, non-finite values)."""
+    from freemerge_pl.merging import topk
+
+    v = cut_cases()[case]
+    monkeypatch.setattr(topk, "_RADIX_MIN", 100)
+    monkeypatch.setattr(topk, "_CHUNK", 700)  # 5 chunks (a short last one) of 7 blocks
+    monkeypatch.setattr(topk, "SUM_BLOCK", 100)
+    monkeypatch.setattr(topk, "_SAMPLE_MIN", 8)  # strides 3, 37, 64 for counts 30, 299, 1500
+    monkeypatch.setattr(topk, "_SAMPLE_RUN", 4)  # runs of 4: enough of them in 3000 entries
+    reads = []
+    got = topk.sampled_cut(counted_chunks(v, reads), count)
+    want = naive_cut(v, 700, count)
+    assert same_float(got.threshold, want[0]) and got.ties == want[1]
+    assert same_float(got.total, want[2]) and same_float(got.top, want[3])
+    sampled = reads == [100]
+    if not bool(v.isfinite().all()) or count in (1, 2900):  # Inf/NaN, or no sample can place the cut
+        assert not sampled, reads
+    elif case in ("gauss", "bf16"):
+        assert sampled, reads
+    if not bool(v.isnan().any()) and got.indices is not None:
+        order = sorted(range(v.numel()), key=lambda i: (-abs(float(v[i])), i))
+        assert torch.equal(got.indices, torch.tensor(sorted(order[:count]), dtype=torch.long))
+    assert sampled <= (got.indices is not None)
+
+
+@pytest.mark.parametrize("n", [0, 5, 8, 1000, 1003, 1 << 17])
+@pytest.mark.parametrize("share", [0.0, 0.01, 0.5, 1.0])
+def test_positions_at_least_equal_nonzero(n, share):
+    """The positions of m ≥ floor found through the mask's 8-byte words: ``torch.nonzero``'s, in order (NaN
+    never ≥, lengths that are not a multiple of 8 included)."""
+    from freemerge_pl.merging import topk
+
+    m = torch.rand(n, generator=torch.Generator().manual_seed(n))
+    if n > 3:
+        m[3] = math.nan
+    floor = 1.0 - share if share < 1 else 0.0
+    want = [i for i in range(n) if float(m[i]) >= floor]
+    assert topk.positions_at_least(m, floor).tolist() == want
+
+
+def test_gather_blocks_takes_each_index_from_its_block():
+    """Values at sorted flat indices, taken block by block (ragged last block, blocks without an index): those
+    of the whole vector."""
+    from freemerge_pl.merging import topk
+
+    v = torch.randn(1000, generator=torch.Generator().manual_seed(2))
+    idx = torch.tensor([0, 1, 99, 100, 101, 512, 999])
+    got = topk.gather_blocks(topk.flat_chunks(v, 100), idx)
+    assert torch.equal(got, torch.stack([v[i] for i in idx.tolist()]))
+    assert topk.gather_blocks(topk.flat_chunks(v, 100), torch.zeros(0, dtype=torch.long)).numel() == 0
 
 
 @pytest.mark.parametrize("layout", ["gauss", "aliased"])
-def test_topk_cut_of_held_values_places_the_cut_from_a_sample(monkeypatch, layout):
-    """Held values (FREE's scan): the candidates come from a sampled floor, without the histogram ("gauss");
-    when the sample misjudges the tensor (every sampled entry large, the rest small: "aliased", the sample's
-    floor leaves fewer than count entries) the cut falls back to the histogram. Both give the naive cut and
-    its entries."""
+def test_sampled_cut_falls_back_when_the_sample_misjudges(monkeypatch, layout):
+    """FREE's cut: the candidates come from a sampled floor, in one read ("gauss"); when the sample misjudges
+    the tensor (every sampled entry large, the rest small: "aliased", the sample's floor leaves fewer than count
+    entries) the cut falls back to ``topk_cut``'s histogram. Both give the naive cut and its entries."""
     from freemerge_pl.merging import topk
 
     g = torch.Generator().manual_seed(11)
     v = (torch.randn(200_000, generator=g) * 1e-3).bfloat16().float()  # ties by the dozen
     count = 2000
-    if layout == "aliased":  # the sample's stride is min(64, count // 256) = 7
-        v[::7] = 10.0 + torch.rand(v[::7].shape, generator=g)
+    if layout == "aliased":  # every sampled entry large (the sample's stride is min(64, count // 256) = 7)
+        at = topk.sample_indices(v.numel(), 7)
+        v[at] = 10.0 + torch.rand(at.shape, generator=g)
     histograms = []
     real = topk._high_histogram
     monkeypatch.setattr(topk, "_high_histogram", lambda *a: histograms.append(1) or real(*a))
-    monkeypatch.setattr(topk, "_CHUNK", 28_000)  # 8 chunks, each starting on the stride
-    got = topk.topk_cut(lambda: topk.flat_chunks(v), v.numel(), count, keep_entries=True)
+    monkeypatch.setattr(topk, "_CHUNK", 28_000)  # 8 chunks
+    reads = []
+    got = topk.sampled_cut(counted_chunks(v, reads), count)
     want = naive_cut(v, 28_000, count)
     assert (got.threshold, got.ties, got.total, got.top) == want
     order = sorted(range(v.numel()), key=lambda i: (-abs(float(v[i])), i))[:count]
-    assert torch.equal(got.entries[0], torch.tensor(sorted(order)))
+    assert torch.equal(got.indices, torch.tensor(sorted(order)))
     assert bool(histograms) == (layout == "aliased")
+    assert len(reads) == (1 if layout == "gauss" else 3)  # the sampled read; then the histogram's two
 
 
 def test_topk_cut_of_signed_values_leaves_negatives_to_kthvalue(monkeypatch):
@@ -406,19 +465,18 @@ def test_pcb_exp_sums_equal_a_float64_sum_of_each_block(monkeypatch):
     pcb.pcb_minmax(flat, stats)
     stats.z_intra, stats.z_inter = torch.zeros(K, dtype=torch.float64), torch.zeros(K, K, dtype=torch.float64)
     pcb.pcb_exp_sums(flat, stats)
-    kernel = pcb._PairKernel(flat, stats)
-    lo, span, dead = kernel.exponent_terms()
-    d = kernel.diagonal
+    # each block's float64 sums of the per-pair formula's exponentials (min/max from the naive per-pair pass)
+    lo, hi, _, _ = naive_pcb_stats(flat)
     intra = torch.zeros(K, dtype=torch.float64)
-    inter = torch.zeros(len(kernel.first), dtype=torch.float64)
-    for _, block in kernel.blocks():
-        p = kernel.products(block)
-        intra += kernel.exponents_(p[d], lo[d], span[d], None if dead is None else dead[d],
-                                   float(K)).sum(1, dtype=torch.float64)
-        inter += kernel.exponents_(p, lo, span, dead, 1.0).sum(1, dtype=torch.float64)
+    inter = torch.zeros(K, K, dtype=torch.float64)
+    for s in range(0, n, 64):
+        block = flat[:, s:s + 64]
+        for i in range(K):
+            intra[i] += naive_exponents(block, lo, hi, i, i, K).sum(dtype=torch.float64)
+            for j in range(i, K):
+                inter[i, j] += naive_exponents(block, lo, hi, i, j, 1).sum(dtype=torch.float64)
     assert torch.equal(stats.z_intra, intra)
-    assert torch.equal(stats.z_inter[kernel.first, kernel.second], inter)
-    assert torch.equal(stats.z_inter[kernel.second, kernel.first], inter)
+    assert torch.equal(stats.z_inter, torch.triu(inter) + torch.triu(inter, 1).T)
 
 
 def keyed_rows(x: torch.Tensor, key: str) -> pcb.KeyRows:

@@ -35,7 +35,7 @@ from freemerge_pl.merging.method import (
     VectorChunks,
 )
 from freemerge_pl.merging.source import TensorSource
-from freemerge_pl.merging.topk import flat_chunks
+from freemerge_pl.merging.topk import SUM_BLOCK, flat_chunks
 
 
 def prefilter_transform(fr_filter_ratio: float, cutoff_mode: str = "fraction") -> Callable[[Tensor], Tensor] | None:
@@ -217,8 +217,13 @@ class CheckpointInputs(MergeInputs):
                 t, b = theta(k).to(base.device).reshape(-1), base.reshape(-1)
 
                 def chunks(size: int | None):  # fp32(θ_k) − fp32(θ_pre) per chunk: the same values as ``loader``'s
+                    reused = None
                     for s, part in flat_chunks(t, size):
-                        yield s, part.to(torch.float32, copy=True).sub_(b[s:s + part.numel()])
+                        if size is not None and size <= SUM_BLOCK:  # blocks: one buffer, valid until the next
+                            reused = torch.empty(size, dtype=torch.float32, device=t.device) if reused is None else reused
+                            yield s, reused[:part.numel()].copy_(part).sub_(b[s:s + part.numel()])
+                        else:
+                            yield s, part.to(torch.float32, copy=True).sub_(b[s:s + part.numel()])
                 return VectorChunks(t.numel(), chunks,  # the same float32 operation at the given entries
                                     lambda idx: t[idx].to(torch.float32).sub_(b[idx]))
             return load

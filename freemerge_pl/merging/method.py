@@ -49,7 +49,8 @@ Count = Annotated[int, Range(1, math.inf, integer=True)]
 class VectorChunks:
     """A task vector as ``(offset, flat float32 chunk)`` pairs, re-iterable (each iteration is one pass):
     ``flat_chunks``' chunks, or ``blocks(size)`` of another size (the same values; ``chunks(size)`` yields them,
-    ``chunks(None)`` ``flat_chunks``' default)."""
+    ``chunks(None)`` ``flat_chunks``' default). A block is valid until the next one is drawn: blocks computed
+    from checkpoints (``SUM_BLOCK`` or smaller) share one buffer, so no page is faulted in per block."""
 
     def __init__(self, numel: int, chunks: Callable[[int | None], Iterator[tuple[int, Tensor]]],
                  at: Callable[[Tensor], Tensor] | None = None) -> None:

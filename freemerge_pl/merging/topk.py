@@ -1,32 +1,31 @@
-"""Every top-k, magnitude-threshold and order-statistic helper of the package (one module).
+"""Every top-k and magnitude-threshold helper of the package (exact order statistics over a whole model:
+``order_statistics``).
 
 * counts and chunks: ``topk_count`` (⌈d·numel⌉), ``flat_chunks`` (4 Mi-entry views), ``chunked_abs_sum``;
 * one tensor's top-k by |v|, chunk by chunk (FREE-Merging's experts, Eq. 4): ``topk_cut`` finds the cut
   ``(t, ties)`` and the sums of μ (a histogram over the float bits, then kthvalue of the few entries in and
-  above the bucket of t); ``selection_entries`` / ``top_abs_sum`` apply a cut;
-* exact order statistics over a whole model, one tensor at a time (``OrderStatistics``: two histogram passes
-  over order-preserving integer keys, no approximation), ``magnitude_thresholds`` and ``model_thresholds``
-  (model-scope TIES, DARE-TIES, AdaMerging++ and FREE thresholds from a statistics scan);
+  above the bucket of t), ``sampled_cut`` the same in one read when a sample places it; ``selection_entries``
+  / ``top_abs_sum`` apply a cut;
 * per-row thresholds on stacked task vectors (TIES trim), the Breadcrumbs magnitude band and the released
   FREE-Merging code's per-row ``torch.topk`` selection.
-
-A float32 value's bit pattern, with the sign bit flipped for positives and every bit flipped for negatives,
-is an unsigned 32-bit key in the same order as the floats. Pass 1 of ``OrderStatistics`` counts the keys' high
-16 bits per stream; that locates, for every requested rank, the bucket holding it and the rank within the
-bucket. Pass 2 counts the low 16 bits of the keys in those buckets only, which pins the exact key, i.e. the
-exact float: ``sorted(values)[index]`` of the concatenation of everything observed, as ``torch.kthvalue``
-would give. Memory: 2 × 65 536 counters per stream and rank, whatever the model size.
 """
 
 from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from freemerge_pl.merging.order_statistics import (
+    BUCKETS,
+    abs_order_statistics,
+    kth_largest_indices,
+    run_order_statistics,
+)
 
 # --------------------------------------------------------------------------------------- counts and chunks
 
@@ -41,7 +40,6 @@ SUM_BLOCK = 1 << 17
 """Elements per block of elementwise sums of task vectors (``KeyTensors.weighted_sum``): 512 KiB of float32, so
 a block's conversion, subtraction and accumulation run in the core's cache (a 2048 × 5632 bf16 pair, 1 thread:
 about 1.5 ns per entry against 3 in 16 MiB chunks and 7 over whole tensors)."""
-BUCKETS = 1 << 16  # 16-bit halves of a float32's bits: the histograms' length
 
 
 def flat_chunks(v: Tensor, size: int | None = None) -> Iterator[tuple[int, Tensor]]:
@@ -53,26 +51,36 @@ def flat_chunks(v: Tensor, size: int | None = None) -> Iterator[tuple[int, Tenso
         yield s, flat[s:s + size]
 
 
-def chunked_abs_sum(chunks: Iterable[tuple[int, Tensor]]) -> float:
+def chunked_abs_sum(chunks: Iterable[tuple[int, Tensor]],
+                    visit: Callable[[int, Tensor], None] | None = None) -> float:
     """Σ|v| over ``flat_chunks``-style chunks: one float32 sum per chunk, added in float64 (so the same
     value whether v is whole in memory or computed chunk by chunk from checkpoints).
 
     Chunks that can be had in smaller blocks (``VectorChunks.blocks``: θ_k − θ_pre computed on the fly) are
     built ``SUM_BLOCK`` entries at a time, each block's |v| written into one reused chunk-sized buffer that is
     summed when full: the same values summed as one tensor of the same length, so the same float32 sum, with
-    each block's conversion, subtraction and abs in cache (about 1 ns an entry against 4)."""
+    each block's conversion, subtraction and abs in cache (about 1 ns an entry against 4). ``visit(offset,
+    magnitudes)`` is shown each block's (or chunk's) |v|, flat, while it is in cache (a view: copy what is kept)."""
     blocks = getattr(chunks, "blocks", None)
     size = _CHUNK
     step = min(SUM_BLOCK, size)
+    total = 0.0
     if blocks is None or size % step:
-        return sum(float(c.abs().sum()) for _, c in chunks)
-    total, buf = 0.0, None
+        for s, c in chunks:
+            m = c.abs().reshape(-1)
+            if visit is not None:
+                visit(s, m)
+            total += float(m.sum())
+        return total
+    buf = None
     for s, c in blocks(step):
         c = c.reshape(-1)
         if buf is None or buf.dtype != c.dtype:
             buf = torch.empty(min(size, chunks.numel), dtype=c.dtype, device=c.device)
         start, stop = s % size, s % size + c.numel()
         torch.abs(c, out=buf[start:stop])
+        if visit is not None:
+            visit(s, buf[start:stop])
         if stop == size or s + c.numel() == chunks.numel:  # a chunk complete (or the tensor's last, short one)
             total += float(buf[:stop].sum())
     return total
@@ -84,26 +92,22 @@ def chunked_abs_sum(chunks: Iterable[tuple[int, Tensor]]) -> float:
 class TopkCut(NamedTuple):
     """One tensor's top-``count`` cut (``topk_cut``): keep the values above ``threshold`` plus the first
     ``ties`` (by index) equal to it; ``total``: Σ of every value and ``top``: Σ of the kept ones, each one
-    float32 sum per chunk added in float64 (``chunked_abs_sum``'s and ``top_abs_sum``'s values). ``entries``
-    (asked for with ``keep_entries``): ``selection_entries``' result for this cut, when the cut found it on the
-    way (None otherwise: apply the cut with ``selection_entries``)."""
+    float32 sum per chunk added in float64 (``chunked_abs_sum``'s and ``top_abs_sum``'s values). ``indices``
+    (asked for with ``keep_indices``): the sorted flat indices ``selection_entries`` gives for this cut, when
+    the cut found them on the way (None otherwise: apply the cut with ``selection_entries``)."""
 
     threshold: float
     ties: int
     total: float
     top: float
-    entries: tuple[Tensor, Tensor] | None = None
+    indices: Tensor | None = None
 
 
 _RADIX_MIN = 1 << 16  # entries from which the histogram beats one kthvalue of them all (the same t either way)
-HELD_ENTRIES = 1 << 26
-"""Up to this many entries (256 MiB of float32: a Llama's 32000 × 2048 embedding) ``topk_cut(keep_entries=True)``
-keeps a tensor's values between its reads: FREE's statistics scan holds one task's fp32 v_k of one key, less than
-the merge pass holds for that key (Σλv and its transforms), instead of computing it twice."""
 
 
 def topk_cut(chunks: Callable[[], Iterable[tuple[int, Tensor]]], numel: int, count: int, *,
-             absolute: bool = True, keep_entries: bool = False) -> TopkCut:
+             absolute: bool = True, keep_indices: bool = False) -> TopkCut:
     """The ``count``-th largest t of the values (``absolute``: their magnitudes) that ``chunks()`` yields
     (``flat_chunks``-style, ``numel`` entries in all), how many entries equal to t belong to the top ``count``
     (the first ones by index: enough to cut the same entries again later, ``selection_entries``), Σ of all the
@@ -118,111 +122,115 @@ def topk_cut(chunks: Callable[[], Iterable[tuple[int, Tensor]]], numel: int, cou
     multi-chunk tensor with heavy ties), a histogram of the low 16 bits in that bucket pins t instead. Other
     tensors (small, another dtype, a negative value or -0.0, Inf/NaN): ``kthvalue`` of all the values.
 
-    ``keep_entries``: on the histogram path the entries ≥ a are gathered with their flat indices and values, so
-    the cut's ``selection_entries`` comes out of the same reads (``TopkCut.entries``; FREE's experts need no
-    selection pass), and a tensor of at most ``HELD_ENTRIES`` entries keeps its chunks' values from the first
-    read for the later steps instead of having ``chunks()`` compute them again (θ_k − θ_pre from checkpoints);
-    held magnitudes take a from a sample (``_sampled_floor``), the histogram only if fewer than count are ≥ it."""
-    kept: list[tuple[int, Tensor]] | None = [] if keep_entries and numel <= HELD_ENTRIES else None
-    first = [True]
-
-    def read() -> Iterator[tuple[int, Tensor]]:
-        if kept is not None and not first[0]:
-            yield from kept
-            return
+    ``keep_indices``: on the histogram path the entries ≥ a are gathered with their flat indices, so the cut's
+    ``selection_entries`` indices come out of the same reads (``TopkCut.indices``). ``sampled_cut`` places a
+    from a sample instead, in one read."""
+    def pieces() -> Iterator[tuple[int, Tensor]]:  # (offset, magnitudes)
         for s, c in chunks():
             c = c.reshape(-1)
-            if kept is not None:
-                kept.append((s, c))
-            yield s, c
-
-    def pieces() -> Iterator[tuple[int, Tensor, Tensor]]:  # (offset, values, magnitudes)
-        for s, c in read():
-            yield s, c, (c.abs() if absolute else c)
+            yield s, (c.abs() if absolute else c)
 
     def mags() -> Iterator[Tensor]:
-        return (m for _, _, m in pieces())
+        return (m for _, m in pieces())
 
     total, hist, held, seen = 0.0, None, None, 0
     radix = count > 0 and numel >= _RADIX_MIN
-    sampled = kept is not None and absolute  # held magnitudes: a sampled floor first, the histogram if it fails
     for piece in pieces():
-        m = piece[2]
+        m = piece[1]
         seen += 1
         held = piece if seen == 1 else None
         part = float(m.sum())
         total += part
-        if radix and not sampled:
+        if radix:
             h = _high_histogram(m, absolute and math.isfinite(part))
             radix = h is not None
             hist = h if hist is None or h is None else hist.add_(h)
-    first[0] = False
-    picked = None
-    if radix and sampled:
-        usable = bool(kept) and kept[0][1].dtype == torch.float32 and math.isfinite(total)  # finite, ≥ +0
-        floor = _sampled_floor([c for _, c in kept], count) if usable else None
-        if floor is not None:
-            picked = _picked(pieces(), floor)
-            if sum(p[1].numel() for p in picked) < count:  # the sample ran high: fewer than count entries ≥ it
-                picked = None
-        if picked is None:
-            for m in mags():
-                h = _high_histogram(m, False)
-                radix = radix and h is not None
-                hist = h if hist is None or h is None else hist.add_(h)
     if not radix:
-        values = [held[2]] if seen == 1 else list(mags())
+        values = [held[1]] if seen == 1 else list(mags())
         t, ties = math.inf, 0
         if count > 0:
             m = values[0] if len(values) == 1 else torch.cat(values)
             t = float(m.kthvalue(m.numel() - count + 1).values)
             ties = count - int(torch.count_nonzero(m > t))
         return TopkCut(t, ties, total, _top_sum(values, t, ties))
-    if picked is None:
-        at_least = hist.flip(0).cumsum(0).flip(0)  # [b]: how many values have high bits ≥ b
-        high = int(torch.nonzero(at_least >= count).max())
-        if seen > 1 and int(at_least[high]) > _CHUNK:
-            t, ties = _low_bits_cut(mags, at_least, high, count)
-            return TopkCut(t, ties, total, _top_sum(mags(), t, ties))
-        floor = _bits_float(high << 16)
-        found = [held] if seen == 1 else pieces()
-        if keep_entries:  # per chunk, in index order: (offset, where, their magnitudes, their values)
-            picked = _picked(found, floor)
-            selected = [p[2] for p in picked]
-        else:
-            selected = [m[m >= floor] for _, _, m in found]
-    else:
-        selected = [p[2] for p in picked]
+    at_least = hist.flip(0).cumsum(0).flip(0)  # [b]: how many values have high bits ≥ b
+    high = int(torch.nonzero(at_least >= count).max())
+    if seen > 1 and int(at_least[high]) > _CHUNK:
+        t, ties = _low_bits_cut(mags, at_least, high, count)
+        return TopkCut(t, ties, total, _top_sum(mags(), t, ties))
+    floor = _bits_float(high << 16)
+    found = [held] if seen == 1 else pieces()
+    if not keep_indices:
+        return _cut([m[m >= floor] for _, m in found], count, total)
+    picked = [(s, hit, m[hit]) for s, m in found for hit in [positions_at_least(m, floor)]]
+    return _cut([p[2] for p in picked], count, total, picked)
+
+
+def positions_at_least(m: Tensor, floor: float) -> Tensor:
+    """The sorted flat positions of ``m ≥ floor`` (m flat): ``torch.nonzero`` of the mask's 8-byte words, then
+    of the bytes of the words that hold one (nonzero costs about 1 ns a position: 8× fewer for sparse masks)."""
+    mask = m >= floor
+    if mask.numel() % 8:
+        return torch.nonzero(mask).flatten()
+    words = torch.nonzero(mask.view(torch.int64)).flatten()
+    within = torch.nonzero(mask.view(-1, 8)[words])
+    return words[within[:, 0]].mul_(8).add_(within[:, 1])
+
+
+def _cut(selected: list[Tensor], count: int, total: float,
+         picked: list[tuple[int, Tensor, Tensor]] | None = None) -> TopkCut:
+    """The cut from ``selected``, per chunk (in chunk order) the magnitudes ≥ some a of which at least ``count``
+    are ≥ a: t, ties and the sum of the top as over the whole chunks; with ``picked``, the ``(offset, where,
+    magnitudes)`` of the same entries in index order (any grouping), its ``indices``."""
     pool = selected[0] if len(selected) == 1 else torch.cat(selected)
     t = float(pool.kthvalue(pool.numel() - count + 1).values)
     ties = count - sum(int(torch.count_nonzero(s > t)) for s in selected)
-    entries = _selected(((s, hit, m, c) for s, hit, m, c in picked), t, ties) if keep_entries else None
-    return TopkCut(t, ties, total, _top_sum(selected, t, ties), entries)
+    indices = None if picked is None else _selected(((s, hit, m, None) for s, hit, m in picked), t, ties)[0]
+    return TopkCut(t, ties, total, _top_sum(selected, t, ties), indices)
 
 
-def _picked(pieces: Iterable[tuple[int, Tensor, Tensor]], floor: float) -> list[tuple[int, Tensor, Tensor, Tensor]]:
-    """Per chunk, in index order, ``(offset, where, magnitudes, values)`` of the entries with magnitude ≥ floor."""
-    return [(s, hit, m[hit], c[hit]) for s, c, m in pieces for hit in [torch.nonzero(m >= floor).flatten()]]
-
-
-_SAMPLE_STRIDE = 64  # one entry in this many enters the sampled floor of ``topk_cut``
+_SAMPLE_STRIDE = 64  # about one entry in this many enters the sampled floor of ``sampled_cut``
 _SAMPLE_MIN = 256  # sampled entries expected above the count-th largest, at least
+_SAMPLE_RUN = 32  # the sample takes runs of this many consecutive entries (a cache line or two of θ_k and θ_pre)
 
 
-def _sampled_floor(values: Sequence[Tensor], count: int) -> float | None:
-    """A magnitude a with (most likely) at least ``count`` entries ≥ a, from every ``stride``-th entry of each
-    of ``values`` (flat float32 chunks, finite): the sample's magnitude of rank
-    ``1.1·count/stride + 4`` from the top, below the sample's own estimate of the count-th largest (about 10 %
-    more candidates than needed). The caller counts the entries ≥ a and falls back to the histogram when there
-    are fewer than ``count``; None when the top ``count`` is too small a share for a sample to place it."""
-    stride = min(_SAMPLE_STRIDE, count // _SAMPLE_MIN)
-    if stride < 2:
-        return None
-    sample = torch.cat([v[::stride] for v in values]).abs_()
-    rank = math.ceil(1.1 * count / stride) + 4
-    if rank > sample.numel():
-        return None
-    return float(sample.kthvalue(sample.numel() - rank + 1).values)
+def sample_indices(numel: int, stride: int) -> Tensor:
+    """``sampled_cut``'s sample: runs of ``_SAMPLE_RUN`` consecutive flat indices, one run starting every
+    ``_SAMPLE_RUN·stride + 1`` entries (about one entry in ``stride``, reading about one cache line in
+    ``stride`` instead of every other one; the + 1 moves the runs along the rows of a matrix)."""
+    starts = torch.arange(0, max(numel - _SAMPLE_RUN + 1, 0), _SAMPLE_RUN * stride + 1)
+    return (starts[:, None] + torch.arange(_SAMPLE_RUN)).reshape(-1)
+
+
+def sampled_cut(v, count: int) -> TopkCut:
+    """``topk_cut(keep_indices=True)`` of |v| (the same t, ties, sums and indices) for a task vector given as
+    ``VectorChunks`` (re-iterable, with ``blocks`` and ``at``), in one read when a sample places the cut.
+
+    The magnitudes at about one entry in ``stride = min(64, count // 256)`` (``sample_indices``, read with
+    ``v.at``) give a floor a: the sample's magnitude of rank ``1.1·count·(sample size)/numel + 4`` from the top,
+    below the sample's own estimate of the count-th largest (about 10 % more candidates than needed). The read
+    that sums |v| (``chunked_abs_sum``) keeps each block's entries ≥ a while the block is in cache, and the cut
+    comes from those candidates (``_cut``). When the sample misjudges (fewer than count entries ≥ a), the
+    magnitudes are not float32 and finite, the tensor is small or the top ``count`` too small a share to
+    sample: ``topk_cut``'s reads."""
+    numel, stride = v.numel, min(_SAMPLE_STRIDE, count // _SAMPLE_MIN)
+    idx = sample_indices(numel, stride) if stride >= 2 and numel >= _RADIX_MIN else None
+    rank = 0 if idx is None else math.ceil(1.1 * count * idx.numel() / numel) + 4
+    if idx is not None and rank <= idx.numel():
+        sample = v.at(idx).abs_()
+        if sample.dtype == torch.float32:
+            floor = float(sample.kthvalue(sample.numel() - rank + 1).values)
+            found: dict[int, list[tuple[int, Tensor, Tensor]]] = {}
+
+            def visit(s: int, m: Tensor) -> None:
+                hit = positions_at_least(m, floor)
+                found.setdefault(s // _CHUNK, []).append((s, hit, m[hit]))
+
+            total = chunked_abs_sum(v, visit)
+            picked = [p for c in sorted(found) for p in found[c]]
+            if math.isfinite(total) and sum(p[1].numel() for p in picked) >= count:
+                return _cut([torch.cat([p[2] for p in found[c]]) for c in sorted(found)], count, total, picked)
+    return topk_cut(lambda: iter(v), numel, count, keep_indices=True)
 
 
 def _bits_float(bits: int) -> float:
@@ -263,6 +271,20 @@ def _top_sum(values: Iterable[Tensor], t: float, ties: int) -> float:
     return sum(float(m[m > t].sum()) for m in values) + ties * t
 
 
+def gather_blocks(blocks: Iterable[tuple[int, Tensor]], idx: Tensor) -> Tensor:
+    """The values at the sorted flat indices ``idx`` of the ``(offset, block)`` pairs (in order, covering them),
+    each taken from its block while it is in cache."""
+    out = torch.empty(0)
+    for s, c in blocks:
+        c = c.reshape(-1)
+        if out.numel() != idx.numel():  # the first block: its dtype and device
+            idx, out = idx.to(c.device), torch.empty(idx.numel(), dtype=c.dtype, device=c.device)
+        lo, hi = torch.searchsorted(idx, torch.tensor([s, s + c.numel()], device=c.device)).tolist()
+        if hi > lo:
+            out[lo:hi] = c[idx[lo:hi] - s]
+    return out
+
+
 def top_abs_sum(chunks: Iterable[tuple[int, Tensor]], threshold: float, ties: int) -> float:
     """Σ|v| of the entries ``selection_entries`` keeps: those above ``threshold`` plus ``ties`` × threshold (every
     |v| ≥ threshold when ``ties`` is negative); one float32 sum per chunk, added in float64."""
@@ -282,16 +304,17 @@ def selection_entries(chunks: Iterable[tuple[int, Tensor]], threshold: float, ti
         for s, c in chunks:
             c = c.reshape(-1)
             m = c.abs() if absolute else c
-            hit = torch.nonzero(m >= threshold).flatten()
+            hit = positions_at_least(m, threshold)
             yield s, hit, m[hit], c[hit]
     return _selected(candidates(), threshold, ties)
 
 
-def _selected(candidates: Iterable[tuple[int, Tensor, Tensor, Tensor]], threshold: float,
-              ties: int) -> tuple[Tensor, Tensor]:
+def _selected(candidates: Iterable[tuple[int, Tensor, Tensor, Tensor | None]], threshold: float,
+              ties: int) -> tuple[Tensor, Tensor | None]:
     """``selection_entries``' result from each chunk's candidates, in index order: ``(offset, positions in the
     chunk, magnitudes there, values there)`` of (at least) every entry ≥ ``threshold``: those above it and the
-    first ``ties`` equal to it (every candidate when ``ties`` is negative: each is ≥ ``threshold`` then)."""
+    first ``ties`` equal to it (every candidate when ``ties`` is negative: each is ≥ ``threshold`` then).
+    Candidates without values (None) give the indices only (values None)."""
     idx, vals = [], []
     budget = ties
     for s, hit, at, values in candidates:
@@ -300,173 +323,15 @@ def _selected(candidates: Iterable[tuple[int, Tensor, Tensor, Tensor]], threshol
             equal = torch.nonzero(at == threshold).flatten()[:max(budget, 0)]
             budget -= equal.numel()
             keep[equal] = True
-            hit, values = hit[keep], values[keep]
+            hit, values = hit[keep], None if values is None else values[keep]
         idx.append(hit + s)
         vals.append(values)
     if not idx:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0)
-    return torch.cat(idx), torch.cat(vals)
+    return torch.cat(idx), None if vals[0] is None else torch.cat(vals)
 
 
-# ---------------------------------------------------------------------------------- exact order statistics
-
-
-_ORDER_CHUNK = 1 << 24  # elements per step of OrderStatistics.observe
-
-
-def ordered_keys(values: Tensor) -> Tensor:
-    """float32 → int32 whose unsigned reading sorts like the floats (``-0.0`` just below ``+0.0``)."""
-    bits = values.contiguous().view(torch.int32)
-    flip = torch.bitwise_or(torch.bitwise_right_shift(bits, 31), torch.iinfo(torch.int32).min)
-    return torch.bitwise_xor(bits, flip)
-
-
-def key_to_float(key: int) -> float:
-    """Inverse of ``ordered_keys`` for one unsigned key in [0, 2^32)."""
-    bits = key ^ 0x80000000 if key >= 0x80000000 else key ^ 0xFFFFFFFF
-    return struct.unpack("<f", struct.pack("<I", bits))[0]
-
-
-class OrderStatistics:
-    """``sorted(stream_s)[i]`` for every stream s and requested index i, exact, over two passes.
-
-    ``indices(s, n)`` gives stream s's ascending indices once its size n is known (after pass 1).
-    Call ``observe(s, values)`` for every value of every stream in each pass, ``next_pass()`` between the
-    passes, then ``result()`` → a float64 ``[S, J]`` tensor (``-inf`` for an index below 0, ``+inf`` for
-    one ≥ n: "keep everything" / "keep nothing" thresholds).
-    """
-
-    def __init__(self, num_streams: int, indices: Callable[[int, int], Sequence[int]], *,
-                 absolute: bool = False) -> None:
-        self.num_streams = num_streams
-        self.absolute = absolute  # observe |values| (their keys straight from the float bits, no |.| copy)
-        self._indices = indices
-        self.counts = torch.zeros(num_streams, BUCKETS, dtype=torch.int64)
-        self.sizes = [0] * num_streams
-        self.pass_index = 0
-        self._targets: list[list[tuple[int, int, int]]] = []  # per stream: (index, bucket, rank in bucket)
-        self._fine: list[Tensor] = []
-
-    def observe(self, stream: int, values: Tensor) -> None:
-        flat = values.detach().reshape(-1)
-        if flat.dtype != torch.float32:
-            raise TypeError(f"OrderStatistics takes float32 values, got {flat.dtype}")
-        for start in range(0, flat.numel(), _ORDER_CHUNK):
-            if self.absolute:
-                self._observe_absolute(stream, flat[start:start + _ORDER_CHUNK])
-                continue
-            keys = ordered_keys(flat[start:start + _ORDER_CHUNK])
-            high = torch.bitwise_right_shift(keys, 16).bitwise_and_(BUCKETS - 1)
-            if self.pass_index == 0:
-                self.counts[stream] += torch.bincount(high, minlength=BUCKETS).cpu()
-                self.sizes[stream] += keys.numel()
-            else:
-                for j, (_, bucket, _) in enumerate(self._targets[stream]):
-                    if bucket < 0:
-                        continue
-                    low = torch.bitwise_and(keys[high == bucket], BUCKETS - 1)
-                    self._fine[stream][j] += torch.bincount(low, minlength=BUCKETS).cpu()
-
-    def _observe_absolute(self, stream: int, values: Tensor) -> None:
-        """``observe`` of |values|: |v| has the bits of v without the sign bit, so its key is those bits with
-        bit 31 set, its high half ``(bits >> 16 & 0x7FFF) | 0x8000`` and its low half ``bits & 0xFFFF``
-        (the same counts as the keys of ``values.abs()``, in fewer passes)."""
-        bits = values.contiguous().view(torch.int32)
-        half = BUCKETS // 2
-        high = torch.bitwise_right_shift(bits, 16).bitwise_and_(half - 1)  # key's high half − 0x8000
-        if self.pass_index == 0:
-            self.counts[stream, half:] += torch.bincount(high, minlength=half).cpu()
-            self.sizes[stream] += bits.numel()
-            return
-        for j, (_, bucket, _) in enumerate(self._targets[stream]):
-            if bucket < half:
-                continue  # no |v| key is below 0x80000000 (and bucket −1: nothing to pin)
-            low = torch.bitwise_and(bits[high == bucket - half], BUCKETS - 1)
-            self._fine[stream][j] += torch.bincount(low, minlength=BUCKETS).cpu()
-
-    def next_pass(self) -> None:
-        """Locate every requested rank's bucket (end of pass 1)."""
-        if self.pass_index != 0:
-            raise RuntimeError("OrderStatistics takes exactly two passes")
-        self.pass_index = 1
-        for s in range(self.num_streams):
-            cumulative = torch.cumsum(self.counts[s], 0)
-            targets = []
-            for index in self._indices(s, self.sizes[s]):
-                if index < 0 or index >= self.sizes[s]:
-                    targets.append((index, -1, 0))
-                    continue
-                bucket = int(torch.searchsorted(cumulative, index, right=True))
-                below = int(cumulative[bucket - 1]) if bucket > 0 else 0
-                targets.append((index, bucket, index - below))
-            self._targets.append(targets)
-            self._fine.append(torch.zeros(len(targets), BUCKETS, dtype=torch.int64))
-
-    def result(self) -> Tensor:
-        """The requested order statistics, float64 ``[S, J]`` (J = indices per stream)."""
-        return torch.tensor([[value for value, _, _ in row] for row in self.located()], dtype=torch.float64)
-
-    def located(self) -> list[list[tuple[float, int, int]]]:
-        """Per stream and requested index: ``(value, below, equal)``, the order statistic and how many observed
-        values are smaller than it and equal to it (by key: -0.0 below +0.0, unless ``absolute``; ±inf and
-        (0, 0) for an index out of range): the counts come from the two histograms, no further pass."""
-        rows = []
-        for s in range(self.num_streams):
-            cumulative = torch.cumsum(self.counts[s], 0)
-            row = []
-            for j, (index, bucket, rank) in enumerate(self._targets[s]):
-                if bucket < 0:
-                    row.append((-math.inf if index < 0 else math.inf, 0, 0))
-                    continue
-                fine = torch.cumsum(self._fine[s][j], 0)
-                low = int(torch.searchsorted(fine, rank, right=True))
-                below = (int(cumulative[bucket - 1]) if bucket > 0 else 0) + (int(fine[low - 1]) if low > 0 else 0)
-                row.append((key_to_float((bucket << 16) | low), below, int(self._fine[s][j][low])))
-            rows.append(row)
-        return rows
-
-
-def abs_order_statistics(values: Tensor, ranks: Sequence[int]) -> list[tuple[float, int, int]] | None:
-    """``(sorted(|values|)[r], below, equal)`` for each rank r (0-based, ascending), with how many |values|
-    are below it and equal to it (exact: ``OrderStatistics``, two passes over the float bits of one float32
-    tensor, no sort or copy of |values|); None when ``values`` is not float32 or holds Inf/NaN (bit keys
-    ``0xFF80`` and up), left to ``kthvalue``'s conventions."""
-    if values.dtype != torch.float32:
-        return None
-    stats = OrderStatistics(1, lambda s, n: list(ranks), absolute=True)
-    stats.observe(0, values)
-    if int(stats.counts[0, 0xFF80:].sum()):
-        return None
-    stats.next_pass()
-    stats.observe(0, values)
-    return stats.located()[0]
-
-
-def kth_largest_indices(count: Callable[[int], int]) -> Callable[[int, int], list[int]]:
-    """Indices for "the ``count(n)``-th largest value" (ascending index n − count; none kept → +inf)."""
-
-    def indices(stream: int, n: int) -> list[int]:
-        c = count(n)
-        return [n - c] if c > 0 else [n]
-
-    return indices
-
-
-def run_order_statistics(run: Callable[[Callable], None], values_of: Callable, num_streams: int,
-                         indices: Callable[[int, int], Sequence[int]], *, absolute: bool = False) -> Tensor:
-    """Exact order statistics over everything ``run(fn)`` visits (it calls ``fn(item)`` per item, e.g. per
-    key of a model scan, or once for one tensor); ``values_of(item)`` gives each stream's values (``absolute``:
-    of their magnitudes). Two runs. Returns float64 ``[S, J]``."""
-    stats = OrderStatistics(num_streams, indices, absolute=absolute)
-
-    def observe(item) -> None:
-        for s, values in enumerate(values_of(item)):
-            stats.observe(s, values)
-
-    run(observe)
-    stats.next_pass()
-    run(observe)
-    return stats.result()
+# ----------------------------------------------------------------------------- model-wide thresholds
 
 
 def magnitude_thresholds(run: Callable[[Callable], None], values_of: Callable, num_streams: int,

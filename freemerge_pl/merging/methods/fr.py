@@ -41,11 +41,12 @@ from freemerge_pl.merging.registry import register
 from freemerge_pl.merging.topk import (
     chunked_abs_sum,
     flat_chunks,
+    gather_blocks,
     model_thresholds,
+    sampled_cut,
     selection_entries,
     top_abs_sum,
     topk_count,
-    topk_cut,
 )
 
 PAPER_REFERENCE = "Zheng & Wang 2025, FREE-Merging (arXiv:2411.16815)"
@@ -130,7 +131,7 @@ class FRStats:
     """λ (a [K] tensor or key → [K]); for FREE also μ and each key's expert cut per task: ``(t, ties)``,
     keep |v| > t plus the first ``ties`` entries equal to t, or every |v| ≥ t when ``ties`` is −1 (model
     scope; ``topk.selection_entries``); ``selected``: per key and task the flat indices of that cut when the scan
-    found them (``TopkCut.entries``) as a ``delta8`` stream and their count (about a byte an entry: held from
+    found them (``TopkCut.indices``) as a ``delta8`` stream and their count (about a byte an entry: held from
     the scan to the merge pass, which reads v_k there), else None."""
 
     lambdas: Tensor | dict[str, Tensor]
@@ -241,12 +242,12 @@ class FREEMerging(FRMerging):
                 for k in range(x.num_tasks):  # chunk by chunk: θ_k and one chunk of v_k held (engine.py)
                     v = x.vector_chunks(k)
                     if thresholds is None:  # per tensor: the ⌈d·n⌉-th largest, and its entries for the merge pass
-                        found = topk_cut(lambda v=v: iter(v), v.numel, topk_count(v.numel, d), keep_entries=True)
+                        found = sampled_cut(v, topk_count(v.numel, d))
                         total.append(found.total)
                         cut.append((found.threshold, found.ties))
                         top.append(found.top)
-                        entries.append(None if found.entries is None else  # held until the merge pass
-                                       (encode_indices(found.entries[0], v.numel, "delta8"), len(found.entries[0])))
+                        entries.append(None if found.indices is None else  # held until the merge pass
+                                       (encode_indices(found.indices, v.numel, "delta8"), len(found.indices)))
                     else:  # one model-wide threshold: every |v| ≥ it
                         total.append(chunked_abs_sum(v))
                         cut.append((float(thresholds[k]), -1))
@@ -293,8 +294,8 @@ class FREEMerging(FRMerging):
             if found is None:
                 idx, values = selection_entries(blocks, *stats.cuts[key][k])
             else:
-                idx = decode_indices(found[0], x.numel, "delta8", found[1])
-                values = chunks.at(idx.long())
+                idx = decode_indices(found[0], x.numel, "delta8", found[1]).long()
+                values = gather_blocks(blocks, idx)
             entries.append(self._entries(idx, values, x.numel, k, stats, ctx, key))
 
         combined = x.weighted_sum(_weights(stats.lambdas_of(key)), None if cached else cut)

@@ -13,8 +13,9 @@ import torch
 from torch import Tensor
 
 from freemerge_pl.merging.method import Context, Density, Finite, KeyTensors, MergeMethod, Scan
+from freemerge_pl.merging.order_statistics import kth_largest_indices, run_order_statistics
 from freemerge_pl.merging.registry import register
-from freemerge_pl.merging.topk import kth_largest_indices, run_order_statistics, topk_count
+from freemerge_pl.merging.topk import topk_count
 
 
 def _normalise(x: Tensor, lo: float, hi: float) -> Tensor:
@@ -128,16 +129,22 @@ class _PairKernel:
         dead = ~live[self.first, self.second]
         return lo, span, dead.to(lo.device) if bool(dead.any()) else None
 
-    @staticmethod
-    def exponents_(p: Tensor, lo: Tensor, span: Tensor, dead: Tensor | None, factor: float) -> Tensor:
-        """exp(factor·Norm(p) − factor) in place on the products ``p`` ([R, block], rows of ``lo``/``span``)."""
-        p.sub_(lo).div_(span)
-        if factor != 1.0:  # x·1 = x exactly
-            p.mul_(factor)
-        p.sub_(factor).exp_()
+    def exponentials(self, block: Tensor, lo: Tensor, span: Tensor, dead: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``(intra [K, block], inter [P, block])``: exp(f·Norm(p) − f) of the block's pair products p, f = K on
+        the diagonal pairs (intra), f = 1 on every pair (inter); Norm(p) = (p − min)/(max − min) is computed
+        once for every pair (the intra rows copy the diagonal's), then ×f, −f, exp, as the per-pair formula
+        does (×1 skipped: x·1 = x exactly); 1 where the pair's max ≤ min (``exponent_terms``)."""
+        p = self.products(block).sub_(lo).div_(span)
+        K = float(len(self.rows))
+        intra = p[self.diagonal]  # a copy
+        if K != 1.0:
+            intra.mul_(K)
+        intra.sub_(K).exp_()
+        p.sub_(1.0).exp_()
         if dead is not None:
             p[dead] = 1.0
-        return p
+            intra[dead[self.diagonal]] = 1.0
+        return intra, p
 
 
 def pcb_minmax(rows, stats: PCBPaperStats) -> None:
@@ -157,7 +164,6 @@ def pcb_exp_sums(rows, stats: PCBPaperStats) -> None:
     kernel = _PairKernel(rows, stats)
     K = len(kernel.rows)
     lo, span, dead = kernel.exponent_terms()
-    d = kernel.diagonal
     intra = torch.zeros(K, dtype=torch.float64, device=lo.device)
     inter = torch.zeros(len(kernel.first), dtype=torch.float64, device=lo.device)
     # on the CPU x.sum(1, dtype=float64) sums a fresh float64 copy of x: one reused buffer gives the same sums
@@ -168,10 +174,9 @@ def pcb_exp_sums(rows, stats: PCBPaperStats) -> None:
         return wide[:x.numel()].view(x.shape).copy_(x).sum(1) if cpu else x.sum(1, dtype=torch.float64)
 
     for _, block in kernel.blocks():
-        p = kernel.products(block)
-        square = p[d]  # τ_i ⊙ τ_i, the diagonal pairs' products (a copy)
-        intra += sums(kernel.exponents_(square, lo[d], span[d], None if dead is None else dead[d], float(K)))
-        inter += sums(kernel.exponents_(p, lo, span, dead, 1.0))
+        e_intra, e_inter = kernel.exponentials(block, lo, span, dead)
+        intra += sums(e_intra)
+        inter += sums(e_inter)
     stats.z_intra += intra.cpu()
     i, j, inter = kernel.first, kernel.second, inter.cpu()
     stats.z_inter[i, j] += inter
@@ -179,19 +184,18 @@ def pcb_exp_sums(rows, stats: PCBPaperStats) -> None:
     stats.z_inter[j[off], i[off]] += inter[off]
 
 
-def _beta_blocks(rows, stats: PCBPaperStats):
-    """``(start, K task vectors' block, β of that block)`` over the column blocks (``pcb_beta``)."""
+def _beta_blocks(rows, stats: PCBPaperStats, out: Tensor | None = None):
+    """``(start, K task vectors' block, β of that block)`` over the column blocks (``pcb_beta``); β is written
+    into ``out[:, block's columns]`` when given."""
     kernel = _PairKernel(rows, stats)
-    K = len(kernel.rows)
     lo, span, dead = kernel.exponent_terms()
-    d = kernel.diagonal
     z_inter = kernel.pair_values(stats.z_inter)  # the divisions round z to fp32, as the per-pair formula did
     z_intra = stats.z_intra.float()[:, None].to(lo.device)
     for s, block in kernel.blocks():
-        p = kernel.products(block)
-        intra = kernel.exponents_(p[d], lo[d], span[d], None if dead is None else dead[d], float(K))
+        intra, inter = kernel.exponentials(block, lo, span, dead)
         intra.div_(z_intra)
-        yield s, block, intra.mul_(kernel.inter_sums(kernel.exponents_(p, lo, span, dead, 1.0).div_(z_inter)))
+        inter = kernel.inter_sums(inter.div_(z_inter))
+        yield s, block, intra.mul_(inter) if out is None else torch.mul(intra, inter, out=out[:, s:s + block.shape[1]])
 
 
 def pcb_beta(rows, stats: PCBPaperStats) -> Tensor:
@@ -203,8 +207,8 @@ def pcb_beta(rows, stats: PCBPaperStats) -> Tensor:
     (j = 0, 1, …, K − 1, in fp32)."""
     rows = [r.reshape(-1) for r in rows]
     beta = rows[0].new_empty(len(rows), rows[0].numel())
-    for s, _, block in _beta_blocks(rows, stats):
-        beta[:, s:s + block.shape[1]] = block
+    for _ in _beta_blocks(rows, stats, out=beta):
+        pass
     return beta
 
 
@@ -240,15 +244,19 @@ def pcb_paper_merge(rows, stats: PCBPaperStats) -> Tensor:
     finite = bool(torch.isfinite(thresholds).all())
     lows = torch.nextafter(thresholds, torch.tensor(-math.inf)).flatten().tolist() if finite else None
     for s, x, b in blocks:
-        kept = None
+        total = None
         if lows is not None:
             kept = torch.empty_like(b)
             for k, low in enumerate(lows):
                 torch.threshold(b[k], low, 0.0, out=kept[k])
-            if math.isnan(float(kept.sum())):  # a NaN β (NaN inputs) is dropped by the comparison, kept here
-                kept = None
-        b = torch.where(b >= thresholds, b, torch.zeros_like(b)) if kept is None else kept
-        numerator, total = (b * x).sum(0), b.sum(0)
+            total = kept.sum(0)
+            if bool(total.isnan().any()):  # a NaN β (NaN inputs) is dropped by the comparison, kept here
+                total = None
+        if total is None:
+            kept = torch.where(b >= thresholds, b, torch.zeros_like(b))
+            total = kept.sum(0)
+        b = kept
+        numerator = (b * x).sum(0)
         safe = torch.where(total > 0, total, torch.ones_like(total))
         out[s:s + b.shape[1]] = torch.where(total > 0, numerator / safe, torch.zeros_like(total))
     return out
