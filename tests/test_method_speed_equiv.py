@@ -455,8 +455,8 @@ def test_emr_unify_blocks_equal_the_whole_stack(monkeypatch, K, n):
 
 
 def test_pcb_exp_sums_equal_a_float64_sum_of_each_block(monkeypatch):
-    """The softmax denominators summed from one reused float64 buffer equal ``sum(1, dtype=float64)`` of each
-    block's exponentials (the previous code), bit for bit, ragged last block included."""
+    """The softmax denominators summed from one reused float64 buffer equal the per-pair formula's exponentials
+    summed block by block with ``sum(dtype=float64)``, bit for bit, ragged last block included."""
     monkeypatch.setattr(pcb, "_BLOCK", 64)
     K, n = 5, 333
     flat = pcb_tensor(K, n, seed=11)
