@@ -6,6 +6,8 @@
   ``(t, ties)`` and the sums of μ (a histogram over the float bits, then kthvalue of the few entries in and
   above the bucket of t), ``sampled_cut`` the same in one read when a sample places it; ``selection_entries``
   / ``top_abs_sum`` apply a cut;
+* model-wide magnitude thresholds from a statistics scan (``magnitude_thresholds``, ``model_thresholds``:
+  model-scope TIES, DARE-TIES, AdaMerging++ and FREE);
 * per-row thresholds on stacked task vectors (TIES trim), the Breadcrumbs magnitude band and the released
   FREE-Merging code's per-row ``torch.topk`` selection.
 """
