@@ -217,13 +217,12 @@ class CheckpointInputs(MergeInputs):
                 t, b = theta(k).to(base.device).reshape(-1), base.reshape(-1)
 
                 def chunks(size: int | None):  # fp32(θ_k) − fp32(θ_pre) per chunk: the same values as ``loader``'s
-                    reused = None
+                    small = size is not None and size <= SUM_BLOCK  # blocks: one buffer, valid until the next
+                    buf = torch.empty(min(size, t.numel()), dtype=torch.float32, device=t.device) if small else None
                     for s, part in flat_chunks(t, size):
-                        if size is not None and size <= SUM_BLOCK:  # blocks: one buffer, valid until the next
-                            reused = torch.empty(size, dtype=torch.float32, device=t.device) if reused is None else reused
-                            yield s, reused[:part.numel()].copy_(part).sub_(b[s:s + part.numel()])
-                        else:
-                            yield s, part.to(torch.float32, copy=True).sub_(b[s:s + part.numel()])
+                        n = part.numel()
+                        c = part.to(torch.float32, copy=True) if buf is None else buf[:n].copy_(part)
+                        yield s, c.sub_(b[s:s + n])
                 return VectorChunks(t.numel(), chunks,  # the same float32 operation at the given entries
                                     lambda idx: t[idx].to(torch.float32).sub_(b[idx]))
             return load

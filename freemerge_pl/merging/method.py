@@ -139,23 +139,22 @@ class KeyTensors:
         return self._stack is None and self._chunk_loaders is not None
 
     def weighted_sum(self, weights: Sequence[float] | None = None,
-                     consume: Callable[[int, VectorChunks, Iterator[tuple[int, Tensor]]], None] | None = None
-                     ) -> Tensor:
+                     consume: Callable[[int, Iterator[tuple[int, Tensor]]], None] | None = None) -> Tensor:
         """``Σ_k w_k v_k`` in float32 (``weights`` None: ``Σ_k v_k``), accumulated block by block
         (``SUM_BLOCK``) as each v_k's blocks are computed (``vector_chunks``): from checkpoints no float32 v_k
         exists, and each block's work runs in cache (task vectors already in memory are one block). Elementwise
         the same float32 operations as over whole vectors (v_0 copied, or v_0·w_0; then ``add_`` of v_k, with
         ``alpha=w_k``), so the same values.
 
-        ``consume(k, chunks, blocks)``: task k's ``VectorChunks`` and ``(offset, block)`` iterator are handed to it,
-        and the sum grows as it pulls the blocks (FREE's expert cut reads v_k in the same pass); what it leaves is
-        drained. Without it the blocks are only summed."""
+        ``consume(k, blocks)``: task k's ``(offset, block)`` iterator is handed to it, and the sum grows as it
+        pulls the blocks (FREE's expert cut reads v_k in the same pass); what it leaves is drained. Without it
+        the blocks are only summed."""
         out: list[Tensor] = []  # the sum, allocated on the first block's device
         size = SUM_BLOCK if self._computed else max(1, self.numel)  # a v_k in memory is one block
 
-        def summed(k: int, chunks: VectorChunks) -> Iterator[tuple[int, Tensor]]:
+        def summed(k: int) -> Iterator[tuple[int, Tensor]]:
             w = None if weights is None else weights[k]
-            for s, c in chunks.blocks(size):
+            for s, c in self.vector_chunks(k).blocks(size):
                 c = c.reshape(-1)
                 c = c if c.dtype == torch.float32 else c.to(torch.float32)
                 if not out:
@@ -168,13 +167,12 @@ class KeyTensors:
                 yield s, c
 
         for k in range(self.num_tasks):
-            chunks = self.vector_chunks(k)
-            blocks = summed(k, chunks)
+            blocks = summed(k)
             if consume is not None:
-                consume(k, chunks, blocks)
+                consume(k, blocks)
             for _ in blocks:  # what ``consume`` left (all of it without one)
                 pass
-            del chunks, blocks  # θ_k freed before θ_{k+1} is read
+            del blocks  # θ_k freed before θ_{k+1} is read
         total = out[0] if out else torch.zeros(self.numel, dtype=torch.float32)
         return total.view(self.shape)
 

@@ -229,9 +229,10 @@ def sampled_cut(v, count: int) -> TopkCut:
                 found.setdefault(s // _CHUNK, []).append((s, hit, m[hit]))
 
             total = chunked_abs_sum(v, visit)
-            picked = [p for c in sorted(found) for p in found[c]]
+            per_chunk = [found[c] for c in sorted(found)]
+            picked = [p for blocks in per_chunk for p in blocks]
             if math.isfinite(total) and sum(p[1].numel() for p in picked) >= count:
-                return _cut([torch.cat([p[2] for p in found[c]]) for c in sorted(found)], count, total, picked)
+                return _cut([torch.cat([p[2] for p in blocks]) for blocks in per_chunk], count, total, picked)
     return topk_cut(lambda: iter(v), numel, count, keep_indices=True)
 
 
@@ -276,15 +277,15 @@ def _top_sum(values: Iterable[Tensor], t: float, ties: int) -> float:
 def gather_blocks(blocks: Iterable[tuple[int, Tensor]], idx: Tensor) -> Tensor:
     """The values at the sorted flat indices ``idx`` of the ``(offset, block)`` pairs (in order, covering them),
     each taken from its block while it is in cache."""
-    out = torch.empty(0)
+    out = None
     for s, c in blocks:
         c = c.reshape(-1)
-        if out.numel() != idx.numel():  # the first block: its dtype and device
+        if out is None:  # the first block: its dtype and device
             idx, out = idx.to(c.device), torch.empty(idx.numel(), dtype=c.dtype, device=c.device)
         lo, hi = torch.searchsorted(idx, torch.tensor([s, s + c.numel()], device=c.device)).tolist()
         if hi > lo:
             out[lo:hi] = c[idx[lo:hi] - s]
-    return out
+    return torch.empty(0) if out is None else out
 
 
 def top_abs_sum(chunks: Iterable[tuple[int, Tensor]], threshold: float, ties: int) -> float:

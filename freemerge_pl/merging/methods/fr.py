@@ -287,7 +287,7 @@ class FREEMerging(FRMerging):
         # entries (found by the statistics scan, or cut here)
         entries = []
 
-        def cut(k: int, chunks, blocks) -> None:  # reads each block right after it is accumulated
+        def cut(k: int, blocks) -> None:  # reads each block right after it is accumulated
             found = stats.selected[key][k] if stats.selected else None
             if found is not None and ctx.cache is None:  # used once: not held past this key
                 stats.selected[key][k] = None
