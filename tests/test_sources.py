@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -186,6 +187,36 @@ def test_truncated_after_open_and_damaged_torch_file(tmp_path):
     bad.write_bytes(bad.read_bytes()[:100])
     with pytest.raises(FreeMergeError, match=rf"{bad}.*damaged, truncated"):
         open_checkpoint(bad)
+
+
+def test_tensors_are_private_mappings_of_their_bytes(tmp_path):
+    """``get`` maps the tensor's bytes copy-on-write: the same values as the file (a misaligned fp32 tensor
+    too: safetensors does not align, the tensor gets aligned memory), an in-place op changes neither the file
+    nor the next ``get``, no file descriptor is held while the tensor lives, and the file is no longer mapped
+    once the tensor is gone."""
+    from freemerge_pl.io.safetensors_file import write_safetensors
+
+    sd = {"h": torch.arange(6).to(torch.bfloat16), "x": torch.tensor([0.5, -2.0]),
+          "mask": torch.tensor([True, False, True]), "w": torch.arange(4, dtype=torch.float32) / 3}
+    # data bytes: h 0..12, x 12..20 (aligned: mapped), mask 20..23, w 23..39 (misaligned: copied)
+    path = tmp_path / "m.safetensors"
+    write_safetensors(path, plan_of(sd), {}, sd.values())
+    before = path.read_bytes()
+    src = open_checkpoint(path)
+    assert src._entries["w"].start % 4 != 0 and src._entries["x"].start % 4 == 0  # the layout under test
+    assert_source_matches(src, sd)
+    w, h = src.get("w"), src.get("h")
+    assert w.data_ptr() % 4 == 0 and torch.equal(w, sd["w"])
+    fds = set(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    h.add_(1)
+    assert torch.equal(h, sd["h"] + 1)
+    assert path.read_bytes() == before and torch.equal(src.get("h"), sd["h"])
+    if fds is not None:
+        assert set(os.listdir("/proc/self/fd")) == fds  # the mapping holds no descriptor
+        maps = Path("/proc/self/maps")
+        assert str(path) in maps.read_text()
+        del w, h
+        assert str(path) not in maps.read_text()
 
 
 # ---------------------------------------------------------------------------------------------- sink

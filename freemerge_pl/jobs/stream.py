@@ -146,8 +146,10 @@ class Prefetcher:
     ``order``: the keys in the order a pass asks for them. The first ``get`` of ``order[i]`` (from any
     source) starts reading ``order[i + 1]`` from every source; a ``get`` of a prefetched key takes its
     tensor (each once), any other ``get`` reads on the calling thread, as without prefetching. File reads
-    release the GIL, so at one torch thread the read of key i + 1 overlaps the maths of key i; memory holds
-    one more key's inputs (in their stored dtype). The tensors are those ``source.get`` returns, byte for
+    and the NaN/Inf check release the GIL, so at one torch thread the read of key i + 1 overlaps the maths of
+    key i (safetensors tensors are file mappings, ``SafetensorsSource``: their pages come in where first read,
+    i.e. on this thread when the check runs here, else on the calling thread); memory holds one more key's
+    inputs (in their stored dtype). The tensors are those ``source.get`` returns, byte for
     byte: a prefetched run computes the same output.
 
     ``finite_names`` (one name per source; None: no check): every tensor of a key in ``finite_keys`` is checked
