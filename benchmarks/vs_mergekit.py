@@ -12,7 +12,8 @@ over ``INSTALL_TIMEOUT`` s).
 Every shared method is written as one YAML job per tool (``SHARED``: our method and settings, mergekit's
 method and per-model parameters, both computing in float32 and writing bfloat16) and run by each tool in a
 child process at one thread (``OMP_NUM_THREADS=MKL_NUM_THREADS=FREEMERGE_THREADS=1``, mergekit ``-j 1``),
-inputs page-cached, order alternating per repeat (ours, theirs / theirs, ours / ...). Per run, measured by a
+inputs page-cached and dirty pages flushed first (``os.sync``: no writeback of the models or of an earlier run's
+output overlaps a timed run), order alternating per repeat (ours, theirs / theirs, ours / ...). Per run, measured by a
 fresh launcher process around the tool (``LAUNCHER``: the peak RSS is the tool's own, not this script's
 inherited across ``execve``): wall, CPU (user + system), minor page faults and peak RSS, input GB/s (the bytes of the checkpoints the job names / wall). Per method: the ratio of median
 walls (project / mergekit), of peak RSS, the max |difference| between the two outputs and the convention
@@ -375,8 +376,8 @@ def markdown(result: dict[str, Any]) -> str:
              (f"Model: Llama-shaped, hidden {size['hidden']}, intermediate {size['intermediate']}, "
              f"{size['layers']} layers, vocab {size['vocab']}: {size['parameters'] / 1e6:.1f} M parameters, "
              f"{size['model_bytes'] / GB:.3f} GB a model (bf16, 2 shards), base + {N_FINETUNED} fine-tunes. "
-             f"Both tools at 1 thread, inputs page-cached, {result['repeats']} repeat(s), order "
-             "alternating."),
+             f"Both tools at 1 thread, inputs page-cached, dirty pages flushed before each run, "
+             f"{result['repeats']} repeat(s), order alternating."),
              (f"Machine: {machine['cpu']}, {machine['nproc']} CPUs, load average {machine['load_start']} "
               "at the "
              f"start and {machine['load_end']} at the end (shared machine: only the ratios mean anything). "
@@ -543,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 out = mine if tool == "ours" else theirs
                 shutil.rmtree(out, ignore_errors=True)
+                os.sync()  # no writeback of the models or of an earlier run's output overlaps this run
                 sequential_read([f for d in read[tool] for f in files[d]])  # inputs page-cached
                 run = run_child(cmds[tool], work / f"{name}_{tool}_{repeat}.log", env)
                 in_bytes = sum(nbytes[d] for d in read[tool])

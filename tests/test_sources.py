@@ -219,6 +219,21 @@ def test_tensors_are_private_mappings_of_their_bytes(tmp_path):
         assert str(path) not in maps.read_text()
 
 
+def test_unmappable_file_is_a_one_line_error(tmp_path, monkeypatch):
+    """torch's mapping error (e.g. no read permission, which root cannot be denied in a test) becomes the
+    one-line error naming the file and the tensor."""
+    path = tmp_path / "p.safetensors"
+    save_file({"w": torch.ones(3)}, str(path))
+    src = open_checkpoint(path)
+
+    def refuse(filename, shared, nbytes):
+        raise RuntimeError(f"unable to open file <{filename}> in read-only mode: Permission denied (13)\nmore")
+
+    monkeypatch.setattr(torch.UntypedStorage, "from_file", refuse)
+    with pytest.raises(FreeMergeError, match=rf"{path} \(tensor 'w'\) cannot be mapped: .*Permission denied \(13\)$"):
+        src.get("w")
+
+
 # ---------------------------------------------------------------------------------------------- sink
 def write_all(sink, sd, skip=(), state_of=lambda k: None):
     for k, t in sd.items():
