@@ -319,17 +319,24 @@ def test_sampled_cut_equals_the_naive_cut_in_one_read(monkeypatch, case, count):
 
 @pytest.mark.parametrize("n", [0, 5, 8, 1000, 1003, 1 << 17])
 @pytest.mark.parametrize("share", [0.0, 0.01, 0.5, 1.0])
-def test_positions_at_least_equal_nonzero(n, share):
-    """The positions of m ≥ floor found through the mask's 8-byte words: ``torch.nonzero``'s, in order (NaN
-    never ≥, lengths that are not a multiple of 8 included)."""
+@pytest.mark.parametrize("path", ["numpy", "words"])
+def test_positions_at_least_equal_nonzero(n, share, path):
+    """The positions of m ≥ floor, through NumPy (float32/64 on the CPU) or through the mask's 8-byte words (any
+    other m, here bfloat16): the naive comparison's, in order (NaN never ≥, lengths that are not a multiple of
+    8, a strided m, and floors that float32 rounds or cannot hold included)."""
     from freemerge_pl.merging import topk
 
-    m = torch.rand(n, generator=torch.Generator().manual_seed(n))
-    if n > 3:
-        m[3] = math.nan
-    floor = 1.0 - share if share < 1 else 0.0
-    want = [i for i in range(n) if float(m[i]) >= floor]
-    assert topk.positions_at_least(m, floor).tolist() == want
+    m = torch.rand(2 * n, generator=torch.Generator().manual_seed(n))[::2]  # strided
+    if n > 7:
+        m[3], m[7] = math.nan, 0.5  # m[7] ties the floor 0.5 of share 0.5: kept
+    if path == "words":
+        m = m.to(torch.bfloat16)
+    for floor in (1.0 - share if share < 1 else 0.0, 0.1 + 1e-12, 1e39, -1e39):  # rounded, ±inf in float32
+        bound = torch.tensor(floor, dtype=m.dtype)  # the floor as m's dtype holds it
+        want = [i for i in range(n) if float(m[i]) >= float(bound)] if n < 2000 else \
+            torch.nonzero(m >= bound).flatten().tolist()  # (torch's plain comparison and nonzero)
+        got = topk.positions_at_least(m, floor)
+        assert got.dtype == torch.long and got.tolist() == want
 
 
 def test_gather_blocks_takes_each_index_from_its_block():
