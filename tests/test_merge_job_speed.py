@@ -310,6 +310,44 @@ def test_vs_mergekit_launcher_reports_the_tools_own_peak_rss(tmp_path, monkeypat
     assert 95 < run["peak_rss_mib"] < 300, run
 
 
+def test_outsized_key_is_read_after_the_write_in_flight(tmp_path, monkeypatch):
+    """The tensor in flight (the background writer) is written before an outsized key's inputs are read, so
+    the two never overlap in memory; other keys' reads overlap the write."""
+    import time
+
+    from freemerge_pl.io.sink import ShardedSafetensorsSink
+    from freemerge_pl.merging import build_method
+    from freemerge_pl.merging.source import StateDictSource
+
+    events = []
+    real_append = ShardedSafetensorsSink._append
+
+    def slow_append(self, data):
+        if isinstance(data, memoryview):  # a tensor's bytes (the header prefix is bytes)
+            time.sleep(0.05)
+            events.append("written")
+        real_append(self, data)
+
+    monkeypatch.setattr(ShardedSafetensorsSink, "_append", slow_append)
+
+    class Recording(StateDictSource):
+        def get(self, key):
+            events.append(f"read {key}")
+            return super().get(key)
+
+    g = torch.Generator().manual_seed(0)
+    keys = [f"l{i}" for i in range(30)] + ["head"]  # head: above twice the 90th percentile
+    pre = {k: torch.randn(100, 100 if k == "head" else 10, generator=g) for k in keys}
+    fts = [{k: v + 0.1 for k, v in pre.items()} for _ in range(2)]
+    stream.stream_merge(Recording(pre, "base"), [StateDictSource(f, f"f{i}") for i, f in enumerate(fts)],
+                        build_method("task_arithmetic", {}), tmp_path / "out")
+    before_head = events[:events.index("read head")]
+    assert before_head.count("written") == len(keys) - 1  # l29's bytes too, waited for
+    assert events.count("written") == len(keys)
+    # without the wait, reads overtake the slow writes: l1 is read before l0's bytes are written
+    assert events.index("read l1") < events.index("written")
+
+
 def test_outsized_keys_are_those_over_twice_the_90th_percentile():
     sizes = {f"layer{i}": 1000 + i for i in range(18)} | {"embed": 2000, "head": 5000, "norm": 10}
     # sorted: 10, 1000..1017, 2000, 5000; the entry at int(0.9·21) = 18 is 1017: outsized means > 2034

@@ -227,7 +227,7 @@ class ShardedSafetensorsSink(TensorSink):
             if self._writer is None:
                 self._append(view)
             else:
-                self._wait()  # one tensor in flight at most
+                self.wait()  # one tensor in flight at most
                 self._pending = self._writer.submit(self._append, view)
         self._pos += 1
         if self._pos == shard.end:
@@ -237,7 +237,7 @@ class ShardedSafetensorsSink(TensorSink):
         self._file.write(data)
         self._hash.update(data)
 
-    def _wait(self) -> None:
+    def wait(self) -> None:
         """Wait for the tensor in flight (background writing); its error, if any, is raised here."""
         pending, self._pending = self._pending, None
         if pending is not None:
@@ -245,7 +245,7 @@ class ShardedSafetensorsSink(TensorSink):
 
     def _finish(self, shard: _Shard, state: Any) -> None:
         """fsync the partial file, rename it to its final name, journal it."""
-        self._wait()
+        self.wait()
         f, self._file = self._file, None
         f.flush()
         os.fsync(f.fileno())
@@ -261,7 +261,7 @@ class ShardedSafetensorsSink(TensorSink):
     def abort(self) -> None:
         """Stop without finishing: the shard in progress is dropped; complete shards and the journal stay."""
         with suppress(Exception):  # the shard is dropped anyway; the caller's error is the one to see
-            self._wait()
+            self.wait()
         self._stop_writer()
         if self._file is not None:
             self._file.close()
@@ -273,7 +273,7 @@ class ShardedSafetensorsSink(TensorSink):
         """Check that every shard is written, write the index (several shards), remove the journal."""
         if self._closed:
             return
-        self._wait()
+        self.wait()
         self._stop_writer()
         if self._pos != len(self._keys):
             raise FreeMergeError(f"{self.directory}: close() with {len(self._keys) - self._pos} planned tensor(s) "

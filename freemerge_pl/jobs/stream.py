@@ -321,6 +321,10 @@ def stream_merge(
             release_free_heap()
         if key in following:  # the next key's policy, before its inputs are read
             policy.use(following[key] in outsized)
+            # an outsized key's inputs are read once the tensor in flight is written, so the two never overlap
+            # (FR at 645 M, 1 thread: peak RSS 1.57-1.62 GiB in 3 of 6 runs without the wait, 1.19-1.23 in 5 of 5)
+            if following[key] in outsized:
+                sink.wait()
 
     try:
         with allocation_policy(low_memory) as policy:
