@@ -163,10 +163,8 @@ def topk_cut(chunks: Callable[[], Iterable[tuple[int, Tensor]]], numel: int, cou
         return TopkCut(t, ties, total, _top_sum(mags(), t, ties))
     floor = _bits_float(high << 16)
     found = [held] if seen == 1 else pieces()
-    if not keep_indices:
-        return _cut([m[m >= floor] for _, m in found], count, total)
     picked = [(s, hit, m[hit]) for s, m in found for hit in [positions_at_least(m, floor)]]
-    return _cut([p[2] for p in picked], count, total, picked)
+    return _cut([p[2] for p in picked], count, total, picked if keep_indices else None)
 
 
 def positions_at_least(m: Tensor, floor: float) -> Tensor:
