@@ -189,6 +189,9 @@ def test_disjoint_merge_with_unit_weights_is_the_weighted_formula(divisor):
     g = torch.Generator().manual_seed(2)
     stacked = torch.randn(4, 100, generator=g)
     stacked[:, :10] = 0.0
+    stacked[1, 10:14] = -0.0
+    stacked[2, 20] = math.nan
+    stacked[3, 30:32] = torch.tensor([math.inf, -math.inf])
     sign = elect_sign(stacked)
     agree = ((stacked * sign) > 0).float()
     w = torch.ones(4, 1)
@@ -196,13 +199,18 @@ def test_disjoint_merge_with_unit_weights_is_the_weighted_formula(divisor):
     den = agree.sum(0) if divisor == "count" else (w * agree).sum(0)
     want = torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(num))
     for weights in (None, torch.ones(4)):
-        assert torch.equal(disjoint_merge(stacked, sign, weights, divisor), want)
+        assert torch.equal(disjoint_merge(stacked, sign, weights, divisor).view(torch.int32), want.view(torch.int32))
 
 
 @pytest.mark.parametrize("v", [torch.randn(6, 50), torch.randint(-2, 3, (4, 9)).float(), torch.randn(7),
-                               torch.tensor(2.0), torch.randn(3, 1)])
-def test_della_drop_probabilities_equal_the_rank_formula(v):
-    """p_i computed once per rank and scattered equals the per-entry formula on the ranks of a stable sort."""
+                               torch.tensor(2.0), torch.randn(3, 1), torch.randint(-3, 4, (40, 3, 7)).float()])
+@pytest.mark.parametrize("group", [None, 1, 20])
+def test_della_drop_probabilities_equal_the_rank_formula(monkeypatch, v, group):
+    """p_i computed once per rank and scattered (rows in groups of ``group`` entries) equals the per-entry formula
+    on the ranks of a stable sort."""
+    from freemerge_pl.merging import ops
+    if group is not None:
+        monkeypatch.setattr(ops, "RANK_ENTRIES", group)
     rows = v.reshape(v.shape[0], -1) if v.dim() >= 2 else v.reshape(1, -1)
     n = rows.shape[1]
     order = torch.sort(rows.abs(), dim=1, stable=True).indices
@@ -210,6 +218,75 @@ def test_della_drop_probabilities_equal_the_rank_formula(v):
     frac = ranks.to(torch.float32) / (n - 1) if n > 1 else torch.full(rows.shape, 0.5)
     want = (0.3 + 0.14 / 2 - 0.14 * frac).reshape(v.shape)
     assert torch.equal(magprune_drop_probabilities(v, 0.3, 0.14), want)
+
+
+def reference_magnitude_order(rows: torch.Tensor) -> torch.Tensor:
+    """Each row's indices by ascending |v|, ties in index order, by Python's sort (no NaN)."""
+    return torch.tensor([sorted(range(len(r)), key=lambda i: (abs(r[i]), i)) for r in rows.double().tolist()],
+                        dtype=torch.int64).reshape(rows.shape)
+
+
+def awkward_rows(dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(7)
+    rows = torch.randint(-4, 5, (9, 300), generator=g).float() * 1e-3  # ties by the dozen, ±
+    rows[0, ::3] = -0.0
+    rows[1, ::5] = 0.0
+    rows[2, :4] = torch.tensor([1e-45, -1e-45, 1e-40, -3e-39])  # subnormals
+    rows[3, 10:13] = torch.tensor([math.inf, -math.inf, 3e38])
+    rows[4] = 5.0  # one value throughout
+    return rows.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_magnitude_order_is_the_stable_sort_of_magnitudes(dtype):
+    from freemerge_pl.merging.ops import magnitude_order
+
+    rows = awkward_rows(dtype)
+    want = reference_magnitude_order(rows)
+    assert torch.equal(magnitude_order(rows), want)
+    assert torch.equal(torch.sort(rows.abs(), dim=1, stable=True).indices, want)  # the call it stands for
+    for part in (rows[:1], rows[:, :1], rows[2:5, 7:40], rows[:0]):  # one row, one column, strided, empty
+        assert torch.equal(magnitude_order(part), torch.sort(part.abs(), dim=1, stable=True).indices)
+
+
+def test_magnitude_order_with_nan_is_torch_sort():
+    """NaN (any payload or sign) ranks last in index order, as torch's stable sort ranks it."""
+    from freemerge_pl.merging.ops import magnitude_order
+
+    rows = awkward_rows()
+    nans = torch.tensor([0x7FC00000, 0xFFC00001 - (1 << 32), 0x7F800001, 0x7FFFFFFF], dtype=torch.int32)
+    rows[5, [3, 50, 8, 200]] = nans.view(torch.float32)
+    got = magnitude_order(rows)
+    assert torch.equal(got, torch.sort(rows.abs(), dim=1, stable=True).indices)
+    assert got[5, -4:].tolist() == [3, 8, 50, 200]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_masked_is_where_bit_for_bit(dtype):
+    from freemerge_pl.merging.ops import masked
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 64, generator=g)
+    x[0, :3] = torch.tensor([-0.0, math.nan, -math.inf])
+    x[1, :2] = torch.tensor([math.inf, -math.nan])
+    x = x.to(dtype)
+    keep = torch.rand(5, 64, generator=g) > 0.5
+    keep[:2, :3] = True
+    keep[2, :3] = False
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+    want = torch.where(keep, x, torch.zeros_like(x))
+    got = masked(x, keep)
+    assert got.dtype == dtype and torch.equal(got.view(ints), want.view(ints))  # −0.0 and NaN bits kept, +0.0 dropped
+    assert torch.equal(masked(x.t(), keep.t()).view(ints), want.t().view(ints))  # strided
+    assert torch.equal(masked(x, keep[:1]).view(ints), torch.where(keep[:1], x, 0.0).view(ints))  # broadcast
+
+
+def test_masked_keeps_autograd():
+    from freemerge_pl.merging.ops import masked
+
+    x = torch.tensor([1.0, -2.0, 3.0], requires_grad=True)
+    masked(x, torch.tensor([True, False, True])).sum().backward()
+    assert x.grad.tolist() == [1.0, 0.0, 1.0]
 
 
 # ---------------------------------------------------------------- FREE's expert cut (topk.topk_cut)

@@ -8,8 +8,10 @@ here is per tensor, so the in-memory and streaming drivers can share them.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -60,6 +62,25 @@ def column_blocks(rows: Sequence[Tensor], width: int | None = None) -> Iterator[
         yield s, torch.stack([r[s:stop] for r in rows])
 
 
+# ---------------------------------------------------------------- selection
+
+_SAME_SIZE_INT = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
+                  torch.float16: torch.int16}
+
+
+def masked(x: Tensor, keep: Tensor) -> Tensor:
+    """``torch.where(keep, x, 0.0)``: x where ``keep``, +0.0 elsewhere. On the CPU, for a float x and a bool
+    ``keep`` of x's shape (no autograd), x's bits ANDed with 0 or all ones: the same bits (a kept NaN or −0.0
+    as it is, a dropped entry +0.0), 7× faster than torch's bool-condition ``where`` (10.7 → 1.5 ms for 2.4 M
+    float32 entries, half kept, 1 thread: that kernel is not vectorised on this build)."""
+    as_int = _SAME_SIZE_INT.get(x.dtype)
+    if (as_int is None or x.device.type != "cpu" or keep.dtype != torch.bool or keep.shape != x.shape
+            or x.requires_grad or keep.device != x.device):
+        return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    bits = keep.to(as_int).neg_()  # 0 or −1 (all ones)
+    return bits.bitwise_and_(x.view(as_int)).view(x.dtype)
+
+
 # ---------------------------------------------------------------- sign election + disjoint merge
 
 def elect_sign(stacked: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -77,7 +98,7 @@ def disjoint_merge(stacked: Tensor, sign: Tensor, weights: Tensor | None = None,
                    divisor: str = "count") -> Tensor:
     """Disjoint mean over agreeing entries: Σ_{k∈A} w_k v_k / |A| (``divisor="count"``, TIES paper/peft)
     or / Σ_{k∈A} w_k (``"weight_sum"``, mergekit); entries with no agreeing task are 0."""
-    agree = agreement_mask(stacked, sign).to(stacked.dtype)
+    agree = torch.mul(stacked, sign).gt_(0)  # agreement_mask as 1/0 in stacked's dtype (4× the bool mask's speed)
     unit = weights is None or bool((weights == 1).all())  # x·1 = x exactly: skip the product
     w = None if unit else per_task(weights, stacked)
     numerator = (stacked * agree if unit else stacked * w * agree).sum(0)
@@ -105,7 +126,7 @@ def random_drop(v: Tensor, drop_rate: float, generator: torch.Generator, rescale
     if drop_rate == 0:
         return v
     keep = torch.rand(v.shape, generator=generator, device=v.device) >= drop_rate
-    out = torch.where(keep, v, torch.zeros_like(v))
+    out = masked(v, keep)
     return out / (1.0 - drop_rate) if rescale else out
 
 
@@ -114,13 +135,43 @@ def rows_view(v: Tensor) -> Tensor:
     return v.reshape(v.shape[0], -1) if v.dim() >= 2 else v.reshape(1, -1)
 
 
+RANK_ENTRIES = 1 << 18  # entries per group of rows ranked at once on the CPU (2 MiB of sort keys)
+_NAN_BITS = 0x7F800000  # a float32 magnitude whose bits exceed this is a NaN
+
+
+def magnitude_order(rows: Tensor) -> Tensor:
+    """``torch.sort(rows.abs(), dim=1, stable=True).indices``: each row's entries by ascending |v|, ties in index
+    order. On the CPU, for float32 rows (bf16/fp16 widened to it, exactly) of fewer than 2³² columns holding no
+    NaN, it sorts 64-bit keys instead, |v|'s bits above the column index: a magnitude's bits order like the
+    magnitude, and the keys are unique, so any sort gives the stable order; NumPy sorts them with its
+    vectorised sort (x86-simd-sort), 8× faster than torch's stable sort of 768-entry rows on this machine."""
+    if rows.device.type != "cpu" or rows.dim() != 2 or rows.shape[1] >= 1 << 32 or not rows.numel() \
+            or rows.dtype not in (torch.float32, torch.bfloat16, torch.float16) or sys.byteorder != "little":
+        return torch.sort(rows.abs(), dim=1, stable=True).indices
+    bits = rows.detach().float().abs().view(torch.int32)
+    if int(bits.max()) > _NAN_BITS:  # NaN: torch ranks every NaN last, in index order; payload bits would not
+        return torch.sort(rows.abs(), dim=1, stable=True).indices
+    n_rows, n = rows.shape
+    halves = np.empty((n_rows, n, 2), dtype=np.uint32)  # (low, high) words of each int64 key (little-endian)
+    halves[..., 0] = np.arange(n, dtype=np.uint32)
+    halves[..., 1] = bits.numpy()  # < 2³¹: the keys are positive
+    keys = halves.view(np.int64).reshape(n_rows, n)
+    keys.sort(axis=1)
+    return torch.from_numpy(np.bitwise_and(keys, 0xFFFFFFFF, out=keys))
+
+
 def _by_magnitude_rank(v: Tensor, per_rank: Tensor) -> Tensor:
     """``per_rank[r]`` at the entry of ascending |v| rank r of each row (ties ranked in index order: stable
-    sort), ``v``'s shape: one float scatter, so a function of the rank is computed once per rank."""
+    sort), ``v``'s shape: one float scatter, so a function of the rank is computed once per rank. Rows go in
+    groups of about ``RANK_ENTRIES`` entries (sort keys and orders stay in cache)."""
     rows = rows_view(v)
-    order = torch.sort(rows.abs(), dim=1, stable=True).indices
     out = torch.empty(rows.shape, dtype=per_rank.dtype, device=v.device)
-    return out.scatter_(1, order, per_rank.to(v.device).expand_as(order)).reshape(v.shape)
+    per_rank = per_rank.to(v.device)
+    step = max(1, RANK_ENTRIES // max(rows.shape[1], 1)) if v.device.type == "cpu" else max(rows.shape[0], 1)
+    for s in range(0, rows.shape[0], step):
+        order = magnitude_order(rows[s:s + step])
+        out[s:s + step].scatter_(1, order, per_rank.expand_as(order))
+    return out.reshape(v.shape)
 
 
 def _rank_fractions(n: int) -> Tensor:
@@ -141,8 +192,11 @@ def magprune(v: Tensor, drop_rate: float, epsilon: float, generator: torch.Gener
     survivors by 1/(1 − p_i); one uniform draw per entry."""
     p = magprune_drop_probabilities(v, drop_rate, epsilon)
     keep = torch.rand(v.shape, generator=generator, device=v.device) >= p
-    kept = v / (1.0 - p) if rescale else v
-    return torch.where(keep, kept, 0.0)
+    if not rescale:
+        return masked(v, keep)
+    survive = p.neg_().add_(1.0)  # 1 − p_i (−p + 1: the same float), in p's buffer
+    return masked(torch.div(v, survive, out=survive) if survive.dtype == torch.result_type(v, survive)
+                  else v / survive, keep)
 
 
 # ---------------------------------------------------------------- normalisation (PCB)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from freemerge_pl.merging.ops import masked
 from freemerge_pl.merging.order_statistics import (
     BUCKETS,
     abs_order_statistics,
@@ -384,7 +385,7 @@ def magnitude_trim(stacked: Tensor, density: float, thresholds: Tensor | None = 
     flat = stacked.reshape(stacked.shape[0], -1)
     mags = flat.abs()
     thr = trim_thresholds(mags, density) if thresholds is None else thresholds.to(flat.device, flat.dtype)
-    return torch.where(mags >= thr[:, None], flat, 0.0).reshape(stacked.shape)
+    return masked(flat, mags >= thr[:, None]).reshape(stacked.shape)
 
 
 def exact_count_trim(stacked: Tensor, density: float) -> Tensor:
@@ -400,7 +401,7 @@ def exact_count_trim(stacked: Tensor, density: float) -> Tensor:
     mask = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
     for k in range(flat.shape[0]):
         mask[k, torch.argsort(flat[k].abs().float(), descending=True)[:keep]] = True
-    return torch.where(mask, flat, torch.zeros_like(flat)).reshape(stacked.shape)
+    return masked(flat, mask).reshape(stacked.shape)
 
 
 def magnitude_band_mask(v: Tensor, drop_top: float, drop_bottom: float) -> Tensor:

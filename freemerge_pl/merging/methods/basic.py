@@ -18,7 +18,7 @@ from torch import Tensor
 
 from freemerge_pl.errors import HyperparameterError
 from freemerge_pl.merging.method import Context, Finite, KeyTensors, MergeMethod, Unit
-from freemerge_pl.merging.ops import task_weights
+from freemerge_pl.merging.ops import masked, task_weights
 from freemerge_pl.merging.registry import register
 from freemerge_pl.merging.topk import magnitude_band_mask
 from freemerge_pl.settings import Range
@@ -109,5 +109,5 @@ class Breadcrumbs(MergeMethod):
         total = torch.zeros(x.shape, dtype=torch.float32, device=ctx.device)
         for v in x.vectors():
             total = total.to(v.device)
-            total += torch.where(magnitude_band_mask(v, self.drop_top, self.drop_bottom), v, torch.zeros_like(v))
+            total += masked(v, magnitude_band_mask(v, self.drop_top, self.drop_bottom))
         return self.scaling * total

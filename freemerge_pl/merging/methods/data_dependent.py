@@ -39,7 +39,7 @@ from freemerge_pl.merging.method import (
     Scan,
     Unit,
 )
-from freemerge_pl.merging.ops import agreement_mask, elect_sign
+from freemerge_pl.merging.ops import agreement_mask, elect_sign, masked
 from freemerge_pl.merging.registry import register
 from freemerge_pl.merging.topk import magnitude_trim, model_thresholds
 
@@ -273,7 +273,7 @@ def ties_prepared(stacked: Tensor, density: float, thresholds: Tensor | None) ->
     """TIES's trim and elect applied per task, without the merge: each v_k trimmed to its top ``density``
     magnitudes, then only the entries that agree with the elected sign kept (AdaMerging++'s task vectors)."""
     trimmed = magnitude_trim(stacked, density, thresholds) if density < 1 else stacked
-    return torch.where(agreement_mask(trimmed, elect_sign(trimmed)), trimmed, torch.zeros_like(trimmed))
+    return masked(trimmed, agreement_mask(trimmed, elect_sign(trimmed)))
 
 
 @register("adamerging_pp", reference="Yang et al. 2024, AdaMerging (ICLR), AdaMerging++: coefficients learned "

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from freemerge_pl.merging.base import DenseDeltaTaskModule, KeyedBuffers, check_saved_keys
 from freemerge_pl.merging.method import Context, Finalized, KeyOutput, KeyTensors, MergeMethod, Scan
-from freemerge_pl.merging.ops import column_blocks, packbits, unpackbits
+from freemerge_pl.merging.ops import column_blocks, masked, packbits, unpackbits
 from freemerge_pl.merging.registry import register
 
 REFERENCE = "Huang et al. 2024, EMR-Merging: Tuning-Free High-Performance Model Merging (NeurIPS)"
@@ -134,7 +134,7 @@ def emr_unify(vectors) -> tuple[Tensor, Tensor]:
         signed = block * flag
         agree = signed > 0
         masks[:, s:s + block.shape[1]] = agree
-        tau[s:s + block.shape[1]] = flag * torch.where(agree, signed, 0.0).amax(0)
+        tau[s:s + block.shape[1]] = flag * masked(signed, agree).amax(0)
     return tau.reshape(shape), masks.reshape(len(rows), *shape)
 
 
