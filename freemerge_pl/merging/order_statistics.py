@@ -16,6 +16,7 @@ import math
 import struct
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -65,32 +66,41 @@ class OrderStatistics:
                 self._observe_absolute(stream, flat[start:start + _ORDER_CHUNK])
                 continue
             keys = ordered_keys(flat[start:start + _ORDER_CHUNK])
-            high = torch.bitwise_right_shift(keys, 16).bitwise_and_(BUCKETS - 1)
-            if self.pass_index == 0:
-                self.counts[stream] += torch.bincount(high, minlength=BUCKETS).cpu()
-                self.sizes[stream] += keys.numel()
-            else:
-                for j, (_, bucket, _) in enumerate(self._targets[stream]):
-                    if bucket < 0:
-                        continue
-                    low = torch.bitwise_and(keys[high == bucket], BUCKETS - 1)
-                    self._fine[stream][j] += torch.bincount(low, minlength=BUCKETS).cpu()
+            self._count(stream, keys, keys, 0)
 
     def _observe_absolute(self, stream: int, values: Tensor) -> None:
         """``observe`` of |values|: |v| has the bits of v without the sign bit, so its key is those bits with
-        bit 31 set, its high half ``(bits >> 16 & 0x7FFF) | 0x8000`` and its low half ``bits & 0xFFFF``
+        bit 31 set, its high half ``(bits & 0x7FFFFFFF) >> 16 | 0x8000`` and its low half ``bits & 0xFFFF``
         (the same counts as the keys of ``values.abs()``, in fewer passes)."""
         bits = values.contiguous().view(torch.int32)
-        half = BUCKETS // 2
-        high = torch.bitwise_right_shift(bits, 16).bitwise_and_(half - 1)  # key's high half − 0x8000
+        if bits.device.type == "cpu":
+            magnitude = torch.from_numpy(np.bitwise_and(bits.numpy(), 0x7FFFFFFF))
+        else:
+            magnitude = torch.bitwise_and(bits, 0x7FFFFFFF)
+        self._count(stream, bits, magnitude, BUCKETS // 2)
+
+    def _count(self, stream: int, keys: Tensor, high_bits: Tensor, offset: int) -> None:
+        """Pass 1: count the buckets ``high_bits >> 16`` (+ ``offset``: the keys' high halves); pass 2: the low
+        halves of the ``keys`` in each target bucket. On the CPU the shift, the bucket compare and the
+        selection go through NumPy (torch's bool-output compare and mask indexing are not vectorised on
+        this build: pass 2 of 2 Mi entries 6.5 → 2.3 ms)."""
+        cpu = keys.device.type == "cpu"
+        if cpu:
+            high_np = np.right_shift(high_bits.numpy().view(np.uint32), 16).view(np.int32)
+            high = torch.from_numpy(high_np)
+        else:
+            high = torch.bitwise_right_shift(high_bits, 16).bitwise_and_(BUCKETS - 1)
         if self.pass_index == 0:
-            self.counts[stream, half:] += torch.bincount(high, minlength=half).cpu()
-            self.sizes[stream] += bits.numel()
+            self.counts[stream, offset:] += torch.bincount(high, minlength=BUCKETS - offset).cpu()
+            self.sizes[stream] += keys.numel()
             return
         for j, (_, bucket, _) in enumerate(self._targets[stream]):
-            if bucket < half:
-                continue  # no |v| key is below 0x80000000 (and bucket −1: nothing to pin)
-            low = torch.bitwise_and(bits[high == bucket - half], BUCKETS - 1)
+            if bucket < offset:
+                continue  # bucket −1: nothing to pin; |v| keys are never below 0x80000000
+            if cpu:
+                low = torch.from_numpy(np.bitwise_and(keys.numpy()[high_np == bucket - offset], BUCKETS - 1))
+            else:
+                low = torch.bitwise_and(keys[high == bucket - offset], BUCKETS - 1)
             self._fine[stream][j] += torch.bincount(low, minlength=BUCKETS).cpu()
 
     def next_pass(self) -> None:
