@@ -202,6 +202,32 @@ def test_disjoint_merge_with_unit_weights_is_the_weighted_formula(divisor):
         assert torch.equal(disjoint_merge(stacked, sign, weights, divisor).view(torch.int32), want.view(torch.int32))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_elect_and_disjoint_merge_equal_the_where_formulas(dtype):
+    """The sign election and the disjoint mean written with ``torch.where`` (the old kernels): ±0, NaN, ±inf,
+    ties of the sum at 0, and weights summing to 0 over the agreeing tasks (a zero denominator with a
+    nonzero numerator)."""
+    g = torch.Generator().manual_seed(5)
+    stacked = torch.randint(-2, 3, (4, 300), generator=g).float()
+    stacked[:, :6] = torch.tensor([[-0.0, 0.0, 1.0, math.nan, math.inf, 1.0]]).expand(4, 6)
+    stacked[0, 6:9] = torch.tensor([math.nan, -math.inf, -0.0])
+    stacked = stacked.to(dtype)
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[stacked.element_size()]
+    for weights in (None, torch.tensor([1.0, -1.0, 0.5, 0.0]), torch.tensor([1.0, 1.0, 1.0, 1.0])):
+        w = torch.ones(4, 1) if weights is None else weights[:, None]
+        total = stacked.sum(0) if weights is None else (stacked * w.to(dtype)).sum(0)
+        sign = torch.where(total >= 0, 1.0, -1.0).to(dtype)
+        assert torch.equal(elect_sign(stacked, weights).view(ints), sign.view(ints))
+        agree = ((stacked * sign) > 0).to(dtype)
+        for divisor in ("count", "weight_sum"):
+            wd = w.to(dtype)
+            num = (stacked * agree if weights is None else stacked * wd * agree).sum(0)
+            den = agree.sum(0) if divisor == "count" or weights is None else (wd * agree).sum(0)
+            want = torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(num))
+            got = disjoint_merge(stacked, sign, weights, divisor)
+            assert got.dtype == want.dtype and torch.equal(got.view(ints), want.view(ints)), (weights, divisor)
+
+
 @pytest.mark.parametrize("v", [torch.randn(6, 50), torch.randint(-2, 3, (4, 9)).float(), torch.randn(7),
                                torch.tensor(2.0), torch.randn(3, 1), torch.randint(-3, 4, (40, 3, 7)).float()])
 @pytest.mark.parametrize("group", [None, 1, 20])

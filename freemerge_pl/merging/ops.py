@@ -1,6 +1,7 @@
 """Shared tensor building blocks of the baselines (peft-style small steps): task weights, the fp32 sum of task
-vectors, sign election, disjoint merge, random drop, magnitude-ranked drop, min-max normalisation and bit
-packing (the top-k and threshold steps, TIES's trim and Breadcrumbs' band among them, are in ``topk.py``).
+vectors, masked selection, sign election, disjoint merge, random drop, magnitude ranks and the magnitude-ranked
+drop, min-max normalisation and bit packing (the top-k and threshold steps, TIES's trim and Breadcrumbs' band
+among them, are in ``topk.py``).
 
 Tensors of one key are handled stacked over tasks, ``[K, *shape]`` (see ``base.stack``); every function
 here is per tensor, so the in-memory and streaming drivers can share them.
@@ -86,7 +87,8 @@ def masked(x: Tensor, keep: Tensor) -> Tensor:
 def elect_sign(stacked: Tensor, weights: Tensor | None = None) -> Tensor:
     """γ_m = sgn(Σ_k w_k v_k) per entry as ±1 (a zero sum elects +); ``weights`` None means w_k = 1."""
     total = (stacked * per_task(weights, stacked)).sum(0) if weights is not None else stacked.sum(0)
-    return torch.where(total >= 0, 1.0, -1.0).to(stacked.dtype)
+    # where(total >= 0, 1, −1) as 2·[total ≥ 0] − 1 in place (NaN → −1 as there; 7× torch's bool-condition where)
+    return total.ge_(0).mul_(2).sub_(1).to(stacked.dtype)
 
 
 def agreement_mask(stacked: Tensor, sign: Tensor) -> Tensor:
@@ -103,8 +105,8 @@ def disjoint_merge(stacked: Tensor, sign: Tensor, weights: Tensor | None = None,
     w = None if unit else per_task(weights, stacked)
     numerator = (stacked * agree if unit else stacked * w * agree).sum(0)
     denominator = agree.sum(0) if divisor == "count" or unit else (w * agree).sum(0)
-    safe = torch.where(denominator != 0, denominator, torch.ones_like(denominator))
-    return torch.where(denominator != 0, numerator / safe, torch.zeros_like(numerator))
+    safe = torch.eq(denominator, 0, out=torch.empty_like(denominator)).add_(denominator)  # 1 where it is 0
+    return masked(numerator / safe, denominator != 0)
 
 
 def ties_combine(stacked: Tensor, weights: Tensor, sign_election: str = "unweighted") -> Tensor:
@@ -148,15 +150,14 @@ def magnitude_order(rows: Tensor) -> Tensor:
     if rows.device.type != "cpu" or rows.dim() != 2 or rows.shape[1] >= 1 << 32 or not rows.numel() \
             or rows.dtype not in (torch.float32, torch.bfloat16, torch.float16) or sys.byteorder != "little":
         return torch.sort(rows.abs(), dim=1, stable=True).indices
-    bits = rows.detach().float().abs().view(torch.int32)
-    if int(bits.max()) > _NAN_BITS:  # NaN: torch ranks every NaN last, in index order; payload bits would not
-        return torch.sort(rows.abs(), dim=1, stable=True).indices
     n_rows, n = rows.shape
     halves = np.empty((n_rows, n, 2), dtype=np.uint32)  # (low, high) words of each int64 key (little-endian)
     halves[..., 0] = np.arange(n, dtype=np.uint32)
-    halves[..., 1] = bits.numpy()  # < 2³¹: the keys are positive
-    keys = halves.view(np.int64).reshape(n_rows, n)
+    np.bitwise_and(rows.detach().float().numpy().view(np.uint32), 0x7FFFFFFF, out=halves[..., 1])  # |v|'s bits
+    keys = halves.view(np.int64).reshape(n_rows, n)  # positive: |v|'s bits are below 2³¹
     keys.sort(axis=1)
+    if int(keys[:, -1].max()) >> 32 > _NAN_BITS:  # NaN (sorted last): torch ranks every NaN last in index
+        return torch.sort(rows.abs(), dim=1, stable=True).indices  # order; their payload bits would not
     return torch.from_numpy(np.bitwise_and(keys, 0xFFFFFFFF, out=keys))
 
 
@@ -194,7 +195,7 @@ def magprune(v: Tensor, drop_rate: float, epsilon: float, generator: torch.Gener
     keep = torch.rand(v.shape, generator=generator, device=v.device) >= p
     if not rescale:
         return masked(v, keep)
-    survive = p.neg_().add_(1.0)  # 1 − p_i (−p + 1: the same float), in p's buffer
+    survive = torch.sub(p.new_ones(()), p, out=p)  # 1 − p_i, in p's buffer
     return masked(torch.div(v, survive, out=survive) if survive.dtype == torch.result_type(v, survive)
                   else v / survive, keep)
 
