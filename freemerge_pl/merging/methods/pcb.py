@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from freemerge_pl.merging.method import Context, Density, Finite, KeyTensors, MergeMethod, Scan
+from freemerge_pl.merging.ops import masked
 from freemerge_pl.merging.order_statistics import kth_largest_indices, run_order_statistics
 from freemerge_pl.merging.registry import register
 from freemerge_pl.merging.topk import topk_count
@@ -260,8 +261,10 @@ def pcb_paper_merge(rows, stats: PCBPaperStats) -> Tensor:
             total = kept.sum(0)
         b = kept
         numerator = (b * x).sum(0)
-        safe = torch.where(total > 0, total, torch.ones_like(total))
-        out[s:s + b.shape[1]] = torch.where(total > 0, numerator / safe, torch.zeros_like(total))
+        # where(total > 0, numerator / total, 0) without torch's bool-condition where (Σβ̂ ≥ 0 or NaN): the
+        # divisor is 1 where total ≤ 0, and the quotient is kept where total > 0
+        safe = torch.le(total, 0, out=torch.empty_like(total)).add_(total)
+        out[s:s + b.shape[1]] = masked(numerator / safe, total > 0)
     return out
 
 
