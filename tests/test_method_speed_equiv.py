@@ -315,6 +315,20 @@ def test_masked_keeps_autograd():
     assert x.grad.tolist() == [1.0, 0.0, 1.0]
 
 
+def test_magprune_keeps_autograd_and_its_values():
+    from freemerge_pl.merging.ops import magprune
+
+    v = torch.randn(6, 40, generator=torch.Generator().manual_seed(1))
+    want = magprune(v, 0.3, 0.14, torch.Generator().manual_seed(2))
+    x = v.clone().requires_grad_(True)
+    got = magprune(x, 0.3, 0.14, torch.Generator().manual_seed(2))
+    assert torch.equal(got.detach(), want)
+    got.sum().backward()  # d/dv of v/(1 − p) where kept: 1/(1 − p), else 0
+    p = magprune_drop_probabilities(v, 0.3, 0.14)
+    assert 0 < int((want == 0).sum()) < want.numel()
+    torch.testing.assert_close(x.grad, torch.where(want != 0, 1 / (1 - p), torch.zeros_like(v)), rtol=1e-6, atol=0)
+
+
 # ---------------------------------------------------------------- FREE's expert cut (topk.topk_cut)
 
 

@@ -196,8 +196,8 @@ def magprune(v: Tensor, drop_rate: float, epsilon: float, generator: torch.Gener
     if not rescale:
         return masked(v, keep)
     survive = torch.sub(p.new_ones(()), p, out=p)  # 1 − p_i, in p's buffer
-    return masked(torch.div(v, survive, out=survive) if survive.dtype == torch.result_type(v, survive)
-                  else v / survive, keep)
+    in_place = survive.dtype == torch.result_type(v, survive) and not v.requires_grad
+    return masked(torch.div(v, survive, out=survive) if in_place else v / survive, keep)
 
 
 # ---------------------------------------------------------------- normalisation (PCB)
